@@ -1,0 +1,82 @@
+"""The ``medusa-forge`` command line: one subcommand per pipeline stage.
+
+Subcommands live next to the stage they drive (``medusa_forge/<stage>/cli.py``) and are imported
+only when used, so ``medusa-forge query`` does not pay for importing torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+
+import click
+
+from medusa_forge import __version__
+from medusa_forge.errors import ForgeError
+
+# name -> "module:attribute", in pipeline order
+COMMANDS: dict[str, str] = {
+    "train-heads": "medusa_forge.train.cli:train_heads",
+    "heads": "medusa_forge.heads.cli:heads",
+    "convert": "medusa_forge.convert.cli:convert",
+    "build": "medusa_forge.build.cli:build",
+    "generate": "medusa_forge.engine.cli:generate",
+    "triton-repo": "medusa_forge.serve.cli:triton_repo",
+    "serve": "medusa_forge.serve.cli:serve",
+    "query": "medusa_forge.serve.cli:query",
+    "eval": "medusa_forge.eval.cli:eval_group",
+    "promote": "medusa_forge.eval.cli:promote",
+    "bench": "medusa_forge.bench.cli:bench",
+}
+
+
+def _available(name: str) -> bool:
+    module = COMMANDS[name].split(":")[0]
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return [name for name in COMMANDS if _available(name)]
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS or not _available(name):
+            return None
+        module, attr = COMMANDS[name].split(":")
+        return getattr(importlib.import_module(module), attr)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="medusa-forge")
+def cli() -> None:
+    """Build, verify, serve and gate Medusa speculative-decoding engines.
+
+    Pipeline: train-heads -> convert -> build -> triton-repo / serve -> eval -> promote.
+    Flags echo TensorRT-LLM's examples where they mean the same thing (--model_dir is --model,
+    --tp_size is --tp-size, --max_draft_len is --max-draft-len).
+    """
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: user errors print one line and exit 2; bugs keep their traceback."""
+    try:
+        cli.main(args=argv, standalone_mode=False)
+    except ForgeError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,283 @@
+"""MedusaEngine: prefill, plain decode and Medusa tree decode over one static KV cache.
+
+All decoding state lives in device tensors (committed length, pending root token, the heads'
+top-k), and each step is a fixed-shape function of that state with no host synchronisation
+inside. On CUDA each step is captured once as a CUDA graph and replayed; the host reads back one
+small tensor per step (the new tokens) to stream them and test the stop conditions.
+
+One Medusa step (FasterDecoding's algorithm, batch 1):
+  1. candidates = cat([root, topk(head_0), ..., topk(head_{D-1})])[tree_indices]  -> N tree tokens
+  2. one forward over the N tokens at slots cur_len.. with the tree attention mask
+  3. accept the longest path whose drafts match the verify logits (greedy or typical)
+  4. move the accepted nodes' K/V to consecutive slots, commit root + accepted drafts
+  5. the verify logits / hidden state of the last accepted node give the next root and the
+     heads' next top-k (no extra forward).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+from torch import Tensor
+
+from medusa_forge.engine.acceptance import greedy_accept, sample_token, typical_accept
+from medusa_forge.engine.generation import GenerationConfig, GenerationResult
+from medusa_forge.errors import ForgeError
+from medusa_forge.heads.medusa_head import MedusaHeads
+from medusa_forge.model.llama import Transformer, causal_mask
+from medusa_forge.tree.choice_tree import TOPK, ChoiceTree, tree_buffers
+
+
+@dataclass
+class _StepGraph:
+    """A step function and, on CUDA, its captured graph."""
+
+    fn: Callable[[], None]
+    graph: "torch.cuda.CUDAGraph | None" = None
+
+    def __call__(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self.fn()
+
+
+class MedusaEngine:
+    def __init__(self, model: Transformer, heads: MedusaHeads | None = None, tree: ChoiceTree | None = None,
+                 tokenizer=None, max_seq_len: int = 2048, cuda_graphs: bool | None = None,
+                 compile: bool = False):
+        self.model = model
+        self.heads = heads
+        self.tokenizer = tokenizer
+        self.cfg = model.config
+        self.device = model.lm_head.weight.device
+        if heads is not None:
+            hc = heads.config
+            if hc.hidden_size != self.cfg.hidden_size or hc.vocab_size != self.cfg.vocab_size:
+                raise ForgeError(f"Medusa heads (hidden {hc.hidden_size}, vocab {hc.vocab_size}) do not match the "
+                                 f"base model (hidden {self.cfg.hidden_size}, vocab {self.cfg.vocab_size})")
+            tree = tree or ChoiceTree.parse("mc_sim_7b_63")
+            tree.check_heads(hc.num_heads)
+        if tokenizer is not None and tokenizer.vocab_size > self.cfg.vocab_size:
+            raise ForgeError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab is {self.cfg.vocab_size}")
+        self.tree = tree if heads is not None else None
+        model.setup_caches(1, max_seq_len)
+        self.max_seq_len = model.max_seq_len
+        self._init_state()
+        self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        self.compile = compile
+        self._steps: dict[str, _StepGraph] = {}
+
+    # ------------------------------------------------------------------ state
+    def _init_state(self) -> None:
+        dev, S = self.device, self.max_seq_len
+        long = dict(dtype=torch.long, device=dev)
+        self.cols = torch.arange(S, **long)
+        self.cur_len = torch.zeros((), **long)  # tokens committed to the KV cache
+        self.root = torch.zeros(1, **long)  # the pending next token (greedy choice of the base model)
+        self.last_logits = torch.zeros(1, self.cfg.vocab_size, dtype=torch.float32, device=dev)
+        if self.tree is not None:
+            self.buffers = tree_buffers(self.tree, device=dev)
+            n, d = self.tree.num_nodes, self.tree.depth
+            self.node_ids = torch.arange(n, **long)
+            self.path_ids = torch.arange(d + 1, **long)
+            self.head_topk = torch.zeros(d, TOPK, **long)
+            self.step_out = torch.zeros(d + 2, **long)  # [count, tokens...]
+        else:
+            self.step_out = torch.zeros(2, **long)
+
+    @property
+    def num_draft_heads(self) -> int:
+        return self.tree.depth if self.tree is not None else 0
+
+    def _heads_topk(self, hidden: Tensor) -> Tensor:
+        """Top-k tokens of the first ``depth`` heads at one position: hidden [1, H] -> [D, TOPK]."""
+        logits = self.heads(hidden, self.model.lm_head.weight, num_heads=self.num_draft_heads)[:, 0]
+        return torch.topk(logits, TOPK, dim=-1).indices
+
+    # ------------------------------------------------------------------ steps (device-only)
+    @torch.inference_mode()
+    def _prefill(self, ids: list[int]) -> None:
+        T = len(ids)
+        tokens = torch.tensor([ids], dtype=torch.long, device=self.device)
+        slots = torch.arange(T, device=self.device)
+        hidden = self.model(tokens, slots, slots, causal_mask(0, T, self.max_seq_len, self.device))[0, -1:]
+        self.last_logits.copy_(self.model.logits(hidden))
+        self.root.copy_(self.last_logits.argmax(-1))
+        self.cur_len.fill_(T)
+        if self.tree is not None:
+            self.head_topk.copy_(self._heads_topk(hidden))
+
+    def _base_step(self) -> None:
+        pos = self.cur_len.view(1)
+        mask = (self.cols <= self.cur_len)[None, None, None, :]
+        hidden = self.model(self.root.view(1, 1), pos, pos, mask)[0]
+        self.last_logits.copy_(self.model.logits(hidden))
+        self.root.copy_(self.last_logits.argmax(-1))
+        self.cur_len.add_(1)
+        self.step_out[0] = 1
+        self.step_out[1] = self.root[0]
+
+    def _tree_step(self, accept: Callable[[Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]) -> None:
+        b, n = self.buffers, self.tree.num_nodes
+        candidates = torch.cat([self.root, self.head_topk.flatten()])
+        tree_tokens = candidates[b.tree_indices]
+        rel = self.cols - self.cur_len
+        in_tree = b.attn_mask[:, rel.clamp(0, n - 1)] & ((rel >= 0) & (rel < n))
+        mask = ((rel < 0)[None, :] | in_tree)[None, None]
+        hidden = self.model(tree_tokens[None], self.cur_len + b.positions, self.cur_len + self.node_ids, mask)[0]
+        logits = self.model.logits(hidden)
+        path_tokens = tree_tokens[b.retrieve_indices]
+        best, accepted = accept(logits, path_tokens, b.retrieve_indices, b.retrieve_valid)
+        nodes = b.retrieve_indices[best]
+        self.model.move_kv(self.cur_len + nodes, self.cur_len + self.path_ids)
+        last = nodes[accepted]
+        self.last_logits.copy_(logits[last][None])
+        self.root.copy_(self.last_logits.argmax(-1))
+        self.head_topk.copy_(self._heads_topk(hidden[last][None]))
+        new_tokens = torch.cat([path_tokens[best, 1:], self.root])
+        new_tokens.scatter_(0, accepted.view(1), self.root)  # drafts[:a] then the new root
+        self.step_out[0] = accepted + 1
+        self.step_out[1:] = new_tokens
+        self.cur_len.add_(accepted + 1)
+
+    def _step(self, kind: str, gcfg: GenerationConfig) -> _StepGraph:
+        """The step function for one decoding mode, captured as a CUDA graph on first use."""
+        key = kind if kind != "typical" else f"typical:{gcfg.temperature}:{gcfg.posterior_threshold}:{gcfg.posterior_alpha}"
+        if key in self._steps:
+            return self._steps[key]
+        if kind == "base":
+            fn = self._base_step
+        elif kind == "greedy":
+            fn = lambda: self._tree_step(greedy_accept)  # noqa: E731
+        else:
+            t, thr, alpha = gcfg.temperature, gcfg.posterior_threshold, gcfg.posterior_alpha
+            fn = lambda: self._tree_step(lambda *a: typical_accept(*a, t, thr, alpha))  # noqa: E731
+        if self.compile:
+            fn = torch.compile(fn, fullgraph=True, dynamic=False)
+        step = _StepGraph(torch.inference_mode()(fn))
+        if self.cuda_graphs:
+            step.graph = self._capture(step.fn)
+        self._steps[key] = step
+        return step
+
+    def _capture(self, fn: Callable[[], None]) -> "torch.cuda.CUDAGraph":
+        """Warm up on a side stream, then record ``fn``; the state it scribbles is reset by prefill."""
+        self.cur_len.zero_()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        torch.cuda.synchronize()
+        return graph
+
+    # ------------------------------------------------------------------ host loop
+    def check_request(self, prompt_ids: list[int], gcfg: GenerationConfig) -> None:
+        if not prompt_ids:
+            raise ForgeError("empty prompt: give at least one token of input")
+        if gcfg.max_new_tokens < 1:
+            raise ForgeError(f"max_new_tokens must be >= 1, got {gcfg.max_new_tokens}")
+        margin = self.tree.num_nodes if (self.tree is not None and gcfg.use_medusa) else 1
+        need = len(prompt_ids) + gcfg.max_new_tokens + margin
+        if need > self.max_seq_len:
+            raise ForgeError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({gcfg.max_new_tokens}) + "
+                             f"tree ({margin}) = {need} exceeds the KV cache of {self.max_seq_len} tokens")
+        if gcfg.use_medusa and self.tree is None:
+            raise ForgeError("Medusa decoding requested but the engine has no Medusa heads (use --no-medusa)")
+        if gcfg.temperature < 0:
+            raise ForgeError(f"temperature must be >= 0, got {gcfg.temperature}")
+
+    def iter_steps(self, prompt_ids: list[int], gcfg: GenerationConfig) -> Iterator[list[int]]:
+        """Yield the new tokens of every step (the first yield is the prefill's token).
+
+        The caller decides when to stop; the engine only guarantees room for max_new_tokens.
+        """
+        self.check_request(prompt_ids, gcfg)
+        sampling = gcfg.temperature > 0 and not gcfg.use_medusa
+        kind = "base" if not gcfg.use_medusa else ("greedy" if gcfg.temperature == 0 else "typical")
+        step = self._step(kind, gcfg)
+        generator = None
+        if sampling:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(gcfg.seed if gcfg.seed is not None else int(time.time_ns() % 2**31))
+        self._prefill(prompt_ids)
+        if sampling:
+            self.root.copy_(sample_token(self.last_logits, gcfg.temperature, gcfg.top_k, gcfg.top_p, generator))
+        yield [int(self.root.item())]
+        produced = 1
+        while produced < gcfg.max_new_tokens:
+            step()
+            if sampling:
+                self.root.copy_(sample_token(self.last_logits, gcfg.temperature, gcfg.top_k, gcfg.top_p, generator))
+                self.step_out[1] = self.root[0]
+            out = self.step_out.tolist()
+            new = out[1: 1 + out[0]]
+            produced += len(new)
+            yield new
+
+    def generate_ids(self, prompt_ids: list[int], gcfg: GenerationConfig,
+                     on_tokens: Callable[[list[int]], None] | None = None) -> GenerationResult:
+        """Decode until EOS, a stop string or max_new_tokens; ``on_tokens`` streams token chunks."""
+        eos = set(() if gcfg.ignore_eos else (gcfg.eos_token_ids if gcfg.eos_token_ids is not None
+                                              else self.cfg.eos_token_ids))
+        if gcfg.stop_strings and self.tokenizer is None:
+            raise ForgeError("stop strings need a tokenizer")
+        tokens: list[int] = []
+        accepted: list[int] = []
+        reason, ttft = "length", 0.0
+        self._sync()
+        t0 = time.perf_counter()
+        for i, new in enumerate(self.iter_steps(prompt_ids, gcfg)):
+            if i == 0:
+                ttft = time.perf_counter() - t0
+            else:
+                accepted.append(len(new))
+            new = new[: gcfg.max_new_tokens - len(tokens)]
+            hit = next((j for j, t in enumerate(new) if t in eos), None)
+            if hit is not None:
+                new, reason = new[: hit + 1], "eos"
+            tokens.extend(new)
+            if gcfg.stop_strings:
+                cut = self._stop_cut(tokens, gcfg.stop_strings)
+                if cut is not None:
+                    new = new[: max(0, len(new) - (len(tokens) - cut))]
+                    tokens, reason = tokens[:cut], "stop"
+            if on_tokens is not None and new:
+                on_tokens(new)
+            if reason != "length" or len(tokens) >= gcfg.max_new_tokens:
+                break
+        self._sync()
+        total = time.perf_counter() - t0
+        text = self.tokenizer.decode(tokens) if self.tokenizer is not None else ""
+        if reason == "stop":
+            text = min((text.split(s)[0] for s in gcfg.stop_strings if s in text), key=len, default=text)
+        return GenerationResult(len(prompt_ids), tokens, text, len(accepted), accepted, reason, ttft, total)
+
+    def generate(self, prompt: str, gcfg: GenerationConfig | None = None,
+                 on_tokens: Callable[[list[int]], None] | None = None) -> GenerationResult:
+        if self.tokenizer is None:
+            raise ForgeError("this engine has no tokenizer; call generate_ids with token ids")
+        if not prompt:
+            raise ForgeError("empty prompt: give at least one token of input")
+        return self.generate_ids(self.tokenizer.encode(prompt), gcfg or GenerationConfig(), on_tokens)
+
+    def _stop_cut(self, tokens: list[int], stops: tuple[str, ...]) -> int | None:
+        """Shortest token prefix whose text contains a stop string, or None."""
+        if not any(s in self.tokenizer.decode(tokens) for s in stops):
+            return None
+        for n in range(1, len(tokens) + 1):
+            if any(s in self.tokenizer.decode(tokens[:n]) for s in stops):
+                return n
+        return len(tokens)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)

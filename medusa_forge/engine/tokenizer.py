@@ -1,0 +1,41 @@
+"""The tokenizer wrapper every stage uses (transformers' AutoTokenizer from the model directory)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from medusa_forge.errors import ForgeError
+
+
+class Tokenizer:
+    def __init__(self, model_dir: str | Path):
+        from transformers import AutoTokenizer  # deferred: importing transformers costs ~1 s
+
+        model_dir = Path(model_dir)
+        if not (model_dir / "tokenizer.json").is_file() and not (model_dir / "tokenizer.model").is_file():
+            raise ForgeError(f"{model_dir}: no tokenizer.json or tokenizer.model found")
+        try:
+            self.hf = AutoTokenizer.from_pretrained(str(model_dir))
+        except Exception as e:  # noqa: BLE001 - surface any tokenizer load failure as one line
+            raise ForgeError(f"{model_dir}: tokenizer failed to load ({type(e).__name__}: {e})") from None
+        self.source = model_dir
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.hf)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.hf.eos_token_id
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids as the model was trained on them (BOS prepended when the tokenizer does so)."""
+        return list(self.hf(text).input_ids)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.hf.decode(ids, skip_special_tokens=True)
+
+    def apply_chat_template(self, messages: list[dict]) -> str:
+        if not getattr(self.hf, "chat_template", None):
+            raise ForgeError(f"{self.source}: tokenizer has no chat template; give `text` or `prompt`/`completion`")
+        return self.hf.apply_chat_template(messages, tokenize=False)
