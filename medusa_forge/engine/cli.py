@@ -14,16 +14,16 @@ from medusa_forge.errors import ForgeError
 def engine_options(fn):
     """--model/--medusa/--medusa-choices/--device/--dtype/--max-seq-len/--compile, as load_engine takes them."""
 
-    @click.option("--model", "--model_dir", "model", required=True, type=click.Path(),
-                  help="HF checkpoint directory (TensorRT-LLM's --model_dir).")
+    @click.option("--model", "--model_dir", "--engine", "model", required=True, type=click.Path(),
+                  help="Native engine dir (from `build`) or HF checkpoint dir (TensorRT-LLM's --model_dir).")
     @click.option("--medusa", "--medusa_model_dir", "medusa", type=click.Path(), default=None,
                   help="Medusa heads directory (FasterDecoding layout).")
-    @click.option("--medusa-choices", "--medusa_choices", "tree", default="mc_sim_7b_63", show_default=True,
-                  help="Choice tree: preset name, JSON file, or JSON list.")
+    @click.option("--medusa-choices", "--medusa_choices", "tree", default=None,
+                  help="Choice tree: preset name, JSON file, or JSON list (default: the engine's, else mc_sim_7b_63).")
     @click.option("--device", default=None, help="cuda or cpu (default: cuda when available).")
     @click.option("--dtype", default=None, help="float32|bfloat16|float16 (default: bf16 on CUDA, fp32 on CPU).")
-    @click.option("--max-seq-len", "--max_seq_len", "max_seq_len", default=2048, show_default=True,
-                  help="KV cache length (prompt + new tokens + tree).")
+    @click.option("--max-seq-len", "--max_seq_len", "max_seq_len", default=None, type=int,
+                  help="KV cache length: prompt + new tokens + tree (default: the engine's, else 2048).")
     @click.option("--compile/--no-compile", "compile_", default=False, show_default=True,
                   help="torch.compile the decoding steps (CUDA) before graph capture.")
     @functools.wraps(fn)

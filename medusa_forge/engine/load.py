@@ -10,6 +10,7 @@ from medusa_forge.engine.medusa_engine import MedusaEngine
 from medusa_forge.engine.tokenizer import Tokenizer
 from medusa_forge.errors import ForgeError
 from medusa_forge.heads.checkpoint import load_heads
+from medusa_forge.manifest import EngineManifest, is_engine_dir
 from medusa_forge.model.checkpoint import load_hf_model, parse_dtype
 from medusa_forge.tree.choice_tree import ChoiceTree
 
@@ -27,9 +28,30 @@ def resolve_device_dtype(device: str | None, dtype: str | None) -> tuple[torch.d
     return dev, dt
 
 
-def load_engine(model_dir: str | Path, medusa_dir: str | Path | None = None, tree: str | ChoiceTree = "mc_sim_7b_63",
-                device: str | None = None, dtype: str | None = None, max_seq_len: int = 2048,
+DEFAULT_TREE = "mc_sim_7b_63"
+
+
+def load_engine(model_dir: str | Path, medusa_dir: str | Path | None = None, tree: str | ChoiceTree | None = None,
+                device: str | None = None, dtype: str | None = None, max_seq_len: int | None = None,
                 cuda_graphs: bool | None = None, compile: bool = False) -> MedusaEngine:
+    """Open a native engine directory (``medusa-forge build`` output) or a HF model dir plus heads.
+
+    Explicit arguments override what an engine directory's manifest says.
+    """
+    model_dir = Path(model_dir)
+    if is_engine_dir(model_dir):
+        manifest = EngineManifest.load(model_dir)
+        if manifest.kind != "native":
+            raise ForgeError(f"{model_dir}: a {manifest.kind} engine runs in tritonserver's tensorrtllm backend, "
+                             "not in the native engine")
+        if medusa_dir is None and (model_dir / "medusa").is_dir():
+            medusa_dir = model_dir / "medusa"
+        tree = tree or (ChoiceTree.from_paths(manifest.medusa_choices, name="engine") if manifest.medusa_choices else None)
+        dtype = dtype or manifest.dtype
+        max_seq_len = max_seq_len or manifest.max_seq_len
+        model_dir = model_dir / "model"
+    tree = tree or DEFAULT_TREE
+    max_seq_len = max_seq_len or 2048
     dev, dt = resolve_device_dtype(device, dtype)
     model = load_hf_model(model_dir, dtype=dt, device=dev)
     heads = None
