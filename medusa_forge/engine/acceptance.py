@@ -20,8 +20,8 @@ def greedy_accept(logits: Tensor, path_tokens: Tensor, path_nodes: Tensor, path_
     pred = logits.argmax(-1)
     match = (path_tokens[:, 1:] == pred[path_nodes[:, :-1]]) & path_valid[:, 1:]
     accepted = match.long().cumprod(1).sum(1)
-    best = accepted.argmax()
-    return best, accepted[best]
+    best = accepted.argmax().view(1)
+    return best, accepted.index_select(0, best)
 
 
 def typical_accept(logits: Tensor, path_tokens: Tensor, path_nodes: Tensor, path_valid: Tensor,
@@ -40,8 +40,8 @@ def typical_accept(logits: Tensor, path_tokens: Tensor, path_nodes: Tensor, path
     accepted = kept.sum(1)
     # Length dominates (log-probs of accepted tokens are > log(1e-30) > -1e2 per token).
     score = accepted.float() * 1e4 + (torch.log(cand_prob.clamp_min(1e-30)) * kept).sum(1)
-    best = score.argmax()
-    return best, accepted[best]
+    best = score.argmax().view(1)
+    return best, accepted.index_select(0, best)
 
 
 def sample_token(logits: Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0,

@@ -33,12 +33,14 @@ DEFAULT_TREE = "mc_sim_7b_63"
 
 def load_engine(model_dir: str | Path, medusa_dir: str | Path | None = None, tree: str | ChoiceTree | None = None,
                 device: str | None = None, dtype: str | None = None, max_seq_len: int | None = None,
-                cuda_graphs: bool | None = None, compile: bool = False) -> MedusaEngine:
+                cuda_graphs: bool | None = None, compile: bool = False, fp8_emulate: bool | None = None) -> MedusaEngine:
     """Open a native engine directory (``medusa-forge build`` output) or a HF model dir plus heads.
 
-    Explicit arguments override what an engine directory's manifest says.
+    Explicit arguments override what an engine directory's manifest says. An fp8 engine runs FP8
+    GEMMs on CUDA (H100); elsewhere it loads only with ``fp8_emulate`` (or MEDUSA_FORGE_FP8_EMULATE=1).
     """
     model_dir = Path(model_dir)
+    model = None
     if is_engine_dir(model_dir):
         manifest = EngineManifest.load(model_dir)
         if manifest.kind != "native":
@@ -50,10 +52,14 @@ def load_engine(model_dir: str | Path, medusa_dir: str | Path | None = None, tre
         dtype = dtype or manifest.dtype
         max_seq_len = max_seq_len or manifest.max_seq_len
         model_dir = model_dir / "model"
+        if manifest.dtype == "fp8":
+            from medusa_forge.build.fp8 import open_fp8_model
+
+            model, dtype = open_fp8_model(model_dir, manifest.extra, device, dtype, fp8_emulate)
     tree = tree or DEFAULT_TREE
     max_seq_len = max_seq_len or 2048
     dev, dt = resolve_device_dtype(device, dtype)
-    model = load_hf_model(model_dir, dtype=dt, device=dev)
+    model = model if model is not None else load_hf_model(model_dir, dtype=dt, device=dev)
     heads = None
     if medusa_dir is not None:
         heads = load_heads(medusa_dir, model.config.hidden_size, model.config.vocab_size, dtype=dt, device=dev)

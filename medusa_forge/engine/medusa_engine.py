@@ -118,8 +118,8 @@ class MedusaEngine:
         self.last_logits.copy_(self.model.logits(hidden))
         self.root.copy_(self.last_logits.argmax(-1))
         self.cur_len.add_(1)
-        self.step_out[0] = 1
-        self.step_out[1] = self.root[0]
+        self.step_out[0].fill_(1)
+        self.step_out[1:2].copy_(self.root)
 
     def _tree_step(self, accept: Callable[[Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]) -> None:
         b, n = self.buffers, self.tree.num_nodes
@@ -131,18 +131,18 @@ class MedusaEngine:
         hidden = self.model(tree_tokens[None], self.cur_len + b.positions, self.cur_len + self.node_ids, mask)[0]
         logits = self.model.logits(hidden)
         path_tokens = tree_tokens[b.retrieve_indices]
-        best, accepted = accept(logits, path_tokens, b.retrieve_indices, b.retrieve_valid)
-        nodes = b.retrieve_indices[best]
+        best, accepted = accept(logits, path_tokens, b.retrieve_indices, b.retrieve_valid)  # [1], [1]
+        nodes = b.retrieve_indices.index_select(0, best)[0]
         self.model.move_kv(self.cur_len + nodes, self.cur_len + self.path_ids)
-        last = nodes[accepted]
-        self.last_logits.copy_(logits[last][None])
+        last = nodes.index_select(0, accepted)
+        self.last_logits.copy_(logits.index_select(0, last))
         self.root.copy_(self.last_logits.argmax(-1))
-        self.head_topk.copy_(self._heads_topk(hidden[last][None]))
-        new_tokens = torch.cat([path_tokens[best, 1:], self.root])
-        new_tokens.scatter_(0, accepted.view(1), self.root)  # drafts[:a] then the new root
-        self.step_out[0] = accepted + 1
-        self.step_out[1:] = new_tokens
-        self.cur_len.add_(accepted + 1)
+        self.head_topk.copy_(self._heads_topk(hidden.index_select(0, last)))
+        new_tokens = torch.cat([path_tokens.index_select(0, best)[0, 1:], self.root])
+        new_tokens.scatter_(0, accepted, self.root)  # drafts[:a] then the new root
+        self.step_out[0:1].copy_(accepted + 1)
+        self.step_out[1:].copy_(new_tokens)
+        self.cur_len.add_(accepted[0] + 1)
 
     def _step(self, kind: str, gcfg: GenerationConfig) -> _StepGraph:
         """The step function for one decoding mode, captured as a CUDA graph on first use."""

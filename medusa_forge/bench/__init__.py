@@ -1,0 +1,1 @@
+"""Benchmarks: printed tables plus JSON/Markdown/PNG under bench/results/."""

@@ -1,0 +1,81 @@
+"""``medusa-forge bench``: engine tokens/s (base vs Medusa), step latency at a large shape."""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+from datetime import datetime, timezone
+from pathlib import Path
+
+import click
+
+from medusa_forge.atomic import atomic_write_json, atomic_write_text
+from medusa_forge.engine.cli import engine_options, open_engine
+
+
+def run_metadata() -> dict:
+    """What a result needs to be reproducible: commit, device, library versions, time."""
+    import torch
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                check=False).stdout.strip()
+    except OSError:
+        commit = ""
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+    return {"commit": commit or "unknown", "device": device, "torch": torch.__version__,
+            "python": platform.python_version(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+@click.group()
+def bench() -> None:
+    """Benchmarks that print a table and save JSON (+ Markdown) results."""
+
+
+@bench.command("engine")
+@engine_options
+@click.option("--prompts", required=True, type=click.Path(), help="JSONL prompts with 'prompt' and 'topic'.")
+@click.option("--per-topic", default=None, type=int, help="Use the first N prompts of each topic.")
+@click.option("--max-new-tokens", default=128, show_default=True)
+@click.option("--max-prompt-tokens", default=512, show_default=True)
+@click.option("--out", default=None, type=click.Path(), help="Write JSON here (and a .md beside it).")
+def bench_engine_cmd(model, medusa, tree, device, dtype, max_seq_len, compile_, prompts, per_topic, max_new_tokens,
+                     max_prompt_tokens, out):
+    """Per-topic tokens/s of plain vs Medusa greedy decoding on one engine, with output identity."""
+    from medusa_forge.bench.engine_bench import bench_engine, topic_table
+    from medusa_forge.errors import ForgeError
+    from medusa_forge.prompts import read_prompts
+
+    engine = open_engine(model, medusa, tree, device, dtype, max_seq_len, compile_)
+    if engine.tree is None:
+        raise ForgeError("bench engine compares base vs Medusa: give --medusa heads (or an engine built with them)")
+    result = bench_engine(engine, read_prompts(prompts, per_topic=per_topic), max_new_tokens, max_prompt_tokens)
+    result["meta"] = run_metadata()
+    table = topic_table(result)
+    click.echo(table)
+    if out:
+        atomic_write_json(out, result)
+        atomic_write_text(Path(out).with_suffix(".md"), f"# Engine benchmark\n\n{json.dumps(result['meta'])}\n\n{table}\n")
+
+
+@bench.command("step")
+@click.option("--shape", type=click.Choice(["llama3-8b"]), default="llama3-8b", show_default=True)
+@click.option("--medusa-choices", "tree", default="mc_sim_7b_63", show_default=True)
+@click.option("--num-heads", default=5, show_default=True)
+@click.option("--context", default=1024, show_default=True, help="Tokens already in the cache.")
+@click.option("--out", default=None, type=click.Path())
+def bench_step_cmd(shape, tree, num_heads, context, out):
+    """Single-token and tree step latency at a large shape (random bf16 weights) vs the HBM floor (CUDA)."""
+    import torch
+
+    from medusa_forge.bench.step_latency import LLAMA3_8B, measure
+    from medusa_forge.errors import ForgeError
+
+    if not torch.cuda.is_available():
+        raise ForgeError("bench step measures GPU step latency and needs CUDA")
+    result = measure(LLAMA3_8B, tree=tree, num_heads=num_heads, context=context).to_dict()
+    result["meta"] = run_metadata()
+    click.echo(json.dumps(result, indent=2))
+    if out:
+        atomic_write_json(out, result)

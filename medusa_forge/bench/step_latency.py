@@ -1,0 +1,135 @@
+"""Decode-step latency at a large-model shape with random weights, against the HBM floor.
+
+At batch 1 a decode step must read every weight once, so ``weight bytes / copy bandwidth`` is the
+floor no implementation beats. We time, as CUDA-graph replays: the single-token step, the Medusa
+tree step (verification of the whole tree + acceptance + KV moves + heads), and the heads alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from medusa_forge.heads.medusa_head import MedusaHeads, MedusaHeadsConfig
+from medusa_forge.model.config import ModelConfig
+from medusa_forge.model.llama import Transformer
+from medusa_forge.tree.choice_tree import ChoiceTree
+
+LLAMA3_8B = ModelConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
+                        num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=500000.0,
+                        max_position_embeddings=8192, eos_token_ids=(128001,))
+
+
+@dataclass
+class StepTimes:
+    single_ms: float
+    tree_ms: float
+    heads_ms: float
+    floor_ms: float
+    weight_gb: float
+    copy_gb_s: float
+    tree_nodes: int
+
+    def to_dict(self) -> dict:
+        return {
+            "single_step_ms": round(self.single_ms, 4),
+            "tree_step_ms": round(self.tree_ms, 4),
+            "heads_ms": round(self.heads_ms, 4),
+            "hbm_floor_ms": round(self.floor_ms, 4),
+            "weight_gb": round(self.weight_gb, 3),
+            "copy_bandwidth_gb_s": round(self.copy_gb_s, 1),
+            "tree_nodes": self.tree_nodes,
+            "single_vs_floor": round(self.floor_ms / self.single_ms, 4),
+            "tree_vs_single": round(self.tree_ms / self.single_ms, 4),
+            "heads_share_of_tree_step": round(self.heads_ms / self.tree_ms, 4),
+        }
+
+
+def copy_bandwidth_gb_s(nbytes: int = 2 << 30, iters: int = 20) -> float:
+    """Device-to-device copy rate, counting bytes read plus bytes written."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(iters):
+        dst.copy_(src)
+    end.record()
+    torch.cuda.synchronize()
+    seconds = start.elapsed_time(end) / 1e3 / iters
+    del src, dst
+    return 2 * nbytes / seconds / 1e9
+
+
+def random_model(cfg: ModelConfig, dtype=torch.bfloat16, seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    with torch.device("cuda"):
+        model = Transformer(cfg).to(dtype)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.02)
+    return model.eval().requires_grad_(False)
+
+
+def step_weight_bytes(model: Transformer) -> int:
+    """Bytes a decode step must read: every weight except the embedding table (one row is read)."""
+    total = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if not n.startswith("embed"))
+    if model.config.tie_word_embeddings:
+        total += model.embed.weight.numel() * model.embed.weight.element_size()
+    return total
+
+
+def time_graph(fn, reset, iters: int = 50) -> float:
+    """Median ms of replays of a captured step; ``reset`` restores the state between replays."""
+    times = []
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for _ in range(iters):
+        reset()
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def measure(cfg: ModelConfig = LLAMA3_8B, tree: str = "mc_sim_7b_63", num_heads: int = 5, context: int = 1024,
+            max_seq_len: int = 2048, dtype=torch.bfloat16, compile: bool = False) -> StepTimes:
+    from medusa_forge.engine.generation import GenerationConfig
+    from medusa_forge.engine.medusa_engine import MedusaEngine
+
+    model = random_model(cfg, dtype)
+    heads = MedusaHeads(MedusaHeadsConfig(num_heads, 1, cfg.hidden_size, cfg.vocab_size, shared_lm_head=True))
+    heads = heads.to(device="cuda", dtype=dtype)
+    with torch.no_grad():
+        heads.res_weight.normal_(0, 0.02)
+    engine = MedusaEngine(model, heads, ChoiceTree.parse(tree), None, max_seq_len=max_seq_len, compile=compile)
+    engine._prefill(list(range(1, context + 1)))
+    saved = (engine.cur_len.clone(), engine.root.clone(), engine.head_topk.clone())
+
+    def reset() -> None:
+        engine.cur_len.copy_(saved[0])
+        engine.root.copy_(saved[1])
+        engine.head_topk.copy_(saved[2])
+
+    gcfg = GenerationConfig()
+    single = engine._step("base", gcfg)
+    tree_step = engine._step("greedy", gcfg)
+    hidden = torch.randn(1, cfg.hidden_size, device="cuda", dtype=dtype)
+    heads_graph = torch.cuda.CUDAGraph()
+    engine._heads_topk(hidden)
+    with torch.cuda.graph(heads_graph):
+        engine._heads_topk(hidden)
+    bw = copy_bandwidth_gb_s()
+    nbytes = step_weight_bytes(model)
+    result = StepTimes(
+        single_ms=time_graph(single, reset), tree_ms=time_graph(tree_step, reset),
+        heads_ms=time_graph(heads_graph.replay, lambda: None), floor_ms=nbytes / (bw * 1e9) * 1e3,
+        weight_gb=nbytes / 1e9, copy_gb_s=bw, tree_nodes=engine.tree.num_nodes)
+    del engine, model, heads
+    torch.cuda.empty_cache()
+    return result

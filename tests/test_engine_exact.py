@@ -1,0 +1,117 @@
+"""The native engine reproduces transformers' greedy decoding token for token (CPU, fp32).
+
+Spec (issue 3, must-show 1 and 2): on >= 30 held-out prompts x 64 new tokens, greedy Medusa output
+equals HF greedy output, and so does our plain decoding; prefill logits agree with HF's.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medusa_forge.engine.generation import GenerationConfig
+from medusa_forge.engine.load import load_engine
+from medusa_forge.tree import ChoiceTree
+
+NEW_TOKENS = 64
+PROMPT_TOKENS = 96
+
+
+@pytest.fixture(scope="module")
+def hf_model(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir, heads_dir):
+    return load_engine(model_dir, heads_dir, tree="small", device="cpu", max_seq_len=256)
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(engine, held_out_prompts):
+    """30 held-out prompts, one in five of the file, cut to their last PROMPT_TOKENS tokens."""
+    chosen = held_out_prompts[::5][:30]
+    assert len(chosen) == 30
+    out = []
+    for p in chosen:
+        ids = engine.tokenizer.encode(p["prompt"])
+        out.append(ids[:1] + ids[-(PROMPT_TOKENS - 1):])
+    return out
+
+
+@pytest.fixture(scope="module")
+def hf_greedy(hf_model, prompt_ids):
+    outs = []
+    with torch.no_grad():
+        for ids in prompt_ids:
+            g = hf_model.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                                  do_sample=False, pad_token_id=2)
+            outs.append(g[0, len(ids):].tolist())
+    return outs
+
+
+def test_medusa_greedy_equals_hf_greedy_on_30_prompts(engine, prompt_ids, hf_greedy):
+    cfg = GenerationConfig(max_new_tokens=NEW_TOKENS, ignore_eos=True)
+    steps = 0
+    for ids, ref in zip(prompt_ids, hf_greedy):
+        result = engine.generate_ids(ids, cfg)
+        assert result.tokens == ref
+        steps += result.steps
+    # The heads must really have drafted: fewer verification steps than tokens.
+    assert steps < len(prompt_ids) * (NEW_TOKENS - 1)
+
+
+def test_plain_decoding_equals_hf_greedy(engine, prompt_ids, hf_greedy):
+    cfg = GenerationConfig(max_new_tokens=NEW_TOKENS, use_medusa=False, ignore_eos=True)
+    for ids, ref in zip(prompt_ids[:10], hf_greedy[:10]):
+        assert engine.generate_ids(ids, cfg).tokens == ref
+
+
+def test_medusa_with_reference_tree_equals_hf(model_dir, heads_dir, prompt_ids, hf_greedy):
+    engine = load_engine(model_dir, heads_dir, tree="mc_sim_7b_63", device="cpu", max_seq_len=256)
+    cfg = GenerationConfig(max_new_tokens=NEW_TOKENS, ignore_eos=True)
+    for ids, ref in zip(prompt_ids[:4], hf_greedy[:4]):
+        assert engine.generate_ids(ids, cfg).tokens == ref
+
+
+def test_prefill_logits_match_hf(engine, hf_model, prompt_ids):
+    ids = prompt_ids[0]
+    with torch.no_grad():
+        ref = hf_model(torch.tensor([ids])).logits[0, -1]
+    engine._prefill(ids)
+    assert torch.allclose(engine.last_logits[0], ref, atol=1e-4, rtol=1e-4)
+
+
+def test_typical_acceptance_is_deterministic_and_stops(engine, prompt_ids):
+    cfg = GenerationConfig(max_new_tokens=32, temperature=0.7, ignore_eos=True)
+    a = engine.generate_ids(prompt_ids[1], cfg)
+    b = engine.generate_ids(prompt_ids[1], cfg)
+    assert a.tokens == b.tokens and len(a.tokens) == 32
+    assert all(1 <= n <= engine.tree.depth + 1 for n in a.accepted_per_step)
+
+
+def test_sampling_without_medusa_is_seeded(engine, prompt_ids):
+    cfg = GenerationConfig(max_new_tokens=16, use_medusa=False, temperature=1.0, top_k=20, top_p=0.9, seed=7)
+    assert engine.generate_ids(prompt_ids[2], cfg).tokens == engine.generate_ids(prompt_ids[2], cfg).tokens
+
+
+def test_stops_at_eos_and_stop_strings(engine):
+    ids = engine.tokenizer.encode("def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n")
+    eos_result = engine.generate_ids(ids, GenerationConfig(max_new_tokens=40, eos_token_ids=(213,)))
+    full = engine.generate_ids(ids, GenerationConfig(max_new_tokens=40, ignore_eos=True))
+    if 213 in full.tokens:
+        cut = full.tokens.index(213) + 1
+        assert eos_result.tokens == full.tokens[:cut] and eos_result.finish_reason == "eos"
+    stop = engine.generate_ids(ids, GenerationConfig(max_new_tokens=40, stop_strings=("return",)))
+    assert stop.finish_reason == "stop" and "return" not in stop.text
+    assert full.text.startswith(stop.text)
+
+
+def test_every_tree_step_commits_a_valid_path(engine, prompt_ids):
+    """Tokens per step never exceed depth + 1, and their sum is the token count."""
+    r = engine.generate_ids(prompt_ids[3], GenerationConfig(max_new_tokens=48, ignore_eos=True))
+    depth = ChoiceTree.parse("small").depth
+    assert max(r.accepted_per_step) <= depth + 1
+    assert 1 + sum(r.accepted_per_step) >= len(r.tokens)
