@@ -37,19 +37,28 @@ def prompt_ids(engine, held_out_prompts):
     out = []
     for p in chosen:
         ids = engine.tokenizer.encode(p["prompt"])
-        out.append(ids[:1] + ids[-(PROMPT_TOKENS - 1):])
+        out.append(ids if len(ids) <= PROMPT_TOKENS else ids[:1] + ids[-(PROMPT_TOKENS - 1):])
+    return out
+
+
+def transformers_greedy(model, ids: list[int], n: int) -> list[int]:
+    """Plain greedy decoding with transformers' own forward and KV cache (no generate() logit
+    processors: min_new_tokens would suppress EOS, a pad id equal to EOS would mask prompt tokens)."""
+    from transformers import DynamicCache
+
+    cache, out = DynamicCache(), []
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(input_ids=x, past_key_values=cache, use_cache=True).logits[0, -1]
+            out.append(int(logits.argmax()))
+            x = torch.tensor([[out[-1]]])
     return out
 
 
 @pytest.fixture(scope="module")
 def hf_greedy(hf_model, prompt_ids):
-    outs = []
-    with torch.no_grad():
-        for ids in prompt_ids:
-            g = hf_model.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-                                  do_sample=False, pad_token_id=2)
-            outs.append(g[0, len(ids):].tolist())
-    return outs
+    return [transformers_greedy(hf_model, ids, NEW_TOKENS) for ids in prompt_ids]
 
 
 def test_medusa_greedy_equals_hf_greedy_on_30_prompts(engine, prompt_ids, hf_greedy):

@@ -79,3 +79,34 @@ def bench_step_cmd(shape, tree, num_heads, context, out):
     click.echo(json.dumps(result, indent=2))
     if out:
         atomic_write_json(out, result)
+
+
+@bench.command("suite")
+@click.option("--model", "--model_dir", "model", required=True, type=click.Path())
+@click.option("--medusa", "--medusa_model_dir", "medusa", required=True, type=click.Path())
+@click.option("--prompts", required=True, type=click.Path())
+@click.option("--per-topic", default=None, type=int, help="First N prompts of each topic (default: all).")
+@click.option("--peer-per-topic", default=2, show_default=True, help="Prompts per topic for the slow peers.")
+@click.option("--tree", "trees", multiple=True, default=("mc_sim_7b_63",), show_default=True,
+              help="Trees for our Medusa engine (repeatable; the first is the headline and the reference's).")
+@click.option("--max-new-tokens", default=128, show_default=True)
+@click.option("--no-step-shape", is_flag=True, help="Skip the Llama-3-8B-shape step latency part.")
+@click.option("--no-hf-compile", is_flag=True, help="Skip transformers' static-cache + compile variant.")
+@click.option("--out", required=True, type=click.Path(), help="Output directory (JSON, Markdown, PNG).")
+def bench_suite_cmd(model, medusa, prompts, per_topic, peer_per_topic, trees, max_new_tokens, no_step_shape,
+                    no_hf_compile, out):
+    """Every engine side by side: transformers, reference eager Medusa, ours (base, Medusa per tree)."""
+    from medusa_forge.atomic import atomic_output_dir
+    from medusa_forge.bench.suite import markdown, plot, suite
+    from medusa_forge.prompts import read_prompts
+
+    result = suite(model, medusa, read_prompts(prompts, per_topic=per_topic), list(trees), max_new_tokens,
+                   peer_per_topic=peer_per_topic, step_shape=not no_step_shape, hf_compile=not no_hf_compile)
+    meta = run_metadata()
+    result["meta"] = meta
+    md = markdown(result, meta)
+    click.echo(md)
+    with atomic_output_dir(out, overwrite=True) as tmp:
+        (tmp / "suite.json").write_text(json.dumps(result, indent=2) + "\n")
+        (tmp / "suite.md").write_text(md)
+        plot(result, tmp / "tokens_per_s_per_topic.png")

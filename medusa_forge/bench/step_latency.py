@@ -75,8 +75,12 @@ def random_model(cfg: ModelConfig, dtype=torch.bfloat16, seed: int = 0) -> Trans
 
 
 def step_weight_bytes(model: Transformer) -> int:
-    """Bytes a decode step must read: every weight except the embedding table (one row is read)."""
-    total = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if not n.startswith("embed"))
+    """Bytes a decode step must read: every weight except the embedding table (one row is read).
+
+    Counted over the state dict so FP8 layers (weights held as buffers) count at one byte each.
+    """
+    total = sum(t.numel() * t.element_size() for n, t in model.state_dict().items()
+                if not n.startswith("embed") and not n.endswith("weight_scale_row"))
     if model.config.tie_word_embeddings:
         total += model.embed.weight.numel() * model.embed.weight.element_size()
     return total
@@ -98,11 +102,17 @@ def time_graph(fn, reset, iters: int = 50) -> float:
 
 
 def measure(cfg: ModelConfig = LLAMA3_8B, tree: str = "mc_sim_7b_63", num_heads: int = 5, context: int = 1024,
-            max_seq_len: int = 2048, dtype=torch.bfloat16, compile: bool = False) -> StepTimes:
+            max_seq_len: int = 2048, dtype=torch.bfloat16, compile: bool = False, fp8: bool = False) -> StepTimes:
+    """``fp8``: the block GEMMs as FP8 tensor-core GEMMs (static activation scales), as an fp8 engine runs."""
     from medusa_forge.engine.generation import GenerationConfig
     from medusa_forge.engine.medusa_engine import MedusaEngine
 
     model = random_model(cfg, dtype)
+    if fp8:
+        from medusa_forge.build.fp8 import linear_names, swap_linears
+
+        swap_linears(model, "scaled_mm", input_scales={name: 0.05 for name in linear_names(model)})
+        torch.cuda.empty_cache()
     heads = MedusaHeads(MedusaHeadsConfig(num_heads, 1, cfg.hidden_size, cfg.vocab_size, shared_lm_head=True))
     heads = heads.to(device="cuda", dtype=dtype)
     with torch.no_grad():

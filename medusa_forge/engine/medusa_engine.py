@@ -185,7 +185,8 @@ class MedusaEngine:
             raise ForgeError("empty prompt: give at least one token of input")
         if gcfg.max_new_tokens < 1:
             raise ForgeError(f"max_new_tokens must be >= 1, got {gcfg.max_new_tokens}")
-        margin = self.tree.num_nodes if (self.tree is not None and gcfg.use_medusa) else 1
+        # Room for the last tree plus the one step the host loop runs ahead.
+        margin = 2 * (self.tree.num_nodes if (self.tree is not None and gcfg.use_medusa) else 1)
         need = len(prompt_ids) + gcfg.max_new_tokens + margin
         if need > self.max_seq_len:
             raise ForgeError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({gcfg.max_new_tokens}) + "
@@ -198,7 +199,9 @@ class MedusaEngine:
     def iter_steps(self, prompt_ids: list[int], gcfg: GenerationConfig) -> Iterator[list[int]]:
         """Yield the new tokens of every step (the first yield is the prefill's token).
 
-        The caller decides when to stop; the engine only guarantees room for max_new_tokens.
+        On CUDA the loop runs one step ahead: step k+1 is queued before step k's tokens are read
+        back, so the host's bookkeeping overlaps the GPU's work. The caller decides when to stop;
+        a step queued past the stop only writes cache slots beyond the committed length.
         """
         self.check_request(prompt_ids, gcfg)
         sampling = gcfg.temperature > 0 and not gcfg.use_medusa
@@ -208,20 +211,41 @@ class MedusaEngine:
         if sampling:
             generator = torch.Generator(device=self.device)
             generator.manual_seed(gcfg.seed if gcfg.seed is not None else int(time.time_ns() % 2**31))
+
+        def launch(buf: Tensor) -> "torch.cuda.Event | None":
+            step()
+            if sampling:
+                self.root.copy_(sample_token(self.last_logits, gcfg.temperature, gcfg.top_k, gcfg.top_p, generator))
+                self.step_out[1:2].copy_(self.root)
+            buf.copy_(self.step_out, non_blocking=True)
+            if self.device.type != "cuda":
+                return None
+            event = torch.cuda.Event()
+            event.record()
+            return event
+
         self._prefill(prompt_ids)
         if sampling:
             self.root.copy_(sample_token(self.last_logits, gcfg.temperature, gcfg.top_k, gcfg.top_p, generator))
         yield [int(self.root.item())]
         produced = 1
+        pinned = self.device.type == "cuda"
+        bufs = [torch.empty_like(self.step_out, device="cpu", pin_memory=pinned) for _ in range(2)]
+        pending = (bufs[0], launch(bufs[0]))
+        k = 0
         while produced < gcfg.max_new_tokens:
-            step()
-            if sampling:
-                self.root.copy_(sample_token(self.last_logits, gcfg.temperature, gcfg.top_k, gcfg.top_p, generator))
-                self.step_out[1] = self.root[0]
-            out = self.step_out.tolist()
+            k += 1
+            ahead = None
+            if pinned and produced + 1 < gcfg.max_new_tokens:
+                ahead = (bufs[k % 2], launch(bufs[k % 2]))
+            buf, event = pending
+            if event is not None:
+                event.synchronize()
+            out = buf.tolist()
             new = out[1: 1 + out[0]]
             produced += len(new)
             yield new
+            pending = ahead if ahead is not None else (bufs[k % 2], launch(bufs[k % 2]))
 
     def generate_ids(self, prompt_ids: list[int], gcfg: GenerationConfig,
                      on_tokens: Callable[[list[int]], None] | None = None) -> GenerationResult:
