@@ -64,7 +64,9 @@ def cli() -> None:
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors print one line and exit 2; bugs keep their traceback."""
     try:
-        cli.main(args=argv, standalone_mode=False)
+        code = cli.main(args=argv, standalone_mode=False)
+        if isinstance(code, int) and code:  # click returns ctx.exit(n) codes when not standalone
+            sys.exit(code)
     except ForgeError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)

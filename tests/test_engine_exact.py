@@ -79,7 +79,7 @@ def test_plain_decoding_equals_hf_greedy(engine, prompt_ids, hf_greedy):
 
 
 def test_medusa_with_reference_tree_equals_hf(model_dir, heads_dir, prompt_ids, hf_greedy):
-    engine = load_engine(model_dir, heads_dir, tree="mc_sim_7b_63", device="cpu", max_seq_len=256)
+    engine = load_engine(model_dir, heads_dir, tree="mc_sim_7b_63", device="cpu", max_seq_len=320)
     cfg = GenerationConfig(max_new_tokens=NEW_TOKENS, ignore_eos=True)
     for ids, ref in zip(prompt_ids[:4], hf_greedy[:4]):
         assert engine.generate_ids(ids, cfg).tokens == ref

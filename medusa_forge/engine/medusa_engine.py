@@ -104,7 +104,7 @@ class MedusaEngine:
         T = len(ids)
         tokens = torch.tensor([ids], dtype=torch.long, device=self.device)
         slots = torch.arange(T, device=self.device)
-        hidden = self.model(tokens, slots, slots, causal_mask(0, T, self.max_seq_len, self.device))[0, -1:]
+        hidden = self.model(tokens, slots, slots, causal_mask(0, T, self.max_seq_len, self.device), prefix_len=0)[0, -1:]
         self.last_logits.copy_(self.model.logits(hidden))
         self.root.copy_(self.last_logits.argmax(-1))
         self.cur_len.fill_(T)
@@ -114,7 +114,7 @@ class MedusaEngine:
     def _base_step(self) -> None:
         pos = self.cur_len.view(1)
         mask = (self.cols <= self.cur_len)[None, None, None, :]
-        hidden = self.model(self.root.view(1, 1), pos, pos, mask)[0]
+        hidden = self.model(self.root.view(1, 1), pos, pos, mask, prefix_len=self.cur_len)[0]
         self.last_logits.copy_(self.model.logits(hidden))
         self.root.copy_(self.last_logits.argmax(-1))
         self.cur_len.add_(1)
@@ -128,7 +128,8 @@ class MedusaEngine:
         rel = self.cols - self.cur_len
         in_tree = b.attn_mask[:, rel.clamp(0, n - 1)] & ((rel >= 0) & (rel < n))
         mask = ((rel < 0)[None, :] | in_tree)[None, None]
-        hidden = self.model(tree_tokens[None], self.cur_len + b.positions, self.cur_len + self.node_ids, mask)[0]
+        hidden = self.model(tree_tokens[None], self.cur_len + b.positions, self.cur_len + self.node_ids, mask,
+                            prefix_len=self.cur_len, tree_mask=b.attn_mask)[0]
         logits = self.model.logits(hidden)
         path_tokens = tree_tokens[b.retrieve_indices]
         best, accepted = accept(logits, path_tokens, b.retrieve_indices, b.retrieve_valid)  # [1], [1]

@@ -7,6 +7,12 @@ candidate tree occupy consecutive slots but share positions by depth.
 
 QKV and gate/up projections are fused (one GEMM each) and GQA is computed by folding the query
 groups into the row dimension, so K/V are never repeated in memory.
+
+Everything between the GEMMs goes through :mod:`medusa_forge.engine.kernels`: on CUDA one
+row-wise batch-invariant Triton kernel each (add+RMSNorm, RoPE+cache write, SiLU*mul, and, when
+the caller passes ``prefix_len``, a flash-decoding cache attention that needs no mask), elsewhere
+the PyTorch reference ops. Each block hands back its residual stream and its MLP output unsummed,
+so the add is fused into the next norm.
 """
 
 from __future__ import annotations
@@ -14,7 +20,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medusa_forge.model.config import ModelConfig
@@ -28,9 +33,11 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # Normalise in fp32 and cast back before the weight, as transformers' LlamaRMSNorm does.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return kernels.rms_norm(x, self.weight, self.eps)
+
+    def add_forward(self, x: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
+        """(norm(x + delta), x + delta): the residual add fused into the norm."""
+        return kernels.add_rms_norm(x, delta, self.weight, self.eps)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> Tensor:
@@ -61,31 +68,21 @@ def rope_cache(cfg: ModelConfig, max_positions: int) -> Tensor:
     return torch.stack([emb.cos(), emb.sin()])
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x: [B, heads, T, D]; cos/sin: [B or 1, 1, T, D] (already in x's dtype)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
-
-
 class KVCache(nn.Module):
-    """Pre-allocated keys and values, [batch, kv_heads, max_seq_len, head_dim], written in place."""
+    """Keys and values of one layer, [batch, kv_heads, max_seq_len, head_dim], written in place.
 
-    def __init__(self, batch: int, kv_heads: int, max_seq_len: int, head_dim: int, dtype: torch.dtype, device=None):
+    ``k`` and ``v`` are views into the model-wide cache tensor (see ``Transformer.setup_caches``),
+    so moving accepted tree entries is one gather/scatter for all layers at once.
+    """
+
+    def __init__(self, k: Tensor, v: Tensor):
         super().__init__()
-        shape = (batch, kv_heads, max_seq_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.k, self.v = k, v
 
     def update(self, slots: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         self.k.index_copy_(2, slots, k)
         self.v.index_copy_(2, slots, v)
         return self.k, self.v
-
-    def move(self, src_slots: Tensor, dst_slots: Tensor) -> None:
-        """Copy entries src -> dst (gather first, so overlapping ranges are safe)."""
-        self.k.index_copy_(2, dst_slots, self.k.index_select(2, src_slots))
-        self.v.index_copy_(2, dst_slots, self.v.index_select(2, src_slots))
 
 
 class Attention(nn.Module):
@@ -97,22 +94,22 @@ class Attention(nn.Module):
         self.wo = nn.Linear(q, cfg.hidden_size, bias=False)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, slots: Tensor, mask: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, slots: Tensor, mask: Tensor | None,
+                prefix_len: Tensor | None = None, tree_mask: Tensor | None = None) -> Tensor:
+        """cos/sin [T, D]. Either ``mask`` [B|1, 1, T, S] or ``prefix_len`` (+ ``tree_mask``, see
+        :func:`~medusa_forge.engine.kernels.cache_attention`) says what each token sees; with
+        prefix_len a batch-1 CUDA forward runs the cache attention kernel and ignores the mask."""
         B, T, _ = x.shape
-        q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv * self.head_dim
-        q, k, v = self.wqkv(x).split([q_dim, kv_dim, kv_dim], dim=-1)
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k_all, v_all = self.kv_cache.update(slots, k, v)
-        # GQA without repeating K/V: the g query heads that share one KV head become g*T rows.
-        g = self.n_heads // self.n_kv
-        q = q.reshape(B, self.n_kv, g * T, self.head_dim)
-        m = mask if g == 1 else mask.repeat(1, 1, g, 1)
-        y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=m)
-        y = y.view(B, self.n_heads, T, self.head_dim).transpose(1, 2).reshape(B, T, q_dim)
-        return self.wo(y)
+        cache = self.kv_cache
+        q = kernels.rope_qkv_to_cache(self.wqkv(x), cos, sin, cache.k, cache.v, slots,
+                                      self.n_heads, self.n_kv, self.head_dim)  # [B, T, H, D]
+        if prefix_len is not None and B == 1 and kernels.use_triton(q):
+            y = kernels.cache_attention(q[0], cache.k[0], cache.v[0], prefix_len, tree_mask)[None]
+        else:
+            if mask is None:
+                mask = kernels.cache_mask(prefix_len, tree_mask, T, cache.k.shape[2])
+            y = kernels.masked_attention(q, cache.k, cache.v, mask)
+        return self.wo(y.reshape(B, T, self.n_heads * self.head_dim))
 
 
 class FeedForward(nn.Module):
@@ -123,8 +120,7 @@ class FeedForward(nn.Module):
         self.w_down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.w_gate_up(x).split(self.intermediate, dim=-1)
-        return self.w_down(F.silu(gate) * up)
+        return self.w_down(kernels.silu_mul(self.w_gate_up(x)))
 
 
 class Block(nn.Module):
@@ -135,9 +131,13 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.ffn = FeedForward(cfg)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, slots: Tensor, mask: Tensor) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, slots, mask)
-        return x + self.ffn(self.ffn_norm(x))
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, slots: Tensor, mask: Tensor | None,
+                delta: Tensor | None = None, prefix_len: Tensor | None = None,
+                tree_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Input x + delta (the previous block's unsummed output); returns (residual, MLP output)."""
+        h, x = (self.attn_norm(x), x) if delta is None else self.attn_norm.add_forward(x, delta)
+        h, x = self.ffn_norm.add_forward(x, self.attn(h, cos, sin, slots, mask, prefix_len, tree_mask))
+        return x, self.ffn(h)
 
 
 class Transformer(nn.Module):
@@ -159,30 +159,40 @@ class Transformer(nn.Module):
         if max_seq_len > cfg.max_position_embeddings:
             max_seq_len = cfg.max_position_embeddings
         p = self.lm_head.weight
-        for layer in self.layers:
-            layer.attn.kv_cache = KVCache(batch, cfg.num_kv_heads, max_seq_len, cfg.head_dim, p.dtype, p.device)
+        # One tensor [layers, k/v, batch, kv_heads, seq, head_dim]; each layer holds views of it.
+        self.kv = torch.zeros(cfg.num_layers, 2, batch, cfg.num_kv_heads, max_seq_len, cfg.head_dim,
+                              dtype=p.dtype, device=p.device)
+        for i, layer in enumerate(self.layers):
+            layer.attn.kv_cache = KVCache(self.kv[i, 0], self.kv[i, 1])
         self.rope = rope_cache(cfg, max_seq_len).to(p.device)
         self.max_seq_len = max_seq_len
 
-    def forward(self, tokens: Tensor, positions: Tensor, slots: Tensor, mask: Tensor) -> Tensor:
+    def forward(self, tokens: Tensor, positions: Tensor, slots: Tensor, mask: Tensor | None = None, *,
+                prefix_len: int | Tensor | None = None, tree_mask: Tensor | None = None) -> Tensor:
         """Return final-norm hidden states [B, T, H].
 
         tokens [B, T]; positions [T] RoPE positions; slots [T] cache slots to write;
-        mask [1, 1, T, max_seq_len] bool, True where a token may attend.
+        mask [B or 1, 1, T, max_seq_len] bool, True where a token may attend.
+        Batch-1 callers whose new tokens sit at slots prefix_len..prefix_len+T-1 may also pass
+        ``prefix_len`` (0-d device tensor, or an int outside CUDA graphs) and ``tree_mask`` [T, T]
+        (which new tokens each new token sees; causal when None): the same visibility as ``mask``,
+        which lets CUDA run the mask-free cache attention kernel. ``mask`` may then be None.
         """
         x = self.embed(tokens)
-        cos_sin = self.rope[:, positions].to(x.dtype)
-        cos, sin = cos_sin[0][None, None], cos_sin[1][None, None]
+        cos, sin = self.rope[:, positions].to(x.dtype)
+        if prefix_len is not None and not isinstance(prefix_len, Tensor):
+            prefix_len = torch.tensor(prefix_len, device=x.device)
+        delta = None
         for layer in self.layers:
-            x = layer(x, cos, sin, slots, mask)
-        return self.norm(x)
+            x, delta = layer(x, cos, sin, slots, mask, delta, prefix_len, tree_mask)
+        return self.norm(x) if delta is None else self.norm.add_forward(x, delta)[0]
 
     def logits(self, hidden: Tensor) -> Tensor:
         return self.lm_head(hidden).float()
 
     def move_kv(self, src_slots: Tensor, dst_slots: Tensor) -> None:
-        for layer in self.layers:
-            layer.attn.kv_cache.move(src_slots, dst_slots)
+        """Copy cache entries src -> dst in every layer (gather first, so overlapping ranges are safe)."""
+        self.kv.index_copy_(4, dst_slots, self.kv.index_select(4, src_slots))
 
 
 def causal_mask(start: int | Tensor, length: int, max_seq_len: int, device) -> Tensor:
@@ -190,3 +200,8 @@ def causal_mask(start: int | Tensor, length: int, max_seq_len: int, device) -> T
     rows = torch.arange(length, device=device)[:, None] + start
     cols = torch.arange(max_seq_len, device=device)[None, :]
     return (cols <= rows)[None, None]
+
+
+# Imported last: importing medusa_forge.engine runs its package init, which imports this module's
+# Transformer; by now it is defined, whichever of the two packages was imported first.
+from medusa_forge.engine import kernels  # noqa: E402

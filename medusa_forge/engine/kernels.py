@@ -1,0 +1,481 @@
+"""Row-wise batch-invariant Triton kernels for the decoder step, with their exact PyTorch references.
+
+Why: a decode step of a Llama-3-8B-shaped model is one CUDA graph whose GEMMs are near the HBM
+floor, while ~1000 tiny elementwise kernels (RMSNorm in fp32 pieces, RoPE's cat/neg/mul/add,
+SiLU*mul, residual adds) and a masked SDPA over the whole static cache cost as much again. These
+kernels fuse each of those into one launch: add+RMSNorm, RoPE+KV-cache write, SiLU*mul, and a
+flash-decoding cache attention (split kernel + combine kernel) that reads the committed length
+from a device tensor, so it stays CUDA-graph safe.
+
+Batch invariance is the contract (torch.compile broke it): every kernel computes a token row with
+a launch configuration (block sizes, warps, split size, reduction order) that depends only on the
+model shape, never on the number of rows T or on what the other rows hold. A row's bits are the
+same in a T=1 decode step, inside the T=64 tree-verification step, and in a prefill chunk. In
+the attention that means a fixed KV split size (``AttentionConfig``), key blocks aligned to
+absolute slot numbers, and a combine that sums the splits in one fixed tile order; a split that is
+fully masked for a row contributes exact zeros.
+
+Each op dispatches with :func:`use_triton`: Triton for CUDA tensors (no autograd: a tensor that
+needs grad takes the reference path), the ``*_ref`` PyTorch implementation otherwise. The
+references are exactly the ops the decoder ran before these kernels, so the CPU path (compared
+with transformers token for token) is bit-for-bit unchanged. The Triton kernels reproduce the
+references' dtype rounding points (x*cos and rot*sin rounded before the add, SiLU rounded before
+the multiply, the normalised row rounded before the weight), so they differ from them only by
+reduction order. Set ``MEDUSA_FORGE_TRITON=0`` (or use :func:`reference_kernels`) to force the
+references on CUDA, e.g. to time the PyTorch path.
+
+The kernels are wrapped with ``triton.jit`` on first launch, not at import, so that
+``TRITON_INTERPRET=1`` set after this module was imported (the CPU test suite does this) still
+selects Triton's interpreter.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except ImportError:  # the kernels are optional: every op has its reference
+    HAVE_TRITON = False
+
+_enabled = os.environ.get("MEDUSA_FORGE_TRITON", "1") != "0"
+LOG2E = 1.4426950408889634
+
+
+def use_triton(t: Tensor) -> bool:
+    """True when ``t``'s op should run as a Triton kernel: CUDA, Triton importable, no autograd."""
+    return (_enabled and HAVE_TRITON and t.is_cuda
+            and not (t.requires_grad and torch.is_grad_enabled()))
+
+
+@contextmanager
+def reference_kernels() -> Iterator[None]:
+    """Run every op on its PyTorch reference inside the block (A/B checks and timings)."""
+    global _enabled
+    saved, _enabled = _enabled, False
+    try:
+        yield
+    finally:
+        _enabled = saved
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """Tile sizes of :func:`cache_attention`; fixed per process, never chosen from T (invariance).
+
+    split: KV slots per split program (the flash-decoding split, aligned to slot 0); block_m:
+    query rows (token x GQA head) per program; block_n: keys per inner step; max_scratch_bytes
+    bounds the fp32 partials, so a long prefill runs in token chunks (a row never sees the chunking).
+    """
+
+    split: int = 128
+    block_m: int = 64
+    block_n: int = 64
+    num_warps: int = 4
+    max_scratch_bytes: int = 64 << 20
+
+
+DEFAULT_ATTENTION = AttentionConfig()
+
+
+# ================================================================================== references
+def rms_norm_ref(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """transformers' LlamaRMSNorm: normalise in fp32, cast to x's dtype, then multiply by weight."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def add_rms_norm_ref(x: Tensor, delta: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    residual = x + delta
+    return rms_norm_ref(residual, weight, eps), residual
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """HF rotate-half RoPE. x: [..., T, D]; cos/sin broadcastable to x (already in x's dtype)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+def rope_qkv_to_cache_ref(qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor,
+                          n_heads: int, n_kv: int, head_dim: int) -> Tensor:
+    B, T, _ = qkv.shape
+    q, k, v = qkv.split([n_heads * head_dim, n_kv * head_dim, n_kv * head_dim], dim=-1)
+    q = q.view(B, T, n_heads, head_dim).transpose(1, 2)
+    k = k.view(B, T, n_kv, head_dim).transpose(1, 2)
+    v = v.view(B, T, n_kv, head_dim).transpose(1, 2)
+    c, s = cos[None, None], sin[None, None]
+    q, k = apply_rope(q, c, s), apply_rope(k, c, s)
+    k_cache.index_copy_(2, slots, k)
+    v_cache.index_copy_(2, slots, v)
+    return q.transpose(1, 2)
+
+
+def silu_mul_ref(gate_up: Tensor) -> Tensor:
+    gate, up = gate_up.split(gate_up.shape[-1] // 2, dim=-1)
+    return F.silu(gate) * up
+
+
+def masked_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, mask: Tensor) -> Tensor:
+    """SDPA of q [B, T, H, D] over the whole cache [B, KV, S, D] with a boolean mask [B|1, 1, T, S].
+
+    GQA without repeating K/V: the g query heads sharing a KV head become g*T rows. Returns [B, T, H, D].
+    """
+    B, T, H, D = q.shape
+    n_kv = k_cache.shape[1]
+    g = H // n_kv
+    qh = q.transpose(1, 2).reshape(B, n_kv, g * T, D)
+    m = mask if g == 1 else mask.repeat(1, 1, g, 1)
+    y = F.scaled_dot_product_attention(qh, k_cache, v_cache, attn_mask=m)
+    return y.view(B, H, T, D).transpose(1, 2)
+
+
+def cache_mask(prefix_len: Tensor, tree_mask: Tensor | None, T: int, S: int) -> Tensor:
+    """[1, 1, T, S] bool: slots < prefix_len, plus the new slots prefix_len+j that tree_mask[t, j]
+    allows (causal among the new tokens when tree_mask is None)."""
+    device = prefix_len.device
+    if tree_mask is None:
+        tree_mask = torch.ones(T, T, dtype=torch.bool, device=device).tril_()
+    rel = torch.arange(S, device=device) - prefix_len.reshape(())
+    new = tree_mask[:, rel.clamp(0, T - 1)] & ((rel >= 0) & (rel < T))
+    return ((rel < 0)[None, :] | new)[None, None]
+
+
+def cache_attention_ref(q: Tensor, k_cache: Tensor, v_cache: Tensor, prefix_len: Tensor,
+                        tree_mask: Tensor | None = None) -> Tensor:
+    mask = cache_mask(prefix_len, tree_mask, q.shape[0], k_cache.shape[1])
+    return masked_attention(q[None], k_cache[None], v_cache[None], mask)[0]
+
+
+# ================================================================================== Triton sources
+_SOURCES: dict[str, tuple[object, dict]] = {}
+_jitted = False
+_interpreted = False  # Triton's CPU interpreter (TRITON_INTERPRET=1) was active when the kernels were jitted
+
+
+def _source(**jit_kwargs):
+    """Register a kernel body; :func:`_kernel` wraps it with ``triton.jit`` on first launch."""
+    def register(fn):
+        _SOURCES[fn.__name__] = (fn, jit_kwargs)
+        return fn
+    return register
+
+
+def _kernel(name: str):
+    """The jitted kernel ``name``; the first call jits them all, replacing this module's globals so
+    kernels find their jitted helpers by name (the interpreter is picked at that moment)."""
+    global _jitted, _interpreted
+    if not _jitted:
+        for n, (fn, kw) in _SOURCES.items():
+            globals()[n] = triton.jit(fn, **kw)
+        _interpreted = type(globals()[name]).__name__ == "InterpretedFunction"
+        if _interpreted:  # the interpreter reduces with numpy when it recognises these combiners
+            globals()["_add"] = getattr(tl.standard, "_sum_combine", globals()["_add"])
+            globals()["_max"] = getattr(tl.standard, "_elementwise_max", globals()["_max"])
+        _jitted = True
+    return globals()[name]
+
+
+if HAVE_TRITON:
+    # Reductions go through tl.reduce with our own combine functions rather than tl.sum / tl.max,
+    # and no tl.cdiv / tl.zeros: those library helpers are jitted when triton is imported, which pins them to
+    # compiled mode; ours are jitted on first launch, so the interpreter can still be chosen then.
+    @_source()
+    def _add(a, b):
+        return a + b
+
+    @_source()
+    def _max(a, b):
+        return tl.maximum(a, b)
+
+    @_source()
+    def _round(x, DTYPE: tl.constexpr):
+        """fp32 -> DTYPE, round to nearest even; bf16 by hand because the interpreter truncates."""
+        if DTYPE == tl.bfloat16:
+            u = x.to(tl.uint32, bitcast=True)
+            u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+            x = u.to(tl.float32, bitcast=True)
+        return x.to(DTYPE)
+
+    @_source()
+    def _rms_norm_kernel(X, DELTA, W, OUT, RES, stride_x, stride_d, stride_o, stride_r, N, eps,
+                         HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        ok = cols < N
+        x = tl.load(X + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
+        if HAS_DELTA:
+            d = tl.load(DELTA + row * stride_d + cols, mask=ok, other=0.0).to(tl.float32)
+            r = _round(x + d, RES.dtype.element_ty)
+            tl.store(RES + row * stride_r + cols, r, mask=ok)
+            x = r.to(tl.float32)
+        rstd = tl.rsqrt(tl.reduce(x * x, 0, _add) / N + eps)
+        y = _round(x * rstd, X.dtype.element_ty).to(tl.float32)
+        w = tl.load(W + cols, mask=ok, other=0.0).to(tl.float32)
+        tl.store(OUT + row * stride_o + cols, _round(y * w, OUT.dtype.element_ty), mask=ok)
+
+    @_source()
+    def _rope_qkv_kernel(QKV, COS, SIN, KC, VC, SLOTS, QOUT, T, stride_row, stride_cos, stride_sin,
+                         stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
+                         H: tl.constexpr, KV: tl.constexpr, D: tl.constexpr):
+        row = tl.program_id(0)  # b * T + t
+        head = tl.program_id(1)  # q heads, then k heads, then v heads (the fused GEMM's order)
+        b, t = row // T, row % T
+        d = tl.arange(0, D)
+        src = QKV + row.to(tl.int64) * stride_row + head * D
+        x = tl.load(src + d)
+        DT = QKV.dtype.element_ty
+        if head < H + KV:
+            partner = tl.load(src + (d + D // 2) % D).to(tl.float32)
+            rot = tl.where(d < D // 2, -partner, partner)
+            c = tl.load(COS + t * stride_cos + d).to(tl.float32)
+            s = tl.load(SIN + t * stride_sin + d).to(tl.float32)
+            y = _round(_round(x.to(tl.float32) * c, DT).to(tl.float32) + _round(rot * s, DT).to(tl.float32), DT)
+            if head < H:
+                tl.store(QOUT + row.to(tl.int64) * (H * D) + head * D + d, y)
+            else:
+                slot = tl.load(SLOTS + t)
+                tl.store(KC + b * stride_kb + (head - H) * stride_kh + slot * stride_ks + d, y)
+        else:
+            slot = tl.load(SLOTS + t)
+            tl.store(VC + b * stride_vb + (head - H - KV) * stride_vh + slot * stride_vs + d, x)
+
+    @_source()
+    def _silu_mul_kernel(GU, OUT, I, stride_gu, stride_o, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        ok = cols < I
+        g = tl.load(GU + row * stride_gu + cols, mask=ok, other=0.0).to(tl.float32)
+        u = tl.load(GU + row * stride_gu + I + cols, mask=ok, other=0.0).to(tl.float32)
+        DT = OUT.dtype.element_ty
+        s = _round(g / (1.0 + tl.exp(-g)), DT).to(tl.float32)
+        tl.store(OUT + row * stride_o + cols, _round(s * u, DT), mask=ok)
+
+    @_source(do_not_specialize=["T", "t_begin", "n_rows"])
+    def _attn_split_kernel(Q, KC, VC, PREFIX, MASK, PO, PM, PL, T, t_begin, n_rows, S, R_pad, qk_scale,
+                           stride_qt, stride_qh, stride_kh, stride_ks, stride_vh, stride_vs, stride_mt,
+                           G: tl.constexpr, D: tl.constexpr, NS: tl.constexpr, SPLIT: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr,
+                           DOT_F32: tl.constexpr):
+        """One (KV split, KV head, row tile): online softmax over slots [split*SPLIT, ...) below
+        prefix+T, partial (max, sum, unnormalised output) per row to PM/PL/PO.
+
+        DOT_F32 (interpreter only, which multiplies bf16 bit patterns as integers): feed the dots
+        fp32 copies of the operands, the same values since bf16 -> fp32 is exact."""
+        split = tl.program_id(0)
+        kvh = tl.program_id(1)
+        prefix = tl.load(PREFIX).to(tl.int32)
+        end = tl.minimum(prefix + T, S)
+        lo = split * SPLIT
+        if lo < end:
+            rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+            row_ok = rows < n_rows
+            tok = t_begin + rows // G
+            d = tl.arange(0, D)
+            q = tl.load(Q + tok[:, None] * stride_qt + (kvh * G + rows % G)[:, None] * stride_qh + d[None, :],
+                        mask=row_ok[:, None], other=0.0)
+            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            l_i = tl.full([BLOCK_M], 0.0, tl.float32)
+            acc = tl.full([BLOCK_M, D], 0.0, tl.float32)
+            hi = tl.minimum(lo + SPLIT, end)
+            for start in range(lo, hi, BLOCK_N):
+                n = start + tl.arange(0, BLOCK_N)
+                n_ok = n < hi
+                k = tl.load(KC + kvh * stride_kh + n[:, None] * stride_ks + d[None, :], mask=n_ok[:, None], other=0.0)
+                if DOT_F32:
+                    s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee") * qk_scale
+                else:
+                    s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+                rel = n - prefix
+                new = (rel >= 0) & n_ok
+                if HAS_MASK:
+                    allowed = tl.load(MASK + tok[:, None] * stride_mt + rel[None, :],
+                                      mask=row_ok[:, None] & new[None, :], other=0) != 0
+                else:
+                    allowed = rel[None, :] <= tok[:, None]
+                vis = (rel < 0)[None, :] | (new[None, :] & allowed)
+                s = tl.where(vis, s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.reduce(s, 1, _max))
+                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp2(m_i - m_use)
+                p = tl.exp2(s - m_use[:, None])
+                l_i = l_i * alpha + tl.reduce(p, 1, _add)
+                v = tl.load(VC + kvh * stride_vh + n[:, None] * stride_vs + d[None, :], mask=n_ok[:, None], other=0.0)
+                p = _round(p, v.dtype)
+                if DOT_F32:
+                    p, v = p.to(tl.float32), v.to(tl.float32)
+                acc = tl.dot(p, v, acc * alpha[:, None], input_precision="ieee")
+                m_i = m_new
+            base = (kvh * NS + split) * R_pad + rows
+            tl.store(PM + base, m_i, mask=row_ok)
+            tl.store(PL + base, l_i, mask=row_ok)
+            tl.store(PO + base[:, None] * D + d[None, :], acc, mask=row_ok[:, None])
+
+    @_source(do_not_specialize=["T", "t_begin"])
+    def _attn_combine_kernel(PO, PM, PL, OUT, PREFIX, T, t_begin, S, R_pad, stride_ot, stride_oh,
+                             G: tl.constexpr, D: tl.constexpr, NS: tl.constexpr, NS_BLOCK: tl.constexpr,
+                             SPLIT: tl.constexpr):
+        """One (row, KV head): merge the active splits' partials in one fixed tile order."""
+        r = tl.program_id(0)
+        kvh = tl.program_id(1)
+        prefix = tl.load(PREFIX).to(tl.int32)
+        n_active = (tl.minimum(prefix + T, S) + SPLIT - 1) // SPLIT
+        sp = tl.arange(0, NS_BLOCK)
+        ok = sp < n_active
+        base = (kvh * NS + sp) * R_pad + r
+        m = tl.load(PM + base, mask=ok, other=float("-inf"))
+        l = tl.load(PL + base, mask=ok, other=0.0)
+        m_max = tl.reduce(m, 0, _max)
+        w = tl.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max))
+        d = tl.arange(0, D)
+        o = tl.load(PO + base[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
+        out = tl.reduce(w[:, None] * o, 0, _add) / tl.reduce(w * l, 0, _add)
+        tok = t_begin + r // G
+        tl.store(OUT + tok * stride_ot + (kvh * G + r % G) * stride_oh + d, _round(out, OUT.dtype.element_ty))
+
+
+# ================================================================================== Triton launchers
+def _rows(x: Tensor) -> Tensor:
+    """x as [rows, last] with a unit last stride (a view when possible)."""
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    return x.reshape(-1, x.shape[-1])
+
+
+def _norm_warps(block: int) -> int:
+    return 4 if block <= 2048 else 8
+
+
+def rms_norm_triton(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    x2 = _rows(x)
+    N = x2.shape[1]
+    out = torch.empty(x2.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    block = triton.next_power_of_2(N)
+    _kernel("_rms_norm_kernel")[(x2.shape[0],)](
+        x2, x2, weight, out, x2, x2.stride(0), x2.stride(0), out.stride(0), x2.stride(0), N, eps,
+        HAS_DELTA=False, BLOCK=block, num_warps=_norm_warps(block))
+    return out.view(*x.shape[:-1], N)
+
+
+def add_rms_norm_triton(x: Tensor, delta: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    x2, d2 = _rows(x), _rows(delta)
+    N = x2.shape[1]
+    res_dtype = torch.promote_types(x.dtype, delta.dtype)
+    res = torch.empty(x2.shape, dtype=res_dtype, device=x.device)
+    out = torch.empty(x2.shape, dtype=torch.promote_types(res_dtype, weight.dtype), device=x.device)
+    block = triton.next_power_of_2(N)
+    # The normalised row is rounded to the residual's dtype (X's element type in the kernel).
+    src = x2 if x2.dtype == res_dtype else x2.to(res_dtype)
+    _kernel("_rms_norm_kernel")[(x2.shape[0],)](
+        src, d2, weight, out, res, src.stride(0), d2.stride(0), out.stride(0), res.stride(0), N, eps,
+        HAS_DELTA=True, BLOCK=block, num_warps=_norm_warps(block))
+    shape = (*x.shape[:-1], N)
+    return out.view(shape), res.view(shape)
+
+
+def rope_qkv_to_cache_triton(qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor,
+                             n_heads: int, n_kv: int, head_dim: int) -> Tensor:
+    B, T, W = qkv.shape
+    assert W == (n_heads + 2 * n_kv) * head_dim, "qkv is not the fused [q | k | v] projection"
+    qkv = qkv if qkv.is_contiguous() else qkv.contiguous()
+    assert cos.stride(-1) == 1 and sin.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+    q = torch.empty(B, T, n_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
+    _kernel("_rope_qkv_kernel")[(B * T, n_heads + 2 * n_kv)](
+        qkv, cos, sin, k_cache, v_cache, slots, q, T, qkv.stride(1), cos.stride(0), sin.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        H=n_heads, KV=n_kv, D=head_dim, num_warps=1 if head_dim <= 64 else 2)
+    return q
+
+
+def silu_mul_triton(gate_up: Tensor) -> Tensor:
+    g2 = _rows(gate_up)
+    inter = g2.shape[1] // 2
+    out = torch.empty(g2.shape[0], inter, dtype=gate_up.dtype, device=gate_up.device)
+    block = min(1024, triton.next_power_of_2(inter))
+    _kernel("_silu_mul_kernel")[(g2.shape[0], triton.cdiv(inter, block))](
+        g2, out, inter, g2.stride(0), out.stride(0), BLOCK=block, num_warps=4)
+    return out.view(*gate_up.shape[:-1], inter)
+
+
+def cache_attention_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, prefix_len: Tensor,
+                           tree_mask: Tensor | None = None, config: AttentionConfig = DEFAULT_ATTENTION) -> Tensor:
+    T, H, D = q.shape
+    n_kv, S, _ = k_cache.shape
+    G = H // n_kv
+    assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+    if tree_mask is not None:
+        assert tree_mask.shape == (T, T), f"tree_mask must be [{T}, {T}], got {tuple(tree_mask.shape)}"
+        tree_mask = tree_mask.contiguous().view(torch.uint8)
+    ns = triton.cdiv(S, config.split)
+    out = torch.empty_like(q)
+    chunk = max(1, min(T, config.max_scratch_bytes // (n_kv * ns * G * D * 4)))
+    for t0 in range(0, T, chunk):
+        n_rows = min(chunk, T - t0) * G
+        tiles = triton.cdiv(n_rows, config.block_m)
+        r_pad = tiles * config.block_m
+        po = torch.empty(n_kv, ns, r_pad, D, dtype=torch.float32, device=q.device)
+        pm = torch.empty(n_kv, ns, r_pad, dtype=torch.float32, device=q.device)
+        pl = torch.empty_like(pm)
+        mask = tree_mask if tree_mask is not None else prefix_len
+        split_kernel = _kernel("_attn_split_kernel")
+        split_kernel[(ns, n_kv, tiles)](
+            q, k_cache, v_cache, prefix_len, mask, po, pm, pl, T, t0, n_rows, S, r_pad, LOG2E / math.sqrt(D),
+            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
+            tree_mask.stride(0) if tree_mask is not None else 0,
+            G=G, D=D, NS=ns, SPLIT=config.split, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+            HAS_MASK=tree_mask is not None, DOT_F32=_interpreted and q.dtype != torch.float32,
+            num_warps=config.num_warps)
+        _kernel("_attn_combine_kernel")[(n_rows, n_kv)](
+            po, pm, pl, out, prefix_len, T, t0, S, r_pad, out.stride(0), out.stride(1),
+            G=G, D=D, NS=ns, NS_BLOCK=triton.next_power_of_2(ns), SPLIT=config.split, num_warps=4)
+    return out
+
+
+# ================================================================================== public ops
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    return rms_norm_triton(x, weight, eps) if use_triton(x) else rms_norm_ref(x, weight, eps)
+
+
+def add_rms_norm(x: Tensor, delta: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """(rms_norm(x + delta), x + delta): the residual add fused into the next norm."""
+    if use_triton(x) and not delta.requires_grad:
+        return add_rms_norm_triton(x, delta, weight, eps)
+    return add_rms_norm_ref(x, delta, weight, eps)
+
+
+def rope_qkv_to_cache(qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor,
+                      n_heads: int, n_kv: int, head_dim: int) -> Tensor:
+    """Split the fused QKV projection [B, T, (H+2KV)*D], rotate q and k (cos/sin [T, D] in qkv's
+    dtype), write k and v to the caches [B, KV, S, D] at ``slots`` [T]; return rotated q [B, T, H, D]."""
+    if use_triton(qkv) and head_dim & (head_dim - 1) == 0:
+        return rope_qkv_to_cache_triton(qkv, cos, sin, k_cache, v_cache, slots, n_heads, n_kv, head_dim)
+    return rope_qkv_to_cache_ref(qkv, cos, sin, k_cache, v_cache, slots, n_heads, n_kv, head_dim)
+
+
+def silu_mul(gate_up: Tensor) -> Tensor:
+    """silu(gate) * up, gate being the first half of the last dim."""
+    return silu_mul_triton(gate_up) if use_triton(gate_up) else silu_mul_ref(gate_up)
+
+
+def cache_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, prefix_len: Tensor,
+                    tree_mask: Tensor | None = None) -> Tensor:
+    """Attention of T new tokens q [T, H, D] over one sequence's cache [KV, S, D].
+
+    Token t sees every slot < prefix_len (a 0-d/1-element device tensor, read inside the kernel)
+    and the new slots prefix_len+j allowed by ``tree_mask[t, j]`` ([T, T] bool; causal when None).
+    The new tokens' K/V must already sit at slots prefix_len..prefix_len+T-1. Returns [T, H, D].
+    """
+    if use_triton(q) and q.shape[-1] & (q.shape[-1] - 1) == 0:
+        return cache_attention_triton(q, k_cache, v_cache, prefix_len, tree_mask)
+    return cache_attention_ref(q, k_cache, v_cache, prefix_len, tree_mask)

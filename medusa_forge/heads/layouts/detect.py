@@ -1,0 +1,68 @@
+"""Which layout a heads directory is in, decided from its config.json and file names only.
+
+- ``model_type: "medusa"`` or ``architectures: ["MedusaModel"]``: vLLM.
+- ``medusa_num_heads`` (or TensorRT-LLM's ``num_medusa_heads``) with ``medusa_lm_head.safetensors`` or
+  ``medusa_lm_head.pt``: FasterDecoding heads-only (also what TGI and TensorRT-LLM read).
+- ``medusa_num_heads`` with model shards that hold ``medusa_head.*``: axolotl full model.
+
+Anything else, or two layouts in one directory, is an error naming what was found.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from medusa_forge.errors import ForgeError
+from medusa_forge.heads.layouts import axolotl, fasterdecoding, vllm
+from medusa_forge.heads.layouts.collect import Source
+
+LAYOUTS = ("fasterdecoding", "axolotl", "vllm")
+
+
+def read_config(directory: Path) -> dict:
+    path = directory / "config.json"
+    if not path.is_file():
+        raise ForgeError(f"{path}: not found (Medusa heads need config.json with medusa_num_heads, medusa_num_layers)")
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ForgeError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ForgeError(f"{path}: expected a JSON object")
+    return d
+
+
+def detect(directory: str | Path) -> Source:
+    """Open the heads in ``directory`` in whichever layout they are (tensors are read later, lazily)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ForgeError(f"{directory}: Medusa heads directory not found")
+    config = read_config(directory)
+    if vllm.is_vllm_config(config):
+        return vllm.open_source(directory, config)
+    if isinstance(config.get("medusa"), dict):
+        raise ForgeError(f"{directory}: a ModelOpt quantized Medusa checkpoint (config.json 'medusa' section) is not "
+                         "supported; export the heads unquantized")
+    if not any(f in config for f in (*fasterdecoding.HEADS_FIELDS, "medusa_num_layers")):
+        raise ForgeError(f"{directory / 'config.json'}: not a Medusa heads config: no medusa_num_heads (FasterDecoding, "
+                         "TGI, TensorRT-LLM, axolotl) and model_type is not 'medusa' (vLLM)")
+    heads_files = fasterdecoding.weight_files(directory)
+    if heads_files:
+        if axolotl.has_model_shards(directory):
+            full = axolotl_or_none(directory, config)
+            if full is not None:
+                raise ForgeError(f"{directory}: holds heads twice: {heads_files[0].name} and medusa_head.* tensors in "
+                                 "the model shards (ambiguous); keep one")
+        return fasterdecoding.open_source(directory, config)
+    if axolotl.has_model_shards(directory):
+        return axolotl.open_source(directory, config)
+    fasterdecoding.head_counts(config, directory / "config.json")
+    raise ForgeError(f"{directory}: no {fasterdecoding.HEADS_SAFETENSORS} or {fasterdecoding.HEADS_PT} found")
+
+
+def axolotl_or_none(directory: Path, config: dict) -> Source | None:
+    try:
+        return axolotl.open_source(directory, config)
+    except ForgeError:
+        return None

@@ -1,0 +1,206 @@
+"""Spec for the decoder's Triton kernels (medusa_forge.engine.kernels).
+
+Each kernel matches its PyTorch reference (the ops the decoder runs on CPU), and is row-wise batch
+invariant: a token row's output bits do not depend on how many rows share the launch (T=1 decode,
+T=8 / T=64 tree verification, prefill) nor on what the other rows hold. Without CUDA the kernels
+run in Triton's CPU interpreter (TRITON_INTERPRET=1, jitted afresh for this module); on a GPU
+machine the same tests run the compiled kernels. Skipped when triton is not installed.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from medusa_forge.engine import kernels as K  # noqa: E402
+from medusa_forge.tree import ChoiceTree, tree_buffers  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.bfloat16]
+# Small attention tiles so a 128-slot cache spans several splits and blocks (fixed for every T).
+SMALL = K.AttentionConfig(split=32, block_m=16, block_n=16)
+H, KV, D, S = 4, 2, 32, 128  # 2 query heads per KV head (GQA)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def triton_backend():
+    """Compiled kernels on CUDA; otherwise Triton's interpreter, chosen when the kernels are jitted."""
+    if DEVICE == "cuda":
+        yield
+        return
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "1")
+        mp.setattr(K, "_jitted", False)
+        yield
+    K._jitted = False  # whoever launches next re-jits in the mode then active
+
+
+def randn(*shape, dtype=torch.float32, seed=0, scale=1.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g) * scale).to(dtype).to(DEVICE)
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(actual.float(), expected.float(), **tol)
+
+
+# ---------------------------------------------------------------------------------- norms
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_matches_reference(dtype):
+    x, w = randn(6, 200, dtype=dtype), randn(200, dtype=dtype, seed=1, scale=0.2) + 1
+    close(K.rms_norm_triton(x, w, 1e-5), K.rms_norm_ref(x, w, 1e-5), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_add_rms_norm_returns_exact_residual_and_reference_norm(dtype):
+    x, delta = randn(2, 3, 200, dtype=dtype), randn(2, 3, 200, dtype=dtype, seed=2)
+    w = randn(200, dtype=dtype, seed=1, scale=0.2) + 1
+    normed, residual = K.add_rms_norm_triton(x, delta, w, 1e-6)
+    ref_normed, ref_residual = K.add_rms_norm_ref(x, delta, w, 1e-6)
+    assert residual.dtype == dtype and torch.equal(residual, ref_residual)
+    close(normed, ref_normed, dtype)
+
+
+def test_norm_rows_are_batch_invariant():
+    x, delta = randn(64, 256, dtype=torch.bfloat16), randn(64, 256, dtype=torch.bfloat16, seed=3)
+    w = randn(256, dtype=torch.bfloat16, seed=1)
+    full, full_res = K.add_rms_norm_triton(x, delta, w, 1e-5)
+    plain = K.rms_norm_triton(x, w, 1e-5)
+    other = randn(8, 256, dtype=torch.bfloat16, seed=9)
+    for i in (0, 17, 63):
+        one, one_res = K.add_rms_norm_triton(x[i:i + 1], delta[i:i + 1], w, 1e-5)
+        assert torch.equal(one[0], full[i]) and torch.equal(one_res[0], full_res[i])
+        assert torch.equal(K.rms_norm_triton(x[i:i + 1], w, 1e-5)[0], plain[i])
+        eight = torch.cat([other[:5], x[i:i + 1], other[5:7]])  # row i among 7 unrelated rows
+        assert torch.equal(K.rms_norm_triton(eight, w, 1e-5)[5], plain[i])
+
+
+# ---------------------------------------------------------------------------------- silu * up
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_mul_matches_reference_and_is_row_invariant(dtype):
+    gu = randn(2, 9, 2 * 1100, dtype=dtype, scale=3.0)
+    out = K.silu_mul_triton(gu)
+    close(out, K.silu_mul_ref(gu), dtype)
+    assert out.shape == (2, 9, 1100)
+    assert torch.equal(K.silu_mul_triton(gu[1, 4:5])[0], out[1, 4])
+
+
+# ---------------------------------------------------------------------------------- rope + cache
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rope_qkv_to_cache_is_bit_identical_to_reference(dtype):
+    B, T = 2, 5
+    qkv = randn(B, T, (H + 2 * KV) * D, dtype=dtype)
+    angles = randn(T, D // 2, seed=1, scale=3.0).float()
+    emb = torch.cat([angles, angles], dim=-1)
+    cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+    slots = torch.tensor([3, 9, 4, 10, 20], device=DEVICE)
+    caches = [randn(B, KV, S, D, dtype=dtype, seed=s) for s in (5, 6)]
+    ref_caches = [c.clone() for c in caches]
+    q = K.rope_qkv_to_cache_triton(qkv, cos, sin, *caches, slots, H, KV, D)
+    q_ref = K.rope_qkv_to_cache_ref(qkv, cos, sin, *ref_caches, slots, H, KV, D)
+    assert q.shape == (B, T, H, D)
+    assert torch.equal(q, q_ref)
+    assert torch.equal(caches[0], ref_caches[0]) and torch.equal(caches[1], ref_caches[1])
+
+
+# ---------------------------------------------------------------------------------- cache attention
+def attention_inputs(T: int, dtype, seed: int = 0):
+    return (randn(T, H, D, dtype=dtype, seed=seed), randn(KV, S, D, dtype=dtype, seed=seed + 1),
+            randn(KV, S, D, dtype=dtype, seed=seed + 2))
+
+
+def fp32_reference(q, k, v, prefix_len, tree_mask):
+    return K.cache_attention_ref(q.float(), k.float(), v.float(), prefix_len, tree_mask)
+
+
+def small_tree_mask() -> torch.Tensor:
+    return tree_buffers(ChoiceTree.parse("small")).attn_mask.to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", ["decode", "tree", "prefill", "prefill_chunked"])
+def test_cache_attention_matches_reference(dtype, case):
+    prefix, tree_mask, config = 45, None, SMALL
+    if case == "decode":
+        T = 1
+    elif case == "tree":
+        tree_mask = small_tree_mask()
+        T = tree_mask.shape[0]
+    else:  # causal prefill from an empty cache, across several KV splits
+        prefix, T = 0, 70
+        if case == "prefill_chunked":  # scratch for 16 tokens: five launches, same per-row result
+            config = K.AttentionConfig(split=32, block_m=16, block_n=16, max_scratch_bytes=KV * 4 * 2 * D * 4 * 16)
+    q, k, v = attention_inputs(T, dtype)
+    prefix_len = torch.tensor(prefix, device=DEVICE)
+    out = K.cache_attention_triton(q, k, v, prefix_len, tree_mask, config)
+    assert out.shape == (T, H, D) and out.dtype == dtype
+    close(out, fp32_reference(q, k, v, prefix_len, tree_mask), dtype)
+    if case == "prefill_chunked":
+        assert torch.equal(out, K.cache_attention_triton(q, k, v, prefix_len, None, SMALL))
+
+
+def test_cache_attention_tree_rows_are_batch_invariant():
+    """Row i of a T=8 tree step equals row i of the same step cut to its first i+1 nodes, and the
+    other rows' queries and the keys/values row i may not see do not change its bits."""
+    tree_mask = small_tree_mask()
+    T, prefix = tree_mask.shape[0], 60  # the tree straddles a split boundary (slot 64)
+    q, k, v = attention_inputs(T, torch.bfloat16)
+    prefix_len = torch.tensor(prefix, device=DEVICE)
+    full = K.cache_attention_triton(q, k, v, prefix_len, tree_mask, SMALL)
+    for i in range(T):
+        part = K.cache_attention_triton(q[: i + 1], k, v, prefix_len, tree_mask[: i + 1, : i + 1], SMALL)
+        assert torch.equal(part[i], full[i]), f"row {i} differs between T={i + 1} and T={T}"
+    # T=1 decode of the root, with the causal (mask-free) kernel variant too.
+    assert torch.equal(K.cache_attention_triton(q[:1], k, v, prefix_len, None, SMALL)[0], full[0])
+    i = 5
+    hidden = ~tree_mask[i]  # new slots row i may not see
+    q2, k2, v2 = q.clone(), k.clone(), v.clone()
+    q2[torch.arange(T, device=DEVICE) != i] = randn(T - 1, H, D, dtype=torch.bfloat16, seed=7)
+    for cache in (k2, v2):
+        cache[:, prefix:prefix + T][:, hidden] = randn(KV, int(hidden.sum()), D, dtype=torch.bfloat16, seed=8)
+        cache[:, prefix + T:] = float("1e4")
+    assert torch.equal(K.cache_attention_triton(q2, k2, v2, prefix_len, tree_mask, SMALL)[i], full[i])
+
+
+def test_cache_attention_rows_of_a_64_node_tree_match_smaller_launches():
+    tree_mask = tree_buffers(ChoiceTree.parse("mc_sim_7b_63")).attn_mask.to(DEVICE)
+    T = tree_mask.shape[0]
+    q, k, v = attention_inputs(T, torch.bfloat16, seed=11)
+    prefix_len = torch.tensor(40, device=DEVICE)
+    full = K.cache_attention_triton(q, k, v, prefix_len, tree_mask, SMALL)
+    close(full, fp32_reference(q, k, v, prefix_len, tree_mask), torch.bfloat16)
+    for i in (0, 9, 40):
+        part = K.cache_attention_triton(q[: i + 1], k, v, prefix_len, tree_mask[: i + 1, : i + 1], SMALL)
+        assert torch.equal(part[i], full[i]), f"row {i} differs between T={i + 1} and T={T}"
+
+
+def test_cache_attention_reads_prefix_len_from_the_tensor_at_launch():
+    """prefix_len is device state (the engine's cur_len): updating it in place moves the window."""
+    q, k, v = attention_inputs(1, torch.float32, seed=3)
+    prefix_len = torch.tensor(10, device=DEVICE)
+    for value in (10, 95, S - 1):  # the last one ends exactly at the cache end
+        prefix_len.fill_(value)
+        out = K.cache_attention_triton(q, k, v, prefix_len, None, SMALL)
+        close(out, fp32_reference(q, k, v, prefix_len, None), torch.float32)
+
+
+def test_default_attention_config_matches_reference():
+    q, k, v = attention_inputs(3, torch.bfloat16, seed=4)
+    prefix_len = torch.tensor(100, device=DEVICE)
+    out = K.cache_attention_triton(q, k, v, prefix_len, None)
+    close(out, fp32_reference(q, k, v, prefix_len, None), torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------- dispatch
+def test_cpu_tensors_and_autograd_take_the_reference_path():
+    x = torch.randn(2, 8)
+    assert not K.use_triton(x)
+    if torch.cuda.is_available():
+        xc = x.cuda()
+        assert K.use_triton(xc)
+        assert not K.use_triton(xc.requires_grad_())
+        with K.reference_kernels():
+            assert not K.use_triton(x.cuda())
