@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,9 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("MEDUSA_FORGE_SHARED", REPO.parent / "shared"))
 MODEL_DIR = SHARED / "models" / "pycoder-26m"
 PROMPTS = SHARED / "data" / "code_prompts.jsonl"
+# The small MMLU set we wrote (4 computer-science subjects) in both standard layouts.
+FIXTURE_MMLU = Path(__file__).resolve().parent / "fixtures" / "mmlu_csv"
+FIXTURE_MMLU_HF = Path(__file__).resolve().parent / "fixtures" / "mmlu_hf"
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -68,3 +72,34 @@ def make_heads(model_dir: Path, out_dir: Path, num_heads: int = 4, num_layers: i
 def heads_dir(model_dir, tmp_path_factory) -> Path:
     """Random 4-head, 1-layer heads for pycoder-26m in the FasterDecoding layout."""
     return make_heads(model_dir, tmp_path_factory.mktemp("heads"))
+
+
+@dataclass
+class NativeTriton:
+    """A running tritonserver hosting one native engine twice: with Medusa and as plain decoding."""
+
+    grpc_url: str  # host:port for tritonclient / TritonLLMClient
+    medusa_model: str  # Triton model name: Medusa decoding (tree `small`)
+    base_model: str  # Triton model name: plain greedy decoding of the same weights
+    engine_dir: Path  # the native engine both models serve (load_engine(engine_dir) for in-process runs)
+    repo: Path
+    server: "TritonServer"  # noqa: F821 - medusa_forge.serve.tritonserver.TritonServer
+
+
+@pytest.fixture(scope="session")
+def native_triton(model_dir, heads_dir, tmp_path_factory):
+    """pycoder-26m + random heads built as a float32 native engine (tree `small`), served by a real
+    tritonserver on 127.0.0.1 (free ports) as two decoupled models, `medusa` and `base`, for the session."""
+    from medusa_forge.build.native import NativeBuildConfig, build_native
+    from medusa_forge.serve.triton_repo import RepoRequest, write_triton_repo
+    from medusa_forge.serve.tritonserver import TritonServer
+
+    root = tmp_path_factory.mktemp("native_triton")
+    engine = root / "engine"
+    build_native(NativeBuildConfig(model_dir=model_dir, out_dir=engine, dtype="float32", medusa_dir=heads_dir,
+                                   tree="small", verify_tokens=4))
+    repo = root / "repo"
+    write_triton_repo(RepoRequest(engine=engine, out=repo, name="medusa", decoupled=True))
+    write_triton_repo(RepoRequest(engine=engine, out=repo, name="base", decoupled=True, use_medusa=False, add=True))
+    with TritonServer(repo, exit_timeout_s=5, log_path=root / "tritonserver.log") as server:
+        yield NativeTriton(server.grpc_url, "medusa", "base", engine, repo, server)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from medusa_forge.eval.cli import FIXTURE_MMLU
+from conftest import FIXTURE_MMLU
 from medusa_forge.eval.mmlu_data import LETTERS, detect_layout, load_split
 from medusa_forge.errors import ForgeError
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import FIXTURE_MMLU
 from medusa_forge.cli import main
 from medusa_forge.eval.promote import Gates, Registry, check_gates, load_baseline_mmlu, load_report, promote
 from medusa_forge.eval.report import engine_fingerprint
@@ -58,7 +59,7 @@ def results(work, prompts_path) -> Path:
     eng = work / "engine"
     common = ["--in-process", "--dtype", "float32", "--no-progress"]
     for name, extra in (("base", ["--no-medusa"]), ("medusa", [])):
-        main(["eval", "mmlu", "--model", str(eng), "--limit", "1", "--shots", "2", "--out",
+        main(["eval", "mmlu", "--model", str(eng), "--data", str(FIXTURE_MMLU), "--limit", "1", "--shots", "2", "--out",
               str(work / f"mmlu_{name}.json"), *common, *extra])
     two_topics = work / "prompts.jsonl"  # the e2e test covers every topic; two keep this one quick
     lines = prompts_path.read_text().splitlines()

@@ -118,6 +118,22 @@ def test_heads_file_next_to_a_full_model_with_heads_is_ambiguous(fd, tmp_path):
     expect_error(d, "holds heads twice: medusa_lm_head.safetensors and medusa_head.* tensors")
 
 
+def test_vllm_config_beside_a_fasterdecoding_heads_file_is_ambiguous(fd, vllm_dir, tmp_path):
+    d = variant(vllm_dir, tmp_path / "both_layouts")
+    shutil.copy(fd / "medusa_lm_head.safetensors", d / "medusa_lm_head.safetensors")
+    expect_error(d, "config.json declares vLLM's Medusa layout but medusa_lm_head.safetensors (FasterDecoding layout) "
+                    "is here too: ambiguous")
+
+
+def test_pt_files_in_torchs_legacy_serialization_still_load(fd, tmp_path):
+    """2023-era checkpoints may predate the zip format; they cannot be memory-mapped but must still load."""
+    d = variant(fd, tmp_path / "legacy_pt")
+    sd = load_file(str(d / "medusa_lm_head.safetensors"))
+    (d / "medusa_lm_head.safetensors").unlink()
+    torch.save(sd, d / "medusa_lm_head.pt", _use_new_zipfile_serialization=False)
+    assert torch.equal(load_heads(d, H, V).proj_weight, load_heads(fd, H, V).proj_weight)
+
+
 def test_pickles_other_than_plain_tensor_dicts_are_refused(fd, tmp_path):
     d = variant(fd, tmp_path / "pickle")
     (d / "medusa_lm_head.safetensors").unlink()
@@ -133,6 +149,14 @@ def test_pickles_other_than_plain_tensor_dicts_are_refused(fd, tmp_path):
 def test_directories_that_are_not_heads_say_so(config, expected, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     expect_error(tmp_path, expected)
+
+
+def test_full_model_in_pickled_bin_shards_is_named_as_such(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "medusa_num_heads": 4,
+                                                      "medusa_num_layers": 1}))
+    (tmp_path / "pytorch_model.bin").write_bytes(b"")
+    expect_error(tmp_path, "the model weights are PyTorch .bin (an axolotl full model?): pickled checkpoints are not "
+                           "loaded")
 
 
 def test_heads_for_another_base_model_do_not_match(fd):

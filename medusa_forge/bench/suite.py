@@ -92,10 +92,12 @@ def suite(model_dir: str, medusa_dir: str, prompts: list[Prompt], trees: list[st
     base_cfg = GenerationConfig(max_new_tokens=max_new_tokens, use_medusa=False, ignore_eos=True)
     med_cfg = GenerationConfig(max_new_tokens=max_new_tokens, ignore_eos=True)
     runs["ours_base"] = run_ours(engine, "ours_base", ids, base_cfg)
+    layouts = {"ours_base": engine.gemm_layouts.to_dict()}
     for tree in trees:
         engine = load_engine(model_dir, medusa_dir, tree=tree)
         name = f"ours_medusa[{ChoiceTree.parse(tree).name}]"
         runs[name] = run_ours(engine, name, ids, med_cfg)
+        layouts[name] = engine.gemm_layouts.to_dict()
     first_medusa = f"ours_medusa[{ChoiceTree.parse(trees[0]).name}]"
 
     device, dtype = engine.device, engine.model.lm_head.weight.dtype
@@ -127,6 +129,7 @@ def suite(model_dir: str, medusa_dir: str, prompts: list[Prompt], trees: list[st
             if runs["reference_medusa_eager"].runs else None,
         },
         "identity": {name: "{}/{}".format(*identical(r, base)) for name, r in runs.items() if name != "ours_base"},
+        "gemm_layouts": layouts,
     }
     if step_shape and device.type == "cuda":
         del engine, hf, ref

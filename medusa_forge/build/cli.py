@@ -137,19 +137,24 @@ def trtllm(checkpoint_dir, out, tree, max_batch_size, max_input_len, max_seq_len
 @click.option("--device", default=None)
 @click.option("--fp8-emulate", is_flag=True, help="Emulate FP8 where there are no FP8 tensor cores.")
 @click.option("--min-agreement", default=0.98, show_default=True, help="Fail (exit 2) below this greedy agreement.")
+@click.option("--timing/--no-timing", default=True, show_default=True,
+              help="Also time plain and Medusa decoding steps of both engines.")
 @click.option("--out", type=click.Path(), default=None, help="Write the JSON report here.")
 def compare_fp8_cmd(reference, candidate, prompts, limit, max_new_tokens, prompt_tokens, device, fp8_emulate,
-                    min_agreement, out):
+                    min_agreement, timing, out):
     """Teacher-forced greedy agreement of an fp8 engine with its bf16 reference on held-out prompts."""
     from medusa_forge.build.compare import compare_fp8, load_prompt_split, save_report
 
     report = compare_fp8(reference, candidate, load_prompt_split(prompts, limit=limit), max_new_tokens,
-                         prompt_tokens, device, fp8_emulate)
+                         prompt_tokens, device, fp8_emulate, timing=timing)
     if out:
         save_report(report, out)
     click.echo(json.dumps({k: v for k, v in report.items() if k != "per_prompt"}, indent=2))
     click.echo(f"greedy agreement {100 * report['greedy_agreement']:.2f}% over {report['positions']} positions "
                f"({report['prompts']} prompts x {max_new_tokens} tokens)")
+    for role, modes in report["timing"].items():
+        click.echo(f"{role:9s} " + "  ".join(f"{mode}: {t['step_ms']:.3f} ms/step, {t['decode_tokens_per_s']:.1f} "
+                                              f"tokens/s" for mode, t in modes.items()))
     if report["greedy_agreement"] < min_agreement:
         raise ForgeError(f"greedy agreement {report['greedy_agreement']:.4f} is below --min-agreement {min_agreement}")
 

@@ -50,13 +50,19 @@ def teacher_forced_argmax(engine: MedusaEngine, seqs: list[tuple[int, list[int]]
 
 def compare_fp8(reference: str | Path, candidate: str | Path, prompts: list[Prompt], new_tokens: int = 64,
                 prompt_tokens: int = 256, device: str | None = None, fp8_emulate: bool = False,
-                free_running: bool = True) -> dict:
-    """Greedy agreement of ``candidate`` (e.g. fp8) with ``reference`` (e.g. bf16) on held-out prompts."""
+                free_running: bool = True, timing: bool = True) -> dict:
+    """Greedy agreement of ``candidate`` (e.g. fp8) with ``reference`` (e.g. bf16) on held-out prompts.
+
+    With ``timing`` both engines also decode every prompt plain and (when they have heads) with
+    Medusa after a warm-up, and the report gets each one's decode step time and tokens/s.
+    """
     ref = load_engine(reference, device=device)
-    gcfg = GenerationConfig(max_new_tokens=new_tokens, use_medusa=False, ignore_eos=True)
     ids = encode_prompts(ref.tokenizer, [p.prompt for p in prompts], prompt_tokens)
-    seqs = [(len(x), x + ref.generate_ids(x, gcfg).tokens) for x in ids]
+    plain = GenerationConfig(max_new_tokens=new_tokens, use_medusa=False, ignore_eos=True)
+    ref_runs = [ref.generate_ids(x, plain) for x in ids]
+    seqs = [(len(x), x + r.tokens) for x, r in zip(ids, ref_runs)]
     ref_argmax = teacher_forced_argmax(ref, seqs)
+    timings = {"reference": engine_timing(ref, ids, new_tokens)} if timing else {}
     del ref
     cand = load_engine(candidate, device=device, fp8_emulate=fp8_emulate)
     cand_argmax = teacher_forced_argmax(cand, seqs)
@@ -69,6 +75,8 @@ def compare_fp8(reference: str | Path, candidate: str | Path, prompts: list[Prom
             row["free_running_identical"] = free == ref_tokens
             row["first_difference"] = next((i for i, (x, y) in enumerate(zip(free, ref_tokens)) if x != y), None)
         rows.append(row)
+    if timing:
+        timings["candidate"] = engine_timing(cand, ids, new_tokens)
     positions = sum(r["positions"] for r in rows)
     agree = sum(r["agree"] for r in rows)
     return {
@@ -77,8 +85,26 @@ def compare_fp8(reference: str | Path, candidate: str | Path, prompts: list[Prom
         "greedy_agreement": round(agree / max(1, positions), 5),
         "free_running_identical": sum(r["free_running_identical"] for r in rows) if free_running else None,
         "candidate_decoding": "medusa" if free_cfg.use_medusa else "greedy",
+        "timing": timings,
         "per_prompt": rows,
     }
+
+
+def engine_timing(engine: MedusaEngine, ids: list[list[int]], new_tokens: int, warmup: int = 1) -> dict:
+    """Decode step time and tokens/s of plain and (with heads) Medusa greedy decoding, after a warm-up."""
+    out = {}
+    for mode in ("greedy", "medusa") if engine.tree is not None else ("greedy",):
+        gcfg = GenerationConfig(max_new_tokens=new_tokens, use_medusa=mode == "medusa", ignore_eos=True)
+        for x in ids[:warmup]:
+            engine.generate_ids(x, gcfg)  # CUDA graph capture, kernel autotuning
+        runs = [engine.generate_ids(x, gcfg) for x in ids]
+        steps = sum(r.steps for r in runs)
+        decode_s = sum(r.total_s - r.ttft_s for r in runs)
+        decode_tokens = sum(sum(r.accepted_per_step) for r in runs)
+        out[mode] = {"step_ms": round(1e3 * decode_s / max(1, steps), 4),
+                     "decode_tokens_per_s": round(decode_tokens / decode_s, 2) if decode_s else 0.0,
+                     "tokens_per_step": round(decode_tokens / max(1, steps), 4)}
+    return out
 
 
 def compare_trees(engine_dir: str | Path, trees: list[str], prompts: list[Prompt], new_tokens: int = 128,

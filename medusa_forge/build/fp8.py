@@ -98,6 +98,13 @@ class FP8Linear(nn.Module):
                              input_scale.detach().float().reshape(()).to(dev))
         # Row-wise _scaled_mm (per-token activations) takes the weight scale as a [1, N] vector.
         self.register_buffer("weight_scale_row", self.weight_scale.expand(1, self.out_features).contiguous())
+        self._dequantized: Tensor | None = None  # emulate: e4m3 weight * scale in fp32, made once
+
+    def dequantized_weight(self) -> Tensor:
+        """The weight exactly as the FP8 GEMM sees it (e4m3 value x scale), in fp32; cached for emulation."""
+        if self._dequantized is None or self._dequantized.device != self.weight.device:
+            self._dequantized = self.weight.float() * self.weight_scale
+        return self._dequantized
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, backend: str, input_scale: Tensor | None = None) -> "FP8Linear":
@@ -123,8 +130,7 @@ class FP8Linear(nn.Module):
             sx = self.input_scale
         xq = (x2 / sx).clamp(-FP8_MAX, FP8_MAX).to(E4M3)
         if self.backend == "emulate":
-            w = self.weight.float() * self.weight_scale
-            y = F.linear(xq.float() * sx, w).to(self.out_dtype)
+            y = F.linear(xq.float() * sx, self.dequantized_weight()).to(self.out_dtype)
         elif self.input_scale is None:
             y = torch._scaled_mm(xq, self.weight.t(), scale_a=sx, scale_b=self.weight_scale_row,
                                  out_dtype=self.out_dtype)

@@ -159,6 +159,20 @@ def decode_stats(model: Transformer, heads: MedusaHeads | None, tree: ChoiceTree
             "decode_tokens_per_s": produced / seconds if seconds > 0 else 0.0}
 
 
+def choose_size(expected: np.ndarray, sizes: list[int], step_ms: list[float]) -> tuple[int, np.ndarray, np.ndarray]:
+    """The node count with the most expected tokens per second.
+
+    ``expected[n-1]``: expected tokens per step of the first n ranked nodes; ``step_ms``: measured
+    step time of the trees of ``sizes`` nodes. A bigger tree is never faster, so timer noise is
+    clipped (running maximum) before interpolating over every n. Returns (n, clipped step_ms at
+    ``sizes``, expected tokens/s for every n).
+    """
+    clipped = np.maximum.accumulate(np.asarray(step_ms, dtype=np.float64))
+    lat = np.interp(np.arange(1, len(expected) + 1), sizes, clipped)
+    tps = 1e3 * np.asarray(expected) / lat
+    return int(np.argmax(tps)) + 1, clipped, tps
+
+
 def search_tree(model: Transformer, heads: MedusaHeads, tokenizer, texts: list[str],
                 cfg: SearchConfig = SearchConfig()) -> tuple[ChoiceTree, dict]:
     """The ``auto`` tree for this model, heads and device, and the stats that justify it."""
@@ -171,14 +185,9 @@ def search_tree(model: Transformer, heads: MedusaHeads, tokenizer, texts: list[s
     timing = ids[: cfg.timing_prompts]
     measured = [decode_stats(model, heads, tree_from_nodes(nodes, n), tokenizer, timing, cfg.timing_tokens)
                 for n in sizes]
-    # A bigger tree is never faster; clip timer noise so the interpolation is monotone.
-    step_ms = np.maximum.accumulate([m["step_ms"] for m in measured])
     counts = np.array([c for _, c in nodes[:limit]], dtype=np.float64)
     expected = 1.0 + np.cumsum(counts) / max(1, cal.positions)  # expected[n-1]: first n nodes
-    n_all = np.arange(1, limit + 1)
-    lat = np.interp(n_all, sizes, step_ms)
-    tps = 1e3 * expected / lat
-    best = int(np.argmax(tps)) + 1
+    best, step_ms, tps = choose_size(expected, sizes, [m["step_ms"] for m in measured])
     tree = tree_from_nodes(nodes, best)
     base = decode_stats(model, None, None, tokenizer, timing, cfg.timing_tokens)
     final = decode_stats(model, heads, tree, tokenizer, ids, cfg.new_tokens)

@@ -1,20 +1,27 @@
 """``medusa-forge build trtllm``: run ``trtllm-build`` on a converted checkpoint, add our manifest.
 
-The command is the one TensorRT-LLM's Medusa example uses (examples/medusa/README.md) with every
-size made explicit. Flags are those of ``trtllm-build`` in TensorRT-LLM 0.11.0 — the release in
-``nvcr.io/nvidia/tritonserver:24.07-trtllm-python-py3`` (tensorrtllm_backend v0.11.0 pins
-TensorRT-LLM commit 05316d3313360012536ace46c781518f5afae75e): ``tensorrt_llm/commands/build.py``
-(``--checkpoint_dir --output_dir --max_batch_size --max_input_len --max_seq_len --max_num_tokens
---speculative_decoding_mode {draft_tokens_external,lookahead_decoding,medusa} --workers``) and the
-plugin flags of ``tensorrt_llm/plugin/plugin.py`` (``--gemm_plugin --gpt_attention_plugin
---paged_kv_cache --remove_input_padding``, values ``enable``/``disable`` or a dtype).
+The command is the one TensorRT-LLM's Medusa example uses, with every size made explicit. Pinned
+release: TensorRT-LLM **0.11.0** (commit 05316d3313360012536ace46c781518f5afae75e, the one
+``medusa_forge.convert.trtllm_config`` pins), shipped in ``nvcr.io/nvidia/tritonserver:24.07-trtllm-
+python-py3`` (the Dockerfile's base) beside tensorrtllm_backend v0.11.0. Sources (NVIDIA/TensorRT-LLM):
 
-Facts taken from that release rather than guessed:
-- the checkpoint's ``max_draft_len`` wins: ``tensorrt_llm/builder.py`` overwrites the build config's
-  with the model config's for Medusa models, so we pass none and check the tree against it;
-- ``max_seq_len`` is then grown by ``max_draft_len`` inside the builder;
-- the choice tree is a runtime setting (Triton's ``medusa_choices``), so it is validated here
-  (depth <= heads, nodes <= max_draft_len) and recorded in the manifest for ``triton-repo``.
+- ``examples/medusa/README.md``: ``trtllm-build --checkpoint_dir .. --output_dir .. --gemm_plugin float16
+  --speculative_decoding_mode medusa --max_batch_size 4``; for the FP8-base checkpoint of
+  ``examples/quantization/quantize.py --qformat fp8 --medusa_model_dir ..`` the same plus
+  ``--gpt_attention_plugin float16`` (gemm plugin in the activation dtype, not fp8).
+- ``tensorrt_llm/commands/build.py`` (0.11 line): ``--checkpoint_dir --output_dir --workers
+  --max_batch_size --max_input_len --max_seq_len --max_num_tokens --max_draft_len
+  --speculative_decoding_mode {draft_tokens_external,lookahead_decoding,medusa}`` and the plugin
+  flags of ``tensorrt_llm/plugin/plugin.py`` (``--gemm_plugin --gpt_attention_plugin --paged_kv_cache
+  --remove_input_padding``: ``enable``/``disable`` or a dtype).
+- ``tensorrt_llm/builder.py`` ``build()`` (0.11 line): for a model whose config has ``max_draft_len``
+  (``MedusaForCausalLM``) the *checkpoint's* ``max_draft_len`` overwrites the build flag and the mode
+  is forced to medusa; ``max_seq_len`` is then grown by ``max_draft_len``, and ``max_num_tokens`` is
+  raised to at least ``max_batch_size * (max_draft_len + 1)``.
+
+Hence ``--max_draft_len`` is passed as the checkpoint's value (the flag could not change it), the tree
+is checked against it (nodes <= max_draft_len, depth <= heads), and the tree itself — a runtime setting
+of the tensorrtllm backend (``medusa_choices``) — is recorded in the manifest for ``triton-repo``.
 """
 
 from __future__ import annotations
@@ -24,76 +31,22 @@ import json
 import shlex
 import shutil
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from medusa_forge import __version__
 from medusa_forge.atomic import atomic_output_dir
+from medusa_forge.convert.trtllm_checkpoint import TOKENIZER_FILES
+from medusa_forge.convert.trtllm_config import TRTLLM_COMMIT, TRTLLM_VERSION, CheckpointConfig, read_config
 from medusa_forge.errors import ForgeError
 from medusa_forge.manifest import MANIFEST_NAME, EngineManifest, sha256_file
 from medusa_forge.tree.choice_tree import ChoiceTree
 
 GEMM_PLUGIN_CHOICES = ("auto", "float16", "bfloat16", "float32", "fp8", "disable")
+DEFAULT_TREE = "mc_sim_7b_63"
 DEFAULT_MAX_SEQ_LEN = 2048
 DEFAULT_MAX_INPUT_LEN = 1024
-
-
-@dataclass(frozen=True)
-class TrtllmCheckpoint:
-    """What ``build`` needs from a TensorRT-LLM checkpoint's config.json."""
-
-    path: Path
-    architecture: str
-    dtype: str  # activation dtype: float16 | bfloat16 | float32
-    quant_algo: str | None  # "FP8" for an FP8 checkpoint
-    num_medusa_heads: int
-    max_draft_len: int
-    tp_size: int
-    pp_size: int
-    max_position_embeddings: int | None
-    files: tuple[Path, ...] = field(default=())
-
-    @property
-    def is_medusa(self) -> bool:
-        return self.architecture == "MedusaForCausalLM"
-
-    @property
-    def engine_dtype(self) -> str:
-        """Our manifest's dtype name: ``fp8`` for an FP8-quantized checkpoint, else the dtype."""
-        return "fp8" if (self.quant_algo or "").upper() == "FP8" else self.dtype
-
-
-def read_checkpoint(path: str | Path) -> TrtllmCheckpoint:
-    path = Path(path)
-    cfg_path = path / "config.json"
-    if not path.is_dir():
-        raise ForgeError(f"{path}: TensorRT-LLM checkpoint directory not found (run `medusa-forge convert` first)")
-    if not cfg_path.is_file():
-        raise ForgeError(f"{cfg_path}: not found; expected a TensorRT-LLM checkpoint (`medusa-forge convert` output)")
-    try:
-        c = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ForgeError(f"{cfg_path}: not valid JSON ({e})") from None
-    for key in ("architecture", "dtype"):
-        if not isinstance(c.get(key), str):
-            raise ForgeError(f"{cfg_path}: field {key!r} missing; not a TensorRT-LLM checkpoint config")
-    mapping = c.get("mapping") or {}
-    tp, pp = int(mapping.get("tp_size", 1)), int(mapping.get("pp_size", 1))
-    world = int(mapping.get("world_size", tp * pp))
-    files = tuple(path / f"rank{r}.safetensors" for r in range(world))
-    missing = [f.name for f in files if not f.is_file()]
-    if missing:
-        raise ForgeError(f"{path}: {missing[0]} missing (mapping.world_size = {world}); the checkpoint is incomplete")
-    medusa = c["architecture"] == "MedusaForCausalLM"
-    heads = int(c.get("num_medusa_heads", 0)) if medusa else 0
-    if medusa and heads < 1:
-        raise ForgeError(f"{cfg_path}: MedusaForCausalLM without num_medusa_heads")
-    quant = c.get("quantization") or {}
-    return TrtllmCheckpoint(path=path, architecture=c["architecture"], dtype=c["dtype"],
-                            quant_algo=quant.get("quant_algo"), num_medusa_heads=heads,
-                            max_draft_len=int(c.get("max_draft_len", 63)) if medusa else 0,
-                            tp_size=tp, pp_size=pp, max_position_embeddings=c.get("max_position_embeddings"),
-                            files=files)
 
 
 @dataclass
@@ -105,7 +58,7 @@ class TrtllmBuildConfig:
     max_input_len: int | None = None
     max_seq_len: int | None = None
     max_num_tokens: int | None = None
-    gemm_plugin: str | None = None  # default: the checkpoint's dtype
+    gemm_plugin: str | None = None  # default: the checkpoint's activation dtype
     dry_run: bool = False
     overwrite: bool = False
     trtllm_build: str = "trtllm-build"
@@ -113,8 +66,10 @@ class TrtllmBuildConfig:
 
 @dataclass(frozen=True)
 class TrtllmPlan:
-    checkpoint: TrtllmCheckpoint
-    tree: ChoiceTree | None
+    """Everything the command and the manifest need, validated before anything runs."""
+
+    checkpoint: CheckpointConfig
+    tree: ChoiceTree
     tree_stats: dict
     max_batch_size: int
     max_input_len: int
@@ -122,29 +77,45 @@ class TrtllmPlan:
     max_num_tokens: int
     gemm_plugin: str
 
+    @property
+    def dtype(self) -> str:
+        """The checkpoint's activation dtype (float16 | bfloat16); FP8 checkpoints keep one too."""
+        return self.checkpoint.spec.dtype
+
+    @property
+    def engine_dtype(self) -> str:
+        """Our manifest's dtype name: ``fp8`` for an FP8-quantized checkpoint, else the dtype."""
+        return "fp8" if self.checkpoint.spec.fp8 else self.dtype
+
     def command(self, output_dir: str | Path, trtllm_build: str = "trtllm-build") -> list[str]:
-        cmd = [trtllm_build,
-               "--checkpoint_dir", str(self.checkpoint.path),
-               "--output_dir", str(output_dir),
-               "--gemm_plugin", self.gemm_plugin,
-               "--gpt_attention_plugin", self.checkpoint.dtype]
-        if self.checkpoint.is_medusa:
-            cmd += ["--speculative_decoding_mode", "medusa"]
-        cmd += ["--max_batch_size", str(self.max_batch_size),
+        return [trtllm_build,
+                "--checkpoint_dir", str(self.checkpoint.directory),
+                "--output_dir", str(output_dir),
+                "--speculative_decoding_mode", "medusa",
+                "--max_draft_len", str(self.checkpoint.max_draft_len),
+                "--gemm_plugin", self.gemm_plugin,
+                "--gpt_attention_plugin", self.dtype,
+                "--paged_kv_cache", "enable",
+                "--remove_input_padding", "enable",
+                "--max_batch_size", str(self.max_batch_size),
                 "--max_input_len", str(self.max_input_len),
                 "--max_seq_len", str(self.max_seq_len),
                 "--max_num_tokens", str(self.max_num_tokens),
-                "--paged_kv_cache", "enable",
-                "--remove_input_padding", "enable",
-                "--workers", str(self.checkpoint.tp_size * self.checkpoint.pp_size)]
-        return cmd
+                "--workers", str(self.checkpoint.spec.tp_size)]
 
 
 def plan_build(cfg: TrtllmBuildConfig) -> TrtllmPlan:
-    """Validate the checkpoint, tree and sizes; everything the command and manifest need."""
-    ckpt = read_checkpoint(cfg.checkpoint_dir)
-    tree, stats = _resolve_tree(cfg.tree, ckpt)
-    max_seq_len = cfg.max_seq_len or min(DEFAULT_MAX_SEQ_LEN, ckpt.max_position_embeddings or DEFAULT_MAX_SEQ_LEN)
+    """Validate the checkpoint, the tree and the sizes (one-line ForgeErrors)."""
+    ckpt = read_config(cfg.checkpoint_dir)
+    missing = [ckpt.rank_file(r).name for r in range(ckpt.spec.tp_size) if not ckpt.rank_file(r).is_file()]
+    if missing:
+        raise ForgeError(f"{ckpt.directory}: {missing[0]} missing (tp_size {ckpt.spec.tp_size}); the checkpoint "
+                         "is incomplete")
+    tree, stats = resolve_tree(cfg.tree, ckpt)
+    positions = int(ckpt.raw.get("max_position_embeddings") or DEFAULT_MAX_SEQ_LEN)
+    max_seq_len = cfg.max_seq_len or min(DEFAULT_MAX_SEQ_LEN, positions)
+    if max_seq_len > positions:
+        raise ForgeError(f"--max_seq_len {max_seq_len} exceeds the model's max_position_embeddings ({positions})")
     max_input_len = cfg.max_input_len or min(DEFAULT_MAX_INPUT_LEN, max_seq_len - 1)
     if cfg.max_batch_size < 1:
         raise ForgeError(f"--max_batch_size must be >= 1, got {cfg.max_batch_size}")
@@ -154,33 +125,36 @@ def plan_build(cfg: TrtllmBuildConfig) -> TrtllmPlan:
     max_num_tokens = cfg.max_num_tokens or max_input_len + cfg.max_batch_size * (ckpt.max_draft_len + 1)
     if max_num_tokens < max_input_len:
         raise ForgeError(f"--max_num_tokens ({max_num_tokens}) must be >= --max_input_len ({max_input_len})")
-    gemm = cfg.gemm_plugin or ckpt.dtype
+    gemm = cfg.gemm_plugin or ckpt.spec.dtype
     if gemm not in GEMM_PLUGIN_CHOICES:
         raise ForgeError(f"--gemm_plugin {gemm!r}: choose one of {', '.join(GEMM_PLUGIN_CHOICES)}")
     return TrtllmPlan(ckpt, tree, stats, cfg.max_batch_size, max_input_len, max_seq_len, max_num_tokens, gemm)
 
 
-def _resolve_tree(spec: str | None, ckpt: TrtllmCheckpoint) -> tuple[ChoiceTree | None, dict]:
-    if not ckpt.is_medusa:
-        if spec is not None:
-            raise ForgeError(f"{ckpt.path}: a {ckpt.architecture} checkpoint has no Medusa heads; drop --medusa-choices")
-        return None, {}
+def resolve_tree(spec: str | None, ckpt: CheckpointConfig) -> tuple[ChoiceTree, dict]:
+    """The serving tree: checked against the heads and the engine's max_draft_len.
+
+    A native engine's ``medusa_forge.json`` is accepted as the tree file, which is how an ``auto`` tree
+    (searched with the native engine on the target GPU) reaches a TensorRT-LLM engine; its
+    ``tree_stats`` are carried over.
+    """
     if spec == "auto":
         raise ForgeError("--medusa-choices auto measures acceptance with the native engine: build it with "
                          "`medusa-forge build native --medusa-choices auto ...` and pass that engine's medusa_forge.json")
-    tree = ChoiceTree.parse(spec or "mc_sim_7b_63")
-    tree.check_heads(ckpt.num_medusa_heads)
+    tree = ChoiceTree.parse(spec or DEFAULT_TREE)
+    tree.check_heads(ckpt.spec.num_medusa_heads)
     if len(tree.paths) > ckpt.max_draft_len:
         raise ForgeError(f"choice tree {tree.name!r} has {len(tree.paths)} draft nodes but the checkpoint's "
-                         f"max_draft_len is {ckpt.max_draft_len}; convert with a larger max_draft_len or use a smaller tree")
-    stats = {}
+                         f"max_draft_len is {ckpt.max_draft_len}; convert with --max-draft-len "
+                         f"{len(tree.paths)} or use a smaller tree")
+    stats: dict = {}
     if spec and Path(spec).is_file() and Path(spec).name == MANIFEST_NAME:
         stats = dict(json.loads(Path(spec).read_text()).get("tree_stats") or {})
         stats["from_engine"] = str(Path(spec).resolve().parent)
     return tree, stats
 
 
-def build_trtllm(cfg: TrtllmBuildConfig, echo=print) -> EngineManifest | None:
+def build_trtllm(cfg: TrtllmBuildConfig, echo: Callable[[str], None] = print) -> EngineManifest | None:
     """Dry run: print the exact command, write nothing. Otherwise build into a temporary sibling."""
     plan = plan_build(cfg)
     final_cmd = plan.command(Path(cfg.out_dir).absolute(), cfg.trtllm_build)
@@ -196,33 +170,37 @@ def build_trtllm(cfg: TrtllmBuildConfig, echo=print) -> EngineManifest | None:
         if proc.returncode != 0:
             raise ForgeError(f"trtllm-build failed with exit code {proc.returncode} (its output is above)")
         engines = sorted(tmp.glob("rank*.engine"))
-        if not (tmp / "config.json").is_file() or not engines:
-            raise ForgeError(f"trtllm-build exited 0 but wrote no config.json / rank*.engine into {tmp}")
-        manifest = _manifest(plan, cfg, final_cmd, exe)
+        if not (tmp / "config.json").is_file() or len(engines) != plan.checkpoint.spec.tp_size:
+            raise ForgeError(f"trtllm-build exited 0 but did not write config.json and "
+                             f"{plan.checkpoint.spec.tp_size} rank*.engine file(s)")
+        for name in TOKENIZER_FILES:  # Triton's pre/post-processing find the tokenizer beside the engine
+            if (plan.checkpoint.directory / name).is_file():
+                shutil.copyfile(plan.checkpoint.directory / name, tmp / name)
+        manifest = _manifest(plan, final_cmd, exe)
         manifest.save(tmp)
     return manifest
 
 
-def _manifest(plan: TrtllmPlan, cfg: TrtllmBuildConfig, cmd: list[str], exe: str) -> EngineManifest:
+def _manifest(plan: TrtllmPlan, cmd: list[str], exe: str) -> EngineManifest:
     ckpt = plan.checkpoint
-    digests = {f"checkpoint/{f.name}": sha256_file(f) for f in sorted(ckpt.path.iterdir()) if f.is_file()}
+    digests = {f"checkpoint/{f.name}": sha256_file(f) for f in sorted(ckpt.directory.iterdir()) if f.is_file()}
     return EngineManifest(
-        kind="tensorrt_llm", dtype=ckpt.engine_dtype,
-        medusa_choices=plan.tree.to_list() if plan.tree else None,
+        kind="tensorrt_llm", dtype=plan.engine_dtype, medusa_choices=plan.tree.to_list(),
         max_seq_len=plan.max_seq_len, max_batch_size=plan.max_batch_size,
-        num_medusa_heads=ckpt.num_medusa_heads,
-        sources={"checkpoint": str(ckpt.path.resolve())}, sha256=digests,
-        tool_versions={"medusa_forge": __version__, "tensorrt_llm": tensorrt_llm_version(), "trtllm_build": exe},
+        num_medusa_heads=ckpt.spec.num_medusa_heads,
+        sources={"checkpoint": str(ckpt.directory.resolve())}, sha256=digests,
+        tool_versions={"medusa_forge": __version__, "tensorrt_llm": tensorrt_llm_version(),
+                       "tensorrt_llm_pinned": f"{TRTLLM_VERSION} ({TRTLLM_COMMIT})", "trtllm_build": exe},
         tree_stats=plan.tree_stats,
         extra={"command": shlex.join(cmd), "max_draft_len": ckpt.max_draft_len, "max_input_len": plan.max_input_len,
-               "max_num_tokens": plan.max_num_tokens, "gemm_plugin": plan.gemm_plugin, "tp_size": ckpt.tp_size,
-               "pp_size": ckpt.pp_size, "quant_algo": ckpt.quant_algo,
-               "tree_name": plan.tree.name if plan.tree else None,
-               "medusa_choices_trtllm": plan.tree.to_trtllm() if plan.tree else None})
+               "max_num_tokens": plan.max_num_tokens, "gemm_plugin": plan.gemm_plugin,
+               "tp_size": ckpt.spec.tp_size, "quant_algo": ckpt.spec.quant_algo,
+               "kv_cache_quant_algo": ckpt.spec.kv_cache_quant_algo, "tree_name": plan.tree.name,
+               "medusa_choices_trtllm": plan.tree.to_trtllm()})
 
 
 def tensorrt_llm_version() -> str:
     try:
         return importlib.metadata.version("tensorrt_llm")
     except importlib.metadata.PackageNotFoundError:
-        return "unknown"
+        return "not installed"

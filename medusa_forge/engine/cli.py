@@ -52,8 +52,9 @@ def open_engine(model, medusa, tree, device, dtype, max_seq_len, compile_):
 @click.option("--stop", "stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--seed", default=None, type=int)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per prompt.")
+@click.option("--stats", is_flag=True, help="After each text, print tokens, steps, tokens/step and tokens/s (stderr).")
 def generate(model, medusa, tree, device, dtype, max_seq_len, compile_, no_medusa, prompt, prompt_file,
-             max_new_tokens, temperature, top_k, top_p, stop, seed, as_json):
+             max_new_tokens, temperature, top_k, top_p, stop, seed, as_json, stats=False):
     """Generate text with the native engine (Medusa when --medusa is given)."""
     from medusa_forge.engine.generation import GenerationConfig
     from medusa_forge.prompts import read_prompts
@@ -71,9 +72,12 @@ def generate(model, medusa, tree, device, dtype, max_seq_len, compile_, no_medus
             result = engine.generate(text, gcfg)
             click.echo(json.dumps(result.to_dict()))
         else:
-            engine.generate(text, gcfg, on_tokens=_printer(engine))
+            result = engine.generate(text, gcfg, on_tokens=_printer(engine))
             click.echo()
         sys.stdout.flush()
+        if stats:
+            click.echo(f"[{len(result.tokens)} tokens in {result.steps} decoding steps after the prefill: "
+                       f"{result.mean_accepted:.2f} tokens/step, {result.tokens_per_s:.1f} tokens/s]", err=True)
 
 
 def _printer(engine):

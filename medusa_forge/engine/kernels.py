@@ -139,7 +139,7 @@ def masked_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, mask: Tensor) 
     qh = q.transpose(1, 2).reshape(B, n_kv, g * T, D)
     m = mask if g == 1 else mask.repeat(1, 1, g, 1)
     y = F.scaled_dot_product_attention(qh, k_cache, v_cache, attn_mask=m)
-    return y.view(B, H, T, D).transpose(1, 2)
+    return y.reshape(B, H, T, D).transpose(1, 2)
 
 
 def cache_mask(prefix_len: Tensor, tree_mask: Tensor | None, T: int, S: int) -> Tensor:

@@ -173,9 +173,12 @@ def check_attention(chk: Check, sh: Shape, context: int, tree: str) -> None:
         got = K.cache_attention_triton(q, k, v, pre, tm)
         full_mask = K.cache_mask(pre, tm, T, sh.cache)
         want32 = K.masked_attention(q[None].float(), k[None].float(), v[None].float(), full_mask)[0]
-        chk.accuracy(f"cache_attention {name} (vs fp32)", T, got, want32, 2 ** -6, 2e-3)
-        chk.accuracy(f"  for scale: torch SDPA bf16 {name} (vs fp32)", T,
-                     K.masked_attention(q[None], k[None], v[None], full_mask)[0], want32, 2 ** -6, 2e-3, required=False)
+        sdpa = K.masked_attention(q[None], k[None], v[None], full_mask)[0]
+        # The bound: 2e-3 absolute, or 1.25x what torch's own bf16 SDPA gets wrong on the same input
+        # (long prefills land on bf16 output rounding, which no bf16 kernel escapes).
+        atol = max(2e-3, 1.25 * (sdpa.float() - want32).abs().max().item())
+        chk.accuracy(f"cache_attention {name} (vs fp32)", T, got, want32, 2 ** -6, atol)
+        chk.accuracy(f"  for scale: torch SDPA bf16 {name} (vs fp32)", T, sdpa, want32, 2 ** -6, atol, required=False)
         if T <= 64:
             chk.timing(f"cache_attention {name}", T, time_us(lambda: K.cache_attention_triton(q, k, v, pre, tm)),
                        time_us(lambda: K.masked_attention(q[None], k[None], v[None], full_mask)))

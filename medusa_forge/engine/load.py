@@ -33,22 +33,29 @@ DEFAULT_TREE = "mc_sim_7b_63"
 
 def load_engine(model_dir: str | Path, medusa_dir: str | Path | None = None, tree: str | ChoiceTree | None = None,
                 device: str | None = None, dtype: str | None = None, max_seq_len: int | None = None,
-                cuda_graphs: bool | None = None, compile: bool = False, fp8_emulate: bool | None = None) -> MedusaEngine:
-    """Open a native engine directory (``medusa-forge build`` output) or a HF model dir plus heads.
+                cuda_graphs: bool | None = None, compile: bool = False, fp8_emulate: bool | None = None,
+                with_heads: bool = True) -> MedusaEngine:
+    """Open a native engine directory (``medusa-forge build`` output), a TensorRT-LLM Medusa checkpoint
+    (``medusa-forge convert trtllm`` output; its heads unless ``medusa_dir`` is given) or a HF model dir plus heads.
 
     Explicit arguments override what an engine directory's manifest says. An fp8 engine runs FP8
     GEMMs on CUDA (H100); elsewhere it loads only with ``fp8_emulate`` (or MEDUSA_FORGE_FP8_EMULATE=1).
+    ``with_heads=False`` opens only the base model of an engine that has heads (a plain-decoding
+    server of the same weights, without the heads' memory or their GEMM-layout constraints).
     """
+    from medusa_forge.convert.trtllm_reader import is_trtllm_checkpoint, load_trtllm_checkpoint
+
     model_dir = Path(model_dir)
-    model = None
+    model = ckpt_heads = None
     if is_engine_dir(model_dir):
         manifest = EngineManifest.load(model_dir)
         if manifest.kind != "native":
             raise ForgeError(f"{model_dir}: a {manifest.kind} engine runs in tritonserver's tensorrtllm backend, "
                              "not in the native engine")
-        if medusa_dir is None and (model_dir / "medusa").is_dir():
+        if medusa_dir is None and with_heads and (model_dir / "medusa").is_dir():
             medusa_dir = model_dir / "medusa"
-        tree = tree or (ChoiceTree.from_paths(manifest.medusa_choices, name="engine") if manifest.medusa_choices else None)
+        tree = tree or (ChoiceTree.from_paths(manifest.medusa_choices, name="engine")
+                        if manifest.medusa_choices and with_heads else None)
         dtype = dtype or manifest.dtype
         max_seq_len = max_seq_len or manifest.max_seq_len
         model_dir = model_dir / "model"
@@ -56,12 +63,15 @@ def load_engine(model_dir: str | Path, medusa_dir: str | Path | None = None, tre
             from medusa_forge.build.fp8 import open_fp8_model
 
             model, dtype = open_fp8_model(model_dir, manifest.extra, device, dtype, fp8_emulate)
+    elif is_trtllm_checkpoint(model_dir):  # `convert trtllm` output: base model and heads in rank*.safetensors
+        ckpt = load_trtllm_checkpoint(model_dir, device, dtype, fp8_emulate)
+        model, ckpt_heads, dtype = ckpt.model, ckpt.heads, ckpt.dtype
     tree = tree or DEFAULT_TREE
     max_seq_len = max_seq_len or 2048
     dev, dt = resolve_device_dtype(device, dtype)
     model = model if model is not None else load_hf_model(model_dir, dtype=dt, device=dev)
-    heads = None
-    if medusa_dir is not None:
+    heads = ckpt_heads if with_heads else None
+    if medusa_dir is not None and with_heads:
         heads = load_heads(medusa_dir, model.config.hidden_size, model.config.vocab_size, dtype=dt, device=dev)
     choice_tree = tree if isinstance(tree, ChoiceTree) else ChoiceTree.parse(tree)
     tokenizer = Tokenizer(model_dir)

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from medusa_forge.engine.acceptance import greedy_accept, sample_token, typical_accept
 from medusa_forge.engine.generation import GenerationConfig, GenerationResult
+from medusa_forge.engine.gemm_layout import choose_layouts
 from medusa_forge.errors import ForgeError
 from medusa_forge.heads.medusa_head import MedusaHeads
 from medusa_forge.model.llama import Transformer, causal_mask
@@ -66,6 +67,8 @@ class MedusaEngine:
         self.tree = tree if heads is not None else None
         model.setup_caches(1, max_seq_len)
         self.max_seq_len = model.max_seq_len
+        # Exactness on CUDA: weight layouts whose GEMM rows agree between M=1 and the tree step's M.
+        self.gemm_layouts = choose_layouts(model, (1, self.tree.num_nodes) if self.tree is not None else (1,))
         self._init_state()
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self.compile = compile

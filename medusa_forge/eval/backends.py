@@ -32,6 +32,9 @@ class Backend(Protocol):
     label: str  # model name (Triton) or engine path (in process), for reports
     kind: str  # "triton" | "in-process"
 
+    @property
+    def can_stream(self) -> bool: ...
+
     def complete(self, prompt: str, max_tokens: int, stream: bool = False, ignore_eos: bool = False) -> Completion: ...
 
 
@@ -78,6 +81,11 @@ class TritonBackend:
         raise ForgeError(f"model '{self.label}' is not ready on {self.url} (models there: {states or 'none'}); "
                          "check the model name and the server log")
 
+    @property
+    def can_stream(self) -> bool:
+        """Only a decoupled model can answer with one response per step (Triton's rule)."""
+        return self._client().decoupled
+
     def complete(self, prompt: str, max_tokens: int, stream: bool = False, ignore_eos: bool = False) -> Completion:
         sampling = {"temperature": self.temperature} if self.temperature > 0 else {}
         if ignore_eos:
@@ -107,6 +115,8 @@ class EngineBackend:
         self.label = label
         self.lock = lock or threading.Lock()
         self.temperature = temperature
+
+    can_stream = True  # the engine reports every step through on_tokens
 
     def complete(self, prompt: str, max_tokens: int, stream: bool = False, ignore_eos: bool = False) -> Completion:
         from medusa_forge.engine.generation import GenerationConfig

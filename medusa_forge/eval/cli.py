@@ -10,8 +10,6 @@ import click
 
 from medusa_forge.errors import ForgeError
 
-FIXTURE_MMLU = Path(__file__).parent / "fixtures" / "mmlu"
-
 
 def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).name or name)
@@ -22,10 +20,15 @@ def _split_list(values: tuple[str, ...]) -> list[str]:
 
 
 def _tokenizer(path: str | None):
+    """A tokenizer directory, or a native engine directory (its ``model/`` holds the tokenizer)."""
     if path is None:
         return None
     from medusa_forge.engine.tokenizer import Tokenizer
+    from medusa_forge.manifest import is_engine_dir
 
+    path = Path(path)
+    if is_engine_dir(path) and (path / "model").is_dir():
+        path = path / "model"
     return Tokenizer(path)
 
 
@@ -67,7 +70,7 @@ def eval_group() -> None:
 @eval_group.command("mmlu")
 @click.option("--url", default=None, help="Triton gRPC endpoint HOST:PORT.")
 @click.option("--model", required=True, help="Triton model name (with --in-process: engine directory).")
-@click.option("--data", type=click.Path(), default=str(FIXTURE_MMLU), show_default=True,
+@click.option("--data", type=click.Path(), required=True,
               help="MMLU directory: original CSV layout (dev/ val/ test/) or cais/mmlu parquet/JSONL layout.")
 @click.option("--subjects", multiple=True, help="Subjects to run (repeatable or comma-separated; default: all).")
 @click.option("--split", type=click.Choice(["test", "val", "dev"]), default="test", show_default=True)
@@ -75,7 +78,7 @@ def eval_group() -> None:
 @click.option("--limit", default=None, type=int, help="First N questions of each subject.")
 @click.option("--concurrency", default=4, show_default=True, help="Requests in flight.")
 @click.option("--tokenizer", type=click.Path(), default=None,
-              help="Tokenizer dir: drop shots until the prompt fits --max-prompt-tokens (as the original does).")
+              help="Tokenizer (or native engine) dir: drop shots until the prompt fits --max-prompt-tokens (as the original does).")
 @click.option("--max-prompt-tokens", default=2048, show_default=True)
 @click.option("--timeout", default=300.0, show_default=True, help="Seconds per request.")
 @click.option("--no-medusa", is_flag=True, help="--in-process: decode with the base model only.")
@@ -87,9 +90,9 @@ def mmlu(url, model, data, subjects, split, shots, limit, concurrency, tokenizer
     """MMLU k-shot accuracy of one model (greedy one-token answer), per subject and macro/micro."""
     from medusa_forge.eval.runs import run_mmlu
 
+    tok = _tokenizer(tokenizer)
     backend = _backend(url, model, timeout, in_process, medusa, tree, device, dtype, max_seq_len, compile_,
                        use_medusa=not no_medusa)
-    tok = _tokenizer(tokenizer)
     if tok is None and in_process:
         tok = backend.engine.tokenizer
     out = Path(out or f"mmlu-{_slug(model)}.json")
@@ -118,14 +121,16 @@ def mmlu(url, model, data, subjects, split, shots, limit, concurrency, tokenizer
 @click.option("--warmup", default=2, show_default=True, help="Unrecorded (base, Medusa) pairs first.")
 @click.option("--max-prompt-chars", default=2000, show_default=True,
               help="Keep the last N characters of longer prompts (0: whole prompt).")
-@click.option("--stream/--no-stream", default=True, show_default=True, help="Streaming requests (real TTFT).")
+@click.option("--stream/--no-stream", default=None,
+              help="Streaming requests, which give a real TTFT (default: stream when both models are decoupled; "
+                   "without streaming TTFT equals the whole request).")
 @click.option("--ignore-eos/--stop-at-eos", default=True, show_default=True,
               help="Generate --max-tokens every time (sends end_id=-1), so both models decode equal lengths.")
 @click.option("--medusa-temperature", default=0.0, show_default=True,
               help="Decode the Medusa model with typical acceptance at this temperature (0 = greedy, exact; "
                    ">0 is not exact, outputs will differ from the base).")
 @click.option("--tokenizer", type=click.Path(), default=None,
-              help="Tokenizer dir to count tokens when the server returns no output_tokens (TensorRT-LLM).")
+              help="Tokenizer (or native engine) dir to count tokens when the server returns no output_tokens (TensorRT-LLM).")
 @click.option("--timeout", default=300.0, show_default=True, help="Seconds per request.")
 @with_options(in_process_options)
 @click.option("--out", type=click.Path(), default=None, help="Results JSON (default: speed-<medusa>.json).")
@@ -141,13 +146,13 @@ def speed(url, base_model, medusa_model, prompts, per_topic, limit, max_tokens, 
     if trials < 1 or max_tokens < 1 or warmup < 0 or medusa_temperature < 0:
         raise ForgeError("--trials and --max-tokens must be >= 1, --warmup and --medusa-temperature >= 0")
     items = read_prompts(prompts, limit=limit, per_topic=per_topic)
+    tok = _tokenizer(tokenizer)
     if in_process:
         base, med = _engine_pair(base_model, medusa_model, medusa, tree, device, dtype, max_seq_len, compile_,
                                  medusa_temperature)
     else:
         base = _backend(url, base_model, timeout, False)
         med = _backend(url, medusa_model, timeout, False, temperature=medusa_temperature)
-    tok = _tokenizer(tokenizer)
     cfg = SpeedConfig(max_tokens=max_tokens, trials=trials, warmup=warmup, max_prompt_chars=max_prompt_chars,
                       stream=stream, ignore_eos=ignore_eos, medusa_temperature=medusa_temperature)
     out = Path(out or f"speed-{_slug(medusa_model)}.json")

@@ -10,6 +10,7 @@ import hashlib
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,6 +20,7 @@ from medusa_forge.eval.cache import ResultCache, cache_path_for
 from medusa_forge.eval.mmlu import make_items, run_items, score
 from medusa_forge.eval.mmlu_data import load_split
 from medusa_forge.eval.speed import SpeedConfig, build_result, clip_prompt, prompts_digest, run_pairs
+from medusa_forge.errors import ForgeError
 from medusa_forge.prompts import Prompt
 
 
@@ -60,9 +62,16 @@ def run_mmlu(backend: Backend, data: Path, split: str, subjects: list[str], shot
 def run_speed(prompts: list[Prompt], base: Backend, medusa: Backend, cfg: SpeedConfig, out: Path,
               prompts_file: str | Path | None = None, count_tokens: Callable[[str], int] | None = None,
               progress: bool = True, meta: dict[str, Any] | None = None) -> dict:
+    if cfg.stream is None:
+        cfg = replace(cfg, stream=base.can_stream and medusa.can_stream)
+    elif cfg.stream and not (base.can_stream and medusa.can_stream):
+        names = [b.label for b in (base, medusa) if not b.can_stream]
+        raise ForgeError(f"model(s) {', '.join(names)} cannot stream (not decoupled); drop --stream, or serve them "
+                         "from a repository made with `triton-repo --decoupled`")
     clipped = [Prompt(clip_prompt(p.prompt, cfg.max_prompt_chars), p.topic, p.source) for p in prompts]
     fingerprint = {"kind": "speed", "base": base.label, "medusa": medusa.label, "backend": medusa.kind,
-                   "prompts": prompts_digest(clipped), "config": [cfg.max_tokens, cfg.trials, cfg.stream, cfg.ignore_eos, cfg.medusa_temperature]}
+                   "prompts": prompts_digest(clipped),
+                   "config": [cfg.max_tokens, cfg.trials, cfg.stream, cfg.ignore_eos, cfg.medusa_temperature]}
     with _open_cache(out, fingerprint) as cache:
         pairs = run_pairs(clipped, base, medusa, cfg, cache, count_tokens, progress)
     info = {"backend": medusa.kind, "base_model": base.label, "medusa_model": medusa.label, **(meta or {}),

@@ -43,7 +43,7 @@ class SpeedConfig:
     trials: int = 3
     warmup: int = 2  # unrecorded (base, medusa) pairs before measuring
     max_prompt_chars: int = 2000  # keep the tail of longer prompts (they are source-file prefixes)
-    stream: bool = True  # streaming gives a real TTFT
+    stream: bool | None = None  # streaming gives a real TTFT; None: stream when both models can
     ignore_eos: bool = True  # every request generates max_tokens (vLLM's --ignore-eos), so lengths match
     medusa_temperature: float = 0.0  # > 0: typical acceptance (not exact; outputs are expected to differ)
 

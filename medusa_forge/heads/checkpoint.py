@@ -23,14 +23,13 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor
 
 from medusa_forge.heads.layouts import HeadsCheckpoint, collect, detect
 from medusa_forge.heads.layouts.collect import MAX_HEADS, named_tensors
-from medusa_forge.heads.layouts.detect import read_config
-from medusa_forge.heads.layouts.fasterdecoding import HEADS_PT, HEADS_SAFETENSORS, head_counts
+from medusa_forge.heads.layouts.fasterdecoding import HEADS_PT, HEADS_SAFETENSORS, heads_config
 from medusa_forge.heads.layouts.keys import FASTERDECODING
+from medusa_forge.heads.layouts.store import write_safetensors
 from medusa_forge.heads.medusa_head import MedusaHeads
 
 __all__ = ["HEADS_SAFETENSORS", "HEADS_PT", "MAX_HEADS", "heads_to_fasterdecoding", "read_heads_config",
@@ -44,11 +43,11 @@ def heads_to_fasterdecoding(heads: MedusaHeads) -> dict[str, Tensor]:
 
 
 def read_heads_config(heads_dir: Path) -> dict:
-    """A FasterDecoding-style heads config.json, with medusa_num_heads/medusa_num_layers validated."""
-    heads_dir = Path(heads_dir)
-    d = read_config(heads_dir)
-    head_counts(d, heads_dir / "config.json")
-    return d
+    """The heads' config.json with ``medusa_num_heads``/``medusa_num_layers`` filled in and validated, whichever
+    layout declares them (vLLM's ``num_heads``/``num_hidden_layers``, TensorRT-LLM's ``num_medusa_heads``), so
+    callers that only need the counts (``build``'s tree check) accept every layout ``load_heads`` does."""
+    src = detect(heads_dir)
+    return {**src.config, "medusa_num_heads": src.num_heads, "medusa_num_layers": src.num_layers}
 
 
 def load_heads(heads_dir: str | Path, hidden_size: int, vocab_size: int,
@@ -59,18 +58,13 @@ def load_heads(heads_dir: str | Path, hidden_size: int, vocab_size: int,
 
 
 def save_heads(heads: MedusaHeads, out_dir: str | Path, extra_config: dict | None = None) -> None:
-    """Write FasterDecoding-layout files into ``out_dir`` (callers wrap this in atomic_output_dir)."""
+    """Write FasterDecoding-layout files into ``out_dir`` (callers wrap this in atomic_output_dir).
+
+    ``medusa_lm_head.safetensors`` (what TGI and FasterDecoding's trainers use) and the config fields every
+    FasterDecoding-style loader reads (``fasterdecoding.heads_config``), plus ``extra_config``.
+    """
     out_dir = Path(out_dir)
-    cfg = heads.config
-    save_file(heads_to_fasterdecoding(heads), str(out_dir / HEADS_SAFETENSORS), metadata={"format": "pt"})
-    conf = {
-        "medusa_num_heads": cfg.num_heads,
-        "medusa_num_layers": cfg.num_layers,
-        "base_model_name_or_path": cfg.base_model_name_or_path,
-        "hidden_size": cfg.hidden_size,
-        "vocab_size": cfg.vocab_size,
-    }
-    if cfg.shared_lm_head:
-        conf["version"] = "2"
-    conf.update(extra_config or {})
+    ckpt = HeadsCheckpoint.from_module(heads)
+    write_safetensors(named_tensors(ckpt, FASTERDECODING), out_dir / HEADS_SAFETENSORS)
+    conf = heads_config(ckpt, heads.config.base_model_name_or_path) | (extra_config or {})
     (out_dir / "config.json").write_text(json.dumps(conf, indent=2) + "\n")

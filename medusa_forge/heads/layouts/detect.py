@@ -1,11 +1,12 @@
-"""Which layout a heads directory is in, decided from its config.json and file names only.
+"""Which layout a heads directory is in, decided from its config.json, file names and tensor names (no data).
 
 - ``model_type: "medusa"`` or ``architectures: ["MedusaModel"]``: vLLM.
 - ``medusa_num_heads`` (or TensorRT-LLM's ``num_medusa_heads``) with ``medusa_lm_head.safetensors`` or
   ``medusa_lm_head.pt``: FasterDecoding heads-only (also what TGI and TensorRT-LLM read).
 - ``medusa_num_heads`` with model shards that hold ``medusa_head.*``: axolotl full model.
 
-Anything else, or two layouts in one directory, is an error naming what was found.
+Anything else, or two layouts in one directory (a vLLM config beside ``medusa_lm_head.*``, or a heads file
+beside model shards that hold ``medusa_head.*``), is an error naming what was found.
 """
 
 from __future__ import annotations
@@ -40,6 +41,11 @@ def detect(directory: str | Path) -> Source:
         raise ForgeError(f"{directory}: Medusa heads directory not found")
     config = read_config(directory)
     if vllm.is_vllm_config(config):
+        stray = fasterdecoding.weight_files(directory)
+        if stray:
+            raise ForgeError(f"{directory}: config.json declares vLLM's Medusa layout but "
+                             f"{stray[0].name} (FasterDecoding layout) is here too: ambiguous, vLLM would skip its "
+                             "tensors as unknown names; keep one layout per directory")
         return vllm.open_source(directory, config)
     if isinstance(config.get("medusa"), dict):
         raise ForgeError(f"{directory}: a ModelOpt quantized Medusa checkpoint (config.json 'medusa' section) is not "
@@ -58,6 +64,10 @@ def detect(directory: str | Path) -> Source:
     if axolotl.has_model_shards(directory):
         return axolotl.open_source(directory, config)
     fasterdecoding.head_counts(config, directory / "config.json")
+    if any(directory.glob("*.bin")):
+        raise ForgeError(f"{directory}: no {fasterdecoding.HEADS_SAFETENSORS} or {fasterdecoding.HEADS_PT}, and the "
+                         "model weights are PyTorch .bin (an axolotl full model?): pickled checkpoints are not "
+                         "loaded; re-save it with safetensors")
     raise ForgeError(f"{directory}: no {fasterdecoding.HEADS_SAFETENSORS} or {fasterdecoding.HEADS_PT} found")
 
 

@@ -1,8 +1,9 @@
 """Tensor files of a heads checkpoint: read lazily by name, written without shared storage.
 
 safetensors are opened by header, so a full-model checkpoint (axolotl) costs only the head tensors'
-bytes. ``.pt`` files are loaded with ``torch.load(weights_only=True, mmap=True)`` and nothing else:
-pickled objects other than tensors in a plain dict are refused.
+bytes. ``.pt`` files are loaded with ``torch.load(weights_only=True)`` (memory-mapped unless the file uses
+torch's legacy non-zip serialization) and nothing else: pickled objects other than tensors in a plain dict
+are refused.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ class TensorStore:
     @classmethod
     def from_pt(cls, path: Path, keep: Callable[[str], str | None] = lambda n: n) -> "TensorStore":
         try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+            obj = _load_pt(path)
         except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
             raise ForgeError(f"{path}: cannot be loaded with weights_only=True ({type(e).__name__}: {_first_line(e)})") from None
         if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()):
@@ -88,6 +89,17 @@ class TensorStore:
             return self._getters[name]()
         except SafetensorError as e:
             raise ForgeError(f"{self.path(name)}: tensor {name} is corrupt or truncated ({e})") from None
+
+
+def _load_pt(path: Path) -> object:
+    """mmap where the file allows it; files written with torch's legacy (pre-1.6, non-zip) serialization cannot
+    be mapped and are read whole."""
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "_use_new_zipfile_serialization" not in str(e):
+            raise
+    return torch.load(str(path), map_location="cpu", weights_only=True)
 
 
 def _safetensors_getter(path: Path, name: str) -> Callable[[], Tensor]:

@@ -1,0 +1,135 @@
+# medusa-forge pipeline targets. Every knob is a variable (docs/build.md has the details):
+#
+#   make demo                                                 # CPU-friendly tour: heads -> engine -> generate -> repo
+#   make native-engine MEDUSA=heads/ DTYPE=bf16 TREE=small    # native engine (+ smoke generate + Triton repo)
+#   make native-engine MEDUSA=heads/ DTYPE=fp8                # FP8 GEMMs on an H100 (FP8_EMULATE=1 elsewhere)
+#   make native-engine MEDUSA=heads/ TREE=auto                # tree searched on this device (CALIB prompts)
+#   make fp8-check MEDUSA=heads/ | make tree-check MEDUSA=heads/   # H100: fp8 vs bf16, auto vs preset trees
+#   make engine MODEL=/models/base MEDUSA=/models/heads DTYPE=fp16|bf16|fp8 TREE=mc_sim_7b_63 TP=1
+#   make engine-dry-run ... | make test | make lint | make docker
+#
+# `engine` runs convert trtllm -> build trtllm -> triton-repo (TensorRT-LLM 0.11: the NGC container of the
+# Dockerfile and a GPU). TREE=auto there takes the tree searched by `make native-engine TREE=auto`.
+
+PYTHON      ?= python3
+MF          ?= $(PYTHON) -m medusa_forge.cli
+MODEL       ?= ../shared/models/pycoder-26m
+MEDUSA      ?=
+DTYPE       ?=
+TREE        ?= mc_sim_7b_63
+TP          ?= 1
+PROMPTS     ?= ../shared/data/code_prompts.jsonl
+CALIB       ?= $(if $(filter auto,$(TREE)),$(PROMPTS))
+CALIB_SPLIT ?= even
+FP8_EMULATE ?=
+MAX_BATCH   ?= 8
+OUT         ?= build
+RESULTS     ?= bench/results
+PROMPT      ?= def fibonacci(n):
+TRITON_TAG  ?= 24.07
+IMAGE       ?= medusa-forge:$(TRITON_TAG)
+CONVERT_ARGS ?=
+BUILD_ARGS   ?=
+REPO_ARGS    ?=
+
+# Asked of torch once, and only by targets that need it (the lazy-once idiom).
+CUDA = $(eval CUDA := $(shell $(PYTHON) -c 'import torch; print(int(torch.cuda.is_available()))' 2>/dev/null || echo 0))$(CUDA)
+
+# ---------------------------------------------------------------------------------------- TensorRT-LLM
+ENGINE_DTYPE   = $(or $(DTYPE),fp16)
+CONVERT_DTYPE  = $(if $(filter bf16 bfloat16,$(ENGINE_DTYPE)),bfloat16,float16)
+CONVERT_QUANT  = $(if $(filter fp8,$(ENGINE_DTYPE)),--quantization fp8 --calib-prompts $(or $(CALIB),$(PROMPTS)))
+CKPT           = $(OUT)/trtllm-ckpt-$(ENGINE_DTYPE)-tp$(TP)
+ENGINE         = $(OUT)/trtllm-engine-$(ENGINE_DTYPE)-tp$(TP)
+REPO           = $(OUT)/triton-repo-trtllm-$(ENGINE_DTYPE)
+# TREE=auto: the tree the native engine searched on this GPU (its manifest is a tree file).
+TRT_TREE       = $(if $(filter auto,$(TREE)),$(OUT)/native-engine-$(NATIVE_DTYPE)/medusa_forge.json,$(TREE))
+# convert writes max_draft_len into the checkpoint and trtllm-build 0.11 takes it from there: the tree's node count.
+MAX_DRAFT_LEN  = $(shell $(PYTHON) -c 'from medusa_forge.tree.choice_tree import ChoiceTree; \
+                   print(len(ChoiceTree.parse("$(TRT_TREE)").paths))')
+
+# ---------------------------------------------------------------------------------------- native
+NATIVE_DTYPE  = $(or $(DTYPE),$(if $(filter 1,$(CUDA)),bf16,fp32))
+NATIVE_ENGINE = $(OUT)/native-engine-$(NATIVE_DTYPE)
+NATIVE_REPO   = $(OUT)/triton-repo-native-$(NATIVE_DTYPE)
+HEADS_ARGS    = $(if $(MEDUSA),--medusa $(MEDUSA) --medusa-choices $(TREE))
+CALIB_ARGS    = $(if $(CALIB),--calib-prompts $(CALIB) --calib-split $(CALIB_SPLIT))
+EMULATE       = $(if $(FP8_EMULATE),--fp8-emulate)
+
+# ---------------------------------------------------------------------------------------- demo
+DEMO_DIR           ?= $(OUT)/demo
+DEMO_DEVICE        ?= $(if $(filter 1,$(CUDA)),cuda,cpu)
+DEMO_TRAIN_PROMPTS ?= 256
+DEMO_HEADS_N       ?= 4
+DEMO_TREE          ?= auto
+DEMO_PROMPT_LINES  ?= 4p;8p
+DEMO_NEW_TOKENS    ?= 64
+
+.PHONY: help demo engine engine-dry-run native-engine fp8-check tree-check test lint docker check-medusa
+
+help:
+	@sed -n '1,12p' Makefile
+
+check-medusa:
+	@test -n "$(MEDUSA)" || { echo "error: set MEDUSA=<Medusa heads dir> (e.g. from medusa-forge train-heads)" >&2; exit 2; }
+
+engine: check-medusa
+	$(if $(filter-out fp16 float16 bf16 bfloat16 fp8,$(ENGINE_DTYPE)),$(error DTYPE=$(ENGINE_DTYPE): make engine takes fp16, bf16 or fp8))
+	$(MF) convert trtllm --model $(MODEL) --medusa $(MEDUSA) --out $(CKPT) --dtype $(CONVERT_DTYPE) \
+		--tp-size $(TP) --max-draft-len $(MAX_DRAFT_LEN) $(CONVERT_QUANT) --overwrite $(CONVERT_ARGS)
+	$(MF) build trtllm --checkpoint-dir $(CKPT) --out $(ENGINE) --medusa-choices $(TRT_TREE) \
+		--max-batch-size $(MAX_BATCH) --overwrite $(BUILD_ARGS)
+	$(MF) triton-repo --engine $(ENGINE) --out $(REPO) --overwrite $(REPO_ARGS)
+
+engine-dry-run:
+	$(MF) build trtllm --checkpoint-dir $(CKPT) --out $(ENGINE) --medusa-choices $(TRT_TREE) \
+		--max-batch-size $(MAX_BATCH) --dry-run $(BUILD_ARGS)
+
+native-engine:
+	$(MF) build native --model $(MODEL) $(HEADS_ARGS) --out $(NATIVE_ENGINE) --dtype $(NATIVE_DTYPE) \
+		$(CALIB_ARGS) $(EMULATE) --overwrite $(BUILD_ARGS)
+	$(if $(FP8_EMULATE),MEDUSA_FORGE_FP8_EMULATE=1) $(MF) generate --model $(NATIVE_ENGINE) \
+		$(if $(MEDUSA),--medusa $(NATIVE_ENGINE)/medusa) --prompt '$(PROMPT)' --max-new-tokens 32 --stats
+	$(if $(FP8_EMULATE),MEDUSA_FORGE_FP8_EMULATE=1) $(MF) triton-repo --engine $(NATIVE_ENGINE) \
+		--out $(NATIVE_REPO) --overwrite $(REPO_ARGS)
+
+# H100: bf16 and fp8 native engines from the same heads; greedy agreement (>= 98%) and step times.
+fp8-check: check-medusa
+	$(MAKE) native-engine DTYPE=bf16
+	$(MAKE) native-engine DTYPE=fp8
+	$(MF) build compare-fp8 --reference $(OUT)/native-engine-bf16 --candidate $(OUT)/native-engine-fp8 \
+		--prompts $(PROMPTS) --limit 32 --max-new-tokens 64 $(EMULATE) --out $(RESULTS)/fp8_vs_bf16.json
+
+# H100: the auto tree (calibrated on the even prompts) vs mc_sim_7b_63 and chain-5 on the odd ones.
+tree-check: check-medusa
+	$(MAKE) native-engine TREE=auto
+	$(MF) build compare-trees --engine $(NATIVE_ENGINE) --trees engine,mc_sim_7b_63,chain-5 \
+		--prompts $(PROMPTS) --split odd $(EMULATE) --out $(RESULTS)/trees_auto_vs_presets.json
+
+# The README's first run: self-distilled heads on the shipped model, a native engine with a searched
+# tree, two held-out prompts with tokens/step, and a Triton repository. A few minutes on 2 CPU cores.
+demo:
+	mkdir -p $(DEMO_DIR)
+	$(MF) train-heads --model $(MODEL) --out $(DEMO_DIR)/heads --self-distill \
+		--prompts-from-python-sources $(DEMO_TRAIN_PROMPTS) --distill-new-tokens 64 --exclude-sources $(PROMPTS) \
+		--num-heads $(DEMO_HEADS_N) --num-layers 1 --max-seq-len 128 --batch-size 16 --epochs 1 --lr 3e-3 \
+		--eval-every 8 --device $(DEMO_DEVICE) --no-progress --overwrite
+	$(MF) build native --model $(MODEL) --medusa $(DEMO_DIR)/heads --out $(DEMO_DIR)/engine \
+		--medusa-choices $(DEMO_TREE) --calib-prompts $(PROMPTS) --calib-split even --calib-limit 8 \
+		--calib-prompt-tokens 128 --calib-new-tokens 48 --search-sizes 1,2,4,8,16 --max-tree-nodes 16 \
+		--timing-prompts 2 --timing-tokens 32 --max-seq-len 512 --device $(DEMO_DEVICE) --overwrite
+	sed -n '$(DEMO_PROMPT_LINES)' $(PROMPTS) > $(DEMO_DIR)/prompts.jsonl
+	$(MF) generate --model $(DEMO_DIR)/engine --medusa $(DEMO_DIR)/engine/medusa \
+		--prompt-file $(DEMO_DIR)/prompts.jsonl --max-new-tokens $(DEMO_NEW_TOKENS) --stats
+	$(MF) triton-repo --engine $(DEMO_DIR)/engine --out $(DEMO_DIR)/triton-repo --overwrite
+	@echo "demo done: heads $(DEMO_DIR)/heads, engine $(DEMO_DIR)/engine, Triton repo $(DEMO_DIR)/triton-repo" \
+		"(serve it: $(MF) serve --repo $(DEMO_DIR)/triton-repo)"
+
+test:
+	$(PYTHON) -m pytest -q
+
+lint:
+	hadolint --config .hadolint.yaml Dockerfile
+
+docker:
+	docker build --build-arg TRITON_TAG=$(TRITON_TAG) -t $(IMAGE) .

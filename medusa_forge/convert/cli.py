@@ -1,0 +1,95 @@
+"""``medusa-forge convert``: ``trtllm`` (write a TensorRT-LLM Medusa checkpoint) and ``inspect`` (summarise, validate).
+
+Flag names echo TensorRT-LLM's ``examples/medusa/convert_checkpoint.py`` and ``examples/quantization/quantize.py``
+where they mean the same thing (``--model_dir``, ``--medusa_model_dir``, ``--output_dir``, ``--tp_size``,
+``--max_medusa_token_len``, ``--qformat``, ``--kv_cache_dtype``, ``--calib_size``); both spellings are accepted.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+
+@click.group(name="convert")
+def convert() -> None:
+    """TensorRT-LLM checkpoints: `trtllm` converts HF model + Medusa heads, `inspect` validates one."""
+
+
+@convert.command()
+@click.option("--model", "--model_dir", "model", required=True, type=click.Path(),
+              help="HF Llama/Mistral checkpoint directory (TensorRT-LLM's --model_dir).")
+@click.option("--medusa", "--medusa_model_dir", "medusa", required=True, type=click.Path(),
+              help="Medusa heads directory, any layout `medusa-forge heads` reads (--medusa_model_dir).")
+@click.option("--out", "--output_dir", "out", required=True, type=click.Path(), help="Checkpoint directory to write.")
+@click.option("--dtype", type=click.Choice(["float16", "bfloat16"]), default="float16", show_default=True,
+              help="Checkpoint dtype (of the unquantized tensors for fp8).")
+@click.option("--tp-size", "--tp_size", "tp_size", default=1, show_default=True,
+              help="Tensor-parallel ranks: one rank{i}.safetensors each.")
+@click.option("--quantization", "--qformat", "quantization", type=click.Choice(["fp8"]), default=None,
+              help="fp8: FP8 block GEMMs with calibrated per-tensor scales (quantize.py --qformat fp8).")
+@click.option("--kv-cache-dtype", "--kv_cache_dtype", "kv_cache_dtype", type=click.Choice(["fp8"]), default=None,
+              help="fp8: also write KV-cache scales (needs --quantization fp8).")
+@click.option("--calib-prompts", type=click.Path(), default=None,
+              help="JSONL with a 'prompt' field per line: FP8 calibration text.")
+@click.option("--calib-size", "--calib_size", "calib_size", default=512, show_default=True,
+              help="Calibration prompts used (the first N).")
+@click.option("--calib-max-seq-len", "--calib_max_seq_length", "calib_max_seq_len", default=512, show_default=True,
+              help="Tokens kept per calibration prompt.")
+@click.option("--max-draft-len", "--max_draft_len", "--max_medusa_token_len", "max_draft_len", default=63,
+              show_default=True, help="Draft tokens per step the engine is built for (the tree's node count).")
+@click.option("--device", default=None, help="Where FP8 calibration runs (default: cuda when available).")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
+def trtllm(model, medusa, out, dtype, tp_size, quantization, kv_cache_dtype, calib_prompts, calib_size,
+           calib_max_seq_len, max_draft_len, device, overwrite):
+    """Write config.json + rank{i}.safetensors as TensorRT-LLM 0.11's Medusa converter (and quantize.py for fp8).
+
+    Then: `trtllm-build --checkpoint_dir OUT --speculative_decoding_mode medusa ...` (or `medusa-forge build
+    trtllm --checkpoint-dir OUT`); `medusa-forge generate --model OUT` runs it here.
+    """
+    from medusa_forge.convert.trtllm_checkpoint import ConvertOptions, convert_trtllm
+    from medusa_forge.convert.trtllm_inspect import inspect_checkpoint
+
+    opts = ConvertOptions(Path(model), Path(medusa), Path(out), dtype=dtype, tp_size=tp_size,
+                          quantization=quantization, kv_cache_dtype=kv_cache_dtype,
+                          calib_prompts=Path(calib_prompts) if calib_prompts else None, calib_size=calib_size,
+                          calib_max_seq_len=calib_max_seq_len, max_draft_len=max_draft_len, device=device,
+                          overwrite=overwrite)
+    result = convert_trtllm(opts, log=lambda msg: click.echo(msg, err=True))
+    report = inspect_checkpoint(result.out_dir, check_values=True)
+    for line in report.summary_lines():
+        click.echo(line)
+    if result.calibration:
+        click.echo(f"calibration   {json.dumps(result.calibration)}")
+    if report.problems:  # a bug, not a user error: the writer and the schema disagree
+        raise RuntimeError(f"converted checkpoint fails validation: {report.problems[:3]}")
+    click.echo(f"wrote {result.out_dir} in {result.seconds:.1f} s; valid against the TensorRT-LLM 0.11 schema")
+
+
+@convert.command(name="inspect")
+@click.argument("ckpt_dir", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--headers-only", is_flag=True, help="Skip reading scales and replicated tensors.")
+@click.pass_context
+def inspect_cmd(ctx, ckpt_dir, as_json, headers_only):
+    """Summarise a TensorRT-LLM Medusa checkpoint and validate every tensor; exit 1 listing problems."""
+    from medusa_forge.convert.trtllm_inspect import inspect_checkpoint
+
+    report = inspect_checkpoint(ckpt_dir, check_values=not headers_only)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        for line in report.summary_lines():
+            click.echo(line)
+        if report.ok:
+            click.echo("valid: every expected tensor present with the expected shape and dtype, nothing extra")
+        else:
+            click.echo(f"INVALID: {len(report.problems)} problem(s)")
+            for p in report.problems[:50]:
+                click.echo(f"  - {p}")
+            if len(report.problems) > 50:
+                click.echo(f"  ... and {len(report.problems) - 50} more")
+    if not report.ok:
+        ctx.exit(1)

@@ -1,0 +1,245 @@
+"""The TensorRT-LLM Medusa checkpoint's ``config.json``: what we write, and the spec the other modules read.
+
+Pinned to TensorRT-LLM **v0.11.0** — commit 05316d3313360012536ace46c781518f5afae75e (``tensorrt_llm/version.py``
+says ``0.11.0``), the release in ``nvcr.io/nvidia/tritonserver:24.07-trtllm-python-py3`` whose backend templates
+``serve/trtllm_repo.py`` pins (tensorrtllm_backend v0.11.0). Sources read (NVIDIA/TensorRT-LLM):
+
+- ``examples/medusa/convert_checkpoint.py`` (0.11 line; stored snapshot 063e02f73410f2f9172a581ca5e3f41d0d3dab8e):
+  the ``config`` dict of ``__main__`` — the keys and order of :func:`trtllm_config`:
+  ``architecture='MedusaForCausalLM'``, ``dtype``, ``logits_dtype='float32'``, the Llama sizes from the HF
+  config, ``position_embedding_type='rope_gpt_neox'``, ``hidden_act``, ``rotary_base``, ``rotary_scaling``,
+  ``norm_epsilon``, ``quantization={quant_algo, kv_cache_quant_algo}``, ``mapping={world_size, tp_size,
+  pp_size}``, ``use_parallel_embedding=False``, ``embedding_sharding_dim=0``, ``share_embedding_table=False``,
+  ``max_draft_len`` (``--max_medusa_token_len``, default 63), ``num_medusa_heads``, ``num_medusa_layers``.
+- ``tensorrt_llm/models/medusa/config.py`` ``MedusaConfig(LLaMAConfig)``: reads ``num_medusa_heads``,
+  ``num_medusa_layers``, ``max_draft_len``; ``tensorrt_llm/models/llama/model.py`` @05316d33: attention uses
+  ``config.head_size`` (``PretrainedConfig``: ``hidden_size // num_attention_heads`` unless given).
+- ``tensorrt_llm/quantization/quantize_by_modelopt.py`` ``combine_medusa_weight`` (what ``examples/quantization/
+  quantize.py --qformat fp8 --medusa_model_dir ..`` writes): ``architecture`` becomes ``MedusaForCausalLM``,
+  ``quantization.exclude_modules = ['lm_head', '*router', '*vocab_embedding', '*position_embedding',
+  '*block_embedding', '*medusa_heads*']`` (the last one unless ``--quant_medusa_head``), ``quant_algo='FP8'``.
+
+Upstream pitfalls we fix rather than copy (each gives a checkpoint that builds but runs wrong):
+``num_medusa_heads`` is written from the flag (default 4), not the heads' config; ``rotary_base``,
+``rotary_scaling`` and ``hidden_act`` come from flags, never from the HF config; ``head_size`` is never
+written, so a model whose ``head_dim`` is not hidden/heads gets the wrong attention. Here every field comes
+from the HF model's and the heads' own configs, and ``head_size`` is added exactly when it differs from
+TensorRT-LLM's default. Pipeline parallelism is not offered (upstream writes every layer to every pp rank).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from medusa_forge.errors import ForgeError
+from medusa_forge.model.config import ModelConfig
+
+TRTLLM_VERSION = "0.11.0"
+TRTLLM_COMMIT = "05316d3313360012536ace46c781518f5afae75e"
+ARCHITECTURE = "MedusaForCausalLM"
+DTYPES = ("float16", "bfloat16")
+QUANT_FP8 = "FP8"
+# quantize_by_modelopt.combine_medusa_weight: modules an FP8 Medusa checkpoint leaves unquantized.
+FP8_EXCLUDE_MODULES = ("lm_head", "*router", "*vocab_embedding", "*position_embedding", "*block_embedding",
+                       "*medusa_heads*")
+DEFAULT_MAX_DRAFT_LEN = 63
+
+
+@dataclass(frozen=True)
+class CheckpointSpec:
+    """Everything that fixes a checkpoint's tensor names, shapes and dtypes."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_size: int
+    num_medusa_heads: int
+    num_medusa_layers: int
+    tp_size: int = 1
+    dtype: str = "float16"
+    quant_algo: str | None = None  # None | "FP8"
+    kv_cache_quant_algo: str | None = None  # None | "FP8"
+
+    @property
+    def fp8(self) -> bool:
+        return self.quant_algo == QUANT_FP8
+
+    @property
+    def kv_heads_per_rank(self) -> int:
+        """KV heads each rank holds; fewer KV heads than ranks are replicated (convert_utils.dup_kv_weight)."""
+        return max(self.num_kv_heads // self.tp_size, 1)
+
+    def check(self, where: str) -> None:
+        """Every split TensorRT-LLM makes must be exact: one line naming the dimension that does not divide."""
+        tp = self.tp_size
+        if tp < 1:
+            raise ForgeError(f"{where}: tp_size must be >= 1, got {tp}")
+        for name, size in (("num_attention_heads", self.num_heads), ("intermediate_size", self.intermediate_size),
+                           ("hidden_size (Medusa ResBlocks are split on their output)", self.hidden_size),
+                           ("vocab_size", self.vocab_size)):
+            if size % tp:
+                extra = (" (TensorRT-LLM pads the vocabulary to a multiple of tp, but its Medusa converter does not "
+                         "pad the weights: pad the model's vocabulary first)") if name == "vocab_size" else ""
+                raise ForgeError(f"{where}: tp_size {tp} does not divide {name} {size}{extra}")
+        kv = self.num_kv_heads
+        if (kv >= tp and kv % tp) or (kv < tp and tp % kv):
+            raise ForgeError(f"{where}: tp_size {tp} and num_key_value_heads {kv}: one must divide the other "
+                             "(KV heads are split, or replicated when there are fewer than ranks)")
+        if self.dtype not in DTYPES + ("float32",):
+            raise ForgeError(f"{where}: dtype {self.dtype!r} not supported; choose {' or '.join(DTYPES)}")
+        if self.quant_algo not in (None, QUANT_FP8):
+            raise ForgeError(f"{where}: quant_algo {self.quant_algo!r} not supported (only FP8 or none)")
+        if self.kv_cache_quant_algo not in (None, QUANT_FP8) or (self.kv_cache_quant_algo and not self.fp8):
+            raise ForgeError(f"{where}: kv_cache_quant_algo {self.kv_cache_quant_algo!r} not supported "
+                             "(only FP8, with quant_algo FP8)")
+
+
+def spec_for(cfg: ModelConfig, num_medusa_heads: int, num_medusa_layers: int, tp_size: int, dtype: str,
+             fp8: bool = False, fp8_kv_cache: bool = False) -> CheckpointSpec:
+    return CheckpointSpec(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_layers=cfg.num_layers, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_size=cfg.head_dim,
+        num_medusa_heads=num_medusa_heads, num_medusa_layers=num_medusa_layers, tp_size=tp_size, dtype=dtype,
+        quant_algo=QUANT_FP8 if fp8 else None, kv_cache_quant_algo=QUANT_FP8 if fp8_kv_cache else None)
+
+
+def rotary_scaling(cfg: ModelConfig, source: str) -> dict | None:
+    """HF ``rope_scaling`` as TensorRT-LLM 0.11 takes it: ``{"type": "linear", "factor": f}`` or None."""
+    if not cfg.rope_scaling:
+        return None
+    kind = cfg.rope_scaling.get("rope_type", cfg.rope_scaling.get("type"))
+    if kind != "linear":
+        raise ForgeError(f"{source}: rope scaling {kind!r} cannot be converted: TensorRT-LLM {TRTLLM_VERSION}'s Llama "
+                         "takes linear or dynamic scaling, and only linear is converted (the native decoder runs it)")
+    return {"type": "linear", "factor": float(cfg.rope_scaling["factor"])}
+
+
+def trtllm_config(cfg: ModelConfig, spec: CheckpointSpec, max_draft_len: int, source: str) -> dict[str, Any]:
+    """config.json with examples/medusa/convert_checkpoint.py's keys, in its order (``head_size`` only if needed)."""
+    if max_draft_len < 1:
+        raise ForgeError(f"--max-draft-len must be >= 1, got {max_draft_len}")
+    quant: dict[str, Any] = {"quant_algo": spec.quant_algo, "kv_cache_quant_algo": spec.kv_cache_quant_algo}
+    if spec.fp8:
+        quant["exclude_modules"] = list(FP8_EXCLUDE_MODULES)
+    config = {
+        "architecture": ARCHITECTURE,
+        "dtype": spec.dtype,
+        "logits_dtype": "float32",
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "vocab_size": cfg.vocab_size,
+        "position_embedding_type": "rope_gpt_neox",
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "hidden_act": "silu",  # Llama/Mistral; TensorRT-LLM's Medusa ResBlocks use it too (medusa/model.py)
+        "rotary_base": float(cfg.rope_theta),
+        "rotary_scaling": rotary_scaling(cfg, source),
+        "norm_epsilon": float(cfg.rms_norm_eps),
+        "quantization": quant,
+        "mapping": {"world_size": spec.tp_size, "tp_size": spec.tp_size, "pp_size": 1},
+        "use_parallel_embedding": False,
+        "embedding_sharding_dim": 0,
+        "share_embedding_table": False,
+        "max_draft_len": max_draft_len,
+        "num_medusa_heads": spec.num_medusa_heads,
+        "num_medusa_layers": spec.num_medusa_layers,
+    }
+    if cfg.head_dim != cfg.hidden_size // cfg.num_heads:
+        config["head_size"] = cfg.head_dim
+    return config
+
+
+# ------------------------------------------------------------------------------------------------ reading
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """A TensorRT-LLM Medusa checkpoint's config.json, read and validated."""
+
+    directory: Path
+    raw: dict[str, Any]
+    spec: CheckpointSpec
+    max_draft_len: int
+
+    def rank_file(self, rank: int) -> Path:
+        return self.directory / f"rank{rank}.safetensors"
+
+    def model_config(self, eos_token_ids: tuple[int, ...] = (), bos_token_id: int | None = None) -> ModelConfig:
+        """The native decoder's config for these weights (RoPE and norm fields as TensorRT-LLM names them)."""
+        d, s = self.raw, self.spec
+        scaling = d.get("rotary_scaling")
+        return ModelConfig(
+            vocab_size=s.vocab_size, hidden_size=s.hidden_size, intermediate_size=s.intermediate_size,
+            num_layers=s.num_layers, num_heads=s.num_heads, num_kv_heads=s.num_kv_heads, head_dim=s.head_size,
+            rms_norm_eps=float(d.get("norm_epsilon", 1e-5)), rope_theta=float(d.get("rotary_base", 10000.0)),
+            rope_scaling={"rope_type": "linear", "factor": float(scaling["factor"])} if scaling else None,
+            max_position_embeddings=int(d.get("max_position_embeddings") or 2048),
+            bos_token_id=bos_token_id, eos_token_ids=eos_token_ids, torch_dtype=s.dtype)
+
+
+def _int(d: dict, key: str, where: Path, default: int | None = None) -> int:
+    v = d.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ForgeError(f"{where}: field {key!r} must be a non-negative integer, got {v!r}")
+    return v
+
+
+def read_config(ckpt_dir: str | Path) -> CheckpointConfig:
+    """Read ``DIR/config.json`` of a TensorRT-LLM Medusa checkpoint into a spec (one-line errors)."""
+    ckpt_dir = Path(ckpt_dir)
+    path = ckpt_dir / "config.json"
+    if not ckpt_dir.is_dir():
+        raise ForgeError(f"{ckpt_dir}: TensorRT-LLM checkpoint directory not found")
+    if not path.is_file():
+        raise ForgeError(f"{path}: not found; expected a TensorRT-LLM checkpoint (`medusa-forge convert trtllm` output)")
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ForgeError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ForgeError(f"{path}: expected a JSON object")
+    if d.get("architecture") != ARCHITECTURE:
+        raise ForgeError(f"{path}: architecture {d.get('architecture')!r} is not {ARCHITECTURE!r} "
+                         "(only Medusa checkpoints are read)")
+    if d.get("position_embedding_type", "rope_gpt_neox") != "rope_gpt_neox":
+        raise ForgeError(f"{path}: position_embedding_type {d['position_embedding_type']!r} is not rope_gpt_neox")
+    if d.get("hidden_act", "silu") != "silu":
+        raise ForgeError(f"{path}: hidden_act {d['hidden_act']!r}: only silu (Llama/Mistral) is read")
+    scaling = d.get("rotary_scaling")
+    if scaling and scaling.get("type") != "linear":
+        raise ForgeError(f"{path}: rotary_scaling {scaling!r}: only linear scaling is read")
+    if d.get("use_parallel_embedding") or d.get("share_embedding_table"):
+        raise ForgeError(f"{path}: use_parallel_embedding/share_embedding_table checkpoints are not read")
+    mapping = d.get("mapping") or {}
+    tp, pp = _int(mapping, "tp_size", path, 1), _int(mapping, "pp_size", path, 1)
+    if pp != 1:
+        raise ForgeError(f"{path}: pp_size {pp} is not supported (pipeline-parallel Medusa checkpoints are not read)")
+    if _int(mapping, "world_size", path, tp) != tp:
+        raise ForgeError(f"{path}: mapping.world_size {mapping['world_size']} != tp_size {tp} x pp_size {pp}")
+    heads, hidden = _int(d, "num_attention_heads", path), _int(d, "hidden_size", path)
+    if heads == 0:
+        raise ForgeError(f"{path}: num_attention_heads must be >= 1")
+    quant = d.get("quantization") or {}
+    spec = CheckpointSpec(
+        vocab_size=_int(d, "vocab_size", path), hidden_size=hidden, intermediate_size=_int(d, "intermediate_size", path),
+        num_layers=_int(d, "num_hidden_layers", path), num_heads=heads,
+        num_kv_heads=_int(d, "num_key_value_heads", path, heads) or heads,
+        head_size=_int(d, "head_size", path, hidden // heads),
+        num_medusa_heads=_int(d, "num_medusa_heads", path), num_medusa_layers=_int(d, "num_medusa_layers", path),
+        tp_size=tp, dtype=str(d.get("dtype")), quant_algo=quant.get("quant_algo"),
+        kv_cache_quant_algo=quant.get("kv_cache_quant_algo"))
+    if spec.num_medusa_heads < 1:
+        raise ForgeError(f"{path}: num_medusa_heads must be >= 1")
+    spec.check(str(path))
+    if spec.fp8:
+        missing = [m for m in ("lm_head", "*medusa_heads*") if m not in (quant.get("exclude_modules") or [])]
+        if missing:
+            raise ForgeError(f"{path}: FP8 checkpoint quantizes {missing[0]!r} (not in quantization.exclude_modules); "
+                             "only the decoder blocks' GEMMs may be FP8")
+    return CheckpointConfig(ckpt_dir, d, spec, _int(d, "max_draft_len", path, DEFAULT_MAX_DRAFT_LEN))
