@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import signal
 import sys
+import threading
 
 import click
 
@@ -61,23 +63,62 @@ def cli() -> None:
     """
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM (or SIGINT), raised where the process is, so every writer's cleanup runs on the way out."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_interrupted(signum, _frame) -> None:
+    raise Interrupted(signum)
+
+
+def interrupted_message(signum: int, command: str | None) -> str:
+    """What an interrupted command prints: nothing half-written exists, and how to carry on."""
+    how = "re-run the same command"
+    if command == "train-heads":
+        how += " with --resume to continue from its last checkpoint (<out>.ckpt), if it saved one"
+    return (f"interrupted by {signal.Signals(signum).name}: no output was published (outputs appear only when "
+            f"complete, so any previous output is intact); {how}")
+
+
+def _interrupt_signum(exc: BaseException) -> int:
+    cause = exc if isinstance(exc, KeyboardInterrupt) else exc.__cause__  # click wraps Ctrl-C as Abort
+    return getattr(cause, "signum", signal.SIGINT)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: user errors print one line and exit 2; bugs keep their traceback."""
+    """Entry point: user errors print one line and exit 2; bugs keep their traceback.
+
+    SIGTERM and SIGINT interrupt the command like Ctrl-C: the stage's temporary output is removed,
+    the previous output stays as it was, one line says so, and the exit status is 128 + the signal.
+    """
+    args = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in args if not a.startswith("-")), None)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _raise_interrupted)
     try:
-        code = cli.main(args=argv, standalone_mode=False)
+        code = cli.main(args=args, standalone_mode=False)
         if isinstance(code, int) and code:  # click returns ctx.exit(n) codes when not standalone
             sys.exit(code)
     except ForgeError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        sys.exit(130)
+    except (click.exceptions.Abort, KeyboardInterrupt) as e:
+        signum = _interrupt_signum(e)
+        click.echo(f"error: {interrupted_message(signum, command)}", err=True)
+        sys.exit(128 + signum)
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
