@@ -55,7 +55,18 @@ def _grpc():
 def _message(exc: Exception) -> str:
     msg = exc.message() if hasattr(exc, "message") and callable(exc.message) else str(exc)
     status = exc.status() if hasattr(exc, "status") and callable(exc.status) else None
+    msg = " ".join(str(msg).split())  # one line: gRPC details can carry newlines
     return f"{msg} ({status})" if status and status not in msg else msg
+
+
+def _status(exc: Exception) -> str:
+    status = exc.status() if hasattr(exc, "status") and callable(exc.status) else None
+    return str(status or "")
+
+
+# What gRPC says when no connection could be made at all (nothing listens, wrong host).
+_NO_CONNECTION = ("failed to connect", "connection refused", "name resolution", "dns resolution",
+                  "no route to host", "could not contact")
 
 
 class TritonLLMClient:
@@ -67,6 +78,7 @@ class TritonLLMClient:
         self._client = grpcclient.InferenceServerClient(self.url)
         self._responses: queue.Queue | None = None  # the open stream's responses, None: no stream open
         self._lock = threading.Lock()
+        self._decoupled: bool | None = None  # the model's transaction policy, read once when asked
 
     def close(self) -> None:
         self._close_stream(cancel=True)
@@ -96,6 +108,25 @@ class TritonLLMClient:
     def inference_statistics(self) -> dict:
         """Triton's per-model counters (``success``, ``compute_infer`` ... in ns), as JSON."""
         return self._call("reading statistics", self._client.get_inference_statistics, self.model, as_json=True)
+
+    def model_config(self, model: str | None = None) -> dict:
+        """The served ``config.pbtxt`` of ``model`` (default: this client's), as JSON."""
+        return self._call(f"reading the config of model '{model or self.model}'", self._client.get_model_config,
+                          model or self.model, as_json=True).get("config", {})
+
+    @property
+    def decoupled(self) -> bool:
+        """Whether the model may answer step by step (``stream=true``): its transaction policy is
+        decoupled, or, for an ensemble (whose own config does not say), one of its steps' models is."""
+        if self._decoupled is None:
+            cfg = self.model_config()
+            flag = bool(cfg.get("model_transaction_policy", {}).get("decoupled", False))
+            if not flag and cfg.get("platform") == "ensemble":
+                steps = cfg.get("ensemble_scheduling", {}).get("step", [])
+                flag = any(self.model_config(s["model_name"]).get("model_transaction_policy", {}).get("decoupled")
+                           for s in steps if s.get("model_name"))
+            self._decoupled = flag
+        return self._decoupled
 
     # --------------------------------------------------------------- requests
     def make_inputs(self, prompt: str, max_tokens: int, stream: bool, stop_words: tuple[str, ...] = (),
@@ -164,7 +195,7 @@ class TritonLLMClient:
                     raise ForgeError(f"no response from {self.url} (model '{self.model}') within "
                                      f"{self.timeout_s:g} s; is the server alive? (--timeout to wait longer)") from None
                 if error is not None:  # a request error or a broken stream: either way start afresh
-                    raise ForgeError(f"model '{self.model}' on {self.url}: {_message(error)}")
+                    raise self._failure(error, acc.count)
                 text = acc.add(result)
                 if text and ttft is None:
                     ttft = time.perf_counter() - t0
@@ -172,12 +203,32 @@ class TritonLLMClient:
                     on_text(text)
                 done = _is_final(result)
         except InferenceServerException as e:
-            raise ForgeError(f"stream to {self.url} failed: {_message(e)}") from None
+            # The stream broke before the request could be queued on it; tritonclient then reports
+            # the cause (unreachable, connection lost) through the callback, not in this exception.
+            try:
+                _, error = responses.get(timeout=min(1.0, max(0.0, deadline - time.perf_counter())))
+            except queue.Empty:
+                error = None
+            raise self._failure(error if error is not None else e, acc.count) from None
         finally:
             self._close_stream(cancel=not done)  # abandoned: cancel it on the server
         reply = acc.reply(t0, time.perf_counter())
         reply.ttft_s = ttft if ttft is not None else reply.total_s
         return reply
+
+
+    def _failure(self, error: Exception, responses: int) -> ForgeError:
+        """One line naming the server and what went wrong: nothing listens there, the connection was
+        lost (a crashed or killed server), or the model's own error for this request."""
+        detail = _message(error)
+        if _status(error) == "StatusCode.UNAVAILABLE" or "Socket closed" in detail or "Stream removed" in detail:
+            if responses == 0 and any(k in detail.lower() for k in _NO_CONNECTION):
+                return ForgeError(f"Triton server at {self.url} is unreachable ({detail}); is it running? "
+                                  "(check --url)")
+            return ForgeError(f"lost the connection to the Triton server at {self.url} during a request to model "
+                              f"'{self.model}' after {responses} response(s) ({detail}); did the server die? "
+                              "(check its log)")
+        return ForgeError(f"model '{self.model}' on {self.url}: {detail}")
 
 
 def _is_final(result) -> bool:
