@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 from datetime import datetime, timezone
@@ -18,11 +19,13 @@ def run_metadata() -> dict:
     """What a result needs to be reproducible: commit, device, library versions, time."""
     import torch
 
+    # A copy of the tree without .git (the GPU machine's) is told its commit by MEDUSA_FORGE_COMMIT.
+    commit = os.environ.get("MEDUSA_FORGE_COMMIT", "")
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                check=False).stdout.strip()
+        commit = commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                          check=False).stdout.strip()
     except OSError:
-        commit = ""
+        pass
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
     return {"commit": commit or "unknown", "device": device, "torch": torch.__version__,
             "python": platform.python_version(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}

@@ -72,9 +72,11 @@ class ChoiceTree:
                 data = json.loads(path.read_text())
             except json.JSONDecodeError as e:
                 raise ForgeError(f"{path}: not valid JSON ({e})") from None
-            if isinstance(data, dict):
+            name = path.stem
+            if isinstance(data, dict):  # an engine manifest names its tree (e.g. "auto") in extra
+                name = (data.get("extra") or {}).get("tree_name") or name
                 data = data.get("medusa_choices", data.get("paths"))
-            return cls.from_paths(data, name=path.stem, **kw)
+            return cls.from_paths(data, name=name, **kw)
         raise ForgeError(f"choice tree {spec!r}: not a preset ({', '.join(sorted(named))}), JSON list, or file")
 
     @property

@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# One GPU session's measurements, in priority order, each step bounded in time.
+#
+#   bash bench/device_run.sh train    # self-distilled heads -> runs/heads (skipped when present), GPU tests
+#   bash bench/device_run.sh suite    # every engine side by side + Llama-3-8B-shape step latencies
+#   bash bench/device_run.sh checks   # auto tree vs presets, fp8 vs bf16, eval speed + MMLU
+# A phase after `train` needs the heads it left in runs/ (the device machine keeps ignored paths
+# while it stays warm).
+#
+# Inputs travel as the git-ignored .device/shared/ (model + prompts: copy ../shared there and name
+# `.device` in the device tool's `carry`). Results go to $RESULTS (default runs/results) and, when
+# $OUT is set, are packed into $OUT/results.tar.gz (the device tool returns at most 8 files).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+PHASE=${1:-bench}
+SHARED=${MEDUSA_FORGE_SHARED:-$PWD/.device/shared}
+export MEDUSA_FORGE_SHARED=$SHARED PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+MODEL=$SHARED/models/pycoder-26m
+PROMPTS=$SHARED/data/code_prompts.jsonl
+RUNS=runs
+HEADS=$RUNS/heads
+RESULTS=${RESULTS:-$RUNS/results}
+MF="python3 -m medusa_forge.cli"
+# SMOKE=1: the same steps at toy sizes, to check this script on a CPU before spending GPU time.
+if [ -n "${SMOKE:-}" ]; then
+  N_PROMPTS=64 BATCH=8 MINUTES=0.5 ACCEPT=2 PER_TOPIC=1 PEERS=1 DEVICE=cpu SUITE_ARGS="--per-topic 1 --max-new-tokens 16"
+  mkdir -p "$RUNS"; head -n 3 "$PROMPTS" > "$RUNS/smoke_prompts.jsonl"; PROMPTS=$RUNS/smoke_prompts.jsonl
+else
+  N_PROMPTS=96000 BATCH=2048 MINUTES=3 ACCEPT=158 PER_TOPIC=4 PEERS=5 DEVICE=cuda SUITE_ARGS="--max-new-tokens 128"
+fi
+mkdir -p "$RESULTS"
+
+pack() {
+  if [ -n "${OUT:-}" ]; then
+    tar -czf "$OUT/results-$PHASE.tar.gz" -C "$RESULTS" .
+  fi
+}
+trap pack EXIT
+
+step() {  # step NAME SECONDS CMD...: run one bounded step, log it, never stop the session
+  local name=$1 limit=$2
+  shift 2
+  echo "=== $name (limit ${limit}s) $(date -u +%T)"
+  local t0=$SECONDS
+  timeout --signal=INT --kill-after=20 "$limit" "$@" > "$RESULTS/$name.log" 2>&1
+  local rc=$?
+  echo "=== $name rc=$rc in $((SECONDS - t0))s"
+  tail -n 25 "$RESULTS/$name.log"
+  return 0
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c 'import torch, triton, transformers; print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__)'
+echo "${MEDUSA_FORGE_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}" > "$RESULTS/commit.txt"
+
+if [ "$PHASE" = train ]; then
+  if [ -f "$HEADS/medusa_lm_head.safetensors" ]; then
+    echo "heads already in $HEADS"
+  else
+    # Medusa-1 recipe (5 heads x 1 ResBlock, heads coefficient 0.2, decay 0.8) on self-distilled
+    # greedy continuations of Python sources; held-out code_prompts are excluded and evaluated.
+    step train_heads 540 $MF train-heads --model "$MODEL" --out "$HEADS" --self-distill \
+      --prompts-from-python-sources $N_PROMPTS --distill-new-tokens 128 --distill-batch-size $BATCH \
+      --exclude-sources "$PROMPTS" --eval-prompts "$PROMPTS" --eval-acceptance $ACCEPT \
+      --num-heads 5 --num-layers 1 --max-seq-len 384 --batch-size 64 --epochs 2 --lr 1e-3 \
+      --max-train-minutes $MINUTES --device $DEVICE --no-progress --overwrite
+    cp "$HEADS"/train_report.* "$HEADS"/*.png "$HEADS"/config.json "$RESULTS"/ 2>/dev/null
+  fi
+  step gpu_tests 240 python3 -m pytest -q -m gpu tests/test_build_native.py tests/test_train_heads.py tests/test_kernels.py \
+    -p no:cacheprovider
+  exit 0
+fi
+
+[ -f "$HEADS/medusa_lm_head.safetensors" ] || { echo "no heads in $HEADS: run the train phase first"; exit 2; }
+E=$RUNS/engines
+AUTO_TREE=$E/auto/native-engine-bf16/medusa_forge.json
+if [ "$PHASE" = suite ]; then
+  # every engine side by side (+ the Llama-3-8B-shape step latencies, bf16 and fp8); 5 prompts per
+  # topic (30) for the slow peers, which also checks our greedy output against transformers'
+  TREES=(--tree mc_sim_7b_63 --tree chain-5)
+  [ -f "$AUTO_TREE" ] && TREES+=(--tree "$AUTO_TREE")
+  step suite 560 $MF bench suite --model "$MODEL" --medusa "$HEADS" --prompts "$PROMPTS" "${TREES[@]}" \
+    $SUITE_ARGS --peer-per-topic $PEERS --out "$RESULTS/suite"
+  exit 0
+fi
+# 1. auto tree, searched on the even prompts, against the presets on the odd ones
+step tree_check 150 make tree-check MODEL="$MODEL" MEDUSA="$HEADS" PROMPTS="$PROMPTS" TREE=auto OUT="$E/auto" \
+  RESULTS="$RESULTS" DTYPE=bf16
+# 2. fp8 engine against bf16: greedy agreement and step times
+step fp8_check 120 make fp8-check MODEL="$MODEL" MEDUSA="$HEADS" PROMPTS="$PROMPTS" OUT="$E/fp8" RESULTS="$RESULTS" \
+  TREE=mc_sim_7b_63
+# 3. eval: per-topic tokens/s base vs Medusa, output identity, MMLU answers (in process on the GPU)
+step eval_speed 120 $MF eval speed --in-process --base-model "$MODEL" --medusa-model "$MODEL" --medusa "$HEADS" \
+  --medusa-choices mc_sim_7b_63 --prompts "$PROMPTS" --per-topic $PER_TOPIC --max-tokens 128 --trials 2 --warmup 2 \
+  --no-progress --out "$RESULTS/eval_speed.json"
+for m in base medusa; do
+  step "eval_mmlu_$m" 60 $MF eval mmlu --in-process --model "$MODEL" --medusa "$HEADS" --medusa-choices mc_sim_7b_63 \
+    $([ $m = base ] && echo --no-medusa) --data tests/fixtures/mmlu_csv --shots 5 --no-progress \
+    --out "$RESULTS/mmlu_$m.json"
+done
+step eval_report 60 $MF eval report --mmlu "$RESULTS/mmlu_medusa.json" --baseline-mmlu "$RESULTS/mmlu_base.json" \
+  --speed "$RESULTS/eval_speed.json" --out "$RESULTS/eval_report"
