@@ -63,7 +63,7 @@ if [ "$PHASE" = train ]; then
     step train_heads 540 $MF train-heads --model "$MODEL" --out "$HEADS" --self-distill \
       --prompts-from-python-sources $N_PROMPTS --distill-new-tokens 128 --distill-batch-size $BATCH \
       --exclude-sources "$PROMPTS" --eval-prompts "$PROMPTS" --eval-acceptance $ACCEPT \
-      --num-heads 5 --num-layers 1 --max-seq-len 384 --batch-size 64 --epochs 2 --lr 1e-3 \
+      --num-heads 5 --num-layers 1 --max-seq-len 384 --batch-size 64 --epochs 3 --lr 1e-3 \
       --max-train-minutes $MINUTES --device $DEVICE --no-progress --overwrite
     cp "$HEADS"/train_report.* "$HEADS"/*.png "$HEADS"/config.json "$RESULTS"/ 2>/dev/null
   fi
