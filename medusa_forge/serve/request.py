@@ -42,7 +42,33 @@ def _scalar(name: str, inputs: dict[str, np.ndarray], batch: int, row: int):
     values = _rows(name, inputs[name], batch)[row]
     if values.size != 1:
         raise ForgeError(f"input '{name}' must hold one value per request, got {values.size}")
-    return values[0].item() if hasattr(values[0], "item") else values[0]
+    return values[0]
+
+
+def _int(value, name: str) -> int:
+    """An integer value (numpy or Python); bools, floats, strings and objects are refused."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise ForgeError(f"input '{name}' must be an integer, got {_describe(value)}")
+    return int(value)
+
+
+def _float(value, name: str) -> float:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ForgeError(f"input '{name}' must be a number, got {_describe(value)}")
+    return float(value)
+
+
+def _bool(value, name: str) -> bool:
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)) and int(value) in (0, 1):
+        return bool(value)
+    raise ForgeError(f"input '{name}' must be a boolean, got {_describe(value)}")
+
+
+def _describe(value) -> str:
+    text = repr(value.item() if isinstance(value, np.generic) else value)
+    return f"{type(value).__name__} {text[:40]}{'...' if len(text) > 40 else ''}"
 
 
 def _text(value, name: str) -> str:
@@ -59,6 +85,9 @@ def _text(value, name: str) -> str:
 def parse_request(inputs: dict[str, np.ndarray], use_medusa: bool, max_batch_size: int,
                   decoupled: bool) -> list[RowRequest]:
     """One :class:`RowRequest` per batch row of ``inputs`` (name -> array with the batch dimension)."""
+    not_arrays = sorted(name for name, value in inputs.items() if not isinstance(value, np.ndarray))
+    if not_arrays:
+        raise ForgeError(f"input(s) {', '.join(not_arrays)} must be arrays with a batch dimension")
     unknown = sorted(set(inputs) - set(INPUT_BY_NAME))
     if unknown:
         raise ForgeError(f"unknown input(s) {', '.join(unknown)}; this model takes "
@@ -91,32 +120,39 @@ def _parse_row(inputs: dict[str, np.ndarray], batch: int, row: int, use_medusa: 
     max_cells = _rows("max_tokens", inputs["max_tokens"], batch)[row]
     if max_cells.size < 1:
         raise ForgeError("input 'max_tokens' is empty; give the number of tokens to generate")
-    max_tokens = int(max_cells[0])
+    max_tokens = _int(max_cells[0], "max_tokens")
     if max_tokens < 1:
         raise ForgeError(f"input 'max_tokens' must be >= 1, got {max_tokens}")
-    stream = bool(_scalar("stream", inputs, batch, row) or False)
+    stream = _optional(_bool, "stream", inputs, batch, row) or False
     if stream and not decoupled:
         raise ForgeError("stream=true needs a decoupled model; regenerate the repository with "
                          "`medusa-forge triton-repo --decoupled`")
-    temperature = _scalar("temperature", inputs, batch, row)
-    top_k = _scalar("top_k", inputs, batch, row)
-    top_p = _scalar("top_p", inputs, batch, row)
-    seed = _scalar("random_seed", inputs, batch, row)
-    end_id = _scalar("end_id", inputs, batch, row)
-    temperature = 0.0 if temperature is None else float(temperature)
+    temperature = _optional(_float, "temperature", inputs, batch, row)
+    top_k = _optional(_int, "top_k", inputs, batch, row)
+    top_p = _optional(_float, "top_p", inputs, batch, row)
+    seed = _optional(_int, "random_seed", inputs, batch, row)
+    end_id = _optional(_int, "end_id", inputs, batch, row)
+    temperature = 0.0 if temperature is None else temperature
     if not np.isfinite(temperature) or temperature < 0:
         raise ForgeError(f"input 'temperature' must be a finite number >= 0, got {temperature}")
-    if top_k is not None and int(top_k) < 0:
+    if top_k is not None and top_k < 0:
         raise ForgeError(f"input 'top_k' must be >= 0, got {top_k}")
-    if top_p is not None and not (0.0 < float(top_p) <= 1.0):
+    if top_p is not None and not (0.0 < top_p <= 1.0):
         raise ForgeError(f"input 'top_p' must be in (0, 1], got {top_p}")
+    if seed is not None and not 0 <= seed < 2**64:
+        raise ForgeError(f"input 'random_seed' must be in 0..2^64-1, got {seed}")
     stops: tuple[str, ...] = ()
     if "stop_words" in inputs:
         stops = tuple(s for s in (_text(w, "stop_words") for w in _rows("stop_words", inputs["stop_words"], batch)[row]) if s)
     gcfg = GenerationConfig(
         max_new_tokens=max_tokens, use_medusa=use_medusa, temperature=temperature,
-        top_k=int(top_k) if top_k is not None else 0, top_p=float(top_p) if top_p is not None else 1.0,
-        stop_strings=stops, seed=int(seed) if seed is not None else None,
-        eos_token_ids=(int(end_id),) if end_id is not None and int(end_id) >= 0 else None,
-        ignore_eos=end_id is not None and int(end_id) < 0)
+        top_k=top_k if top_k is not None else 0, top_p=top_p if top_p is not None else 1.0,
+        stop_strings=stops, seed=seed, eos_token_ids=(end_id,) if end_id is not None and end_id >= 0 else None,
+        ignore_eos=end_id is not None and end_id < 0)
     return RowRequest(prompt, gcfg, stream)
+
+
+def _optional(convert, name: str, inputs: dict[str, np.ndarray], batch: int, row: int):
+    """An optional one-value-per-row input, converted and type-checked; None when absent."""
+    value = _scalar(name, inputs, batch, row)
+    return None if value is None else convert(value, name)
