@@ -63,7 +63,9 @@ class MedusaEngine:
             tree = tree or ChoiceTree.parse("mc_sim_7b_63")
             tree.check_heads(hc.num_heads)
         if tokenizer is not None and tokenizer.vocab_size > self.cfg.vocab_size:
-            raise ForgeError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab is {self.cfg.vocab_size}")
+            raise ForgeError(f"{getattr(tokenizer, 'source', 'tokenizer')}: tokenizer has {tokenizer.vocab_size} tokens but "
+                             f"the model's vocab_size is {self.cfg.vocab_size} (config.json); use the tokenizer the "
+                             "model was trained with")
         self.tree = tree if heads is not None else None
         model.setup_caches(1, max_seq_len)
         self.max_seq_len = model.max_seq_len
@@ -191,6 +193,11 @@ class MedusaEngine:
             raise ForgeError(f"max_new_tokens must be >= 1, got {gcfg.max_new_tokens}")
         # Room for the last tree plus the one step the host loop runs ahead.
         margin = 2 * (self.tree.num_nodes if (self.tree is not None and gcfg.use_medusa) else 1)
+        max_input = self.max_seq_len - margin - 1
+        if len(prompt_ids) > max_input:
+            raise ForgeError(f"prompt of {len(prompt_ids)} tokens is longer than the engine's max input of {max_input} "
+                             f"tokens (it exceeds the KV cache of {self.max_seq_len} tokens less {margin} for the tree "
+                             "and 1 to generate); shorten the prompt or use a larger --max-seq-len")
         need = len(prompt_ids) + gcfg.max_new_tokens + margin
         if need > self.max_seq_len:
             raise ForgeError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({gcfg.max_new_tokens}) + "

@@ -127,5 +127,5 @@ def write_pt(tensors: dict[str, Tensor], path: Path) -> None:
 def _first_line(e: BaseException) -> str:
     """torch's unpickling errors run to several paragraphs; the first line names the problem."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    disallowed = [ln for ln in lines if "Unsupported global" in ln]
+    disallowed = [ln for ln in lines if "unsupported global" in ln.lower()]
     return (disallowed or lines or [type(e).__name__])[0]
