@@ -100,13 +100,14 @@ def build_native(cfg: NativeBuildConfig) -> EngineManifest:
     max_seq_len = min(cfg.max_seq_len or 2048, model_cfg.max_position_embeddings)
     if max_seq_len < 16:
         raise ForgeError(f"--max-seq-len {max_seq_len} is too small (need >= 16)")
+    tokenizer = Tokenizer(cfg.model_dir)
+    tokenizer.check_fits(model_cfg.vocab_size)
 
     with atomic_output_dir(cfg.out_dir, cfg.overwrite) as tmp:
         model = load_hf_model(cfg.model_dir, dtype=work_dtype, device=device)
         heads = None
         if cfg.medusa_dir is not None:
             heads = load_heads(cfg.medusa_dir, model_cfg.hidden_size, model_cfg.vocab_size, dtype=work_dtype, device=device)
-        tokenizer = Tokenizer(cfg.model_dir)
         extra: dict = {"build_device": device_name(device)}
         if cfg.calib_prompts is not None:
             extra["calib_split"] = cfg.calib_split

@@ -62,10 +62,8 @@ class MedusaEngine:
                                  f"base model (hidden {self.cfg.hidden_size}, vocab {self.cfg.vocab_size})")
             tree = tree or ChoiceTree.parse("mc_sim_7b_63")
             tree.check_heads(hc.num_heads)
-        if tokenizer is not None and tokenizer.vocab_size > self.cfg.vocab_size:
-            raise ForgeError(f"{getattr(tokenizer, 'source', 'tokenizer')}: tokenizer has {tokenizer.vocab_size} tokens but "
-                             f"the model's vocab_size is {self.cfg.vocab_size} (config.json); use the tokenizer the "
-                             "model was trained with")
+        if tokenizer is not None:
+            tokenizer.check_fits(self.cfg.vocab_size)
         self.tree = tree if heads is not None else None
         model.setup_caches(1, max_seq_len)
         self.max_seq_len = model.max_seq_len

@@ -72,6 +72,7 @@ def train_heads(cfg: TrainConfig) -> dict:
     model = load_hf_model(cfg.model, dtype=dtype, device=dev)
     tok = Tokenizer(cfg.model)
     mc = model.config
+    tok.check_fits(mc.vocab_size)
     if cfg.max_seq_len > mc.max_position_embeddings:
         raise ForgeError(f"--max-seq-len {cfg.max_seq_len} exceeds the model's max_position_embeddings "
                          f"({mc.max_position_embeddings})")
