@@ -11,7 +11,9 @@ is importable and testable without Triton. Behaviour:
   the text and the statistics; with ``stream=false`` a single final response.
 - A bad request gets an error response naming the problem (``INVALID_ARG``); the instance keeps serving.
 - A cancelled request (client gone, stream closed, ``stop_stream(cancel_requests=True)``) stops
-  generating within one decoding step; so does one past the model's ``request_timeout_s``.
+  generating within one decoding step; so does one past the model's ``request_timeout_s``. When
+  even its error response cannot be sent (the client is gone), that is logged and the instance
+  goes on with the next request.
 - One request executes at a time per instance (see native_service.py for the concurrency model).
 """
 
@@ -47,6 +49,12 @@ def _response(tensors) -> "pb_utils.InferenceResponse":
 
 def _failed(exc: Exception) -> "pb_utils.InferenceResponse":
     return pb_utils.InferenceResponse(output_tensors=[], error=_describe(exc))
+
+
+def _log_warning(message: str) -> None:
+    logger = getattr(pb_utils, "Logger", None)
+    if logger is not None:
+        logger.log_warn(message)
 
 
 class TritonPythonModel:
@@ -100,7 +108,10 @@ class TritonPythonModel:
             else:
                 sender.send(_response(self._complete(rows, sender.is_cancelled)), flags=final)
         except Exception as e:  # noqa: BLE001 - cancelled, timed out, bad request or engine failure
-            sender.send(_failed(e), flags=final)
+            try:
+                sender.send(_failed(e), flags=final)
+            except Exception as send_error:  # noqa: BLE001 - nobody left to tell; never stop serving
+                _log_warning(f"could not send the error response ({e}) of a request: {send_error}")
 
     def finalize(self) -> None:
         self.service = None
