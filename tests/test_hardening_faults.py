@@ -331,3 +331,20 @@ def test_interrupted_train_heads_points_at_resume(model_dir, work, prompts_path)
     assert last == (f"error: interrupted by SIGTERM: {RERUN} with --resume to continue from its last checkpoint "
                     "(<out>.ckpt), if it saved one")
     assert not out.exists() and temps(work, "trained") == []
+
+
+# ------------------------------------------------------------------------------------------ serving
+def test_a_request_cancelled_while_it_waited_never_starts(built):
+    """The native model's service (what each Triton instance runs): a client that left while its request
+    queued costs no prefill, and the next request is served as usual."""
+    from medusa_forge.engine.generation import GenerationConfig
+    from medusa_forge.serve.native_service import NativeModelSettings, NativeService, RequestCancelled
+    from medusa_forge.serve.request import RowRequest
+
+    service = NativeService(NativeModelSettings(engine_dir=str(built[0]), use_medusa="false", warmup_tokens="0"))
+    row = RowRequest("def main():", GenerationConfig(max_new_tokens=4, use_medusa=False, ignore_eos=True), False)
+    seen: list[int] = []
+    with pytest.raises(RequestCancelled):
+        service.run(row, on_tokens=seen.extend, cancelled=lambda: True)
+    assert seen == []  # not even the prefill's token
+    assert len(service.run(row, on_tokens=seen.extend, cancelled=lambda: False).tokens) == 4 and len(seen) == 4

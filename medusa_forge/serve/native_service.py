@@ -191,11 +191,13 @@ class NativeService:
             cancelled: Callable[[], bool] | None = None) -> Reply:
         """Generate for one row under the engine lock; ``on_tokens`` sees each step's new ids.
 
-        Raises :class:`RequestCancelled` once ``cancelled()`` says so and :class:`RequestTimedOut`
-        past the deadline, both between steps (the engine restarts cleanly on the next request).
+        Raises :class:`RequestCancelled` once ``cancelled()`` says so (also before starting, for a request
+        cancelled while it waited) and :class:`RequestTimedOut` past the deadline, both between steps (the
+        engine restarts cleanly on the next request).
         """
         with self.lock:
             watch = _Watch(self.timeout_s, cancelled)
+            watch.check(0)  # gone while it waited: no prefill for nobody
             produced = [0]
 
             def step(new: list[int]) -> None:
