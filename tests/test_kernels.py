@@ -204,3 +204,37 @@ def test_cpu_tensors_and_autograd_take_the_reference_path():
         assert not K.use_triton(xc.requires_grad_())
         with K.reference_kernels():
             assert not K.use_triton(x.cuda())
+
+
+# ---------------------------------------------------------------------------------- exactness
+@pytest.mark.parametrize("tree,prefix,config", [
+    ("small", 29, SMALL),  # depth-3 paths cross the split boundary at slot 32
+    ("mc_sim_7b_63", 62, K.AttentionConfig(split=64, block_m=16, block_n=16)),
+])
+def test_tree_rows_are_bit_identical_to_sequential_decoding(tree, prefix, config):
+    """Node i of a tree step (depth d) gives the bits that plain decoding gives for the same token
+    one step at a time: its ancestors committed at slots prefix..prefix+d-1, itself at prefix+d,
+    a T=1 causal launch at prefix_len = prefix+d. This, with row-invariant GEMMs and norms, is what
+    makes greedy Medusa output identical to greedy decoding on the GPU (not just close)."""
+    b = tree_buffers(ChoiceTree.parse(tree))
+    mask, anc = b.attn_mask.to(DEVICE), b.ancestors.to(DEVICE)
+    T = mask.shape[0]
+    q, k, v = attention_inputs(T, torch.bfloat16, seed=21)
+    full = K.cache_attention_triton(q, k, v, torch.tensor(prefix, device=DEVICE), mask, config, tree_ancestors=anc)
+    assert torch.equal(full, K.cache_attention_triton(q, k, v, torch.tensor(prefix, device=DEVICE), mask, config))
+    for i in range(T):
+        path = [int(a) for a in b.ancestors[i] if a >= 0]  # root .. i
+        d = len(path) - 1
+        k2, v2 = k.clone(), v.clone()
+        for cache, src in ((k2, k), (v2, v)):
+            cache[:, prefix:prefix + d + 1] = src[:, [prefix + j for j in path]]
+            cache[:, prefix + d + 1:] = randn(KV, S - prefix - d - 1, D, dtype=torch.bfloat16, seed=30 + i)
+        seq = K.cache_attention_triton(q[i:i + 1], k2, v2, torch.tensor(prefix + d, device=DEVICE), None, config)
+        assert torch.equal(seq[0], full[i]), f"node {i} (depth {d}) differs from sequential decoding"
+
+
+def test_ancestor_table_lists_each_nodes_path_in_depth_order():
+    b = tree_buffers(ChoiceTree.parse("mc_sim_7b_63"))
+    table = K.ancestor_table(b.attn_mask)
+    assert torch.equal(table[:, : b.ancestors.shape[1]], b.ancestors)
+    assert (table[:, b.ancestors.shape[1]:] == -1).all()

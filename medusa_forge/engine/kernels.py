@@ -263,25 +263,47 @@ if HAVE_TRITON:
         s = _round(g / (1.0 + tl.exp(-g)), DT).to(tl.float32)
         tl.store(OUT + row * stride_o + cols, _round(s * u, DT), mask=ok)
 
-    @_source(do_not_specialize=["T", "t_begin", "n_rows"])
-    def _attn_split_kernel(Q, KC, VC, PREFIX, MASK, PO, PM, PL, T, t_begin, n_rows, S, R_pad, qk_scale,
+    @_source(do_not_specialize=["T", "t_begin", "n_rows", "A"])
+    def _attn_split_kernel(Q, KC, VC, PREFIX, MASK, ANC, PO, PM, PL, T, t_begin, n_rows, S, R_pad, A, qk_scale,
                            stride_qt, stride_qh, stride_kh, stride_ks, stride_vh, stride_vs, stride_mt,
-                           G: tl.constexpr, D: tl.constexpr, NS: tl.constexpr, SPLIT: tl.constexpr,
+                           stride_at, G: tl.constexpr, D: tl.constexpr, NS: tl.constexpr, SPLIT: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr,
-                           DOT_F32: tl.constexpr):
+                           MODE: tl.constexpr, DOT_F32: tl.constexpr):
         """One (KV split, KV head, row tile): online softmax over slots [split*SPLIT, ...) below
         prefix+T, partial (max, sum, unnormalised output) per row to PM/PL/PO.
 
+        MODE 0: every split, row tiles shared by tokens (long prefill chunks).
+        MODE 1: shared row tiles, only the splits wholly below the prefix (committed keys, the same
+        for every token). MODE 2 (program ids: split offset, KV head, token): one token per
+        program over the splits that hold new slots, reading its keys in *its own sequence order*:
+        virtual slot prefix+k is the token's depth-k ancestor (``ANC[t, k]``, -1 past its depth;
+        causal: itself and the tokens before it). So a tree node at depth d reduces exactly the
+        keys, in exactly the positions and blocks, that plain decoding reduces for the same token
+        at slot prefix+d after its ancestors were committed: the tree step is bit-identical to
+        sequential decoding, not only batch invariant. MODEs 1 and 2 run the same arithmetic on
+        the same tile shapes; a split or block a row cannot see adds exact zeros.
+
         DOT_F32 (interpreter only, which multiplies bf16 bit patterns as integers): feed the dots
         fp32 copies of the operands, the same values since bf16 -> fp32 is exact."""
-        split = tl.program_id(0)
         kvh = tl.program_id(1)
         prefix = tl.load(PREFIX).to(tl.int32)
         end = tl.minimum(prefix + T, S)
+        if MODE == 2:
+            split = prefix // SPLIT + tl.program_id(0)
+        else:
+            split = tl.program_id(0)
         lo = split * SPLIT
-        if lo < end:
-            rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
-            row_ok = rows < n_rows
+        if MODE == 1:
+            active = lo + SPLIT <= prefix
+        else:
+            active = lo < end
+        if active:
+            if MODE == 2:
+                rows = tl.program_id(2) * G + tl.arange(0, BLOCK_M)
+                row_ok = tl.arange(0, BLOCK_M) < G
+            else:
+                rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+                row_ok = rows < n_rows
             tok = t_begin + rows // G
             d = tl.arange(0, D)
             q = tl.load(Q + tok[:, None] * stride_qt + (kvh * G + rows % G)[:, None] * stride_qh + d[None, :],
@@ -289,30 +311,53 @@ if HAVE_TRITON:
             m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
             l_i = tl.full([BLOCK_M], 0.0, tl.float32)
             acc = tl.full([BLOCK_M, D], 0.0, tl.float32)
-            hi = tl.minimum(lo + SPLIT, end)
+            if MODE == 2:
+                hi = tl.minimum(lo + SPLIT, S)
+                me = t_begin + tl.program_id(2)  # this program's token
+            else:
+                hi = tl.minimum(lo + SPLIT, end)
             for start in range(lo, hi, BLOCK_N):
                 n = start + tl.arange(0, BLOCK_N)
                 n_ok = n < hi
-                k = tl.load(KC + kvh * stride_kh + n[:, None] * stride_ks + d[None, :], mask=n_ok[:, None], other=0.0)
+                rel = n - prefix
+                if MODE == 2:
+                    if HAS_MASK:
+                        anc = tl.load(ANC + me * stride_at + rel, mask=(rel >= 0) & (rel < A) & n_ok, other=-1)
+                    else:
+                        anc = tl.where((rel >= 0) & (rel <= me), rel, -1)
+                    key_vis = ((rel < 0) | (anc >= 0)) & n_ok
+                    phys = tl.where(rel < 0, n, prefix + anc)
+                    k = tl.load(KC + kvh * stride_kh + phys[:, None] * stride_ks + d[None, :],
+                                mask=key_vis[:, None], other=0.0)
+                else:
+                    k = tl.load(KC + kvh * stride_kh + n[:, None] * stride_ks + d[None, :], mask=n_ok[:, None],
+                                other=0.0)
                 if DOT_F32:
                     s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee") * qk_scale
                 else:
                     s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
-                rel = n - prefix
-                new = (rel >= 0) & n_ok
-                if HAS_MASK:
-                    allowed = tl.load(MASK + tok[:, None] * stride_mt + rel[None, :],
-                                      mask=row_ok[:, None] & new[None, :], other=0) != 0
+                if MODE == 2:
+                    vis = key_vis[None, :] & row_ok[:, None]
                 else:
-                    allowed = rel[None, :] <= tok[:, None]
-                vis = (rel < 0)[None, :] | (new[None, :] & allowed)
+                    new = (rel >= 0) & n_ok
+                    if HAS_MASK:
+                        allowed = tl.load(MASK + tok[:, None] * stride_mt + rel[None, :],
+                                          mask=row_ok[:, None] & new[None, :], other=0) != 0
+                    else:
+                        allowed = rel[None, :] <= tok[:, None]
+                    vis = (rel < 0)[None, :] | (new[None, :] & allowed)
                 s = tl.where(vis, s, float("-inf"))
                 m_new = tl.maximum(m_i, tl.reduce(s, 1, _max))
                 m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
                 alpha = tl.exp2(m_i - m_use)
                 p = tl.exp2(s - m_use[:, None])
                 l_i = l_i * alpha + tl.reduce(p, 1, _add)
-                v = tl.load(VC + kvh * stride_vh + n[:, None] * stride_vs + d[None, :], mask=n_ok[:, None], other=0.0)
+                if MODE == 2:
+                    v = tl.load(VC + kvh * stride_vh + phys[:, None] * stride_vs + d[None, :], mask=key_vis[:, None],
+                                other=0.0)
+                else:
+                    v = tl.load(VC + kvh * stride_vh + n[:, None] * stride_vs + d[None, :], mask=n_ok[:, None],
+                                other=0.0)
                 p = _round(p, v.dtype)
                 if DOT_F32:
                     p, v = p.to(tl.float32), v.to(tl.float32)
@@ -408,18 +453,36 @@ def silu_mul_triton(gate_up: Tensor) -> Tensor:
     return out.view(*gate_up.shape[:-1], inter)
 
 
+def ancestor_table(tree_mask: Tensor) -> Tensor:
+    """[T, T] int32: row i lists node i's ancestors and itself in increasing node (= depth) order,
+    then -1. Node indices grow with depth along every path (trees are sorted by path length)."""
+    T = tree_mask.shape[0]
+    idx = torch.arange(T, device=tree_mask.device, dtype=torch.int32)
+    order = torch.where(tree_mask, idx, T).sort(dim=1).values
+    return torch.where(order < T, order, -1).to(torch.int32).contiguous()
+
+
 def cache_attention_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, prefix_len: Tensor,
-                           tree_mask: Tensor | None = None, config: AttentionConfig = DEFAULT_ATTENTION) -> Tensor:
+                           tree_mask: Tensor | None = None, config: AttentionConfig = DEFAULT_ATTENTION,
+                           tree_ancestors: Tensor | None = None) -> Tensor:
+    """Decode and tree steps (T <= split) run MODE 1 + MODE 2 of the split kernel, so every row
+    equals plain sequential decoding bit for bit; longer prefills run MODE 0 in token chunks."""
     T, H, D = q.shape
     n_kv, S, _ = k_cache.shape
     G = H // n_kv
     assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
     if tree_mask is not None:
         assert tree_mask.shape == (T, T), f"tree_mask must be [{T}, {T}], got {tuple(tree_mask.shape)}"
+        if tree_ancestors is None:
+            tree_ancestors = ancestor_table(tree_mask)
         tree_mask = tree_mask.contiguous().view(torch.uint8)
     ns = triton.cdiv(S, config.split)
     out = torch.empty_like(q)
     chunk = max(1, min(T, config.max_scratch_bytes // (n_kv * ns * G * D * 4)))
+    sequential = T <= config.split and chunk >= T and G <= config.block_m
+    mask = tree_mask if tree_mask is not None else prefix_len
+    anc = tree_ancestors if tree_ancestors is not None else prefix_len
+    split_kernel = _kernel("_attn_split_kernel")
     for t0 in range(0, T, chunk):
         n_rows = min(chunk, T - t0) * G
         tiles = triton.cdiv(n_rows, config.block_m)
@@ -427,15 +490,19 @@ def cache_attention_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, prefix_l
         po = torch.empty(n_kv, ns, r_pad, D, dtype=torch.float32, device=q.device)
         pm = torch.empty(n_kv, ns, r_pad, dtype=torch.float32, device=q.device)
         pl = torch.empty_like(pm)
-        mask = tree_mask if tree_mask is not None else prefix_len
-        split_kernel = _kernel("_attn_split_kernel")
-        split_kernel[(ns, n_kv, tiles)](
-            q, k_cache, v_cache, prefix_len, mask, po, pm, pl, T, t0, n_rows, S, r_pad, LOG2E / math.sqrt(D),
-            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
-            tree_mask.stride(0) if tree_mask is not None else 0,
-            G=G, D=D, NS=ns, SPLIT=config.split, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-            HAS_MASK=tree_mask is not None, DOT_F32=_interpreted and q.dtype != torch.float32,
-            num_warps=config.num_warps)
+        args = (q, k_cache, v_cache, prefix_len, mask, anc, po, pm, pl, T, t0, n_rows, S, r_pad,
+                anc.shape[-1] if tree_ancestors is not None else 0, LOG2E / math.sqrt(D),
+                q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
+                tree_mask.stride(0) if tree_mask is not None else 0,
+                tree_ancestors.stride(0) if tree_ancestors is not None else 0)
+        meta = dict(G=G, D=D, NS=ns, SPLIT=config.split, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+                    HAS_MASK=tree_mask is not None, DOT_F32=_interpreted and q.dtype != torch.float32,
+                    num_warps=config.num_warps)
+        if sequential:  # the splits below the prefix shared by all tokens, then each token's own tail
+            split_kernel[(ns, n_kv, tiles)](*args, MODE=1, **meta)
+            split_kernel[(2, n_kv, T)](*args, MODE=2, **meta)
+        else:
+            split_kernel[(ns, n_kv, tiles)](*args, MODE=0, **meta)
         _kernel("_attn_combine_kernel")[(n_rows, n_kv)](
             po, pm, pl, out, prefix_len, T, t0, S, r_pad, out.stride(0), out.stride(1),
             G=G, D=D, NS=ns, NS_BLOCK=triton.next_power_of_2(ns), SPLIT=config.split, num_warps=4)
@@ -469,13 +536,15 @@ def silu_mul(gate_up: Tensor) -> Tensor:
 
 
 def cache_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, prefix_len: Tensor,
-                    tree_mask: Tensor | None = None) -> Tensor:
+                    tree_mask: Tensor | None = None, tree_ancestors: Tensor | None = None) -> Tensor:
     """Attention of T new tokens q [T, H, D] over one sequence's cache [KV, S, D].
 
     Token t sees every slot < prefix_len (a 0-d/1-element device tensor, read inside the kernel)
     and the new slots prefix_len+j allowed by ``tree_mask[t, j]`` ([T, T] bool; causal when None).
     The new tokens' K/V must already sit at slots prefix_len..prefix_len+T-1. Returns [T, H, D].
+    ``tree_ancestors`` (:func:`ancestor_table` of the mask, precomputed once per tree) saves the
+    Triton path from deriving it at every call.
     """
     if use_triton(q) and q.shape[-1] & (q.shape[-1] - 1) == 0:
-        return cache_attention_triton(q, k_cache, v_cache, prefix_len, tree_mask)
+        return cache_attention_triton(q, k_cache, v_cache, prefix_len, tree_mask, tree_ancestors=tree_ancestors)
     return cache_attention_ref(q, k_cache, v_cache, prefix_len, tree_mask)

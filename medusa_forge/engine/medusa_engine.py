@@ -78,7 +78,6 @@ class MedusaEngine:
     def _init_state(self) -> None:
         dev, S = self.device, self.max_seq_len
         long = dict(dtype=torch.long, device=dev)
-        self.cols = torch.arange(S, **long)
         self.cur_len = torch.zeros((), **long)  # tokens committed to the KV cache
         self.root = torch.zeros(1, **long)  # the pending next token (greedy choice of the base model)
         self.last_logits = torch.zeros(1, self.cfg.vocab_size, dtype=torch.float32, device=dev)
@@ -116,8 +115,7 @@ class MedusaEngine:
 
     def _base_step(self) -> None:
         pos = self.cur_len.view(1)
-        mask = (self.cols <= self.cur_len)[None, None, None, :]
-        hidden = self.model(self.root.view(1, 1), pos, pos, mask, prefix_len=self.cur_len)[0]
+        hidden = self.model(self.root.view(1, 1), pos, pos, None, prefix_len=self.cur_len)[0]
         self.last_logits.copy_(self.model.logits(hidden))
         self.root.copy_(self.last_logits.argmax(-1))
         self.cur_len.add_(1)
@@ -125,14 +123,13 @@ class MedusaEngine:
         self.step_out[1:2].copy_(self.root)
 
     def _tree_step(self, accept: Callable[[Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]) -> None:
-        b, n = self.buffers, self.tree.num_nodes
+        b = self.buffers
         candidates = torch.cat([self.root, self.head_topk.flatten()])
         tree_tokens = candidates[b.tree_indices]
-        rel = self.cols - self.cur_len
-        in_tree = b.attn_mask[:, rel.clamp(0, n - 1)] & ((rel >= 0) & (rel < n))
-        mask = ((rel < 0)[None, :] | in_tree)[None, None]
-        hidden = self.model(tree_tokens[None], self.cur_len + b.positions, self.cur_len + self.node_ids, mask,
-                            prefix_len=self.cur_len, tree_mask=b.attn_mask)[0]
+        # The CUDA attention kernel reads prefix_len + the tree (no mask); the reference path builds
+        # its mask from them, once per layer.
+        hidden = self.model(tree_tokens[None], self.cur_len + b.positions, self.cur_len + self.node_ids, None,
+                            prefix_len=self.cur_len, tree_mask=b.attn_mask, tree_ancestors=b.ancestors)[0]
         logits = self.model.logits(hidden)
         path_tokens = tree_tokens[b.retrieve_indices]
         best, accepted = accept(logits, path_tokens, b.retrieve_indices, b.retrieve_valid)  # [1], [1]

@@ -95,7 +95,8 @@ class Attention(nn.Module):
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, slots: Tensor, mask: Tensor | None,
-                prefix_len: Tensor | None = None, tree_mask: Tensor | None = None) -> Tensor:
+                prefix_len: Tensor | None = None, tree_mask: Tensor | None = None,
+                tree_ancestors: Tensor | None = None) -> Tensor:
         """cos/sin [T, D]. Either ``mask`` [B|1, 1, T, S] or ``prefix_len`` (+ ``tree_mask``, see
         :func:`~medusa_forge.engine.kernels.cache_attention`) says what each token sees; with
         prefix_len a batch-1 CUDA forward runs the cache attention kernel and ignores the mask."""
@@ -104,7 +105,7 @@ class Attention(nn.Module):
         q = kernels.rope_qkv_to_cache(self.wqkv(x), cos, sin, cache.k, cache.v, slots,
                                       self.n_heads, self.n_kv, self.head_dim)  # [B, T, H, D]
         if prefix_len is not None and B == 1 and kernels.use_triton(q):
-            y = kernels.cache_attention(q[0], cache.k[0], cache.v[0], prefix_len, tree_mask)[None]
+            y = kernels.cache_attention(q[0], cache.k[0], cache.v[0], prefix_len, tree_mask, tree_ancestors)[None]
         else:
             if mask is None:
                 mask = kernels.cache_mask(prefix_len, tree_mask, T, cache.k.shape[2])
@@ -133,10 +134,10 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, slots: Tensor, mask: Tensor | None,
                 delta: Tensor | None = None, prefix_len: Tensor | None = None,
-                tree_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                tree_mask: Tensor | None = None, tree_ancestors: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Input x + delta (the previous block's unsummed output); returns (residual, MLP output)."""
         h, x = (self.attn_norm(x), x) if delta is None else self.attn_norm.add_forward(x, delta)
-        h, x = self.ffn_norm.add_forward(x, self.attn(h, cos, sin, slots, mask, prefix_len, tree_mask))
+        h, x = self.ffn_norm.add_forward(x, self.attn(h, cos, sin, slots, mask, prefix_len, tree_mask, tree_ancestors))
         return x, self.ffn(h)
 
 
@@ -168,7 +169,8 @@ class Transformer(nn.Module):
         self.max_seq_len = max_seq_len
 
     def forward(self, tokens: Tensor, positions: Tensor, slots: Tensor, mask: Tensor | None = None, *,
-                prefix_len: int | Tensor | None = None, tree_mask: Tensor | None = None) -> Tensor:
+                prefix_len: int | Tensor | None = None, tree_mask: Tensor | None = None,
+                tree_ancestors: Tensor | None = None) -> Tensor:
         """Return final-norm hidden states [B, T, H].
 
         tokens [B, T]; positions [T] RoPE positions; slots [T] cache slots to write;
@@ -177,6 +179,7 @@ class Transformer(nn.Module):
         ``prefix_len`` (0-d device tensor, or an int outside CUDA graphs) and ``tree_mask`` [T, T]
         (which new tokens each new token sees; causal when None): the same visibility as ``mask``,
         which lets CUDA run the mask-free cache attention kernel. ``mask`` may then be None.
+        ``tree_ancestors`` (TreeBuffers.ancestors) spares the kernel deriving them from tree_mask.
         """
         x = self.embed(tokens)
         cos, sin = self.rope[:, positions].to(x.dtype)
@@ -184,7 +187,7 @@ class Transformer(nn.Module):
             prefix_len = torch.tensor(prefix_len, device=x.device)
         delta = None
         for layer in self.layers:
-            x, delta = layer(x, cos, sin, slots, mask, delta, prefix_len, tree_mask)
+            x, delta = layer(x, cos, sin, slots, mask, delta, prefix_len, tree_mask, tree_ancestors)
         return self.norm(x) if delta is None else self.norm.add_forward(x, delta)[0]
 
     def logits(self, hidden: Tensor) -> Tensor:

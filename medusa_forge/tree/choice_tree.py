@@ -111,6 +111,8 @@ class TreeBuffers:
     retrieve_indices [P, D+1]: node indices of each root-to-leaf path, padded with 0.
     retrieve_valid [P, D+1] bool: False at padding.
     parents [N]: parent node of each node (root: 0).
+    ancestors [N, D+1] int32: node i's depth-k ancestor at column k (itself at its depth), then -1;
+        the tree attention kernel reads each node's keys in this order, as sequential decoding would.
     """
 
     attn_mask: Tensor
@@ -119,10 +121,12 @@ class TreeBuffers:
     retrieve_indices: Tensor
     retrieve_valid: Tensor
     parents: Tensor
+    ancestors: Tensor
 
     def to(self, device) -> "TreeBuffers":
         return TreeBuffers(*(t.to(device) for t in (self.attn_mask, self.tree_indices, self.positions,
-                                                     self.retrieve_indices, self.retrieve_valid, self.parents)))
+                                                     self.retrieve_indices, self.retrieve_valid, self.parents,
+                                                     self.ancestors)))
 
 
 def tree_buffers(tree: ChoiceTree, topk: int = TOPK, device="cpu") -> TreeBuffers:
@@ -149,4 +153,8 @@ def tree_buffers(tree: ChoiceTree, topk: int = TOPK, device="cpu") -> TreeBuffer
         nodes = [0] + [index[leaf[:d]] for d in range(1, len(leaf) + 1)]
         retrieve[r, : len(nodes)] = torch.tensor(nodes)
         valid[r, : len(nodes)] = True
-    return TreeBuffers(mask, tree_indices, positions, retrieve, valid, parents).to(device)
+    ancestors = torch.full((n, width), -1, dtype=torch.int32)
+    ancestors[0, 0] = 0
+    for p, i in index.items():
+        ancestors[i, : len(p) + 1] = torch.tensor([0] + [index[p[:d]] for d in range(1, len(p) + 1)])
+    return TreeBuffers(mask, tree_indices, positions, retrieve, valid, parents, ancestors).to(device)
