@@ -59,7 +59,7 @@ def _fsync_tree(root: Path) -> None:
 
 def _pid_alive(pid: int) -> bool:
     if pid == os.getpid():
-        return False  # our own leftovers (an earlier writer in this process that failed) are stale too
+        return True  # another thread of ours may be writing it right now (our failed writers clean up after themselves)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
