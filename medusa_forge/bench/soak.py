@@ -246,6 +246,7 @@ def run_soak(url: str, models: list[str], prompts: list[str], server_pid: int, c
     probe = RssProbe(server_pid)
     progress(f"sequential answers: {len(models)} model(s) x {len(prompts)} prompts")
     reference = sequential_answers(url, models, prompts, cfg.max_tokens, cfg.timeout_s)
+    load_before = os.getloadavg()
     t0 = time.monotonic()
     sampler = Sampler(probe, cfg.sample_every_s, t0)
     sampler.start()
@@ -284,6 +285,8 @@ def run_soak(url: str, models: list[str], prompts: list[str], server_pid: int, c
         "prompts": len(prompts),
         "config": asdict(cfg),
         "wall_s": round(wall, 2),
+        "cpus": os.cpu_count(),
+        "load_average": {"before": [round(x, 2) for x in load_before], "after": [round(x, 2) for x in os.getloadavg()]},
         "requests": {"completed": len(done), "completed_after_warmup": len(steady), "abandoned": tally.abandoned,
                      "errors": len(tally.errors), "mismatches": len(tally.mismatches), "per_model": per_model},
         "throughput": {"answers_per_s": round(len(done) / wall, 3),
@@ -316,6 +319,8 @@ def summary_lines(doc: dict[str, Any]) -> list[str]:
         lines.append(f"RSS {what}: {s['start_mb']:.0f} MiB at start, {s['baseline_mb']:.0f} after warm-up, peak "
                      f"{s['peak_mb']:.0f}, final {s['final_mb']:.0f}: growth {s['growth_mb']:+.1f} MiB (bound "
                      f"{rss['bound_mb']:g}), slope {s['slope_mb_per_min']:+.2f} MiB/min")
+    lines.append(f"machine: {doc['cpus']} CPUs, load average (1/5/15 min) {doc['load_average']['before']} before, "
+                 f"{doc['load_average']['after']} after (clients, server and anything else on the machine)")
     lines.append("checks: " + ", ".join(f"{k} {'ok' if v else 'FAILED'}" for k, v in doc["checks"].items()))
     return lines
 
