@@ -25,9 +25,11 @@ MF="python3 -m medusa_forge.cli"
 # SMOKE=1: the same steps at toy sizes, to check this script on a CPU before spending GPU time.
 if [ -n "${SMOKE:-}" ]; then
   N_PROMPTS=64 BATCH=8 MINUTES=0.5 ACCEPT=2 PER_TOPIC=1 PEERS=1 DEVICE=cpu SUITE_ARGS="--per-topic 1 --max-new-tokens 16"
+  SEARCH_ARGS="--calib-limit 2 --calib-new-tokens 16 --search-sizes 2,4 --max-tree-nodes 8 --timing-prompts 1"
   mkdir -p "$RUNS"; head -n 3 "$PROMPTS" > "$RUNS/smoke_prompts.jsonl"; PROMPTS=$RUNS/smoke_prompts.jsonl
 else
   N_PROMPTS=96000 BATCH=2048 MINUTES=3 ACCEPT=158 PER_TOPIC=4 PEERS=5 DEVICE=cuda SUITE_ARGS="--max-new-tokens 128"
+  SEARCH_ARGS="--calib-limit 79 --calib-new-tokens 128 --search-sizes 8,16,32,48,63 --search-depths 3,4,5"
 fi
 mkdir -p "$RESULTS"
 
@@ -85,19 +87,20 @@ if [ "$PHASE" = suite ]; then
   exit 0
 fi
 # 1. auto tree, searched on the even prompts, against the presets on the odd ones
-step tree_check 150 make tree-check MODEL="$MODEL" MEDUSA="$HEADS" PROMPTS="$PROMPTS" TREE=auto OUT="$E/auto" \
-  RESULTS="$RESULTS" DTYPE=bf16
+# (calibration: all 79 even prompts x 128 tokens; sizes x depth limits 3..5, 3 finalists measured)
+step tree_check 240 make tree-check MODEL="$MODEL" MEDUSA="$HEADS" PROMPTS="$PROMPTS" TREE=auto OUT="$E/auto" \
+  RESULTS="$RESULTS" DTYPE=bf16 BUILD_ARGS="$SEARCH_ARGS"
 # 2. fp8 engine against bf16: greedy agreement and step times
 step fp8_check 120 make fp8-check MODEL="$MODEL" MEDUSA="$HEADS" PROMPTS="$PROMPTS" OUT="$E/fp8" RESULTS="$RESULTS" \
   TREE=mc_sim_7b_63
 # 3. eval: per-topic tokens/s base vs Medusa, output identity, MMLU answers (in process on the GPU)
-step eval_speed 120 $MF eval speed --in-process --base-model "$MODEL" --medusa-model "$MODEL" --medusa "$HEADS" \
+step eval_speed 60 $MF eval speed --in-process --base-model "$MODEL" --medusa-model "$MODEL" --medusa "$HEADS" \
   --medusa-choices mc_sim_7b_63 --prompts "$PROMPTS" --per-topic $PER_TOPIC --max-tokens 128 --trials 2 --warmup 2 \
   --no-progress --out "$RESULTS/eval_speed.json"
 for m in base medusa; do
-  step "eval_mmlu_$m" 60 $MF eval mmlu --in-process --model "$MODEL" --medusa "$HEADS" --medusa-choices mc_sim_7b_63 \
+  step "eval_mmlu_$m" 40 $MF eval mmlu --in-process --model "$MODEL" --medusa "$HEADS" --medusa-choices mc_sim_7b_63 \
     $([ $m = base ] && echo --no-medusa) --data tests/fixtures/mmlu_csv --shots 5 --no-progress \
     --out "$RESULTS/mmlu_$m.json"
 done
-step eval_report 60 $MF eval report --mmlu "$RESULTS/mmlu_medusa.json" --baseline-mmlu "$RESULTS/mmlu_base.json" \
+step eval_report 30 $MF eval report --mmlu "$RESULTS/mmlu_medusa.json" --baseline-mmlu "$RESULTS/mmlu_base.json" \
   --speed "$RESULTS/eval_speed.json" --out "$RESULTS/eval_report"

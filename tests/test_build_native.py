@@ -80,6 +80,9 @@ def test_auto_tree_is_written_with_expected_and_measured_acceptance(fp32_engine)
     assert s["nodes"] == len(paths) and s["calib_prompts"] == 2 and s["calib_positions"] > 0
     assert s["expected_acceptance_length"] >= 1.0 and s["measured_acceptance_length"] >= 1.0
     assert [c["nodes"] for c in s["latency_curve"]] == sorted(c["nodes"] for c in s["latency_curve"])
+    assert s["depth_limit"] in (2, 3, 4) and s["depth"] <= s["depth_limit"] and set(s["depth_curves"]) == {"2", "3", "4"}
+    assert 1 <= len(s["finalists"]) <= 3 and s["measured_decode_tokens_per_s"] == max(
+        f["measured_decode_tokens_per_s"] for f in s["finalists"])
     assert all(c["step_ms"] > 0 for c in s["latency_curve"])
 
 

@@ -20,15 +20,15 @@ def build() -> None:
     """Build engines: `native` (PyTorch, runs anywhere) or `trtllm` (wraps trtllm-build)."""
 
 
-def _sizes(value: str | None) -> tuple[int, ...] | None:
+def _int_list(value: str | None, flag: str = "--search-sizes", example: str = "1,4,16,63") -> tuple[int, ...] | None:
     if value is None:
         return None
     try:
         sizes = tuple(int(v) for v in value.split(",") if v.strip())
     except ValueError:
-        raise ForgeError(f"--search-sizes {value!r}: expected comma-separated integers like 1,4,16,63") from None
+        raise ForgeError(f"{flag} {value!r}: expected comma-separated integers like {example}") from None
     if not sizes or min(sizes) < 1:
-        raise ForgeError(f"--search-sizes {value!r}: sizes must be >= 1")
+        raise ForgeError(f"{flag} {value!r}: values must be >= 1")
     return sizes
 
 
@@ -53,6 +53,8 @@ def _sizes(value: str | None) -> tuple[int, ...] | None:
 @click.option("--search-sizes", default=None, help="Tree sizes (draft nodes) timed by the auto search, e.g. 1,4,16,63.")
 @click.option("--max-tree-nodes", default=63, show_default=True,
               help="Largest auto tree (draft nodes; 63 = TensorRT-LLM's default max_draft_len).")
+@click.option("--search-depths", default=None,
+              help="Tree depth limits tried by the auto search, e.g. 3,4,5 (default: 2 .. number of heads).")
 @click.option("--timing-prompts", default=4, show_default=True, help="Prompts decoded per timed tree size.")
 @click.option("--timing-tokens", default=64, show_default=True, help="Tokens decoded per timing prompt.")
 @click.option("--max-seq-len", "--max_seq_len", "max_seq_len", default=None, type=int,
@@ -66,7 +68,7 @@ def _sizes(value: str | None) -> tuple[int, ...] | None:
 @click.option("--verify-tokens", default=16, show_default=True, help="Tokens generated to verify the built engine.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing non-empty --out.")
 def native(model, medusa, out, dtype, tree, calib_prompts, calib_split, calib_limit, calib_prompt_tokens,
-           calib_new_tokens, search_sizes, max_tree_nodes, timing_prompts, timing_tokens, max_seq_len, device,
+           calib_new_tokens, search_sizes, max_tree_nodes, search_depths, timing_prompts, timing_tokens, max_seq_len, device,
            fp8_emulate, fp8_activation, fp8_keep, verify_tokens, overwrite):
     """Build a self-contained native engine (weights, heads, tokenizer, tree, manifest) and verify it."""
     from medusa_forge.build.native import NativeBuildConfig, build_native
@@ -74,7 +76,8 @@ def native(model, medusa, out, dtype, tree, calib_prompts, calib_split, calib_li
 
     search = SearchConfig(calib_limit=calib_limit, prompt_tokens=calib_prompt_tokens, new_tokens=calib_new_tokens,
                           max_nodes=max_tree_nodes, timing_prompts=timing_prompts, timing_tokens=timing_tokens,
-                          **({"sizes": _sizes(search_sizes)} if search_sizes else {}))
+                          depths=_int_list(search_depths, "--search-depths", "3,4,5") or (),
+                          **({"sizes": _int_list(search_sizes)} if search_sizes else {}))
     cfg = NativeBuildConfig(model_dir=Path(model), out_dir=Path(out), dtype=dtype,
                             medusa_dir=Path(medusa) if medusa else None, tree=tree,
                             calib_prompts=Path(calib_prompts) if calib_prompts else None, calib_split=calib_split,

@@ -13,6 +13,10 @@
 3. Growth. Nodes are added greedily in order of P(p) (a child never beats its parent, so every prefix
    of that order is a valid tree and the best tree of each size); the size with the most expected
    tokens per second, ``E(n) / step_ms(n)``, wins.
+4. Depth. A deeper tree runs more heads every step (each head is a vocab-sized GEMV), so depth is a
+   second axis: steps 2-3 run for every depth limit in ``depths``, and the best few (depth, size)
+   candidates by expected tokens/s are then decoded on all calibration prompts; the fastest
+   *measured* one is the tree. Expected and measured figures of every finalist are kept.
 
 The manifest's ``tree_stats`` keeps the curve, the expected acceptance length and the acceptance
 length then measured by decoding the calibration prompts with the chosen tree.
@@ -48,6 +52,8 @@ class SearchConfig:
     sizes: tuple[int, ...] = DEFAULT_SIZES  # tree sizes whose step latency is measured
     timing_prompts: int = 4
     timing_tokens: int = 64
+    depths: tuple[int, ...] = ()  # depth limits searched; (): 2 .. number of heads
+    finalists: int = 3  # candidates decoded on every calibration prompt before choosing
 
 
 @dataclass
@@ -173,40 +179,62 @@ def choose_size(expected: np.ndarray, sizes: list[int], step_ms: list[float]) ->
     return int(np.argmax(tps)) + 1, clipped, tps
 
 
+def search_depths(cfg: SearchConfig, num_heads: int) -> list[int]:
+    depths = sorted(set(cfg.depths)) if cfg.depths else list(range(min(2, num_heads), num_heads + 1))
+    bad = [d for d in depths if not 1 <= d <= num_heads]
+    if bad:
+        raise ForgeError(f"--search-depths {bad}: depths must be between 1 and the {num_heads} Medusa heads")
+    return depths
+
+
 def search_tree(model: Transformer, heads: MedusaHeads, tokenizer, texts: list[str],
                 cfg: SearchConfig = SearchConfig()) -> tuple[ChoiceTree, dict]:
     """The ``auto`` tree for this model, heads and device, and the stats that justify it."""
-    depth = heads.config.num_heads
+    depths = search_depths(cfg, heads.config.num_heads)
     ids = encode_prompts(tokenizer, texts[: cfg.calib_limit], cfg.prompt_tokens)
-    cal = calibrate(model, heads, tokenizer, ids, cfg.new_tokens, depth)
-    nodes = cal.ranked_nodes(depth) or [((0,), 0)]  # heads never right: the smallest tree
-    limit = min(cfg.max_nodes, len(nodes))
-    sizes = sorted({min(max(1, s), limit) for s in cfg.sizes} | {1, limit})
+    cal = calibrate(model, heads, tokenizer, ids, cfg.new_tokens, max(depths))
     timing = ids[: cfg.timing_prompts]
-    measured = [decode_stats(model, heads, tree_from_nodes(nodes, n), tokenizer, timing, cfg.timing_tokens)
-                for n in sizes]
-    counts = np.array([c for _, c in nodes[:limit]], dtype=np.float64)
-    expected = 1.0 + np.cumsum(counts) / max(1, cal.positions)  # expected[n-1]: first n nodes
-    best, step_ms, tps = choose_size(expected, sizes, [m["step_ms"] for m in measured])
-    tree = tree_from_nodes(nodes, best)
+    candidates, curves = [], {}
+    for depth in depths:
+        nodes = cal.ranked_nodes(depth) or [((0,), 0)]  # heads never right: the smallest tree
+        limit = min(cfg.max_nodes, len(nodes))
+        sizes = sorted({min(max(1, s), limit) for s in cfg.sizes} | {1, limit})
+        measured = [decode_stats(model, heads, tree_from_nodes(nodes, n), tokenizer, timing, cfg.timing_tokens)
+                    for n in sizes]
+        counts = np.array([c for _, c in nodes[:limit]], dtype=np.float64)
+        expected = 1.0 + np.cumsum(counts) / max(1, cal.positions)  # expected[n-1]: first n nodes
+        best, step_ms, tps = choose_size(expected, sizes, [m["step_ms"] for m in measured])
+        curves[depth] = [{"nodes": n, "step_ms": round(float(ms), 4),
+                          "expected_acceptance_length": round(float(expected[n - 1]), 4),
+                          "expected_tokens_per_s": round(float(tps[n - 1]), 2)} for n, ms in zip(sizes, step_ms)]
+        candidates.append({"depth_limit": depth, "nodes": best, "expected_acceptance_length": float(expected[best - 1]),
+                           "expected_tokens_per_s": float(tps[best - 1]), "tree": tree_from_nodes(nodes, best)})
+    finalists = sorted(candidates, key=lambda c: -c["expected_tokens_per_s"])[: max(1, cfg.finalists)]
+    for c in finalists:  # the same prompts for each: the measured winner is the tree
+        c["measured"] = decode_stats(model, heads, c["tree"], tokenizer, ids, cfg.new_tokens)
+    chosen = max(finalists, key=lambda c: c["measured"]["decode_tokens_per_s"])
+    tree, final = chosen["tree"], chosen["measured"]
     base = decode_stats(model, None, None, tokenizer, timing, cfg.timing_tokens)
-    final = decode_stats(model, heads, tree, tokenizer, ids, cfg.new_tokens)
     stats = {
         "method": "auto",
         "device": device_name(model.lm_head.weight.device),
         "calib_prompts": cal.prompts,
         "calib_positions": cal.positions,
-        "nodes": best,
+        "nodes": chosen["nodes"],
         "depth": tree.depth,
-        "expected_acceptance_length": round(float(expected[best - 1]), 4),
+        "depth_limit": chosen["depth_limit"],
+        "expected_acceptance_length": round(chosen["expected_acceptance_length"], 4),
         "measured_acceptance_length": round(final["tokens_per_step"], 4),
-        "expected_tokens_per_s": round(float(tps[best - 1]), 2),
+        "expected_tokens_per_s": round(chosen["expected_tokens_per_s"], 2),
         "measured_decode_tokens_per_s": round(final["decode_tokens_per_s"], 2),
         "base_step_ms": round(base["step_ms"], 4),
         "base_decode_tokens_per_s": round(base["decode_tokens_per_s"], 2),
-        "latency_curve": [{"nodes": n, "step_ms": round(float(ms), 4),
-                           "expected_acceptance_length": round(float(expected[n - 1]), 4),
-                           "expected_tokens_per_s": round(float(tps[n - 1]), 2)} for n, ms in zip(sizes, step_ms)],
+        "latency_curve": curves[chosen["depth_limit"]],
+        "depth_curves": {str(d): curve for d, curve in curves.items()},
+        "finalists": [{"depth_limit": c["depth_limit"], "nodes": c["nodes"], "depth": c["tree"].depth,
+                       "expected_tokens_per_s": round(c["expected_tokens_per_s"], 2),
+                       "measured_decode_tokens_per_s": round(c["measured"]["decode_tokens_per_s"], 2),
+                       "measured_acceptance_length": round(c["measured"]["tokens_per_step"], 4)} for c in finalists],
     }
     return tree, stats
 
