@@ -355,7 +355,8 @@ def _server(engine: Path, workdir: Path, torch_threads: int | None, progress):
 @click.option("--url", default=None, help="Soak this running server instead (HOST:PORT; needs --server-pid, --models).")
 @click.option("--server-pid", type=int, default=None, help="With --url: the tritonserver process whose RSS is sampled.")
 @click.option("--models", default=None, help="With --url: comma-separated model names (default: medusa,base).")
-@click.option("--prompts", type=click.Path(), default=None, help="Prompts JSONL (default: ../shared/data/code_prompts.jsonl).")
+@click.option("--prompts", type=click.Path(), default=None,
+              help="Prompts JSONL (default: $MEDUSA_FORGE_SHARED or ../shared, then data/code_prompts.jsonl).")
 @click.option("--num-prompts", default=16, show_default=True, help="Distinct prompts (spread over the file).")
 @click.option("--max-prompt-chars", default=200, show_default=True, help="Keep the last N characters of each prompt.")
 @click.option("--clients", default=64, show_default=True)
@@ -383,7 +384,8 @@ def soak(engine, url, server_pid, models, prompts, num_prompts, max_prompt_chars
         raise ForgeError("give --engine DIR (start a server for it) or --url HOST:PORT of a running one")
     if url is not None and server_pid is None:
         raise ForgeError("--url needs --server-pid: the tritonserver process whose memory the soak watches")
-    path = Path(prompts) if prompts else Path(__file__).resolve().parents[2].parent / "shared" / "data" / "code_prompts.jsonl"
+    shared = Path(os.environ.get("MEDUSA_FORGE_SHARED", Path(__file__).resolve().parents[2].parent / "shared"))
+    path = Path(prompts) if prompts else shared / "data" / "code_prompts.jsonl"
     items = read_prompts(path)
     step = max(1, len(items) // max(1, num_prompts))
     texts = [clip_prompt(p.prompt, max_prompt_chars) for p in items[::step][:num_prompts]]
