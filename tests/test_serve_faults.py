@@ -98,6 +98,23 @@ def test_client_gets_one_clear_error_when_the_server_is_killed_mid_stream(doomed
         assert time.perf_counter() - t0 < BOUND_S
 
 
+def test_a_kept_stream_carries_request_after_request_and_then_reports_the_killed_server(doomed_server):
+    url = doomed_server.grpc_url
+    with TritonLLMClient(url, "base", timeout_s=BOUND_S, keep_stream=True) as client:
+        first = client.generate("def add(a, b):", 3, end_id=-1)
+        stream = client._client._stream
+        assert stream is not None  # still open after the final response
+        again = client.generate("def add(a, b):", 3, stream=True, end_id=-1)
+        assert client._client._stream is stream and again.output_tokens == first.output_tokens
+        doomed_server.kill()
+        t0 = time.perf_counter()
+        with pytest.raises(ForgeError, match=rf"^(Triton server at {url} is unreachable|lost the connection to the "
+                                             rf"Triton server at {url} during a request)"):
+            client.generate("def add(a, b):", 3, end_id=-1)
+        assert time.perf_counter() - t0 < BOUND_S
+        assert client._client._stream is None  # a broken stream is not kept
+
+
 def _query(url: str, *extra: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "medusa_forge.cli", "query", "--url", url, "--model", "base",
                              "--prompt", "def main():", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -1,4 +1,4 @@
-"""``medusa-forge bench``: engine tokens/s (base vs Medusa), step latency at a large shape."""
+"""``medusa-forge bench``: engine tokens/s (base vs Medusa), step latency at a large shape, Triton load."""
 
 from __future__ import annotations
 
@@ -113,3 +113,70 @@ def bench_suite_cmd(model, medusa, prompts, per_topic, peer_per_topic, trees, ma
         (tmp / "suite.json").write_text(json.dumps(result, indent=2) + "\n")
         (tmp / "suite.md").write_text(md)
         plot(result, tmp / "tokens_per_s_per_topic.png")
+
+
+@bench.command("serve")
+@click.option("--engine", "--model", "engine", required=True, type=click.Path(),
+              help="Native engine dir, or a HF model dir (built into a native engine first, with --medusa heads).")
+@click.option("--medusa", "--medusa_model_dir", "medusa", type=click.Path(), default=None,
+              help="HF model dir only: Medusa heads to build in.")
+@click.option("--medusa-choices", "--medusa_choices", "tree", default=None, help="HF model dir only: choice tree.")
+@click.option("--dtype", default=None, help="HF model dir only: engine dtype (default: fp32 on CPU, bf16 on CUDA).")
+@click.option("--no-medusa", is_flag=True, help="Serve plain decoding of the engine (default: Medusa when it has heads).")
+@click.option("--clients", default=32, show_default=True, help="Concurrent gRPC clients (one thread each).")
+@click.option("--requests", default=10, show_default=True, help="Requests per client.")
+@click.option("--max-tokens", "--max_tokens", "max_tokens", default=16, show_default=True,
+              help="New tokens per request (EOS ignored, so every answer has this length).")
+@click.option("--prompts", type=click.Path(), default=None,
+              help="JSONL with a 'prompt' per line (default: a few built-in Python snippets).")
+@click.option("--num-prompts", default=8, show_default=True, help="Distinct prompts used (the first N).")
+@click.option("--max-prompt-chars", default=400, show_default=True, help="Keep the last N characters of each prompt.")
+@click.option("--stream", is_flag=True, help="Load requests stream (one response per decoding step).")
+@click.option("--keep-stream", is_flag=True,
+              help="Load clients keep one gRPC stream open (default: a stream per request, as `query`/`eval`).")
+@click.option("--overhead-trials", default=30, show_default=True,
+              help="Sequential requests per side (in process, over gRPC) for the overhead figure.")
+@click.option("--warmup", default=3, show_default=True, help="Unrecorded pairs before the overhead trials.")
+@click.option("--timeout", default=120.0, show_default=True, help="Seconds per request.")
+@click.option("--time-limit", default=600.0, show_default=True,
+              help="Seconds for the whole load phase; requests not sent by then count as errors.")
+@click.option("--instances", default=1, show_default=True, help="Model instances (one engine each).")
+@click.option("--torch-threads", type=int, default=None,
+              help="Intra-op threads of the server's engine and the in-process baseline (default: this process's).")
+@click.option("--goal-overhead-ms", default=2.0, show_default=True, help="Overhead goal reported (p50, ms).")
+@click.option("--workdir", type=click.Path(), default=None,
+              help="Keep the built engine, the repository and tritonserver.log here (default: a temporary dir).")
+@click.option("--out", default=None, type=click.Path(), help="Write the JSON here (and a .md summary beside it).")
+def bench_serve_cmd(engine, medusa, tree, dtype, no_medusa, clients, requests, max_tokens, prompts, num_prompts,
+                    max_prompt_chars, stream, keep_stream, overhead_trials, warmup, timeout, time_limit, instances,
+                    torch_threads, goal_overhead_ms, workdir, out):
+    """Concurrent gRPC clients against a real tritonserver: zero errors, every answer the sequential one,
+    p50/p90/p99 latency, and the gRPC overhead against the same engine in process (exit 1 if a check fails)."""
+    import sys
+
+    from medusa_forge.bench.serve_bench import DEFAULT_PROMPTS, ServeBenchConfig, run_serve_bench, summary_lines
+    from medusa_forge.eval.speed import clip_prompt
+
+    texts = list(DEFAULT_PROMPTS)
+    if prompts:
+        from medusa_forge.prompts import read_prompts
+
+        texts = [p.prompt for p in read_prompts(prompts)]
+    texts = [clip_prompt(t, max_prompt_chars) for t in texts[:max(1, num_prompts)]]
+    cfg = ServeBenchConfig(engine=Path(engine), medusa=Path(medusa) if medusa else None, tree=tree, dtype=dtype,
+                           use_medusa=False if no_medusa else None, clients=clients, requests=requests,
+                           max_tokens=max_tokens, prompts=texts, stream=stream, keep_stream=keep_stream,
+                           overhead_trials=overhead_trials, warmup=warmup, timeout_s=timeout, time_limit_s=time_limit,
+                           instances=instances, torch_threads=torch_threads, goal_overhead_ms=goal_overhead_ms,
+                           workdir=Path(workdir) if workdir else None)
+    doc = run_serve_bench(cfg, progress=lambda m: click.echo(m, err=True))
+    doc["meta"] = run_metadata()
+    lines = summary_lines(doc)
+    click.echo("\n".join(lines))
+    if out:
+        atomic_write_json(out, doc)
+        atomic_write_text(Path(out).with_suffix(".md"), "\n".join(lines) + "\n")
+    if not doc["passed"]:
+        failed = [k for k, v in doc["checks"].items() if not v]
+        click.echo(f"bench serve FAILED: {', '.join(failed)} (errors: {doc['load']['error_samples']})", err=True)
+        sys.exit(1)

@@ -10,7 +10,10 @@ non-decoupled one too, and an ensemble does not say in its config whether its LL
 decoupled. ``stream`` then only tells the model whether to answer step by step. Each request
 opens its own stream and closes it after the final response: an idle client holds no stream, and
 an open stream would keep tritonserver from shutting down (its gRPC server waits for every open
-RPC). A client serves one request at a time; use one per thread.
+RPC). ``keep_stream=True`` keeps one stream open from request to request instead (until an error,
+an abandoned request or ``close()``): it saves the stream's setup and teardown, a few ms per request
+(``bench serve`` measures both), at the price of holding an RPC open while idle. A client serves one
+request at a time; use one per thread.
 
 Every wait is bounded by ``timeout_s``: a dead or hung server becomes a :class:`ForgeError` naming
 the server and what failed, never a hang; an abandoned request (timeout, error in ``on_text``,
@@ -70,11 +73,13 @@ _NO_CONNECTION = ("failed to connect", "connection refused", "name resolution", 
 
 
 class TritonLLMClient:
-    def __init__(self, url: str = "localhost:8001", model: str = MODEL_NAME, timeout_s: float = 120.0):
+    def __init__(self, url: str = "localhost:8001", model: str = MODEL_NAME, timeout_s: float = 120.0,
+                 keep_stream: bool = False):
         grpcclient, _ = _grpc()
         self.url = url.removeprefix("grpc://")
         self.model = model
         self.timeout_s = timeout_s
+        self.keep_stream = keep_stream
         self._client = grpcclient.InferenceServerClient(self.url)
         self._responses: queue.Queue | None = None  # the open stream's responses, None: no stream open
         self._lock = threading.Lock()
@@ -158,6 +163,10 @@ class TritonLLMClient:
         return self.send(self.make_inputs(prompt, max_tokens, stream, **sampling), on_text)
 
     def _open_stream(self) -> queue.Queue:
+        if self._responses is not None and not self._responses.empty():
+            # A kept stream got something between requests: only an error can arrive there (the
+            # server went away, or the stream timed out). Start afresh instead of reading it as an answer.
+            self._close_stream(cancel=True)
         if self._responses is None:
             responses: queue.Queue = queue.Queue()
             try:
@@ -211,7 +220,8 @@ class TritonLLMClient:
                 error = None
             raise self._failure(error if error is not None else e, acc.count) from None
         finally:
-            self._close_stream(cancel=not done)  # abandoned: cancel it on the server
+            if not (done and self.keep_stream):
+                self._close_stream(cancel=not done)  # abandoned: cancel it on the server
         reply = acc.reply(t0, time.perf_counter())
         reply.ttft_s = ttft if ttft is not None else reply.total_s
         return reply
