@@ -310,7 +310,10 @@ def test_interrupted_build_exits_nonzero_keeps_the_old_engine_and_says_how_to_re
         proc.send_signal(sig)
         code = proc.wait(timeout=120)
     lines = log.read_text().strip().splitlines()
-    assert code == 128 + sig and lines[-1] == f"error: interrupted by {sig.name}: {RERUN}"
+    # SIGINT: exit 130, or death by SIGINT itself (-2) when the KeyboardInterrupt passed through C code that ran
+    # Python via PyRun_String (CPython then re-raises SIGINT at exit of a `python -m` run, as shells expect).
+    assert code == 128 + sig or (sig == signal.SIGINT and code == -sig), code
+    assert lines[-1] == f"error: interrupted by {sig.name}: {RERUN}"
     assert state(out) == before and temps(work, out.name) == []  # old engine intact, its temp removed
     assert engine_ok(out) == json.loads(TREES[0])
 
