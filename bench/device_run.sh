@@ -69,7 +69,8 @@ if [ "$PHASE" = train ]; then
       --max-train-minutes $MINUTES --device $DEVICE --no-progress --overwrite
     cp "$HEADS"/train_report.* "$HEADS"/*.png "$HEADS"/config.json "$RESULTS"/ 2>/dev/null
   fi
-  step gpu_tests 240 python3 -m pytest -q -m gpu tests/test_build_native.py tests/test_train_heads.py tests/test_kernels.py \
+  step gpu_kernel_tests 150 python3 -m pytest -q tests/test_kernels.py -p no:cacheprovider
+  step gpu_tests 120 python3 -m pytest -q -m gpu tests/test_build_native.py tests/test_train_heads.py \
     -p no:cacheprovider
   exit 0
 fi

@@ -238,3 +238,45 @@ def test_ancestor_table_lists_each_nodes_path_in_depth_order():
     table = K.ancestor_table(b.attn_mask)
     assert torch.equal(table[:, : b.ancestors.shape[1]], b.ancestors)
     assert (table[:, b.ancestors.shape[1]:] == -1).all()
+
+
+# ---------------------------------------------------------------------------------- greedy acceptance
+def test_row_argmax_takes_the_first_index_on_ties_like_torch():
+    x = randn(5, 3000, seed=40)
+    x[1, 7] = x[1, 2900] = 50.0  # a tie across blocks: the first wins
+    x[2, 100] = x[2, 101] = 60.0  # a tie inside a block
+    x[3] = 0.0
+    assert torch.equal(K.row_argmax_triton(x), x.argmax(-1))
+
+
+@pytest.mark.parametrize("tree", ["small", "mc_sim_7b_63"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fused_greedy_commit_equals_accept_then_commit(tree, seed):
+    """The two-launch CUDA path writes exactly what greedy_accept + commit_path write."""
+    from medusa_forge.engine.acceptance import commit_path, greedy_accept
+
+    b = tree_buffers(ChoiceTree.parse(tree), device=DEVICE)
+    N, V = b.attn_mask.shape[0], 64
+    g = torch.Generator().manual_seed(seed)
+    tree_tokens = torch.randint(0, V, (N,), generator=g).to(DEVICE)
+    logits = torch.randn(N, V, generator=g).to(DEVICE)
+    # Make the base agree with some drafts: each node's argmax is, half the time, its first child's token.
+    for i in range(N):
+        kids = (b.parents == i).nonzero().flatten()
+        kids = kids[kids != 0]
+        if len(kids) and torch.rand(1, generator=g).item() < 0.7:
+            logits[i, tree_tokens[kids[0]]] = 10.0
+    W = b.retrieve_indices.shape[1]
+
+    def state():
+        return (torch.tensor(37, device=DEVICE), torch.zeros(W + 1, dtype=torch.long, device=DEVICE),
+                torch.zeros(1, dtype=torch.long, device=DEVICE), torch.zeros(1, dtype=torch.long, device=DEVICE),
+                torch.zeros(W, dtype=torch.long, device=DEVICE), torch.zeros(W, dtype=torch.long, device=DEVICE))
+
+    want, got = state(), state()
+    best, accepted = greedy_accept(logits, tree_tokens[b.retrieve_indices], b.retrieve_indices, b.retrieve_valid)
+    commit_path(logits, tree_tokens, b.retrieve_indices, best, accepted, *want)
+    K.greedy_commit_triton(logits, tree_tokens, b.retrieve_indices, b.retrieve_valid, *got)
+    for name, w, o in zip(("cur_len", "step_out", "root", "last", "src", "dst"), want, got):
+        assert torch.equal(w.reshape(-1), o.reshape(-1)), f"{name}: {o.tolist()} != {w.tolist()}"
+    assert int(want[1][0]) - 1 == int(accepted)

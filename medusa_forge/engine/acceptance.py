@@ -58,3 +58,23 @@ def sample_token(logits: Tensor, temperature: float, top_k: int = 0, top_p: floa
         scores = scores.scatter(-1, order, sorted_scores.masked_fill(drop, float("-inf")))
     probs = torch.softmax(scores, dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def commit_path(logits: Tensor, tree_tokens: Tensor, path_nodes: Tensor, best: Tensor, accepted: Tensor,
+                cur_len: Tensor, step_out: Tensor, root: Tensor, last: Tensor, src: Tensor, dst: Tensor) -> None:
+    """The step's bookkeeping once a path is chosen, written into the engine's state tensors.
+
+    step_out = [a + 1, drafts[:a], new root, ...]; root = argmax at the last accepted node (the
+    base's own greedy token); last = that node; src/dst = cache slots moving the path's K/V into
+    place (all D+1 path entries: padding lands past the committed length); cur_len += a + 1.
+    """
+    nodes = path_nodes.index_select(0, best)[0]
+    last.copy_(nodes.index_select(0, accepted))
+    root.copy_(logits.index_select(0, last).argmax(-1))
+    new_tokens = torch.cat([tree_tokens[nodes][1:], root])
+    new_tokens.scatter_(0, accepted, root)  # drafts[:a] then the new root
+    step_out[0:1].copy_(accepted + 1)
+    step_out[1:].copy_(new_tokens)
+    src.copy_(cur_len + nodes)
+    dst.copy_(cur_len + torch.arange(nodes.shape[0], device=nodes.device))
+    cur_len.add_(accepted[0] + 1)

@@ -391,6 +391,66 @@ if HAVE_TRITON:
         tl.store(OUT + tok * stride_ot + (kvh * G + r % G) * stride_oh + d, _round(out, OUT.dtype.element_ty))
 
 
+    @_source()
+    def _min(a, b):
+        return tl.minimum(a, b)
+
+    @_source(do_not_specialize=["V"])
+    def _row_argmax_kernel(X, OUT, V, stride_x, BLOCK: tl.constexpr):
+        """argmax of one fp32 row, first index on ties (torch.argmax's rule)."""
+        row = tl.program_id(0)
+        best_v = tl.full([1], float("-inf"), tl.float32)
+        best_i = tl.full([1], 0, tl.int64)
+        for start in range(0, V, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            x = tl.load(X + row * stride_x + cols, mask=cols < V, other=float("-inf"))
+            m = tl.reduce(x, 0, _max)
+            i = tl.reduce(tl.where(x == m, cols, V), 0, _min).to(tl.int64)
+            take = m > best_v  # strict: an equal value in a later block never wins
+            best_i = tl.where(take, i, best_i)
+            best_v = tl.where(take, m, best_v)
+        tl.store(OUT + row + tl.arange(0, 1), best_i)
+
+    @_source(do_not_specialize=["P", "W"])
+    def _greedy_commit_kernel(PRED, TOK, RET, VALID, CUR, STEP_OUT, ROOT, LAST, SRC, DST, P, W, stride_r,
+                              PB: tl.constexpr, WB: tl.constexpr):
+        """One program: greedy acceptance over the tree's paths and the step's bookkeeping.
+
+        The same results as ``acceptance.greedy_accept`` + ``acceptance.commit_path`` (the CPU
+        path and the reference): a draft is accepted iff it equals the argmax at its parent, the
+        longest run wins, first path on ties."""
+        p = tl.arange(0, PB)[:, None]
+        w = tl.arange(0, WB)[None, :]
+        ok = (p < P) & (w < W)
+        ret = tl.load(RET + p * stride_r + w, mask=ok, other=0)
+        valid = tl.load(VALID + p * stride_r + w, mask=ok, other=0) != 0
+        tok = tl.load(TOK + ret, mask=ok, other=-1)
+        prev = tl.load(RET + p * stride_r + w - 1, mask=ok & (w >= 1), other=0)
+        pred_prev = tl.load(PRED + prev, mask=ok & (w >= 1), other=-2)
+        miss = (w >= 1) & (w < W) & ~((tok == pred_prev) & valid)
+        accepted = tl.reduce(tl.where(miss, w, W), 1, _min) - 1  # [PB]: leading matches of each path
+        pp = tl.arange(0, PB)
+        accepted = tl.where(pp < P, accepted, -1)
+        a = tl.reduce(accepted, 0, _max)
+        best = tl.reduce(tl.where(accepted == a, pp, PB), 0, _min)
+        j = tl.arange(0, WB)
+        j_ok = j < W
+        nodes = tl.load(RET + best * stride_r + j, mask=j_ok, other=0)
+        last = tl.reduce(tl.where(j == a, nodes, 0), 0, _add)
+        root = tl.load(PRED + last)  # the base's greedy token after the last accepted node
+        nxt = tl.load(RET + best * stride_r + j + 1, mask=j + 1 < W, other=0)
+        drafts = tl.load(TOK + nxt, mask=j + 1 < W, other=0)
+        new = tl.where((j == a) | (j + 1 >= W), root, drafts)
+        cur = tl.load(CUR)
+        tl.store(STEP_OUT, (a + 1).to(tl.int64))
+        tl.store(STEP_OUT + 1 + j, new.to(tl.int64), mask=j_ok)
+        tl.store(SRC + j, (cur + nodes).to(tl.int64), mask=j_ok)
+        tl.store(DST + j, (cur + j).to(tl.int64), mask=j_ok)
+        tl.store(ROOT, root.to(tl.int64))
+        tl.store(LAST, last.to(tl.int64))
+        tl.store(CUR, (cur + a + 1).to(tl.int64))
+
+
 # ================================================================================== Triton launchers
 def _rows(x: Tensor) -> Tensor:
     """x as [rows, last] with a unit last stride (a view when possible)."""
@@ -507,6 +567,26 @@ def cache_attention_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, prefix_l
             po, pm, pl, out, prefix_len, T, t0, S, r_pad, out.stride(0), out.stride(1),
             G=G, D=D, NS=ns, NS_BLOCK=triton.next_power_of_2(ns), SPLIT=config.split, num_warps=4)
     return out
+
+
+def row_argmax_triton(x: Tensor) -> Tensor:
+    """torch.argmax(x, -1) of a contiguous fp32 [R, V] matrix, one program per row."""
+    R, V = x.shape
+    out = torch.empty(R, dtype=torch.long, device=x.device)
+    _kernel("_row_argmax_kernel")[(R,)](x, out, V, x.stride(0), BLOCK=min(2048, triton.next_power_of_2(V)),
+                                        num_warps=4)
+    return out
+
+
+def greedy_commit_triton(logits: Tensor, tree_tokens: Tensor, path_nodes: Tensor, path_valid: Tensor,
+                         cur_len: Tensor, step_out: Tensor, root: Tensor, last: Tensor, src: Tensor,
+                         dst: Tensor) -> None:
+    """``acceptance.greedy_accept`` + ``acceptance.commit_path`` in two launches instead of ~25."""
+    pred = row_argmax_triton(logits)
+    P, W = path_nodes.shape
+    _kernel("_greedy_commit_kernel")[(1,)](
+        pred, tree_tokens, path_nodes, path_valid.view(torch.uint8), cur_len, step_out, root, last, src, dst,
+        P, W, path_nodes.stride(0), PB=triton.next_power_of_2(P), WB=triton.next_power_of_2(W), num_warps=4)
 
 
 # ================================================================================== public ops

@@ -23,7 +23,8 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor
 
-from medusa_forge.engine.acceptance import greedy_accept, sample_token, typical_accept
+from medusa_forge.engine import kernels
+from medusa_forge.engine.acceptance import commit_path, greedy_accept, sample_token, typical_accept
 from medusa_forge.engine.generation import GenerationConfig, GenerationResult
 from medusa_forge.engine.gemm_layout import choose_layouts
 from medusa_forge.errors import ForgeError
@@ -85,8 +86,10 @@ class MedusaEngine:
             self.buffers = tree_buffers(self.tree, device=dev)
             n, d = self.tree.num_nodes, self.tree.depth
             self.node_ids = torch.arange(n, **long)
-            self.path_ids = torch.arange(d + 1, **long)
             self.head_topk = torch.zeros(d, TOPK, **long)
+            self.last = torch.zeros(1, **long)  # the last accepted node of the step
+            self.kv_src = torch.zeros(d + 1, **long)  # cache slots moved into place after a step
+            self.kv_dst = torch.zeros(d + 1, **long)
             self.step_out = torch.zeros(d + 2, **long)  # [count, tokens...]
         else:
             self.step_out = torch.zeros(2, **long)
@@ -131,19 +134,15 @@ class MedusaEngine:
         hidden = self.model(tree_tokens[None], self.cur_len + b.positions, self.cur_len + self.node_ids, None,
                             prefix_len=self.cur_len, tree_mask=b.attn_mask, tree_ancestors=b.ancestors)[0]
         logits = self.model.logits(hidden)
-        path_tokens = tree_tokens[b.retrieve_indices]
-        best, accepted = accept(logits, path_tokens, b.retrieve_indices, b.retrieve_valid)  # [1], [1]
-        nodes = b.retrieve_indices.index_select(0, best)[0]
-        self.model.move_kv(self.cur_len + nodes, self.cur_len + self.path_ids)
-        last = nodes.index_select(0, accepted)
-        self.last_logits.copy_(logits.index_select(0, last))
-        self.root.copy_(self.last_logits.argmax(-1))
-        self.head_topk.copy_(self._heads_topk(hidden.index_select(0, last)))
-        new_tokens = torch.cat([path_tokens.index_select(0, best)[0, 1:], self.root])
-        new_tokens.scatter_(0, accepted, self.root)  # drafts[:a] then the new root
-        self.step_out[0:1].copy_(accepted + 1)
-        self.step_out[1:].copy_(new_tokens)
-        self.cur_len.add_(accepted[0] + 1)
+        state = (self.cur_len, self.step_out, self.root, self.last, self.kv_src, self.kv_dst)
+        if accept is greedy_accept and kernels.use_triton(logits):
+            kernels.greedy_commit_triton(logits, tree_tokens, b.retrieve_indices, b.retrieve_valid, *state)
+        else:
+            best, accepted = accept(logits, tree_tokens[b.retrieve_indices], b.retrieve_indices, b.retrieve_valid)
+            commit_path(logits, tree_tokens, b.retrieve_indices, best, accepted, *state)
+        self.model.move_kv(self.kv_src, self.kv_dst)
+        self.last_logits.copy_(logits.index_select(0, self.last))
+        self.head_topk.copy_(self._heads_topk(hidden.index_select(0, self.last)))
 
     def _step(self, kind: str, gcfg: GenerationConfig) -> _StepGraph:
         """The step function for one decoding mode, captured as a CUDA graph on first use."""
@@ -153,7 +152,7 @@ class MedusaEngine:
         if kind == "base":
             fn = self._base_step
         elif kind == "greedy":
-            fn = lambda: self._tree_step(greedy_accept)  # noqa: E731
+            fn = lambda: self._tree_step(greedy_accept)  # noqa: E731 - fused into two kernels on CUDA
         else:
             t, thr, alpha = gcfg.temperature, gcfg.posterior_threshold, gcfg.posterior_alpha
             fn = lambda: self._tree_step(lambda *a: typical_accept(*a, t, thr, alpha))  # noqa: E731
