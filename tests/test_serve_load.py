@@ -62,6 +62,8 @@ def test_32_clients_get_the_sequential_answers_with_zero_errors(model_dir, heads
         assert v["triton_ms"]["count"] == 10
         assert v["overhead_p50_ms"] == pytest.approx(v["triton_ms"]["p50"] - o["in_process_ms"]["p50"], abs=2e-3)
         assert v["meets_goal"] == (v["overhead_p50_ms"] <= 2.0)
+        # paired per request: the caller's wall time minus Triton's own time for that request
+        assert v["outside_triton_ms"]["count"] == 10 and v["outside_triton_ms"]["p50"] < v["triton_ms"]["p50"]
     assert o["overhead_p50_ms"] == o["kept_stream"]["overhead_p50_ms"] and isinstance(o["meets_goal"], bool)
 
     cfg = doc["config"]
@@ -70,6 +72,7 @@ def test_32_clients_get_the_sequential_answers_with_zero_errors(model_dir, heads
     assert doc["meta"]["commit"]
     md = out.with_suffix(".md").read_text()
     assert md.startswith("# Serve load benchmark (PASSED)") and "gRPC overhead p50:" in md
+    assert "time outside Triton per request" in md
     assert "320 completed, 0 errors, 320/320 identical" in stdout
     assert (workdir / "engine" / "medusa_forge.json").is_file()  # --workdir keeps the built engine
 

@@ -96,9 +96,12 @@ def mmlu(url, model, data, subjects, split, shots, limit, concurrency, tokenizer
     if tok is None and in_process:
         tok = backend.engine.tokenizer
     out = Path(out or f"mmlu-{_slug(model)}.json")
-    doc = run_mmlu(backend, Path(data), split, _split_list(subjects), shots, limit, concurrency, out,
-                   count_tokens=(lambda s: len(tok.encode(s))) if tok else None,
-                   max_prompt_tokens=max_prompt_tokens, progress=progress, meta={"url": url})
+    try:
+        doc = run_mmlu(backend, Path(data), split, _split_list(subjects), shots, limit, concurrency, out,
+                       count_tokens=(lambda s: len(tok.encode(s))) if tok else None,
+                       max_prompt_tokens=max_prompt_tokens, progress=progress, meta={"url": url})
+    finally:
+        _close(backend)
     for s, v in doc["subjects"].items():
         click.echo(f"{s:40s} {100 * v['accuracy']:6.2f}  ({v['correct']}/{v['total']})")
     click.echo(f"{'macro average':40s} {100 * doc['macro_accuracy']:6.2f}")
@@ -156,9 +159,12 @@ def speed(url, base_model, medusa_model, prompts, per_topic, limit, max_tokens, 
     cfg = SpeedConfig(max_tokens=max_tokens, trials=trials, warmup=warmup, max_prompt_chars=max_prompt_chars,
                       stream=stream, ignore_eos=ignore_eos, medusa_temperature=medusa_temperature)
     out = Path(out or f"speed-{_slug(medusa_model)}.json")
-    doc = run_speed(items, base, med, cfg, out, prompts_file=prompts,
-                    count_tokens=(lambda s: len(tok.hf(s, add_special_tokens=False).input_ids)) if tok else None,
-                    progress=progress, meta={"url": url})
+    try:
+        doc = run_speed(items, base, med, cfg, out, prompts_file=prompts,
+                        count_tokens=(lambda s: len(tok.hf(s, add_special_tokens=False).input_ids)) if tok else None,
+                        progress=progress, meta={"url": url})
+    finally:
+        _close(base, med)
     for t, v in list(doc["per_topic"].items()) + [("all", doc["overall"])]:
         acc = v["medusa"]["mean_acceptance_length"]
         click.echo(f"{t:12s} base {v['base']['tokens_per_s']:9.1f} tok/s  medusa {v['medusa']['tokens_per_s']:9.1f} "
@@ -223,6 +229,14 @@ def promote(candidate, report_path, baseline, registry, max_mmlu_drop, mmlu_metr
 
 
 # ---------------------------------------------------------------- backends
+def _close(*backends) -> None:
+    """End the Triton backends' kept gRPC streams (an open stream holds up a server's shutdown)."""
+    for b in backends:
+        close = getattr(b, "close", None)
+        if close is not None:
+            close()
+
+
 def _backend(url, model, timeout, in_process, medusa=None, tree=None, device=None, dtype=None, max_seq_len=None,
              compile_=False, use_medusa=True, temperature=0.0):
     if in_process:
