@@ -9,7 +9,8 @@
 #
 # Inputs travel as the git-ignored .device/shared/ (model + prompts: copy ../shared there and name
 # `.device` in the device tool's `carry`). Results go to $RESULTS (default runs/results) and, when
-# $OUT is set, are packed into $OUT/results.tar.gz (the device tool returns at most 8 files).
+# $OUT is set, are packed into $OUT/results-<phase>.tar.gz (the device tool returns at most 8 files).
+# Order: train, checks (its auto tree joins the suite), suite.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 

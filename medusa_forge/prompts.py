@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from medusa_forge.errors import ForgeError
+from medusa_forge.jsonl import read_jsonl
 
 
 @dataclass(frozen=True)
@@ -19,17 +19,9 @@ class Prompt:
 def read_prompts(path: str | Path, limit: int | None = None, per_topic: int | None = None) -> list[Prompt]:
     """Read a prompts JSONL; ``per_topic`` keeps the first N of each topic (for quick runs)."""
     path = Path(path)
-    if not path.is_file():
-        raise ForgeError(f"{path}: prompts file not found")
     out: list[Prompt] = []
     counts: dict[str, int] = {}
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ForgeError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+    for n, obj in read_jsonl(path, "prompts file"):
         if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or not obj["prompt"]:
             raise ForgeError(f"{path}:{n}: each line needs a non-empty string field 'prompt'")
         topic = str(obj.get("topic", "all"))

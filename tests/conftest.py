@@ -103,3 +103,18 @@ def native_triton(model_dir, heads_dir, tmp_path_factory):
     write_triton_repo(RepoRequest(engine=engine, out=repo, name="base", decoupled=True, use_medusa=False, add=True))
     with TritonServer(repo, exit_timeout_s=5, log_path=root / "tritonserver.log") as server:
         yield NativeTriton(server.grpc_url, "medusa", "base", engine, repo, server)
+
+
+def triton_inputs(**tensors) -> list:
+    """tritonclient gRPC inputs from numpy arrays (BYTES, INT32, FP32, BOOL), for hand-made requests."""
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    dtypes = {np.dtype(np.object_): "BYTES", np.dtype(np.int32): "INT32", np.dtype(np.float32): "FP32",
+              np.dtype(bool): "BOOL"}
+    out = []
+    for name, array in tensors.items():
+        t = grpcclient.InferInput(name, list(array.shape), dtypes[array.dtype])
+        t.set_data_from_numpy(array)
+        out.append(t)
+    return out

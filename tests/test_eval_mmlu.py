@@ -11,7 +11,7 @@ import pytest
 from medusa_forge.eval.cache import ResultCache, cache_path_for, read_complete
 from conftest import FIXTURE_MMLU
 from medusa_forge.eval.mmlu import build_prompt, extract_letter, fit_prompt, make_items, score
-from medusa_forge.eval.mmlu_data import Question, load_split
+from medusa_forge.eval.mmlu_data import load_split
 from medusa_forge.errors import ForgeError
 
 

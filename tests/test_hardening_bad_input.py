@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -19,9 +18,8 @@ from typing import Callable
 import numpy as np
 import pytest
 import torch
-import tritonclient.grpc as grpcclient
 
-from conftest import FIXTURE_MMLU, make_heads
+from conftest import FIXTURE_MMLU, make_heads, triton_inputs as _inputs
 from medusa_forge.cli import main
 from medusa_forge.errors import ForgeError
 from medusa_forge.heads.checkpoint import save_heads
@@ -233,6 +231,14 @@ CASES: list[Case] = [
      lambda c: f"{c.model} with --tp-size 3: tp_size 3 does not divide num_attention_heads 8"),
     ("triton-repo: 0 instances", lambda c: ["triton-repo", "--model", c.engine, "--instances", "0", "--out", c.out / "r"],
      lambda c: "--instances must be >= 1, got 0"),
+    ("triton-repo: tree deeper than the heads", lambda c: ["triton-repo", "--model", c.model, "--medusa", c.heads4,
+                                                           "--medusa-choices", "chain-5", "--out", c.out / "r"],
+     lambda c: "choice tree 'chain-5' has depth 5 but the model has only 4 Medusa heads; use a tree of depth <= 4"),
+    ("triton-repo: heads vocab 4096", lambda c: ["triton-repo", "--model", c.model, "--medusa",
+                                                 c.bad["heads_vocab4096"], "--medusa-choices", "chain-1",
+                                                 "--out", c.out / "r"],
+     lambda c: f"{c.bad['heads_vocab4096']}/medusa_lm_head.safetensors: tensor 0.1.weight has shape [4096, 512], "
+               f"expected [8192, 512] {HEADS_NOT_BASE}"),
     # ---- eval and promote
     ("eval mmlu: no server", lambda c: ["eval", "mmlu", "--model", "base", "--data", FIXTURE_MMLU, "--out",
                                         c.out / "m.json"],
@@ -272,14 +278,6 @@ def test_bad_cli_input_is_one_error_line_exit_2_and_writes_nothing(argv, message
 
 
 # ------------------------------------------------------------------------------------------ Triton requests
-def _inputs(**tensors: np.ndarray) -> list:
-    dtypes = {np.dtype(np.object_): "BYTES", np.dtype(np.int32): "INT32", np.dtype(np.float32): "FP32"}
-    out = []
-    for name, array in tensors.items():
-        t = grpcclient.InferInput(name, list(array.shape), dtypes[array.dtype])
-        t.set_data_from_numpy(array)
-        out.append(t)
-    return out
 
 
 PROMPT = np.array([[b"def add(a, b):"]], dtype=np.object_)

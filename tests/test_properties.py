@@ -227,6 +227,8 @@ MUTATIONS = {
     "max_tokens bytes": (_set("max_tokens", _b([b"4"], np.object_)), "input 'max_tokens' must be an integer, got bytes b'4'"),
     "max_tokens None": (_set("max_tokens", _b([None], np.object_)), "input 'max_tokens' must be an integer, got NoneType None"),
     "max_tokens empty": (_set("max_tokens", np.zeros((1, 0), np.int32)), "input 'max_tokens' is empty"),
+    "max_tokens twice": (_set("max_tokens", np.array([[4, 8]], np.int32)),
+                         "input 'max_tokens' has shape [1, 2]; send one value per prompt (shape [1, 1])"),
     "max_tokens other batch": (_set("max_tokens", np.array([[1], [2]], np.int32)),
                                "input 'max_tokens' has shape [2, 1]; expected its first dimension to be the batch size 1"),
     "temperature -1": (_set("temperature", _b([-1.0], np.float32)), "input 'temperature' must be a finite number >= 0, got -1.0"),

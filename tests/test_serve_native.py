@@ -14,8 +14,10 @@ import time
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+
 from click.testing import CliRunner
 
+from conftest import triton_inputs as _inputs
 from medusa_forge.cli import cli
 from medusa_forge.engine.generation import GenerationConfig
 from medusa_forge.errors import ForgeError
@@ -110,15 +112,6 @@ def test_query_prints_what_generate_prints(native_triton, prompts):
     assert streamed.output == expected["text"] + "\n"
 
 
-def _inputs(**tensors: np.ndarray) -> list:
-    dtypes = {np.dtype(np.object_): "BYTES", np.dtype(np.int32): "INT32", np.dtype(np.float32): "FP32",
-              np.dtype(bool): "BOOL"}
-    out = []
-    for name, array in tensors.items():
-        t = grpcclient.InferInput(name, list(array.shape), dtypes[array.dtype])
-        t.set_data_from_numpy(array)
-        out.append(t)
-    return out
 
 
 PROMPT = np.array([[b"def add(a, b):"]], dtype=np.object_)

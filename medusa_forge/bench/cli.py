@@ -180,3 +180,9 @@ def bench_serve_cmd(engine, medusa, tree, dtype, no_medusa, clients, requests, m
         failed = [k for k, v in doc["checks"].items() if not v]
         click.echo(f"bench serve FAILED: {', '.join(failed)} (errors: {doc['load']['error_samples']})", err=True)
         sys.exit(1)
+
+
+# `bench soak` lives with its load loop (also runnable as `python -m medusa_forge.bench.soak`).
+from medusa_forge.bench.soak import soak as _soak  # noqa: E402
+
+bench.add_command(_soak, "soak")

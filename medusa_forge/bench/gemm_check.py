@@ -17,7 +17,6 @@ from pathlib import Path
 
 import click
 import torch
-import torch.nn.functional as F
 
 from medusa_forge.bench.step_latency import LLAMA3_8B, copy_bandwidth_gb_s, time_graph
 

@@ -31,7 +31,7 @@ from torch import Tensor
 from medusa_forge.atomic import atomic_output_dir
 from medusa_forge.convert import fp8 as fp8_mod
 from medusa_forge.convert.trtllm_config import DEFAULT_MAX_DRAFT_LEN, DTYPES, CheckpointSpec, spec_for, trtllm_config
-from medusa_forge.convert.trtllm_names import (SCALE_DTYPE, TORCH_DTYPES, Entry, entries, kv_scale_name, scale_names,
+from medusa_forge.convert.trtllm_names import (SCALE_DTYPE, TORCH_DTYPES, entries, kv_scale_name, scale_names,
                                                shard)
 from medusa_forge.errors import ForgeError
 from medusa_forge.heads.medusa_head import MedusaHeads

@@ -77,10 +77,12 @@ def read_tensors(ckpt: CheckpointConfig) -> dict[str, Tensor]:
 
 
 def load_trtllm_checkpoint(ckpt_dir: str | Path, device: str | None = None, dtype: str | None = None,
-                           fp8_emulate: bool | None = None) -> LoadedCheckpoint:
+                           fp8_emulate: bool | None = None, dequantize: bool = False) -> LoadedCheckpoint:
     """Validate, merge the ranks and build the native model and heads.
 
     Compute dtype: ``dtype`` if given, else fp32 on CPU and the checkpoint's dtype on CUDA.
+    ``dequantize``: an FP8 checkpoint's weights become ``e4m3 * weight_scale`` in the compute dtype and
+    run as ordinary linears (what the weights lost to FP8, without activation quantization).
     """
     from medusa_forge.engine.load import resolve_device_dtype
 
@@ -93,7 +95,7 @@ def load_trtllm_checkpoint(ckpt_dir: str | Path, device: str | None = None, dtyp
     dev, _ = resolve_device_dtype(device, None)
     name = dtype or ("float32" if dev.type == "cpu" else spec.dtype)
     _, dt = resolve_device_dtype(str(dev), name)
-    backend = fp8_backend(dev, emulation_requested(fp8_emulate), "static") if spec.fp8 else None
+    backend = fp8_backend(dev, emulation_requested(fp8_emulate), "static") if spec.fp8 and not dequantize else None
     tensors = read_tensors(ckpt)
     sd: dict[str, Tensor] = {}
     fp8: dict[str, list[tuple[Tensor, float, float]]] = {}  # native linear -> [(w8, w_scale, act_scale)] by rows
@@ -108,7 +110,7 @@ def load_trtllm_checkpoint(ckpt_dir: str | Path, device: str | None = None, dtyp
         sd[e.source] = torch.cat([sd[e.source], t]) if e.source in sd else t  # fc then gate rows: w_gate_up
     eos, bos = _token_ids(ckpt.directory)
     model = build_model(ckpt.model_config(eos, bos), sd, dt, dev)
-    for weight_name, parts in fp8.items():
+    for weight_name, parts in (fp8.items() if not dequantize else ()):
         _swap_fp8(model, weight_name.removesuffix(".weight"), parts, dt, backend)
     heads = _heads(ckpt, tensors, tensors["lm_head.weight"]).to(device=dev, dtype=dt)
     return LoadedCheckpoint(ckpt, model, heads, name)

@@ -77,7 +77,7 @@ class MedusaEngine:
 
     # ------------------------------------------------------------------ state
     def _init_state(self) -> None:
-        dev, S = self.device, self.max_seq_len
+        dev = self.device
         long = dict(dtype=torch.long, device=dev)
         self.cur_len = torch.zeros((), **long)  # tokens committed to the KV cache
         self.root = torch.zeros(1, **long)  # the pending next token (greedy choice of the base model)

@@ -141,8 +141,11 @@ class Registry:
         return Path(os.readlink(path)).name if path.is_symlink() else None
 
     def _set_link(self, name: str, version: str) -> None:
+        """Swap the link by rename. The caller holds the registry lock, so any other ``.NAME.tmp-*``
+        is what a killed promotion left: removed here, so no run leaves one behind for long."""
+        for stale in self.root.glob(f".{name}.tmp-*"):
+            stale.unlink(missing_ok=True)
         tmp = self.root / f".{name}.tmp-{os.getpid()}"
-        tmp.unlink(missing_ok=True)
         os.symlink(Path("versions") / version, tmp)
         os.replace(tmp, self.root / name)
 

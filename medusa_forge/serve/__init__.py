@@ -8,6 +8,6 @@
     trtllm_repo.py     tensorrtllm_backend v0.11.0's inflight_batcher_llm layout, filled like fill_template.py
     tritonserver.py    find / start / wait for / stop tritonserver (NGC's, or the nvidia-pytriton wheel's)
     client.py          tritonclient gRPC: streaming and non-streaming, with timeouts
-    loadtest.py        the loopback load test (`python -m medusa_forge.serve.loadtest`)
+    (load and soak benches: medusa_forge/bench/serve_bench.py, medusa_forge/bench/soak.py)
     cli.py             `triton-repo`, `serve`, `query`
 """

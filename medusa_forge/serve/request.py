@@ -120,6 +120,9 @@ def _parse_row(inputs: dict[str, np.ndarray], batch: int, row: int, use_medusa: 
     max_cells = _rows("max_tokens", inputs["max_tokens"], batch)[row]
     if max_cells.size < 1:
         raise ForgeError("input 'max_tokens' is empty; give the number of tokens to generate")
+    if max_cells.size > 1:
+        raise ForgeError(f"input 'max_tokens' has shape {list(inputs['max_tokens'].shape)}; send one value per prompt "
+                         f"(shape [{batch}, 1])")
     max_tokens = _int(max_cells[0], "max_tokens")
     if max_tokens < 1:
         raise ForgeError(f"input 'max_tokens' must be >= 1, got {max_tokens}")

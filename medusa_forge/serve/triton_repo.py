@@ -180,6 +180,8 @@ def _native_plan(req: RepoRequest, engine: Path, manifest: EngineManifest | None
     if req.request_timeout_s <= 0:
         raise ForgeError(f"--request-timeout must be > 0, got {req.request_timeout_s:g}")
     tree = ChoiceTree.parse(req.tree) if req.tree and req.use_medusa else None  # fail now, not at server start
+    if req.use_medusa:
+        _check_heads_fit(engine, manifest, Path(req.medusa) if req.medusa else None, tree)
     settings = NativeModelSettings(
         engine_dir=str(engine), medusa_dir=str(Path(req.medusa).absolute()) if req.medusa and req.use_medusa else "",
         medusa_choices=json.dumps(tree.to_list()) if tree else "", device=req.device or "", dtype=req.dtype or "",
@@ -192,6 +194,24 @@ def _native_plan(req: RepoRequest, engine: Path, manifest: EngineManifest | None
                         directories=[req.name],
                         details={"instances": req.instances, "parameters": settings.to_parameters()})
     return cfg, model
+
+
+def _check_heads_fit(engine: Path, manifest: EngineManifest | None, medusa: Path | None,
+                     tree: ChoiceTree | None) -> None:
+    """Heads of another model, or a tree deeper than the heads, fail here rather than when the
+    server loads the model (where they would show only in tritonserver's log)."""
+    from medusa_forge.heads.layouts import collect, detect
+    from medusa_forge.model.config import ModelConfig
+
+    model_dir = engine / "model" if manifest is not None and (engine / "model").is_dir() else engine
+    heads_dir = medusa or engine / "medusa"
+    if not heads_dir.is_dir():
+        return  # a converted TensorRT-LLM checkpoint holds its heads in its rank files (load_engine reads them)
+    cfg = ModelConfig.from_dir(model_dir)
+    src = detect(heads_dir)
+    collect(src, cfg.hidden_size, cfg.vocab_size)  # shapes against the base: one ForgeError naming the tensor
+    if tree is not None:
+        tree.check_heads(src.num_heads)
 
 
 def _trtllm_plan(req: RepoRequest, engine: Path, manifest: EngineManifest, existing: RepoInfo):

@@ -11,7 +11,6 @@ as FasterDecoding's trainer masks the user turns (``IGNORE_TOKEN_ID``) and train
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from torch import Tensor
 
 from medusa_forge.engine.tokenizer import Tokenizer
 from medusa_forge.errors import ForgeError
+from medusa_forge.jsonl import read_jsonl
 
 IGNORE_INDEX = -100  # transformers' LabelSmoother.ignore_index, FasterDecoding's IGNORE_TOKEN_ID
 MIN_TOKENS = 3  # the first Medusa head needs a token two places ahead
@@ -47,16 +47,8 @@ def encode_plain(tok: Tokenizer, text: str) -> list[int]:
 
 
 def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
-    if not path.is_file():
-        raise ForgeError(f"{path}: data file not found")
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ForgeError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+    for n, obj in read_jsonl(path, "data file"):
         if not isinstance(obj, dict):
             raise ForgeError(f"{path}:{n}: expected a JSON object with text, prompt/completion or messages")
         rows.append((n, obj))

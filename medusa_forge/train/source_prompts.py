@@ -13,7 +13,6 @@ line ends to a random length in [min_tokens, max_tokens] tokens.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import sysconfig
@@ -22,6 +21,7 @@ from pathlib import Path
 
 from medusa_forge.engine.tokenizer import Tokenizer
 from medusa_forge.errors import ForgeError
+from medusa_forge.jsonl import read_jsonl
 
 PREFIX_CHARS = 120  # a file that starts with a held-out prompt's first 120 characters is excluded
 MIN_OVERLAP_CHARS = 60  # a training prompt this long that starts a held-out prompt is a copy of it
@@ -43,16 +43,8 @@ class HeldOut:
         if path is None:
             return cls()
         path = Path(path)
-        if not path.is_file():
-            raise ForgeError(f"{path}: held-out prompts file not found")
         sources, prefixes, short, prompts = set(), set(), [], []
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ForgeError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        for n, obj in read_jsonl(path, "held-out prompts file"):
             if isinstance(obj.get("source"), str) and obj["source"]:
                 sources.add(obj["source"].replace("\\", "/").lstrip("/"))
             prompt = obj.get("prompt")
