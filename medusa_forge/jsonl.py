@@ -1,4 +1,4 @@
-"""JSON Lines input, read one way everywhere (prompts, training data, held-out sets)."""
+"""JSON input read one way everywhere: JSON Lines (prompts, training data, held-out sets) and config files."""
 
 from __future__ import annotations
 
@@ -22,3 +22,17 @@ def read_jsonl(path: str | Path, what: str = "file") -> Iterator[tuple[int, Any]
             yield n, json.loads(line)
         except json.JSONDecodeError as e:
             raise ForgeError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+
+
+def read_json_object(path: Path, missing: str) -> dict:
+    """A config.json-like file as a dict: ``missing`` completes the not-found error ("{path}: {missing}");
+    a file that is not JSON, or not an object, is one ForgeError naming it."""
+    if not path.is_file():
+        raise ForgeError(f"{path}: {missing}")
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ForgeError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ForgeError(f"{path}: expected a JSON object")
+    return d

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from medusa_forge.engine.cuda_graphs import capture
 from medusa_forge.heads.medusa_head import MedusaHeads, MedusaHeadsConfig
 from medusa_forge.model.config import ModelConfig
 from medusa_forge.model.llama import Transformer
@@ -130,10 +131,7 @@ def measure(cfg: ModelConfig = LLAMA3_8B, tree: str = "mc_sim_7b_63", num_heads:
     single = engine._step("base", gcfg)
     tree_step = engine._step("greedy", gcfg)
     hidden = torch.randn(1, cfg.hidden_size, device="cuda", dtype=dtype)
-    heads_graph = torch.cuda.CUDAGraph()
-    engine._heads_topk(hidden)
-    with torch.cuda.graph(heads_graph):
-        engine._heads_topk(hidden)
+    heads_graph = capture(lambda: engine._heads_topk(hidden))
     bw = copy_bandwidth_gb_s()
     nbytes = step_weight_bytes(model)
     result = StepTimes(

@@ -27,15 +27,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
 from medusa_forge.errors import ForgeError
-from medusa_forge.model.checkpoint import (checkpoint_files, expected_hf_shapes, hf_to_native,
+from medusa_forge.model.checkpoint import (checkpoint_files, expected_hf_shapes, hf_to_native, tensor_getter,
                                            read_tensor_headers)
 from medusa_forge.model.config import ModelConfig
 from medusa_forge.model.llama import Transformer
@@ -260,7 +259,7 @@ def load_fp8_model(model_dir: str | Path, compute_dtype: torch.dtype, device, ba
             raise ForgeError(f"{model_dir}: tensor {name} missing from the FP8 checkpoint")
         if headers[name][1] != shape:
             raise ForgeError(f"{headers[name][0]}: tensor {name} has shape {list(headers[name][1])}, expected {list(shape)}")
-    get = _tensor_getter(headers)
+    get = tensor_getter(headers, "FP8 checkpoint")
     raw = hf_to_native(cfg, get)
     sources = native_sources(cfg, shapes)
     with torch.device("meta"):
@@ -284,23 +283,6 @@ def load_fp8_model(model_dir: str | Path, compute_dtype: torch.dtype, device, ba
     if missing:
         raise ForgeError(f"{model_dir}: FP8 checkpoint left {missing[0]} unset")
     return model.eval().requires_grad_(False)
-
-
-def _tensor_getter(headers: dict[str, tuple[Path, tuple[int, ...]]]) -> Callable[[str], Tensor]:
-    handles: dict[Path, object] = {}
-
-    def get(name: str) -> Tensor:
-        if name not in headers:
-            raise ForgeError(f"FP8 checkpoint: tensor {name} missing")
-        f = headers[name][0]
-        if f not in handles:
-            handles[f] = safe_open(str(f), framework="pt")
-        try:
-            return handles[f].get_tensor(name)
-        except SafetensorError as e:
-            raise ForgeError(f"{f}: tensor {name} is corrupt or truncated ({e})") from None
-
-    return get
 
 
 def _fp8_linear_from_shards(name, weight, shards, get, headers, activation, compute_dtype, device, backend):

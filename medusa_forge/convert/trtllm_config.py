@@ -29,12 +29,12 @@ TensorRT-LLM's default. Pipeline parallelism is not offered (upstream writes eve
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from medusa_forge.errors import ForgeError
+from medusa_forge.jsonl import read_json_object
 from medusa_forge.model.config import ModelConfig
 
 TRTLLM_VERSION = "0.11.0"
@@ -196,14 +196,7 @@ def read_config(ckpt_dir: str | Path) -> CheckpointConfig:
     path = ckpt_dir / "config.json"
     if not ckpt_dir.is_dir():
         raise ForgeError(f"{ckpt_dir}: TensorRT-LLM checkpoint directory not found")
-    if not path.is_file():
-        raise ForgeError(f"{path}: not found; expected a TensorRT-LLM checkpoint (`medusa-forge convert trtllm` output)")
-    try:
-        d = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ForgeError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise ForgeError(f"{path}: expected a JSON object")
+    d = read_json_object(path, "not found; expected a TensorRT-LLM checkpoint (`medusa-forge convert trtllm` output)")
     if d.get("architecture") != ARCHITECTURE:
         raise ForgeError(f"{path}: architecture {d.get('architecture')!r} is not {ARCHITECTURE!r} "
                          "(only Medusa checkpoints are read)")

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from medusa_forge.engine import kernels as K
+from medusa_forge.engine.cuda_graphs import capture
 from medusa_forge.model.config import ModelConfig
 from medusa_forge.model.llama import rope_cache
 from medusa_forge.tree import ChoiceTree, tree_buffers
@@ -48,16 +49,7 @@ class Shape:
 
 def time_us(fn: Callable[[], object], reps: int = 20, iters: int = 25) -> float:
     """Median us per call of ``fn`` replayed ``reps`` times from one CUDA graph."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            fn()
+    graph = capture(fn, reps=reps)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = []
     for _ in range(iters):

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from medusa_forge.engine import kernels
+from medusa_forge.engine.cuda_graphs import capture
 from medusa_forge.engine.acceptance import commit_path, greedy_accept, sample_token, typical_accept
 from medusa_forge.engine.generation import GenerationConfig, GenerationResult
 from medusa_forge.engine.gemm_layout import choose_layouts
@@ -167,17 +168,7 @@ class MedusaEngine:
     def _capture(self, fn: Callable[[], None]) -> "torch.cuda.CUDAGraph":
         """Warm up on a side stream, then record ``fn``; the state it scribbles is reset by prefill."""
         self.cur_len.zero_()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        torch.cuda.synchronize()
-        return graph
+        return capture(fn)
 
     # ------------------------------------------------------------------ host loop
     def check_request(self, prompt_ids: list[int], gcfg: GenerationConfig) -> None:

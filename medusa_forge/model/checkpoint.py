@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -134,9 +134,16 @@ def load_hf_model(model_dir: str | Path, dtype: str | torch.dtype = "float32", d
         if headers[name][1] != shape:
             raise ForgeError(f"{headers[name][0]}: tensor {name} has shape {list(headers[name][1])}, "
                              f"config.json implies {list(shape)}")
+    return build_model(cfg, hf_to_native(cfg, tensor_getter(headers)), parse_dtype(dtype), device)
+
+
+def tensor_getter(headers: dict[str, tuple[Path, tuple[int, ...]]], what: str = "checkpoint") -> Callable[[str], Tensor]:
+    """name -> tensor, each shard opened once; a missing or unreadable tensor is one ForgeError naming it."""
     handles: dict[Path, object] = {}
 
     def get(name: str) -> Tensor:
+        if name not in headers:
+            raise ForgeError(f"{what}: tensor {name} missing")
         f = headers[name][0]
         if f not in handles:
             handles[f] = safe_open(str(f), framework="pt")
@@ -145,4 +152,4 @@ def load_hf_model(model_dir: str | Path, dtype: str | torch.dtype = "float32", d
         except SafetensorError as e:
             raise ForgeError(f"{f}: tensor {name} is corrupt or truncated ({e})") from None
 
-    return build_model(cfg, hf_to_native(cfg, get), parse_dtype(dtype), device)
+    return get

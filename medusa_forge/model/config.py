@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from medusa_forge.errors import ForgeError
+from medusa_forge.jsonl import read_json_object
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 
@@ -86,12 +86,7 @@ class ModelConfig:
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> "ModelConfig":
         path = Path(model_dir) / "config.json"
-        if not path.is_file():
-            raise ForgeError(f"{path}: not found (expected a Hugging Face model directory)")
-        try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ForgeError(f"{path}: not valid JSON ({e})") from None
+        d = read_json_object(path, "not found (expected a Hugging Face model directory)")
         return cls.from_hf_dict(d, source=str(path))
 
     def to_dict(self) -> dict[str, Any]:

@@ -11,10 +11,10 @@ beside model shards that hold ``medusa_head.*``), is an error naming what was fo
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from medusa_forge.errors import ForgeError
+from medusa_forge.jsonl import read_json_object
 from medusa_forge.heads.layouts import axolotl, fasterdecoding, vllm
 from medusa_forge.heads.layouts.collect import Source
 
@@ -22,16 +22,8 @@ LAYOUTS = ("fasterdecoding", "axolotl", "vllm")
 
 
 def read_config(directory: Path) -> dict:
-    path = directory / "config.json"
-    if not path.is_file():
-        raise ForgeError(f"{path}: not found (Medusa heads need config.json with medusa_num_heads, medusa_num_layers)")
-    try:
-        d = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ForgeError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise ForgeError(f"{path}: expected a JSON object")
-    return d
+    return read_json_object(directory / "config.json",
+                            "not found (Medusa heads need config.json with medusa_num_heads, medusa_num_layers)")
 
 
 def detect(directory: str | Path) -> Source:
