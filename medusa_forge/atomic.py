@@ -32,7 +32,8 @@ _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync(path: str | Path) -> None:
+    """Flush one file or directory to disk (best effort: some filesystems refuse)."""
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -46,15 +47,9 @@ def _fsync_tree(root: Path) -> None:
     for dirpath, _, filenames in os.walk(root):
         for name in filenames:
             path = os.path.join(dirpath, name)
-            if os.path.islink(path):
-                continue
-            with contextlib.suppress(OSError):
-                fd = os.open(path, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-        _fsync_dir(Path(dirpath))
+            if not os.path.islink(path):
+                _fsync(path)
+        _fsync(dirpath)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -154,7 +149,7 @@ def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterat
         yield tmp
         _fsync_tree(tmp)
         _publish(tmp, out)
-        _fsync_dir(out.parent)
+        _fsync(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -172,7 +167,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        _fsync(path.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

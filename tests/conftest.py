@@ -118,3 +118,15 @@ def triton_inputs(**tensors) -> list:
         t.set_data_from_numpy(array)
         out.append(t)
     return out
+
+
+def run_cli(args: list, capsys) -> tuple[int, str, str]:
+    """Run ``medusa-forge ARGS`` in process: (exit code, stdout, stderr) of this command alone."""
+    from medusa_forge.cli import main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main([str(a) for a in args])
+        raise SystemExit(0)
+    out = capsys.readouterr()
+    return exc.value.code, out.out, out.err

@@ -23,6 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from conftest import run_cli
 from medusa_forge.cli import main
 from medusa_forge.convert.trtllm_checkpoint import ConvertOptions, convert_trtllm
 from medusa_forge.convert.trtllm_config import CheckpointSpec
@@ -47,12 +48,6 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exc:
-        main(args)
-        raise SystemExit(0)
-    out = capsys.readouterr()
-    return exc.value.code, out.out, out.err
 
 
 @pytest.fixture(scope="module")

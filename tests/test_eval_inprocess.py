@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FIXTURE_MMLU
+from conftest import FIXTURE_MMLU, run_cli
 from medusa_forge.cli import main
 from medusa_forge.eval.promote import Gates, Registry, check_gates, load_baseline_mmlu, load_report, promote
 from medusa_forge.eval.report import engine_fingerprint
@@ -24,12 +24,6 @@ from medusa_forge.eval.report import engine_fingerprint
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exc:
-        main([str(a) for a in args])
-        raise SystemExit(0)
-    out = capsys.readouterr()
-    return exc.value.code, out.out, out.err
 
 
 def build_eval_engine(tmp_path_factory, model_dir, heads_dir) -> Path:

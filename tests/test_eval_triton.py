@@ -20,20 +20,13 @@ import os
 
 import pytest
 
-from conftest import FIXTURE_MMLU
+from conftest import FIXTURE_MMLU, run_cli
 from medusa_forge.cli import main
 from medusa_forge.eval.promote import Registry
 
 NEW_TOKENS = 4
 
 
-def run_cli(args: list, capsys) -> tuple[int, str, str]:
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exc:
-        main([str(a) for a in args])
-        raise SystemExit(0)
-    out = capsys.readouterr()
-    return exc.value.code, out.out, out.err
 
 
 def ok(args: list, capsys) -> str:

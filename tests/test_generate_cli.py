@@ -8,17 +8,7 @@ import shutil
 import pytest
 from safetensors.torch import load_file, save_file
 
-from medusa_forge.cli import main
-
-from conftest import make_heads
-
-
-def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exc:
-        main(args)
-        raise SystemExit(0)
-    out = capsys.readouterr()
-    return exc.value.code, out.out, out.err
+from conftest import make_heads, run_cli
 
 
 def test_generate_json_reports_steps_and_acceptance(model_dir, heads_dir, capsys):

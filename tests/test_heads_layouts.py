@@ -44,7 +44,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from medusa_forge.cli import main
+from conftest import run_cli
 from medusa_forge.engine.generation import GenerationConfig
 from medusa_forge.engine.load import load_engine
 from medusa_forge.engine.medusa_engine import MedusaEngine
@@ -453,12 +453,6 @@ def test_axolotl_export_is_a_full_model_transformers_loads_with_medusa_head(expo
 
 
 # ----------------------------------------------------------------------------------------- CLI
-def run_cli(args, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(args)
-        raise SystemExit(0)
-    out = capsys.readouterr()
-    return exc.value.code, out.out, out.err
 
 
 def test_cli_targets_are_the_export_targets():

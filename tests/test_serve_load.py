@@ -14,18 +14,11 @@ import json
 
 import pytest
 
-from medusa_forge.cli import main
+from conftest import run_cli
 
 CLIENTS, REQUESTS, TOKENS = 32, 10, 4
 
 
-def run_cli(args: list, capsys) -> tuple[int, str, str]:
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exc:
-        main([str(a) for a in args])
-        raise SystemExit(0)
-    out = capsys.readouterr()
-    return exc.value.code, out.out, out.err
 
 
 @pytest.fixture(scope="module")
