@@ -142,7 +142,8 @@ class MedusaEngine:
             best, accepted = accept(logits, tree_tokens[b.retrieve_indices], b.retrieve_indices, b.retrieve_valid)
             commit_path(logits, tree_tokens, b.retrieve_indices, best, accepted, *state)
         self.model.move_kv(self.kv_src, self.kv_dst)
-        self.last_logits.copy_(logits.index_select(0, self.last))
+        # last_logits is not refreshed here: only plain sampled decoding reads it, and every
+        # generation starts with a prefill that sets it.
         self.head_topk.copy_(self._heads_topk(hidden.index_select(0, self.last)))
 
     def _step(self, kind: str, gcfg: GenerationConfig) -> _StepGraph:
