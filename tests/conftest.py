@@ -130,3 +130,12 @@ def run_cli(args: list, capsys) -> tuple[int, str, str]:
         raise SystemExit(0)
     out = capsys.readouterr()
     return exc.value.code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """pycoder-26m's GEMMs are tiny: one thread is as fast, and far steadier when other runs share the 2 cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

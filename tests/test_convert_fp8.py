@@ -33,12 +33,7 @@ GEMMS = ("attention.qkv", "attention.dense", "mlp.fc", "mlp.gate", "mlp.proj")
 CALIB_TOKENS = 64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny GEMMs run on one thread
 
 
 @pytest.fixture(scope="module")

@@ -39,15 +39,7 @@ from medusa_forge.model.checkpoint import load_hf_model
 H, I, V, Q, KV = 512, 1408, 8192, 512, 256  # pycoder-26m: hidden, intermediate, vocab, q rows, k (= v) rows
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny GEMMs: one thread is faster, and far steadier when other test runs share the two cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny GEMMs run on one thread
 
 
 @pytest.fixture(scope="module")

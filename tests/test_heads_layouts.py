@@ -175,15 +175,6 @@ def engine_parts(model_dir, held_out_prompts):
     return model, tok, prompts
 
 
-@pytest.fixture
-def one_thread():
-    """pycoder-26m's GEMMs are tiny: one thread is as fast, and does not stall 6x when the 2 cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def greedy(model, tok, heads, prompts):
     engine = MedusaEngine(model, heads, ChoiceTree.parse("small"), tok, max_seq_len=128)
     gcfg = GenerationConfig(max_new_tokens=10, ignore_eos=True)
