@@ -4,6 +4,7 @@
 #   bash bench/device_run.sh train    # self-distilled heads -> runs/heads (skipped when present), GPU tests
 #   bash bench/device_run.sh suite    # every engine side by side + Llama-3-8B-shape step latencies
 #   bash bench/device_run.sh checks   # auto tree vs presets, fp8 vs bf16, eval speed + MMLU
+#   bash bench/device_run.sh probe    # bit identity (tokens + KV), kernel profiles (no heads needed)
 # A phase after `train` needs the heads it left in runs/ (the device machine keeps ignored paths
 # while it stays warm).
 #
@@ -73,6 +74,19 @@ if [ "$PHASE" = train ]; then
   step gpu_kernel_tests 150 python3 -m pytest -q tests/test_kernels.py -p no:cacheprovider
   step gpu_tests 120 python3 -m pytest -q -m gpu tests/test_build_native.py tests/test_train_heads.py \
     -p no:cacheprovider
+  exit 0
+fi
+
+if [ "$PHASE" = probe ]; then
+  # no heads needed: bit identity (tokens + KV) with oracle heads, per-kernel step profiles, GEMM table
+  step identity_probe 150 $MF bench probe --model "$MODEL" --prompts "$PROMPTS" --medusa-choices mc_sim_7b_63 \
+    --medusa-choices chain-5 $([ -n "${SMOKE:-}" ] && echo "--per-topic 1 --max-new-tokens 16") \
+    --out "$RESULTS/identity_probe.json"
+  [ -n "${SMOKE:-}" ] && exit 0
+  step profile_26m 60 $MF bench profile --model "$MODEL" --context 256 --out "$RESULTS/profile_26m.json"
+  step profile_8b 90 $MF bench profile --context 1024 --out "$RESULTS/profile_8b.json"
+  step profile_8b_fp8 90 $MF bench profile --context 1024 --fp8 --out "$RESULTS/profile_8b_fp8.json"
+  step gemm_check 60 python3 -m medusa_forge.bench.gemm_check --rows 64 --json "$RESULTS/gemm_check.json"
   exit 0
 fi
 

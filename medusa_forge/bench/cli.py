@@ -13,6 +13,7 @@ import click
 
 from medusa_forge.atomic import atomic_write_json, atomic_write_text
 from medusa_forge.engine.cli import engine_options, open_engine
+from medusa_forge.tree.choice_tree import ChoiceTree
 
 
 def run_metadata() -> dict:
@@ -80,6 +81,93 @@ def bench_step_cmd(shape, tree, num_heads, context, out):
     result = measure(LLAMA3_8B, tree=tree, num_heads=num_heads, context=context).to_dict()
     result["meta"] = run_metadata()
     click.echo(json.dumps(result, indent=2))
+    if out:
+        atomic_write_json(out, result)
+
+
+@bench.command("probe")
+@click.option("--model", "--model_dir", "model", required=True, type=click.Path())
+@click.option("--medusa", "--medusa_model_dir", "medusa", default=None, type=click.Path(),
+              help="Heads (default: fresh heads; the probe proposes the base model's own tokens anyway).")
+@click.option("--medusa-choices", "trees", multiple=True, default=("mc_sim_7b_63",), show_default=True)
+@click.option("--prompts", required=True, type=click.Path())
+@click.option("--per-topic", default=None, type=int)
+@click.option("--max-new-tokens", default=128, show_default=True)
+@click.option("--out", default=None, type=click.Path())
+def bench_probe_cmd(model, medusa, trees, prompts, per_topic, max_new_tokens, out):
+    """Bit identity of tree decoding with plain greedy decoding: tokens and every committed KV entry."""
+    from medusa_forge.bench.engine_bench import truncate_prompt
+    from medusa_forge.bench.identity_probe import probe
+    from medusa_forge.engine.load import load_engine
+    from medusa_forge.heads.medusa_head import MedusaHeads, MedusaHeadsConfig
+    from medusa_forge.prompts import read_prompts
+
+    result = {"meta": run_metadata(), "trees": {}}
+    for tree in trees:
+        engine = load_engine(model, medusa, tree) if medusa else load_engine(model, with_heads=False)
+        if engine.tree is None:  # fresh heads from the base lm_head: the probe overrides their top-k
+            cfg = engine.cfg
+            heads = MedusaHeads.from_lm_head(MedusaHeadsConfig(5, 1, cfg.hidden_size, cfg.vocab_size),
+                                             engine.model.lm_head.weight)
+            engine = type(engine)(engine.model, heads, ChoiceTree.parse(tree), engine.tokenizer,
+                                  max_seq_len=engine.max_seq_len)
+        ids = [truncate_prompt(engine, p.prompt, 512) for p in read_prompts(prompts, per_topic=per_topic)]
+        report = probe(engine, ids, max_new_tokens).to_dict()
+        result["trees"][tree] = report
+        click.echo(f"{tree}: {json.dumps(report['summary'])}")
+        bad = [p for p in report["prompts"] if p["first_kv_mismatch"] or p["first_token_mismatch"] is not None]
+        for p in bad[:10]:
+            click.echo(f"  {json.dumps(p)}")
+        click.echo("  gemm rows: " + json.dumps({k: (v["eager_rows_differing"][:4], v["graph_rows_differing"][:4])
+                                                 for k, v in report["gemm_rows"].items()}))
+    if out:
+        atomic_write_json(out, result)
+
+
+@bench.command("profile")
+@click.option("--model", "--model_dir", "model", default=None, type=click.Path(),
+              help="HF model dir (fresh heads); default: the Llama-3-8B shape with random weights.")
+@click.option("--medusa-choices", "tree", default="mc_sim_7b_63", show_default=True)
+@click.option("--context", default=512, show_default=True, help="Tokens already in the cache.")
+@click.option("--fp8", is_flag=True, help="FP8 block GEMMs (as an fp8 engine runs).")
+@click.option("--out", default=None, type=click.Path())
+def bench_profile_cmd(model, tree, context, fp8, out):
+    """GPU time per kernel of the captured single-token step, tree step and prefill (CUDA)."""
+    import time
+
+    import torch
+
+    from medusa_forge.bench.step_latency import LLAMA3_8B, random_engine
+    from medusa_forge.bench.step_profile import format_table, kernel_table
+    from medusa_forge.engine.generation import GenerationConfig
+    from medusa_forge.errors import ForgeError
+
+    if not torch.cuda.is_available():
+        raise ForgeError("bench profile times GPU kernels and needs CUDA")
+    engine = random_engine(LLAMA3_8B if model is None else model, tree=tree, fp8=fp8)
+    ids = list(range(1, context + 1))
+    engine._prefill(ids)
+    saved = (engine.cur_len.clone(), engine.root.clone(), engine.head_topk.clone())
+
+    def reset() -> None:
+        engine.cur_len.copy_(saved[0])
+        engine.root.copy_(saved[1])
+        engine.head_topk.copy_(saved[2])
+
+    gcfg = GenerationConfig()
+    result = {"meta": run_metadata(), "context": context, "tree": tree, "fp8": fp8}
+    for kind in ("base", "greedy"):
+        result[kind] = kernel_table(engine._step(kind, gcfg), reset)
+        click.echo(format_table(f"{kind} step", result[kind]) + "\n")
+    times = []
+    for _ in range(5):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        engine._prefill(ids)
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    result["prefill_ms"] = sorted(times)[2]
+    click.echo(f"prefill of {context} tokens (eager): {result['prefill_ms']:.2f} ms")
     if out:
         atomic_write_json(out, result)
 

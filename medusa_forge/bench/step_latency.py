@@ -102,23 +102,37 @@ def time_graph(fn, reset, iters: int = 50) -> float:
     return times[len(times) // 2]
 
 
-def measure(cfg: ModelConfig = LLAMA3_8B, tree: str = "mc_sim_7b_63", num_heads: int = 5, context: int = 1024,
-            max_seq_len: int = 2048, dtype=torch.bfloat16, compile: bool = False, fp8: bool = False) -> StepTimes:
-    """``fp8``: the block GEMMs as FP8 tensor-core GEMMs (static activation scales), as an fp8 engine runs."""
-    from medusa_forge.engine.generation import GenerationConfig
+def random_engine(cfg: "ModelConfig | str", tree: str = "mc_sim_7b_63", num_heads: int = 5, max_seq_len: int = 2048,
+                  dtype=torch.bfloat16, compile: bool = False, fp8: bool = False):
+    """A CUDA engine with random weights at ``cfg``'s shape (or a HF model dir's real weights) and
+    random shared-lm_head heads: what the step benchmarks time. ``fp8``: the block GEMMs as FP8
+    tensor-core GEMMs (static activation scales), as an fp8 engine runs."""
     from medusa_forge.engine.medusa_engine import MedusaEngine
+    from medusa_forge.model.checkpoint import load_hf_model
 
-    model = random_model(cfg, dtype)
+    model = random_model(cfg, dtype) if isinstance(cfg, ModelConfig) else load_hf_model(cfg, dtype=dtype, device="cuda")
     if fp8:
         from medusa_forge.build.fp8 import linear_names, swap_linears
 
         swap_linears(model, "scaled_mm", input_scales={name: 0.05 for name in linear_names(model)})
         torch.cuda.empty_cache()
-    heads = MedusaHeads(MedusaHeadsConfig(num_heads, 1, cfg.hidden_size, cfg.vocab_size, shared_lm_head=True))
+    mc = model.config  # a real model gets per-head projections, as trained Medusa-1 heads have
+    shared = isinstance(cfg, ModelConfig)
+    heads = MedusaHeads(MedusaHeadsConfig(num_heads, 1, mc.hidden_size, mc.vocab_size, shared_lm_head=shared))
     heads = heads.to(device="cuda", dtype=dtype)
     with torch.no_grad():
         heads.res_weight.normal_(0, 0.02)
-    engine = MedusaEngine(model, heads, ChoiceTree.parse(tree), None, max_seq_len=max_seq_len, compile=compile)
+        if heads.proj_weight is not None:
+            heads.proj_weight.copy_(model.lm_head.weight[None].expand_as(heads.proj_weight))
+    return MedusaEngine(model, heads, ChoiceTree.parse(tree), None, max_seq_len=max_seq_len, compile=compile)
+
+
+def measure(cfg: ModelConfig = LLAMA3_8B, tree: str = "mc_sim_7b_63", num_heads: int = 5, context: int = 1024,
+            max_seq_len: int = 2048, dtype=torch.bfloat16, compile: bool = False, fp8: bool = False) -> StepTimes:
+    from medusa_forge.engine.generation import GenerationConfig
+
+    engine = random_engine(cfg, tree, num_heads, max_seq_len, dtype, compile, fp8)
+    model, heads = engine.model, engine.heads
     engine._prefill(list(range(1, context + 1)))
     saved = (engine.cur_len.clone(), engine.root.clone(), engine.head_topk.clone())
 
