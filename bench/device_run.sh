@@ -72,7 +72,7 @@ if [ "$PHASE" = train ]; then
     cp "$HEADS"/train_report.* "$HEADS"/*.png "$HEADS"/config.json "$RESULTS"/ 2>/dev/null
   fi
   step gpu_kernel_tests 150 python3 -m pytest -q tests/test_kernels.py -p no:cacheprovider
-  step gpu_tests 120 python3 -m pytest -q -m gpu tests/test_build_native.py tests/test_train_heads.py \
+  step gpu_tests 150 python3 -m pytest -q -m gpu tests/test_build_native.py tests/test_train_heads.py tests/test_engine_exact.py \
     -p no:cacheprovider
   exit 0
 fi
@@ -83,6 +83,8 @@ if [ "$PHASE" = probe ]; then
     --medusa-choices chain-5 $([ -n "${SMOKE:-}" ] && echo "--per-topic 1 --max-new-tokens 16") \
     --out "$RESULTS/identity_probe.json"
   [ -n "${SMOKE:-}" ] && exit 0
+  step gpu_kernel_tests 150 python3 -m pytest -q tests/test_kernels.py -p no:cacheprovider
+  step gpu_engine_tests 120 python3 -m pytest -q -m gpu tests/test_engine_exact.py -p no:cacheprovider
   step profile_26m 60 $MF bench profile --model "$MODEL" --context 256 --out "$RESULTS/profile_26m.json"
   step profile_8b 90 $MF bench profile --context 1024 --out "$RESULTS/profile_8b.json"
   step profile_8b_fp8 90 $MF bench profile --context 1024 --fp8 --out "$RESULTS/profile_8b_fp8.json"

@@ -287,3 +287,34 @@ def test_fused_greedy_commit_equals_accept_then_commit(tree, seed):
     for name, w, o in zip(("cur_len", "step_out", "root", "last", "src", "dst"), want, got):
         assert torch.equal(w.reshape(-1), o.reshape(-1)), f"{name}: {o.tolist()} != {w.tolist()}"
     assert int(want[1][0]) - 1 == int(accepted)
+
+
+@pytest.mark.parametrize("vocab", [100, 8192, 20000])
+def test_topk_indices_match_torch_topk_and_argmax_handles_long_rows(vocab):
+    """The heads' top-k (chunk top-k + merge) gives torch.topk's indices in its order; rows longer
+    than two chunks take the same two launches for the argmax."""
+    x = randn(5, vocab, seed=41)
+    assert torch.equal(K.topk_indices_triton(x, 10), torch.topk(x, 10).indices)
+    assert torch.equal(K.row_argmax_triton(x), x.argmax(-1))
+    xb = x.to(torch.bfloat16)  # bf16 logits straight from lm_head: the same argmax as their fp32 copy
+    assert torch.equal(K.row_argmax_triton(xb), xb.float().argmax(-1))
+
+
+def test_topk_and_long_row_argmax_take_the_lower_index_on_ties():
+    x = torch.zeros(2, 9000, device=DEVICE)
+    x[0, 5] = x[0, 7000] = 1.0  # equal maxima in different chunks
+    assert K.topk_indices_triton(x, 3).tolist() == [[5, 7000, 0], [0, 1, 2]]
+    assert K.row_argmax_triton(x).tolist() == [5, 0]
+
+
+@pytest.mark.parametrize("tree", ["small", "mc_sim_7b_63"])
+def test_tree_inputs_kernel_gathers_tokens_positions_and_slots(tree):
+    b = tree_buffers(ChoiceTree.parse(tree), device=DEVICE)
+    n = b.tree_indices.shape[0]
+    root = torch.tensor([7], device=DEVICE)
+    head_topk = torch.arange(5 * 10, device=DEVICE).view(5, 10)[: int(b.positions.max())] + 100
+    cur = torch.tensor(33, device=DEVICE)
+    tokens, positions, slots = K.tree_inputs_triton(root, head_topk, b.tree_indices, b.positions, cur)
+    assert torch.equal(tokens, torch.cat([root, head_topk.flatten()])[b.tree_indices])
+    assert torch.equal(positions, cur + b.positions)
+    assert torch.equal(slots, cur + torch.arange(n, device=DEVICE))

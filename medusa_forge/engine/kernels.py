@@ -80,7 +80,7 @@ class AttentionConfig:
     """
 
     split: int = 128
-    block_m: int = 64
+    block_m: int = 16  # >= the GQA group; a tail program holds one token's group, so small is cheap
     block_n: int = 64
     num_warps: int = 4
     max_scratch_bytes: int = 64 << 20
@@ -263,8 +263,8 @@ if HAVE_TRITON:
         s = _round(g / (1.0 + tl.exp(-g)), DT).to(tl.float32)
         tl.store(OUT + row * stride_o + cols, _round(s * u, DT), mask=ok)
 
-    @_source(do_not_specialize=["T", "t_begin", "n_rows", "A"])
-    def _attn_split_kernel(Q, KC, VC, PREFIX, MASK, ANC, PO, PM, PL, T, t_begin, n_rows, S, R_pad, A, qk_scale,
+    @_source(do_not_specialize=["T", "t_begin", "n_rows", "A", "TAIL", "stride_mt", "stride_at"])
+    def _attn_split_kernel(Q, KC, VC, PREFIX, MASK, ANC, PO, PM, PL, T, t_begin, n_rows, S, R_pad, A, TAIL, qk_scale,
                            stride_qt, stride_qh, stride_kh, stride_ks, stride_vh, stride_vs, stride_mt,
                            stride_at, G: tl.constexpr, D: tl.constexpr, NS: tl.constexpr, SPLIT: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr,
@@ -272,71 +272,80 @@ if HAVE_TRITON:
         """One (KV split, KV head, row tile): online softmax over slots [split*SPLIT, ...) below
         prefix+T, partial (max, sum, unnormalised output) per row to PM/PL/PO.
 
-        MODE 0: every split, row tiles shared by tokens (long prefill chunks).
-        MODE 1: shared row tiles, only the splits wholly below the prefix (committed keys, the same
-        for every token). MODE 2 (program ids: split offset, KV head, token): one token per
-        program over the splits that hold new slots, reading its keys in *its own sequence order*:
-        virtual slot prefix+k is the token's depth-k ancestor (``ANC[t, k]``, -1 past its depth;
-        causal: itself and the tokens before it). So a tree node at depth d reduces exactly the
-        keys, in exactly the positions and blocks, that plain decoding reduces for the same token
-        at slot prefix+d after its ancestors were committed: the tree step is bit-identical to
-        sequential decoding, not only batch invariant. MODEs 1 and 2 run the same arithmetic on
-        the same tile shapes; a split or block a row cannot see adds exact zeros.
+        MODE 0 (prefill chunks): every split, row tiles shared by tokens, ``MASK`` (HAS_MASK) or
+        causal visibility of the new slots.
+
+        MODE 1 (decode and tree steps) runs in two launches of *one compiled kernel*; the runtime
+        ``TAIL`` picks the pass. TAIL=0: shared row tiles over the splits wholly below the prefix
+        (committed keys, the same for every token). TAIL=1 (program ids: split offset, KV head,
+        token): one token per program over the splits that hold new slots, reading its keys in
+        *its own sequence order*: virtual slot prefix+k is the token's depth-k ancestor
+        (``ANC[t, k]``, -1 past its depth). So a tree node at depth d reduces exactly the keys, in
+        exactly the positions and blocks, that plain decoding reduces for the same token at slot
+        prefix+d after its ancestors were committed, whichever pass a split falls to in either
+        step. Why one compiled kernel: two constexpr variants of the same source may compile to
+        different instruction sequences (FMA contraction, reduction layouts); a single binary
+        whose passes differ only in runtime indices cannot. For the same reason nothing a step
+        passes may differ in a specialised argument (the ancestor table is always given; its
+        stride is not specialised). A split or block a row cannot see adds exact zeros.
 
         DOT_F32 (interpreter only, which multiplies bf16 bit patterns as integers): feed the dots
         fp32 copies of the operands, the same values since bf16 -> fp32 is exact."""
         kvh = tl.program_id(1)
         prefix = tl.load(PREFIX).to(tl.int32)
         end = tl.minimum(prefix + T, S)
-        if MODE == 2:
-            split = prefix // SPLIT + tl.program_id(0)
+        if MODE == 1:
+            tail = TAIL != 0
         else:
-            split = tl.program_id(0)
+            tail = TAIL < 0  # prefill: never a tail pass (TAIL is 0)
+        split = tl.where(tail, prefix // SPLIT + tl.program_id(0), tl.program_id(0))
         lo = split * SPLIT
         if MODE == 1:
-            active = lo + SPLIT <= prefix
+            active = tl.where(tail, lo < end, lo + SPLIT <= prefix)
         else:
             active = lo < end
         if active:
-            if MODE == 2:
-                rows = tl.program_id(2) * G + tl.arange(0, BLOCK_M)
-                row_ok = tl.arange(0, BLOCK_M) < G
-            else:
-                rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
-                row_ok = rows < n_rows
+            row0 = tl.where(tail, tl.program_id(2) * G, tl.program_id(2) * BLOCK_M)
+            rows = row0 + tl.arange(0, BLOCK_M)
+            row_ok = rows < tl.where(tail, row0 + G, n_rows)
             tok = t_begin + rows // G
+            me = t_begin + tl.program_id(2)  # the tail pass's token
             d = tl.arange(0, D)
             q = tl.load(Q + tok[:, None] * stride_qt + (kvh * G + rows % G)[:, None] * stride_qh + d[None, :],
                         mask=row_ok[:, None], other=0.0)
             m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
             l_i = tl.full([BLOCK_M], 0.0, tl.float32)
             acc = tl.full([BLOCK_M, D], 0.0, tl.float32)
-            if MODE == 2:
-                hi = tl.minimum(lo + SPLIT, S)
-                me = t_begin + tl.program_id(2)  # this program's token
-            else:
-                hi = tl.minimum(lo + SPLIT, end)
+            seq_end = end
+            if MODE == 1:
+                if tail:  # this token's own sequence ends at prefix + (ancestors incl. itself)
+                    count = 0
+                    for a0 in range(0, A, BLOCK_N):
+                        ai = a0 + tl.arange(0, BLOCK_N)
+                        av = tl.load(ANC + me * stride_at + ai, mask=ai < A, other=-1)
+                        count += tl.reduce((av >= 0).to(tl.int32), 0, _add)
+                    seq_end = prefix + count
+            # Blocks past a row's own sequence would add exact zeros; the tail pass skips them (its
+            # second split may then run no block at all and store the empty partial).
+            hi = tl.minimum(lo + SPLIT, seq_end)
             for start in range(lo, hi, BLOCK_N):
                 n = start + tl.arange(0, BLOCK_N)
                 n_ok = n < hi
                 rel = n - prefix
-                if MODE == 2:
-                    if HAS_MASK:
-                        anc = tl.load(ANC + me * stride_at + rel, mask=(rel >= 0) & (rel < A) & n_ok, other=-1)
-                    else:
-                        anc = tl.where((rel >= 0) & (rel <= me), rel, -1)
+                if MODE == 1:  # committed keys (rel < 0) are everyone's; new ones through ANC
+                    anc = tl.load(ANC + me * stride_at + rel, mask=(rel >= 0) & (rel < A) & n_ok & tail, other=-1)
                     key_vis = ((rel < 0) | (anc >= 0)) & n_ok
                     phys = tl.where(rel < 0, n, prefix + anc)
-                    k = tl.load(KC + kvh * stride_kh + phys[:, None] * stride_ks + d[None, :],
-                                mask=key_vis[:, None], other=0.0)
                 else:
-                    k = tl.load(KC + kvh * stride_kh + n[:, None] * stride_ks + d[None, :], mask=n_ok[:, None],
-                                other=0.0)
+                    key_vis = n_ok
+                    phys = n
+                k = tl.load(KC + kvh * stride_kh + phys[:, None] * stride_ks + d[None, :],
+                            mask=key_vis[:, None], other=0.0)
                 if DOT_F32:
                     s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee") * qk_scale
                 else:
                     s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
-                if MODE == 2:
+                if MODE == 1:
                     vis = key_vis[None, :] & row_ok[:, None]
                 else:
                     new = (rel >= 0) & n_ok
@@ -352,12 +361,8 @@ if HAVE_TRITON:
                 alpha = tl.exp2(m_i - m_use)
                 p = tl.exp2(s - m_use[:, None])
                 l_i = l_i * alpha + tl.reduce(p, 1, _add)
-                if MODE == 2:
-                    v = tl.load(VC + kvh * stride_vh + phys[:, None] * stride_vs + d[None, :], mask=key_vis[:, None],
-                                other=0.0)
-                else:
-                    v = tl.load(VC + kvh * stride_vh + n[:, None] * stride_vs + d[None, :], mask=n_ok[:, None],
-                                other=0.0)
+                v = tl.load(VC + kvh * stride_vh + phys[:, None] * stride_vs + d[None, :], mask=key_vis[:, None],
+                            other=0.0)
                 p = _round(p, v.dtype)
                 if DOT_F32:
                     p, v = p.to(tl.float32), v.to(tl.float32)
@@ -397,19 +402,62 @@ if HAVE_TRITON:
 
     @_source(do_not_specialize=["V"])
     def _row_argmax_kernel(X, OUT, V, stride_x, BLOCK: tl.constexpr):
-        """argmax of one fp32 row, first index on ties (torch.argmax's rule)."""
+        """argmax of one row (any float dtype, compared in fp32), first index on ties (torch.argmax's rule)."""
         row = tl.program_id(0)
         best_v = tl.full([1], float("-inf"), tl.float32)
         best_i = tl.full([1], 0, tl.int64)
         for start in range(0, V, BLOCK):
             cols = start + tl.arange(0, BLOCK)
-            x = tl.load(X + row * stride_x + cols, mask=cols < V, other=float("-inf"))
+            x = tl.load(X + row * stride_x + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
             m = tl.reduce(x, 0, _max)
             i = tl.reduce(tl.where(x == m, cols, V), 0, _min).to(tl.int64)
             take = m > best_v  # strict: an equal value in a later block never wins
             best_i = tl.where(take, i, best_i)
             best_v = tl.where(take, m, best_v)
         tl.store(OUT + row + tl.arange(0, 1), best_i)
+
+    @_source(do_not_specialize=["V"])
+    def _topk_partial_kernel(X, VAL, IDX, V, stride_x, K: tl.constexpr, KB: tl.constexpr, BLOCK: tl.constexpr):
+        """Top-K of one BLOCK-wide chunk of a row (program ids: row, chunk), largest first, lowest
+        index first among equals: K rounds of max + first-index + knock-out, all in registers."""
+        row = tl.program_id(0)
+        chunk = tl.program_id(1)
+        cols = chunk * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(X + row * stride_x + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        out = (row * tl.num_programs(1) + chunk) * KB
+        for k in range(K):
+            m = tl.reduce(x, 0, _max)
+            i = tl.reduce(tl.where(x == m, cols, 2147483647), 0, _min)
+            tl.store(VAL + out + k + tl.arange(0, 1), tl.full([1], 0.0, tl.float32) + m)
+            tl.store(IDX + out + k + tl.arange(0, 1), tl.full([1], 0, tl.int32) + i)
+            x = tl.where(cols == i, float("-inf"), x)
+
+    @_source(do_not_specialize=["C"])
+    def _topk_merge_kernel(VAL, IDX, OUT, C, K: tl.constexpr, KB: tl.constexpr, CB: tl.constexpr):
+        """Merge one row's C chunk results (C*KB candidates) into its top-K indices (int64)."""
+        row = tl.program_id(0)
+        j = tl.arange(0, CB)
+        ok = ((j % KB) < K) & (j < C * KB)
+        v = tl.load(VAL + row * C * KB + j, mask=ok, other=float("-inf"))
+        idx = tl.load(IDX + row * C * KB + j, mask=ok, other=2147483647)
+        for k in range(K):
+            m = tl.reduce(v, 0, _max)
+            i = tl.reduce(tl.where(v == m, idx, 2147483647), 0, _min)
+            tl.store(OUT + row * K + k + tl.arange(0, 1), tl.full([1], 0, tl.int64) + i)
+            v = tl.where(idx == i, float("-inf"), v)
+
+    @_source(do_not_specialize=["N"])
+    def _tree_inputs_kernel(ROOT, TOPK, TIDX, DEPTH, CUR, TOKENS, POSITIONS, SLOTS, N, NB: tl.constexpr):
+        """The tree step's inputs in one launch: node tokens cat([root, topk.flatten()])[tree_indices],
+        RoPE positions cur + depth and cache slots cur + node."""
+        n = tl.arange(0, NB)
+        ok = n < N
+        t = tl.load(TIDX + n, mask=ok, other=0)
+        tok = tl.where(t == 0, tl.load(ROOT + n * 0, mask=ok, other=0), tl.load(TOPK + t - 1, mask=ok & (t > 0), other=0))
+        cur = tl.load(CUR + n * 0, mask=ok, other=0)
+        tl.store(TOKENS + n, tok, mask=ok)
+        tl.store(POSITIONS + n, cur + tl.load(DEPTH + n, mask=ok, other=0), mask=ok)
+        tl.store(SLOTS + n, cur + n, mask=ok)
 
     @_source(do_not_specialize=["P", "W"])
     def _greedy_commit_kernel(PRED, TOK, RET, VALID, CUR, STEP_OUT, ROOT, LAST, SRC, DST, P, W, stride_r,
@@ -522,6 +570,21 @@ def ancestor_table(tree_mask: Tensor) -> Tensor:
     return torch.where(order < T, order, -1).to(torch.int32).contiguous()
 
 
+_CAUSAL_ANCESTORS: dict[tuple[int, str], Tensor] = {}
+
+
+def causal_ancestors(T: int, device: torch.device) -> Tensor:
+    """The ancestor table of T causal tokens (row i: 0..i, then -1), made once per (T, device).
+
+    Plain decoding (T=1) passes this where a tree step passes its tree's table, so both launch the
+    same compiled attention kernel. Made on first use, i.e. in a CUDA graph's warm-up, not its capture."""
+    key = (T, str(device))
+    if key not in _CAUSAL_ANCESTORS:
+        idx = torch.arange(T, device=device, dtype=torch.int32)
+        _CAUSAL_ANCESTORS[key] = torch.where(idx[None, :] <= idx[:, None], idx[None, :], -1).to(torch.int32)
+    return _CAUSAL_ANCESTORS[key]
+
+
 def cache_attention_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, prefix_len: Tensor,
                            tree_mask: Tensor | None = None, config: AttentionConfig = DEFAULT_ATTENTION,
                            tree_ancestors: Tensor | None = None) -> Tensor:
@@ -540,8 +603,12 @@ def cache_attention_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, prefix_l
     out = torch.empty_like(q)
     chunk = max(1, min(T, config.max_scratch_bytes // (n_kv * ns * G * D * 4)))
     sequential = T <= config.split and chunk >= T and G <= config.block_m
-    mask = tree_mask if tree_mask is not None else prefix_len
-    anc = tree_ancestors if tree_ancestors is not None else prefix_len
+    if sequential:  # decode/tree steps: always an ancestor table (causal when no tree), never the mask
+        anc = tree_ancestors if tree_ancestors is not None else causal_ancestors(T, q.device)
+        mask = prefix_len
+    else:
+        mask = tree_mask if tree_mask is not None else prefix_len
+        anc = prefix_len
     split_kernel = _kernel("_attn_split_kernel")
     for t0 in range(0, T, chunk):
         n_rows = min(chunk, T - t0) * G
@@ -551,18 +618,18 @@ def cache_attention_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, prefix_l
         pm = torch.empty(n_kv, ns, r_pad, dtype=torch.float32, device=q.device)
         pl = torch.empty_like(pm)
         args = (q, k_cache, v_cache, prefix_len, mask, anc, po, pm, pl, T, t0, n_rows, S, r_pad,
-                anc.shape[-1] if tree_ancestors is not None else 0, LOG2E / math.sqrt(D),
-                q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
-                tree_mask.stride(0) if tree_mask is not None else 0,
-                tree_ancestors.stride(0) if tree_ancestors is not None else 0)
+                anc.shape[-1] if sequential else 0)
+        strides = (LOG2E / math.sqrt(D), q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
+                   v_cache.stride(0), v_cache.stride(1), mask.stride(0) if mask.dim() == 2 else 0,
+                   anc.stride(0) if sequential else 0)
         meta = dict(G=G, D=D, NS=ns, SPLIT=config.split, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-                    HAS_MASK=tree_mask is not None, DOT_F32=_interpreted and q.dtype != torch.float32,
-                    num_warps=config.num_warps)
+                    HAS_MASK=tree_mask is not None and not sequential,
+                    DOT_F32=_interpreted and q.dtype != torch.float32, num_warps=config.num_warps)
         if sequential:  # the splits below the prefix shared by all tokens, then each token's own tail
-            split_kernel[(ns, n_kv, tiles)](*args, MODE=1, **meta)
-            split_kernel[(2, n_kv, T)](*args, MODE=2, **meta)
+            split_kernel[(ns, n_kv, tiles)](*args, 0, *strides, MODE=1, **meta)
+            split_kernel[(2, n_kv, T)](*args, 1, *strides, MODE=1, **meta)
         else:
-            split_kernel[(ns, n_kv, tiles)](*args, MODE=0, **meta)
+            split_kernel[(ns, n_kv, tiles)](*args, 0, *strides, MODE=0, **meta)
         _kernel("_attn_combine_kernel")[(n_rows, n_kv)](
             po, pm, pl, out, prefix_len, T, t0, S, r_pad, out.stride(0), out.stride(1),
             G=G, D=D, NS=ns, NS_BLOCK=triton.next_power_of_2(ns), SPLIT=config.split, num_warps=4)
@@ -570,12 +637,57 @@ def cache_attention_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, prefix_l
 
 
 def row_argmax_triton(x: Tensor) -> Tensor:
-    """torch.argmax(x, -1) of a contiguous fp32 [R, V] matrix, one program per row."""
+    """torch.argmax(x, -1) of a [R, V] matrix with unit column stride (fp32 or bf16 logits: no
+    fp32 copy needed), one program per row."""
     R, V = x.shape
+    if V > 2 * 4096:  # a long row (Llama-3's 128k vocab): chunks in parallel, then merge (top-1)
+        return topk_indices_triton(x, 1)[:, 0]
     out = torch.empty(R, dtype=torch.long, device=x.device)
-    _kernel("_row_argmax_kernel")[(R,)](x, out, V, x.stride(0), BLOCK=min(2048, triton.next_power_of_2(V)),
-                                        num_warps=4)
+    _kernel("_row_argmax_kernel")[(R,)](x, out, V, x.stride(0), BLOCK=min(4096, triton.next_power_of_2(V)),
+                                        num_warps=8)
     return out
+
+
+def topk_indices_triton(x: Tensor, k: int) -> Tensor:
+    """torch.topk(x, k).indices of [R, V] rows in two launches (chunk top-k, then merge); ties go
+    to the lower index. torch.topk's sort-based kernels cost ~30 us for 5 x 8192 on an H100."""
+    R, V = x.shape
+    block = min(4096, triton.next_power_of_2(V))
+    chunks = triton.cdiv(V, block)
+    kb = triton.next_power_of_2(k)
+    val = torch.empty(R, chunks, kb, dtype=torch.float32, device=x.device)
+    idx = torch.empty(R, chunks, kb, dtype=torch.int32, device=x.device)
+    out = torch.empty(R, k, dtype=torch.long, device=x.device)
+    _kernel("_topk_partial_kernel")[(R, chunks)](x, val, idx, V, x.stride(0), K=k, KB=kb, BLOCK=block,
+                                                  num_warps=8 if block >= 4096 else 4)
+    _kernel("_topk_merge_kernel")[(R,)](val, idx, out, chunks, K=k, KB=kb,
+                                         CB=triton.next_power_of_2(chunks * kb), num_warps=4)
+    return out
+
+
+def topk_indices(x: Tensor, k: int) -> Tensor:
+    """Indices of the k largest entries of each row of x [R, V], largest first."""
+    if use_triton(x) and x.stride(-1) == 1:
+        return topk_indices_triton(x, k)
+    return torch.topk(x, k, dim=-1).indices
+
+
+def tree_inputs_triton(root: Tensor, head_topk: Tensor, tree_indices: Tensor, depth: Tensor,
+                       cur_len: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    n = tree_indices.shape[0]
+    tokens, positions, slots = (torch.empty(n, dtype=torch.long, device=root.device) for _ in range(3))
+    _kernel("_tree_inputs_kernel")[(1,)](root, head_topk.contiguous(), tree_indices, depth, cur_len, tokens,
+                                         positions, slots, n, NB=triton.next_power_of_2(n), num_warps=1)
+    return tokens, positions, slots
+
+
+def tree_inputs(root: Tensor, head_topk: Tensor, tree_indices: Tensor, depth: Tensor, cur_len: Tensor,
+                node_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(tokens, positions, slots) of a tree step's nodes: cat([root, topk.flatten()])[tree_indices],
+    cur_len + depth, cur_len + node: one kernel on CUDA instead of four."""
+    if use_triton(head_topk):
+        return tree_inputs_triton(root, head_topk, tree_indices, depth, cur_len)
+    return torch.cat([root, head_topk.flatten()])[tree_indices], cur_len + depth, cur_len + node_ids
 
 
 def greedy_commit_triton(logits: Tensor, tree_tokens: Tensor, path_nodes: Tensor, path_valid: Tensor,

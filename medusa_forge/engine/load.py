@@ -75,5 +75,7 @@ def load_engine(model_dir: str | Path, medusa_dir: str | Path | None = None, tre
         heads = load_heads(medusa_dir, model.config.hidden_size, model.config.vocab_size, dtype=dt, device=dev)
     choice_tree = tree if isinstance(tree, ChoiceTree) else ChoiceTree.parse(tree)
     tokenizer = Tokenizer(model_dir)
-    return MedusaEngine(model, heads, choice_tree, tokenizer, max_seq_len=max_seq_len,
-                        cuda_graphs=cuda_graphs, compile=compile)
+    engine = MedusaEngine(model, heads, choice_tree, tokenizer, max_seq_len=max_seq_len,
+                          cuda_graphs=cuda_graphs, compile=compile)
+    engine.warmup()  # CUDA: capture the prefill buckets and greedy steps now, not in a timed request
+    return engine

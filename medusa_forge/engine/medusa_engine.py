@@ -33,6 +33,8 @@ from medusa_forge.heads.medusa_head import MedusaHeads
 from medusa_forge.model.llama import Transformer, causal_mask
 from medusa_forge.tree.choice_tree import TOPK, ChoiceTree, tree_buffers
 
+PREFILL_MIN_BUCKET = 16  # prompts are padded to a power of two >= this on CUDA (one graph per bucket)
+
 
 @dataclass
 class _StepGraph:
@@ -75,6 +77,7 @@ class MedusaEngine:
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self.compile = compile
         self._steps: dict[str, _StepGraph] = {}
+        self._prefill_graphs: dict[int, tuple["torch.cuda.CUDAGraph", Tensor, Tensor]] = {}
 
     # ------------------------------------------------------------------ state
     def _init_state(self) -> None:
@@ -102,43 +105,98 @@ class MedusaEngine:
     def _heads_topk(self, hidden: Tensor) -> Tensor:
         """Top-k tokens of the first ``depth`` heads at one position: hidden [1, H] -> [D, TOPK]."""
         logits = self.heads(hidden, self.model.lm_head.weight, num_heads=self.num_draft_heads)[:, 0]
-        return torch.topk(logits, TOPK, dim=-1).indices
+        return kernels.topk_indices(logits, TOPK)
 
     # ------------------------------------------------------------------ steps (device-only)
     @torch.inference_mode()
     def _prefill(self, ids: list[int]) -> None:
+        """Run the prompt through the model: cache filled, root = its greedy next token, heads' top-k.
+
+        With CUDA graphs the prompt is padded to a power-of-two bucket (min 16) and the bucket's
+        captured graph replays: an eager prefill is ~70 kernel launches from Python (~7 ms for a
+        26M model), a replay a fraction of a millisecond. Padding tokens sit after the prompt, so
+        causal attention keeps them out of every real token's view; their cache slots lie past the
+        committed length and are overwritten before any step reads them.
+        """
         T = len(ids)
+        if self.cuda_graphs:
+            bucket = min(max(PREFILL_MIN_BUCKET, 1 << (T - 1).bit_length()), self.max_seq_len)
+            graph, tokens, length = self._prefill_graph(bucket)
+            tokens[0, :T].copy_(torch.tensor(ids, dtype=torch.long), non_blocking=False)
+            length.fill_(T)
+            graph.replay()
+            return
         tokens = torch.tensor([ids], dtype=torch.long, device=self.device)
         slots = torch.arange(T, device=self.device)
         hidden = self.model(tokens, slots, slots, causal_mask(0, T, self.max_seq_len, self.device), prefix_len=0)[0, -1:]
-        self.last_logits.copy_(self.model.logits(hidden))
-        self.root.copy_(self.last_logits.argmax(-1))
-        self.cur_len.fill_(T)
+        self._finish_prefill(hidden, torch.tensor(T, device=self.device))
+
+    def _finish_prefill(self, hidden: Tensor, length: Tensor) -> None:
+        """From the last prompt token's hidden state [1, H]: root, last_logits, cur_len, heads' top-k."""
+        logits = self.model.lm_head(hidden)
+        self.last_logits.copy_(logits)
+        self.root.copy_(kernels.row_argmax_triton(logits) if kernels.use_triton(logits) else logits.argmax(-1))
+        self.cur_len.copy_(length)
         if self.tree is not None:
             self.head_topk.copy_(self._heads_topk(hidden))
+
+    def _prefill_graph(self, bucket: int) -> tuple["torch.cuda.CUDAGraph", Tensor, Tensor]:
+        """The captured prefill of ``bucket`` tokens, with its static token and length inputs."""
+        if bucket in self._prefill_graphs:
+            return self._prefill_graphs[bucket]
+        dev = self.device
+        tokens = torch.zeros(1, bucket, dtype=torch.long, device=dev)
+        length = torch.ones((), dtype=torch.long, device=dev)
+        slots = torch.arange(bucket, device=dev)
+        zero = torch.zeros((), dtype=torch.long, device=dev)
+
+        def fn() -> None:
+            hidden = self.model(tokens, slots, slots, None, prefix_len=zero)[0]
+            self._finish_prefill(hidden.index_select(0, (length - 1).view(1)), length)
+
+        self._prefill_graphs[bucket] = (capture(torch.inference_mode()(fn)), tokens, length)
+        return self._prefill_graphs[bucket]
+
+    def warmup(self, max_prompt_tokens: int = 512) -> None:
+        """Capture every graph a request of up to ``max_prompt_tokens`` tokens can need (the prefill
+        buckets and the greedy steps), so that no timed request pays for a capture."""
+        if not self.cuda_graphs:
+            return
+        bucket = PREFILL_MIN_BUCKET
+        while True:
+            self._prefill_graph(min(bucket, self.max_seq_len))
+            if bucket >= min(max_prompt_tokens, self.max_seq_len):
+                break
+            bucket *= 2
+        for kind in ("base", "greedy") if self.tree is not None else ("base",):
+            self._step(kind, GenerationConfig())
 
     def _base_step(self) -> None:
         pos = self.cur_len.view(1)
         hidden = self.model(self.root.view(1, 1), pos, pos, None, prefix_len=self.cur_len)[0]
-        self.last_logits.copy_(self.model.logits(hidden))
-        self.root.copy_(self.last_logits.argmax(-1))
+        logits = self.model.lm_head(hidden)
+        self.last_logits.copy_(logits)
+        # The same argmax (kernel, dtype, tie rule) as the tree step's commit reads.
+        self.root.copy_(kernels.row_argmax_triton(logits) if kernels.use_triton(logits) else logits.argmax(-1))
         self.cur_len.add_(1)
         self.step_out[0].fill_(1)
         self.step_out[1:2].copy_(self.root)
 
     def _tree_step(self, accept: Callable[[Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]) -> None:
         b = self.buffers
-        candidates = torch.cat([self.root, self.head_topk.flatten()])
-        tree_tokens = candidates[b.tree_indices]
+        tree_tokens, positions, slots = kernels.tree_inputs(self.root, self.head_topk, b.tree_indices, b.positions,
+                                                            self.cur_len, self.node_ids)
         # The CUDA attention kernel reads prefix_len + the tree (no mask); the reference path builds
         # its mask from them, once per layer.
-        hidden = self.model(tree_tokens[None], self.cur_len + b.positions, self.cur_len + self.node_ids, None,
+        hidden = self.model(tree_tokens[None], positions, slots, None,
                             prefix_len=self.cur_len, tree_mask=b.attn_mask, tree_ancestors=b.ancestors)[0]
-        logits = self.model.logits(hidden)
         state = (self.cur_len, self.step_out, self.root, self.last, self.kv_src, self.kv_dst)
-        if accept is greedy_accept and kernels.use_triton(logits):
-            kernels.greedy_commit_triton(logits, tree_tokens, b.retrieve_indices, b.retrieve_valid, *state)
+        if accept is greedy_accept and kernels.use_triton(hidden):
+            # argmax straight from the bf16 logits, as the base step takes it
+            kernels.greedy_commit_triton(self.model.lm_head(hidden), tree_tokens, b.retrieve_indices,
+                                         b.retrieve_valid, *state)
         else:
+            logits = self.model.logits(hidden)
             best, accepted = accept(logits, tree_tokens[b.retrieve_indices], b.retrieve_indices, b.retrieve_valid)
             commit_path(logits, tree_tokens, b.retrieve_indices, best, accepted, *state)
         self.model.move_kv(self.kv_src, self.kv_dst)
