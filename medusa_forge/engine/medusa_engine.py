@@ -77,7 +77,7 @@ class MedusaEngine:
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self.compile = compile
         self._steps: dict[str, _StepGraph] = {}
-        self._prefill_graphs: dict[int, tuple["torch.cuda.CUDAGraph", Tensor, Tensor]] = {}
+        self._prefill_graphs: dict[int, tuple] = {}  # bucket -> (graph, tokens, length, other inputs...)
 
     # ------------------------------------------------------------------ state
     def _init_state(self) -> None:
@@ -143,7 +143,7 @@ class MedusaEngine:
     def _prefill_graph(self, bucket: int) -> tuple["torch.cuda.CUDAGraph", Tensor, Tensor]:
         """The captured prefill of ``bucket`` tokens, with its static token and length inputs."""
         if bucket in self._prefill_graphs:
-            return self._prefill_graphs[bucket]
+            return self._prefill_graphs[bucket][:3]
         dev = self.device
         tokens = torch.zeros(1, bucket, dtype=torch.long, device=dev)
         length = torch.ones((), dtype=torch.long, device=dev)
@@ -154,8 +154,10 @@ class MedusaEngine:
             hidden = self.model(tokens, slots, slots, None, prefix_len=zero)[0]
             self._finish_prefill(hidden.index_select(0, (length - 1).view(1)), length)
 
-        self._prefill_graphs[bucket] = (capture(torch.inference_mode()(fn)), tokens, length)
-        return self._prefill_graphs[bucket]
+        # A graph keeps no Python references: every tensor it reads must stay alive with it, or
+        # its memory is reused (by the next capture) while the graph still reads it.
+        self._prefill_graphs[bucket] = (capture(torch.inference_mode()(fn)), tokens, length, slots, zero)
+        return self._prefill_graphs[bucket][:3]
 
     def warmup(self, max_prompt_tokens: int = 512) -> None:
         """Capture every graph a request of up to ``max_prompt_tokens`` tokens can need (the prefill
