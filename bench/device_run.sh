@@ -26,11 +26,11 @@ RESULTS=${RESULTS:-$RUNS/results}
 MF="python3 -m medusa_forge.cli"
 # SMOKE=1: the same steps at toy sizes, to check this script on a CPU before spending GPU time.
 if [ -n "${SMOKE:-}" ]; then
-  N_PROMPTS=64 BATCH=8 MINUTES=0.5 ACCEPT=2 PER_TOPIC=1 PEERS=1 DEVICE=cpu SUITE_ARGS="--per-topic 1 --max-new-tokens 16"
+  N_PROMPTS=64 BATCH=8 MINUTES=0.5 EPOCHS=1 ACCEPT=2 PER_TOPIC=1 PEERS=1 DEVICE=cpu SUITE_ARGS="--per-topic 1 --max-new-tokens 16"
   SEARCH_ARGS="--calib-limit 2 --calib-new-tokens 16 --search-sizes 2,4 --max-tree-nodes 8 --timing-prompts 1"
   mkdir -p "$RUNS"; head -n 3 "$PROMPTS" > "$RUNS/smoke_prompts.jsonl"; PROMPTS=$RUNS/smoke_prompts.jsonl
 else
-  N_PROMPTS=96000 BATCH=2048 MINUTES=3 ACCEPT=158 PER_TOPIC=4 PEERS=5 DEVICE=cuda SUITE_ARGS="--max-new-tokens 128"
+  N_PROMPTS=96000 BATCH=2048 MINUTES=3.5 EPOCHS=6 ACCEPT=158 PER_TOPIC=4 PEERS=5 DEVICE=cuda SUITE_ARGS="--max-new-tokens 128"
   SEARCH_ARGS="--calib-limit 79 --calib-new-tokens 128 --search-sizes 8,16,32,48,63 --search-depths 3,4,5"
 fi
 mkdir -p "$RESULTS"
@@ -67,7 +67,7 @@ if [ "$PHASE" = train ]; then
     step train_heads 540 $MF train-heads --model "$MODEL" --out "$HEADS" --self-distill \
       --prompts-from-python-sources $N_PROMPTS --distill-new-tokens 128 --distill-batch-size $BATCH \
       --exclude-sources "$PROMPTS" --eval-prompts "$PROMPTS" --eval-acceptance $ACCEPT \
-      --num-heads 5 --num-layers 1 --max-seq-len 384 --batch-size 64 --epochs 3 --lr 1e-3 \
+      --num-heads 5 --num-layers 1 --max-seq-len 384 --batch-size 64 --epochs $EPOCHS --lr 1e-3 \
       --max-train-minutes $MINUTES --device $DEVICE --no-progress --overwrite
     cp "$HEADS"/train_report.* "$HEADS"/*.png "$HEADS"/config.json "$RESULTS"/ 2>/dev/null
   fi
