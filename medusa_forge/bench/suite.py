@@ -199,7 +199,8 @@ def plot(result: dict, path: Path) -> None:
     ax.set_ylabel("tokens/s (batch 1, greedy)")
     ax.set_yscale("log")
     ax.set_title("Tokens/s per topic")
-    ax.legend(fontsize=7, ncol=2)
+    # below the axes: inside, the legend hides the tallest bars
+    ax.legend(fontsize=7, ncol=min(4, len(names)), loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
