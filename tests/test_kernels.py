@@ -318,3 +318,18 @@ def test_tree_inputs_kernel_gathers_tokens_positions_and_slots(tree):
     assert torch.equal(tokens, torch.cat([root, head_topk.flatten()])[b.tree_indices])
     assert torch.equal(positions, cur + b.positions)
     assert torch.equal(slots, cur + torch.arange(n, device=DEVICE))
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_fp8_activation_quantization_is_bit_equal_to_the_torch_ops(dynamic):
+    """FP8Linear's fused quantize launch gives the bytes of clamp(x / s, +-448).to(e4m3), s static or
+    amax(|x|) / 448 per row, including signed zeros, subnormals and rounding up to a new exponent."""
+    x = torch.cat([randn(3, 700, seed=50, scale=300.0), randn(3, 700, seed=51, scale=0.01)]).to(torch.bfloat16)
+    x[0, :4] = torch.tensor([0.0, -0.0, 1e4, -1e4])
+    scale = None if dynamic else torch.tensor(0.7, device=DEVICE)
+    q, s = K.quantize_fp8_triton(x, scale)
+    x32 = x.float()
+    want_s = (x32.abs().amax(dim=-1, keepdim=True) / 448.0).clamp_min(1e-12) if dynamic else scale
+    want = (x32 / want_s).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+    assert torch.equal(s, want_s)
+    assert torch.equal(q.view(torch.uint8), want.view(torch.uint8))

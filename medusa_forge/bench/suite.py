@@ -131,11 +131,37 @@ def suite(model_dir: str, medusa_dir: str, prompts: list[Prompt], trees: list[st
         "identity": {name: "{}/{}".format(*identical(r, base)) for name, r in runs.items() if name != "ours_base"},
         "gemm_layouts": layouts,
     }
-    if step_shape and device.type == "cuda":
+    if device.type == "cuda":
         del engine, hf, ref
         torch.cuda.empty_cache()
-        result["llama3_8b_step"] = step_shape_results()
+        result["fp32_vs_transformers"] = fp32_identity(model_dir, medusa_dir, trees[0], [ids[i] for i in peer_idx])
+        if step_shape:
+            result["llama3_8b_step"] = step_shape_results()
     return result
+
+
+FP32_NEW_TOKENS = 64
+
+
+def fp32_identity(model_dir: str, medusa_dir: str, tree: str, ids: list[list[int]],
+                  new_tokens: int = FP32_NEW_TOKENS) -> dict:
+    """Our greedy Medusa and plain decoding against transformers' greedy ``generate``, all in fp32
+    on the GPU: the same comparison CI makes on the CPU. In bf16 two implementations' kernels round
+    differently, so there only our own plain decoding is the exact reference (``identity`` above)."""
+    from medusa_forge.bench import baselines
+
+    engine = load_engine(model_dir, medusa_dir, tree=tree, dtype="float32")
+    hf = baselines.load_hf(model_dir, engine.device, torch.float32)
+    want = baselines.hf_generate(hf, ids, new_tokens, False).outputs
+    out = {}
+    for name, use_medusa in (("medusa", True), ("base", False)):
+        gcfg = GenerationConfig(max_new_tokens=new_tokens, use_medusa=use_medusa, ignore_eos=True)
+        got = [engine.generate_ids(x, gcfg).tokens for x in ids]
+        out[f"{name}_identical"] = f"{sum(g == w for g, w in zip(got, want))}/{len(ids)}"
+    out.update(new_tokens=new_tokens, tree=ChoiceTree.parse(tree).name)
+    del engine, hf
+    torch.cuda.empty_cache()
+    return out
 
 
 def step_shape_results() -> dict:
@@ -176,6 +202,12 @@ def markdown(result: dict, meta: dict) -> str:
               "|---|" + "---:|" * len(names)]
     for t, row in topics.items():
         lines.append(f"| {t} | " + " | ".join(f"{row[n]:.1f}" if n in row else "-" for n in names) + " |")
+    if "fp32_vs_transformers" in result:
+        f = result["fp32_vs_transformers"]
+        lines += ["", f"## fp32 on the GPU against transformers' greedy generate ({result['peer_prompts']} prompts x "
+                      f"{f['new_tokens']} tokens)", "",
+                  f"- our Medusa ({f['tree']}): **{f['medusa_identical']}** identical; our plain decoding: "
+                  f"**{f['base_identical']}**"]
     if "llama3_8b_step" in result:
         lines += ["", "## Llama-3-8B shape, random weights (CUDA graphs)", "",
                   "```json", json.dumps(result["llama3_8b_step"], indent=2), "```"]

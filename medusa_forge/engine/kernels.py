@@ -447,6 +447,30 @@ if HAVE_TRITON:
             v = tl.where(idx == i, float("-inf"), v)
 
     @_source(do_not_specialize=["N"])
+    def _quantize_fp8_kernel(X, SCALE, Q, SOUT, N, stride_x, stride_q, DYNAMIC: tl.constexpr, BLOCK: tl.constexpr):
+        """One row of FP8Linear's activation quantization, clamp(x / s, +-448) -> e4m3 with s the
+        static input scale or (DYNAMIC) amax(|x|) / 448 per row: one launch instead of four, and
+        the same bits as the PyTorch ops (IEEE division, max is order free, round to nearest even
+        done by hand in fp32 so the final cast is exact; the interpreter's own e4m3 cast is not)."""
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        ok = cols < N
+        x = tl.load(X + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
+        if DYNAMIC:
+            scale = tl.maximum(tl.math.div_rn(tl.reduce(tl.abs(x), 0, _max), 448.0), 1e-12)
+            tl.store(SOUT + row + tl.arange(0, 1), tl.full([1], 0.0, tl.float32) + scale)
+        else:
+            scale = tl.load(SCALE)
+        u = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -448.0), 448.0).to(tl.uint32, bitcast=True)
+        sign = u & 0x80000000
+        a = u & 0x7FFFFFFF
+        normal = (a + 0x7FFFF + ((a >> 20) & 1)) & 0xFFF00000  # keep 3 mantissa bits
+        af = a.to(tl.float32, bitcast=True)
+        tiny = ((af + 24576.0) - 24576.0).to(tl.uint32, bitcast=True)  # subnormals: steps of 2^-9
+        q = (tl.where(af < 0.015625, tiny, normal) | sign).to(tl.float32, bitcast=True)
+        tl.store(Q + row * stride_q + cols, q.to(Q.dtype.element_ty), mask=ok)
+
+    @_source(do_not_specialize=["N"])
     def _tree_inputs_kernel(ROOT, TOPK, TIDX, DEPTH, CUR, TOKENS, POSITIONS, SLOTS, N, NB: tl.constexpr):
         """The tree step's inputs in one launch: node tokens cat([root, topk.flatten()])[tree_indices],
         RoPE positions cur + depth and cache slots cur + node."""
@@ -670,6 +694,19 @@ def topk_indices(x: Tensor, k: int) -> Tensor:
     if use_triton(x) and x.stride(-1) == 1:
         return topk_indices_triton(x, k)
     return torch.topk(x, k, dim=-1).indices
+
+
+def quantize_fp8_triton(x: Tensor, input_scale: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(e4m3 x, scale) of x [M, K] for ``torch._scaled_mm``: the static 0-d ``input_scale``, or
+    per-row dynamic scales [M, 1] when it is None. Bit-equal to FP8Linear's PyTorch ops."""
+    M, N = x.shape
+    q = torch.empty(M, N, dtype=torch.float8_e4m3fn, device=x.device)
+    dynamic = input_scale is None
+    scale = torch.empty(M, 1, dtype=torch.float32, device=x.device) if dynamic else input_scale
+    block = triton.next_power_of_2(N)
+    _kernel("_quantize_fp8_kernel")[(M,)](x, scale, q, scale, N, x.stride(0), q.stride(0), DYNAMIC=dynamic,
+                                          BLOCK=block, num_warps=4 if block <= 2048 else (8 if block <= 8192 else 16))
+    return q, scale
 
 
 def tree_inputs_triton(root: Tensor, head_topk: Tensor, tree_indices: Tensor, depth: Tensor,
