@@ -137,7 +137,7 @@ def bench_profile_cmd(model, tree, context, fp8, out):
 
     import torch
 
-    from medusa_forge.bench.step_latency import LLAMA3_8B, random_engine
+    from medusa_forge.bench.step_latency import LLAMA3_8B, prefill_and_reset, random_engine
     from medusa_forge.bench.step_profile import format_table, kernel_table
     from medusa_forge.engine.generation import GenerationConfig
     from medusa_forge.errors import ForgeError
@@ -146,14 +146,7 @@ def bench_profile_cmd(model, tree, context, fp8, out):
         raise ForgeError("bench profile times GPU kernels and needs CUDA")
     engine = random_engine(LLAMA3_8B if model is None else model, tree=tree, fp8=fp8)
     ids = list(range(1, context + 1))
-    engine._prefill(ids)
-    saved = (engine.cur_len.clone(), engine.root.clone(), engine.head_topk.clone())
-
-    def reset() -> None:
-        engine.cur_len.copy_(saved[0])
-        engine.root.copy_(saved[1])
-        engine.head_topk.copy_(saved[2])
-
+    reset = prefill_and_reset(engine, context)
     gcfg = GenerationConfig()
     result = {"meta": run_metadata(), "context": context, "tree": tree, "fp8": fp8}
     for kind in ("base", "greedy"):

@@ -127,12 +127,9 @@ def random_engine(cfg: "ModelConfig | str", tree: str = "mc_sim_7b_63", num_head
     return MedusaEngine(model, heads, ChoiceTree.parse(tree), None, max_seq_len=max_seq_len, compile=compile)
 
 
-def measure(cfg: ModelConfig = LLAMA3_8B, tree: str = "mc_sim_7b_63", num_heads: int = 5, context: int = 1024,
-            max_seq_len: int = 2048, dtype=torch.bfloat16, compile: bool = False, fp8: bool = False) -> StepTimes:
-    from medusa_forge.engine.generation import GenerationConfig
-
-    engine = random_engine(cfg, tree, num_heads, max_seq_len, dtype, compile, fp8)
-    model, heads = engine.model, engine.heads
+def prefill_and_reset(engine, context: int):
+    """Prefill ``context`` tokens; return a function restoring that state, so every timed replay of a
+    step starts from the same committed length, root and heads' top-k."""
     engine._prefill(list(range(1, context + 1)))
     saved = (engine.cur_len.clone(), engine.root.clone(), engine.head_topk.clone())
 
@@ -141,6 +138,16 @@ def measure(cfg: ModelConfig = LLAMA3_8B, tree: str = "mc_sim_7b_63", num_heads:
         engine.root.copy_(saved[1])
         engine.head_topk.copy_(saved[2])
 
+    return reset
+
+
+def measure(cfg: ModelConfig = LLAMA3_8B, tree: str = "mc_sim_7b_63", num_heads: int = 5, context: int = 1024,
+            max_seq_len: int = 2048, dtype=torch.bfloat16, compile: bool = False, fp8: bool = False) -> StepTimes:
+    from medusa_forge.engine.generation import GenerationConfig
+
+    engine = random_engine(cfg, tree, num_heads, max_seq_len, dtype, compile, fp8)
+    model, heads = engine.model, engine.heads
+    reset = prefill_and_reset(engine, context)
     gcfg = GenerationConfig()
     single = engine._step("base", gcfg)
     tree_step = engine._step("greedy", gcfg)

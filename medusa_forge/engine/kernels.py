@@ -13,7 +13,11 @@ model shape, never on the number of rows T or on what the other rows hold. A row
 same in a T=1 decode step, inside the T=64 tree-verification step, and in a prefill chunk. In
 the attention that means a fixed KV split size (``AttentionConfig``), key blocks aligned to
 absolute slot numbers, and a combine that sums the splits in one fixed tile order; a split that is
-fully masked for a row contributes exact zeros.
+fully masked for a row contributes exact zeros. It also means one compiled binary: the tree step and
+the plain step must not launch different constexpr variants (or differently specialised integer
+arguments) of a kernel, because two variants of one source may compile to different instruction
+sequences. ``medusa-forge bench probe`` checks the result on a GPU: every committed KV-cache entry of
+tree decoding against plain decoding, bit for bit.
 
 Each op dispatches with :func:`use_triton`: Triton for CUDA tensors (no autograd: a tensor that
 needs grad takes the reference path), the ``*_ref`` PyTorch implementation otherwise. The
@@ -612,7 +616,7 @@ def causal_ancestors(T: int, device: torch.device) -> Tensor:
 def cache_attention_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, prefix_len: Tensor,
                            tree_mask: Tensor | None = None, config: AttentionConfig = DEFAULT_ATTENTION,
                            tree_ancestors: Tensor | None = None) -> Tensor:
-    """Decode and tree steps (T <= split) run MODE 1 + MODE 2 of the split kernel, so every row
+    """Decode and tree steps (T <= split) run the split kernel's MODE 1 (both passes), so every row
     equals plain sequential decoding bit for bit; longer prefills run MODE 0 in token chunks."""
     T, H, D = q.shape
     n_kv, S, _ = k_cache.shape
