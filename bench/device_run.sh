@@ -30,7 +30,7 @@ if [ -n "${SMOKE:-}" ]; then
   SEARCH_ARGS="--calib-limit 2 --calib-new-tokens 16 --search-sizes 2,4 --max-tree-nodes 8 --timing-prompts 1"
   mkdir -p "$RUNS"; head -n 3 "$PROMPTS" > "$RUNS/smoke_prompts.jsonl"; PROMPTS=$RUNS/smoke_prompts.jsonl
 else
-  N_PROMPTS=96000 BATCH=2048 MINUTES=3.5 EPOCHS=6 ACCEPT=158 PER_TOPIC=4 PEERS=5 DEVICE=cuda SUITE_ARGS="--max-new-tokens 128"
+  N_PROMPTS=96000 BATCH=2048 MINUTES=3.5 EPOCHS=6 ACCEPT=158 PER_TOPIC=8 PEERS=5 DEVICE=cuda SUITE_ARGS="--max-new-tokens 128"
   SEARCH_ARGS="--calib-limit 79 --calib-new-tokens 128 --search-sizes 8,16,32,48,63 --search-depths 3,4,5"
 fi
 mkdir -p "$RESULTS"
@@ -113,8 +113,11 @@ step tree_check 240 make tree-check MODEL="$MODEL" MEDUSA="$HEADS" PROMPTS="$PRO
 step fp8_check 120 make fp8-check MODEL="$MODEL" MEDUSA="$HEADS" PROMPTS="$PROMPTS" OUT="$E/fp8" RESULTS="$RESULTS" \
   TREE=mc_sim_7b_63
 # 3. eval: per-topic tokens/s base vs Medusa, output identity, MMLU answers (in process on the GPU)
-step eval_speed 60 $MF eval speed --in-process --base-model "$MODEL" --medusa-model "$MODEL" --medusa "$HEADS" \
-  --medusa-choices mc_sim_7b_63 --prompts "$PROMPTS" --per-topic $PER_TOPIC --max-tokens 128 --trials 2 --warmup 2 \
+# the tree the promoted engine would use: the auto tree just searched, else the reference preset
+EVAL_TREE=mc_sim_7b_63
+[ -f "$AUTO_TREE" ] && EVAL_TREE=$AUTO_TREE
+step eval_speed 90 $MF eval speed --in-process --base-model "$MODEL" --medusa-model "$MODEL" --medusa "$HEADS" \
+  --medusa-choices "$EVAL_TREE" --prompts "$PROMPTS" --per-topic $PER_TOPIC --max-tokens 128 --trials 2 --warmup 2 \
   --no-progress --out "$RESULTS/eval_speed.json"
 for m in base medusa; do
   step "eval_mmlu_$m" 40 $MF eval mmlu --in-process --model "$MODEL" --medusa "$HEADS" --medusa-choices mc_sim_7b_63 \
