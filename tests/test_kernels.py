@@ -289,11 +289,11 @@ def test_fused_greedy_commit_equals_accept_then_commit(tree, seed):
     assert int(want[1][0]) - 1 == int(accepted)
 
 
-@pytest.mark.parametrize("vocab", [100, 8192, 20000])
+@pytest.mark.parametrize("vocab", [100, 9000])
 def test_topk_indices_match_torch_topk_and_argmax_handles_long_rows(vocab):
     """The heads' top-k (chunk top-k + merge) gives torch.topk's indices in its order; rows longer
-    than two chunks take the same two launches for the argmax."""
-    x = randn(5, vocab, seed=41)
+    than two chunks (9000 > 2 x 4096) take the same two launches for the argmax."""
+    x = randn(2, vocab, seed=41)
     assert torch.equal(K.topk_indices_triton(x, 10), torch.topk(x, 10).indices)
     assert torch.equal(K.row_argmax_triton(x), x.argmax(-1))
     xb = x.to(torch.bfloat16)  # bf16 logits straight from lm_head: the same argmax as their fp32 copy
