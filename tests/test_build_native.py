@@ -137,9 +137,23 @@ def test_fp8_keeps_98_percent_greedy_agreement_with_fp32(fp32_engine, fp8_engine
     """
     prompts = read_prompts(prompts_path, limit=24)
     report = compare_fp8(fp32_engine, fp8_engine, prompts, new_tokens=64, prompt_tokens=128,
-                         fp8_emulate=True, free_running=False)
+                         fp8_emulate=True, free_running=False, timing=False)
     assert report["positions"] == 24 * 64
     assert report["greedy_agreement"] >= 0.98, report["greedy_agreement"]
+
+
+def test_engine_timing_reports_plain_and_medusa_step_times(fp32_engine):
+    """The timing half of `build compare-fp8` (the agreement test above skips it to stay fast)."""
+    from medusa_forge.build.compare import engine_timing
+    from medusa_forge.engine.load import load_engine
+
+    engine = load_engine(fp32_engine)
+    ids = [engine.tokenizer.encode(t) for t in ("import os\n", "def main():\n    ")]
+    report = engine_timing(engine, ids, new_tokens=8)
+    assert set(report) == {"greedy", "medusa"}
+    assert report["greedy"]["tokens_per_step"] == 1.0
+    assert report["medusa"]["tokens_per_step"] >= 1.0
+    assert all(r["step_ms"] > 0 and r["decode_tokens_per_s"] > 0 for r in report.values())
 
 
 def test_fp8_linear_matches_a_dequantized_reference_and_is_batch_independent():
