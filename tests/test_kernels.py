@@ -333,3 +333,24 @@ def test_fp8_activation_quantization_is_bit_equal_to_the_torch_ops(dynamic):
     want = (x32 / want_s).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
     assert torch.equal(s, want_s)
     assert torch.equal(q.view(torch.uint8), want.view(torch.uint8))
+
+
+def test_move_kv_is_a_gather_first_move_like_index_select_then_index_copy():
+    """Accepted path entries move src -> dst in every cache row; a later source slot may be an
+    earlier destination (node 3 lands at slot 1 while node 1's source is read) and padding entries
+    (node 0) land past the committed length, exactly as the two PyTorch ops leave them."""
+    kv = randn(2, 2, 1, 3, 12, 16, seed=60)
+    cur = 4
+    nodes = torch.tensor([0, 3, 5, 0, 0], device=DEVICE)  # root, depth-1 node 3, depth-2 node 5, padding
+    src, dst = cur + nodes, cur + torch.arange(5, device=DEVICE)
+    want = kv.clone()
+    want.index_copy_(4, dst, want.index_select(4, src))
+    K.move_kv_triton(kv, src, dst)
+    assert torch.equal(kv, want)
+
+
+def test_topk_writes_into_a_given_buffer():
+    x = randn(3, 500, seed=61)
+    out = torch.full((3, 10), -1, dtype=torch.long, device=DEVICE)
+    assert K.topk_indices_triton(x, 10, out=out) is out
+    assert torch.equal(out, torch.topk(x, 10).indices)

@@ -474,6 +474,22 @@ if HAVE_TRITON:
         q = (tl.where(af < 0.015625, tiny, normal) | sign).to(tl.float32, bitcast=True)
         tl.store(Q + row * stride_q + cols, q.to(Q.dtype.element_ty), mask=ok)
 
+    @_source(do_not_specialize=["W"])
+    def _move_kv_kernel(KV, SRC, DST, W, stride_row, stride_s, WB: tl.constexpr, D: tl.constexpr):
+        """Cache entries SRC[j] -> DST[j] of one (layer, k/v, batch, KV head) row of the cache: all
+        W entries are read before any is written (a path's later source slot may be an earlier
+        destination), so the barrier between the loads and the stores is what makes it a move."""
+        r = tl.program_id(0).to(tl.int64)
+        j = tl.arange(0, WB)
+        ok = j < W
+        src = tl.load(SRC + j, mask=ok, other=0)
+        dst = tl.load(DST + j, mask=ok, other=0)
+        d = tl.arange(0, D)
+        base = KV + r * stride_row
+        x = tl.load(base + src[:, None] * stride_s + d[None, :], mask=ok[:, None], other=0.0)
+        tl.debug_barrier()
+        tl.store(base + dst[:, None] * stride_s + d[None, :], x, mask=ok[:, None])
+
     @_source(do_not_specialize=["N"])
     def _tree_inputs_kernel(ROOT, TOPK, TIDX, DEPTH, CUR, TOKENS, POSITIONS, SLOTS, N, NB: tl.constexpr):
         """The tree step's inputs in one launch: node tokens cat([root, topk.flatten()])[tree_indices],
@@ -676,16 +692,19 @@ def row_argmax_triton(x: Tensor) -> Tensor:
     return out
 
 
-def topk_indices_triton(x: Tensor, k: int) -> Tensor:
+def topk_indices_triton(x: Tensor, k: int, out: Tensor | None = None) -> Tensor:
     """torch.topk(x, k).indices of [R, V] rows in two launches (chunk top-k, then merge); ties go
-    to the lower index. torch.topk's sort-based kernels cost ~30 us for 5 x 8192 on an H100."""
+    to the lower index. torch.topk's sort-based kernels cost ~30 us for 5 x 8192 on an H100.
+    ``out`` (contiguous int64 [R, k]) receives the indices in place, saving a copy launch."""
     R, V = x.shape
     block = min(4096, triton.next_power_of_2(V))
     chunks = triton.cdiv(V, block)
     kb = triton.next_power_of_2(k)
     val = torch.empty(R, chunks, kb, dtype=torch.float32, device=x.device)
     idx = torch.empty(R, chunks, kb, dtype=torch.int32, device=x.device)
-    out = torch.empty(R, k, dtype=torch.long, device=x.device)
+    if out is None:
+        out = torch.empty(R, k, dtype=torch.long, device=x.device)
+    assert out.shape == (R, k) and out.dtype == torch.long and out.is_contiguous()
     _kernel("_topk_partial_kernel")[(R, chunks)](x, val, idx, V, x.stride(0), K=k, KB=kb, BLOCK=block,
                                                   num_warps=8 if block >= 4096 else 4)
     _kernel("_topk_merge_kernel")[(R,)](val, idx, out, chunks, K=k, KB=kb,
@@ -693,11 +712,12 @@ def topk_indices_triton(x: Tensor, k: int) -> Tensor:
     return out
 
 
-def topk_indices(x: Tensor, k: int) -> Tensor:
-    """Indices of the k largest entries of each row of x [R, V], largest first."""
+def topk_indices(x: Tensor, k: int, out: Tensor | None = None) -> Tensor:
+    """Indices of the k largest entries of each row of x [R, V], largest first (into ``out`` if given)."""
     if use_triton(x) and x.stride(-1) == 1:
-        return topk_indices_triton(x, k)
-    return torch.topk(x, k, dim=-1).indices
+        return topk_indices_triton(x, k, out)
+    idx = torch.topk(x, k, dim=-1).indices
+    return idx if out is None else out.copy_(idx)
 
 
 def quantize_fp8_triton(x: Tensor, input_scale: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -711,6 +731,16 @@ def quantize_fp8_triton(x: Tensor, input_scale: Tensor | None) -> tuple[Tensor, 
     _kernel("_quantize_fp8_kernel")[(M,)](x, scale, q, scale, N, x.stride(0), q.stride(0), DYNAMIC=dynamic,
                                           BLOCK=block, num_warps=4 if block <= 2048 else (8 if block <= 8192 else 16))
     return q, scale
+
+
+def move_kv_triton(kv: Tensor, src: Tensor, dst: Tensor) -> None:
+    """kv [..., S, D] (contiguous; the model-wide cache): entries src -> dst in every leading row,
+    one launch instead of torch's index_select + index_copy_."""
+    S, D = kv.shape[-2:]
+    rows = kv.numel() // (S * D)
+    W = src.shape[0]
+    _kernel("_move_kv_kernel")[(rows,)](kv, src, dst, W, S * D, D, WB=triton.next_power_of_2(W), D=D,
+                                        num_warps=1 if W * D <= 1024 else 4)
 
 
 def tree_inputs_triton(root: Tensor, head_topk: Tensor, tree_indices: Tensor, depth: Tensor,

@@ -102,10 +102,11 @@ class MedusaEngine:
     def num_draft_heads(self) -> int:
         return self.tree.depth if self.tree is not None else 0
 
-    def _heads_topk(self, hidden: Tensor) -> Tensor:
-        """Top-k tokens of the first ``depth`` heads at one position: hidden [1, H] -> [D, TOPK]."""
+    def _heads_topk(self, hidden: Tensor, out: Tensor | None = None) -> Tensor:
+        """Top-k tokens of the first ``depth`` heads at one position: hidden [1, H] -> [D, TOPK]
+        (written into ``out``, e.g. ``head_topk``, without a copy launch)."""
         logits = self.heads(hidden, self.model.lm_head.weight, num_heads=self.num_draft_heads)[:, 0]
-        return kernels.topk_indices(logits, TOPK)
+        return kernels.topk_indices(logits, TOPK, out=out)
 
     # ------------------------------------------------------------------ steps (device-only)
     @torch.inference_mode()
@@ -138,7 +139,7 @@ class MedusaEngine:
         self.root.copy_(kernels.row_argmax_triton(logits) if kernels.use_triton(logits) else logits.argmax(-1))
         self.cur_len.copy_(length)
         if self.tree is not None:
-            self.head_topk.copy_(self._heads_topk(hidden))
+            self._heads_topk(hidden, out=self.head_topk)
 
     def _prefill_graph(self, bucket: int) -> tuple["torch.cuda.CUDAGraph", Tensor, Tensor]:
         """The captured prefill of ``bucket`` tokens, with its static token and length inputs."""
@@ -204,7 +205,7 @@ class MedusaEngine:
         self.model.move_kv(self.kv_src, self.kv_dst)
         # last_logits is not refreshed here: only plain sampled decoding reads it, and every
         # generation starts with a prefill that sets it.
-        self.head_topk.copy_(self._heads_topk(hidden.index_select(0, self.last)))
+        self._heads_topk(hidden.index_select(0, self.last), out=self.head_topk)
 
     def _step(self, kind: str, gcfg: GenerationConfig) -> _StepGraph:
         """The step function for one decoding mode, captured as a CUDA graph on first use."""

@@ -195,7 +195,10 @@ class Transformer(nn.Module):
 
     def move_kv(self, src_slots: Tensor, dst_slots: Tensor) -> None:
         """Copy cache entries src -> dst in every layer (gather first, so overlapping ranges are safe)."""
-        self.kv.index_copy_(4, dst_slots, self.kv.index_select(4, src_slots))
+        if kernels.use_triton(self.kv) and self.kv.is_contiguous() and self.config.head_dim & (self.config.head_dim - 1) == 0:
+            kernels.move_kv_triton(self.kv, src_slots, dst_slots)
+        else:
+            self.kv.index_copy_(4, dst_slots, self.kv.index_select(4, src_slots))
 
 
 def causal_mask(start: int | Tensor, length: int, max_seq_len: int, device) -> Tensor:
