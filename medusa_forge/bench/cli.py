@@ -99,18 +99,22 @@ def bench_probe_cmd(model, medusa, trees, prompts, per_topic, max_new_tokens, ou
     from medusa_forge.bench.engine_bench import truncate_prompt
     from medusa_forge.bench.identity_probe import probe
     from medusa_forge.engine.load import load_engine
+    from medusa_forge.engine.medusa_engine import MedusaEngine
     from medusa_forge.heads.medusa_head import MedusaHeads, MedusaHeadsConfig
     from medusa_forge.prompts import read_prompts
 
     result = {"meta": run_metadata(), "trees": {}}
     for tree in trees:
-        engine = load_engine(model, medusa, tree) if medusa else load_engine(model, with_heads=False)
-        if engine.tree is None:  # fresh heads from the base lm_head: the probe overrides their top-k
-            cfg = engine.cfg
+        if medusa:
+            engine = load_engine(model, medusa, tree)
+        else:  # fresh heads from the base lm_head (the probe overrides their top-k); the first load
+            # only provides weights and tokenizer, so it captures no CUDA graphs
+            base = load_engine(model, with_heads=False, cuda_graphs=False)
+            cfg = base.cfg
             heads = MedusaHeads.from_lm_head(MedusaHeadsConfig(5, 1, cfg.hidden_size, cfg.vocab_size),
-                                             engine.model.lm_head.weight)
-            engine = type(engine)(engine.model, heads, ChoiceTree.parse(tree), engine.tokenizer,
-                                  max_seq_len=engine.max_seq_len)
+                                             base.model.lm_head.weight)
+            engine = MedusaEngine(base.model, heads, ChoiceTree.parse(tree), base.tokenizer,
+                                  max_seq_len=base.max_seq_len)
         ids = [truncate_prompt(engine, p.prompt, 512) for p in read_prompts(prompts, per_topic=per_topic)]
         report = probe(engine, ids, max_new_tokens).to_dict()
         result["trees"][tree] = report

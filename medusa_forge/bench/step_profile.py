@@ -13,6 +13,8 @@ from typing import Callable
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from medusa_forge.bench.step_latency import time_graph
+
 
 def kernel_table(replay: Callable[[], None], reset: Callable[[], None] = lambda: None, iters: int = 50) -> dict:
     """{"step_us": wall GPU time per replay, "kernels": [{name, count, us}] per replay, costliest first}."""
@@ -34,17 +36,8 @@ def kernel_table(replay: Callable[[], None], reset: Callable[[], None] = lambda:
             continue
         rows.append({"name": e.key[:120], "count": round(e.count / iters, 2), "us": round(us / iters, 2)})
     rows.sort(key=lambda r: -r["us"])
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(iters):
-        reset()
-        start.record()
-        replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    times.sort()
-    return {"step_us": round(times[len(times) // 2], 2), "kernel_us": round(sum(r["us"] for r in rows), 2),
+    step_us = time_graph(replay, reset, iters) * 1e3
+    return {"step_us": round(step_us, 2), "kernel_us": round(sum(r["us"] for r in rows), 2),
             "kernels_per_step": round(sum(r["count"] for r in rows), 1), "kernels": rows}
 
 

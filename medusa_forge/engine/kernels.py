@@ -680,14 +680,17 @@ def cache_attention_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, prefix_l
     return out
 
 
+ROW_CHUNK = 4096  # vocab entries one program of the argmax / top-k kernels reduces in registers
+
+
 def row_argmax_triton(x: Tensor) -> Tensor:
     """torch.argmax(x, -1) of a [R, V] matrix with unit column stride (fp32 or bf16 logits: no
     fp32 copy needed), one program per row."""
     R, V = x.shape
-    if V > 2 * 4096:  # a long row (Llama-3's 128k vocab): chunks in parallel, then merge (top-1)
+    if V > 2 * ROW_CHUNK:  # a long row (Llama-3's 128k vocab): chunks in parallel, then merge (top-1)
         return topk_indices_triton(x, 1)[:, 0]
     out = torch.empty(R, dtype=torch.long, device=x.device)
-    _kernel("_row_argmax_kernel")[(R,)](x, out, V, x.stride(0), BLOCK=min(4096, triton.next_power_of_2(V)),
+    _kernel("_row_argmax_kernel")[(R,)](x, out, V, x.stride(0), BLOCK=min(ROW_CHUNK, triton.next_power_of_2(V)),
                                         num_warps=8)
     return out
 
@@ -697,7 +700,7 @@ def topk_indices_triton(x: Tensor, k: int, out: Tensor | None = None) -> Tensor:
     to the lower index. torch.topk's sort-based kernels cost ~30 us for 5 x 8192 on an H100.
     ``out`` (contiguous int64 [R, k]) receives the indices in place, saving a copy launch."""
     R, V = x.shape
-    block = min(4096, triton.next_power_of_2(V))
+    block = min(ROW_CHUNK, triton.next_power_of_2(V))
     chunks = triton.cdiv(V, block)
     kb = triton.next_power_of_2(k)
     val = torch.empty(R, chunks, kb, dtype=torch.float32, device=x.device)
@@ -706,7 +709,7 @@ def topk_indices_triton(x: Tensor, k: int, out: Tensor | None = None) -> Tensor:
         out = torch.empty(R, k, dtype=torch.long, device=x.device)
     assert out.shape == (R, k) and out.dtype == torch.long and out.is_contiguous()
     _kernel("_topk_partial_kernel")[(R, chunks)](x, val, idx, V, x.stride(0), K=k, KB=kb, BLOCK=block,
-                                                  num_warps=8 if block >= 4096 else 4)
+                                                  num_warps=8 if block >= ROW_CHUNK else 4)
     _kernel("_topk_merge_kernel")[(R,)](val, idx, out, chunks, K=k, KB=kb,
                                          CB=triton.next_power_of_2(chunks * kb), num_warps=4)
     return out
@@ -773,6 +776,11 @@ def greedy_commit_triton(logits: Tensor, tree_tokens: Tensor, path_nodes: Tensor
 
 
 # ================================================================================== public ops
+def row_argmax(x: Tensor) -> Tensor:
+    """argmax over the last dim of logits [R, V], first index on ties, in the logits' own dtype."""
+    return row_argmax_triton(x) if use_triton(x) and x.stride(-1) == 1 else x.argmax(-1)
+
+
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return rms_norm_triton(x, weight, eps) if use_triton(x) else rms_norm_ref(x, weight, eps)
 

@@ -37,6 +37,19 @@ PREFILL_MIN_BUCKET = 16  # prompts are padded to a power of two >= this on CUDA 
 
 
 @dataclass
+class _PrefillGraph:
+    """A captured prefill of ``tokens.shape[1]`` tokens; ``slots`` and ``zero`` are inputs it reads
+    too: a graph holds no Python references, so they must live as long as it does (or their memory
+    is reused by the next capture while the graph still reads it)."""
+
+    graph: "torch.cuda.CUDAGraph"
+    tokens: Tensor
+    length: Tensor
+    slots: Tensor
+    zero: Tensor
+
+
+@dataclass
 class _StepGraph:
     """A step function and, on CUDA, its captured graph."""
 
@@ -77,7 +90,7 @@ class MedusaEngine:
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self.compile = compile
         self._steps: dict[str, _StepGraph] = {}
-        self._prefill_graphs: dict[int, tuple] = {}  # bucket -> (graph, tokens, length, other inputs...)
+        self._prefill_graphs: dict[int, _PrefillGraph] = {}  # by bucket
 
     # ------------------------------------------------------------------ state
     def _init_state(self) -> None:
@@ -121,11 +134,10 @@ class MedusaEngine:
         """
         T = len(ids)
         if self.cuda_graphs:
-            bucket = min(max(PREFILL_MIN_BUCKET, 1 << (T - 1).bit_length()), self.max_seq_len)
-            graph, tokens, length = self._prefill_graph(bucket)
-            tokens[0, :T].copy_(torch.tensor(ids, dtype=torch.long), non_blocking=False)
-            length.fill_(T)
-            graph.replay()
+            pre = self._prefill_graph(self._prefill_bucket(T))
+            pre.tokens[0, :T].copy_(torch.tensor(ids, dtype=torch.long))
+            pre.length.fill_(T)
+            pre.graph.replay()
             return
         tokens = torch.tensor([ids], dtype=torch.long, device=self.device)
         slots = torch.arange(T, device=self.device)
@@ -136,15 +148,19 @@ class MedusaEngine:
         """From the last prompt token's hidden state [1, H]: root, last_logits, cur_len, heads' top-k."""
         logits = self.model.lm_head(hidden)
         self.last_logits.copy_(logits)
-        self.root.copy_(kernels.row_argmax_triton(logits) if kernels.use_triton(logits) else logits.argmax(-1))
+        self.root.copy_(kernels.row_argmax(logits))
         self.cur_len.copy_(length)
         if self.tree is not None:
             self._heads_topk(hidden, out=self.head_topk)
 
-    def _prefill_graph(self, bucket: int) -> tuple["torch.cuda.CUDAGraph", Tensor, Tensor]:
-        """The captured prefill of ``bucket`` tokens, with its static token and length inputs."""
+    def _prefill_bucket(self, T: int) -> int:
+        """The padded prefill length of a T-token prompt: a power of two >= 16, at most the cache."""
+        return min(max(PREFILL_MIN_BUCKET, 1 << (T - 1).bit_length()), self.max_seq_len)
+
+    def _prefill_graph(self, bucket: int) -> _PrefillGraph:
+        """The captured prefill of ``bucket`` tokens (made on first use)."""
         if bucket in self._prefill_graphs:
-            return self._prefill_graphs[bucket][:3]
+            return self._prefill_graphs[bucket]
         dev = self.device
         tokens = torch.zeros(1, bucket, dtype=torch.long, device=dev)
         length = torch.ones((), dtype=torch.long, device=dev)
@@ -155,22 +171,20 @@ class MedusaEngine:
             hidden = self.model(tokens, slots, slots, None, prefix_len=zero)[0]
             self._finish_prefill(hidden.index_select(0, (length - 1).view(1)), length)
 
-        # A graph keeps no Python references: every tensor it reads must stay alive with it, or
-        # its memory is reused (by the next capture) while the graph still reads it.
-        self._prefill_graphs[bucket] = (capture(torch.inference_mode()(fn)), tokens, length, slots, zero)
-        return self._prefill_graphs[bucket][:3]
+        self._prefill_graphs[bucket] = _PrefillGraph(capture(torch.inference_mode()(fn)), tokens, length, slots, zero)
+        return self._prefill_graphs[bucket]
 
     def warmup(self, max_prompt_tokens: int = 512) -> None:
         """Capture every graph a request of up to ``max_prompt_tokens`` tokens can need (the prefill
         buckets and the greedy steps), so that no timed request pays for a capture."""
         if not self.cuda_graphs:
             return
+        top = self._prefill_bucket(max_prompt_tokens)
         bucket = PREFILL_MIN_BUCKET
-        while True:
-            self._prefill_graph(min(bucket, self.max_seq_len))
-            if bucket >= min(max_prompt_tokens, self.max_seq_len):
-                break
+        while bucket < top:
+            self._prefill_graph(bucket)
             bucket *= 2
+        self._prefill_graph(top)
         for kind in ("base", "greedy") if self.tree is not None else ("base",):
             self._step(kind, GenerationConfig())
 
@@ -180,7 +194,7 @@ class MedusaEngine:
         logits = self.model.lm_head(hidden)
         self.last_logits.copy_(logits)
         # The same argmax (kernel, dtype, tie rule) as the tree step's commit reads.
-        self.root.copy_(kernels.row_argmax_triton(logits) if kernels.use_triton(logits) else logits.argmax(-1))
+        self.root.copy_(kernels.row_argmax(logits))
         self.cur_len.add_(1)
         self.step_out[0].fill_(1)
         self.step_out[1:2].copy_(self.root)
