@@ -30,7 +30,7 @@ if [ -n "${SMOKE:-}" ]; then
   SEARCH_ARGS="--calib-limit 2 --calib-new-tokens 16 --search-sizes 2,4 --max-tree-nodes 8 --timing-prompts 1"
   mkdir -p "$RUNS"; head -n 3 "$PROMPTS" > "$RUNS/smoke_prompts.jsonl"; PROMPTS=$RUNS/smoke_prompts.jsonl
 else
-  N_PROMPTS=96000 BATCH=2048 MINUTES=3.5 EPOCHS=6 ACCEPT=158 PER_TOPIC=8 PEERS=5 DEVICE=cuda SUITE_ARGS="--max-new-tokens 128"
+  N_PROMPTS=96000 BATCH=2048 MINUTES=4.5 EPOCHS=10 ACCEPT=158 PER_TOPIC=8 PEERS=5 DEVICE=cuda SUITE_ARGS="--max-new-tokens 128"
   SEARCH_ARGS="--calib-limit 79 --calib-new-tokens 128 --search-sizes 8,16,32,48,63 --search-depths 3,4,5"
 fi
 mkdir -p "$RESULTS"
@@ -83,6 +83,7 @@ if [ "$PHASE" = probe ]; then
     $([ -n "${SMOKE:-}" ] && echo "--per-topic 1 --max-new-tokens 16") \
     --out "$RESULTS/identity_probe.json"
   [ -n "${SMOKE:-}" ] && exit 0
+  step gpu_kernel_tests 150 python3 -m pytest -q tests/test_kernels.py -p no:cacheprovider
   step gpu_engine_tests 120 python3 -m pytest -q -m gpu tests/test_engine_exact.py -p no:cacheprovider
   step profile_26m 60 $MF bench profile --model "$MODEL" --context 256 --out "$RESULTS/profile_26m.json"
   step profile_8b 90 $MF bench profile --context 1024 --out "$RESULTS/profile_8b.json"

@@ -354,3 +354,34 @@ def test_topk_writes_into_a_given_buffer():
     out = torch.full((3, 10), -1, dtype=torch.long, device=DEVICE)
     assert K.topk_indices_triton(x, 10, out=out) is out
     assert torch.equal(out, torch.topk(x, 10).indices)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_medusa_heads_give_the_heads_features_and_top_k(dtype):
+    """The engine's fused heads (residual blocks at one gathered row; projection + top-k without
+    the logits in memory) give MedusaHeads' features and the top-k of its logits: 3 heads x 2
+    residual layers, a vocabulary of 3 chunks, the row picked by a device index (the last
+    accepted node)."""
+    from medusa_forge.heads.medusa_head import MedusaHeads, MedusaHeadsConfig
+
+    heads = MedusaHeads(MedusaHeadsConfig(num_heads=3, num_layers=2, hidden_size=48, vocab_size=150))
+    with torch.no_grad():
+        heads.res_weight.copy_(randn(*heads.res_weight.shape, seed=70, scale=0.2))
+        heads.res_bias.copy_(randn(*heads.res_bias.shape, seed=71, scale=0.2))
+        heads.proj_weight.copy_(randn(*heads.proj_weight.shape, seed=72))
+    heads = heads.to(device=DEVICE, dtype=dtype)
+    hidden = randn(4, 48, dtype=dtype, seed=73)
+    row = torch.tensor([2], device=DEVICE)
+    with torch.no_grad():
+        want_features = heads.hidden(hidden[2:3])[:, 0]
+        want_logits = heads(hidden[2:3])[:, 0]
+    features = K.heads_resblocks_triton(hidden, row, heads.res_weight.detach(), heads.res_bias.detach())
+    close(features, want_features, dtype)
+    top = K.heads_topk_triton(features, heads.proj_weight.detach(), 10)
+    # The top-10 by value, largest first, of the heads' logits from these features (the kernel's
+    # logits equal them up to reduction order, so bf16 near-ties may swap: compare values).
+    logits = torch.einsum("kh,kvh->kv", features.float(), heads.proj_weight.detach().float()).to(dtype)
+    close(logits, want_logits, dtype)
+    close(logits.float().gather(1, top), torch.topk(logits.float(), 10).values, dtype)
+    if dtype == torch.float32:
+        assert torch.equal(top, torch.topk(logits, 10).indices)

@@ -152,7 +152,7 @@ def measure(cfg: ModelConfig = LLAMA3_8B, tree: str = "mc_sim_7b_63", num_heads:
     single = engine._step("base", gcfg)
     tree_step = engine._step("greedy", gcfg)
     hidden = torch.randn(1, cfg.hidden_size, device="cuda", dtype=dtype)
-    heads_graph = capture(lambda: engine._heads_topk(hidden))
+    heads_graph = capture(lambda: engine._heads_topk(hidden, engine.row0))
     bw = copy_bandwidth_gb_s()
     nbytes = step_weight_bytes(model)
     result = StepTimes(

@@ -267,22 +267,24 @@ if HAVE_TRITON:
         s = _round(g / (1.0 + tl.exp(-g)), DT).to(tl.float32)
         tl.store(OUT + row * stride_o + cols, _round(s * u, DT), mask=ok)
 
-    @_source(do_not_specialize=["T", "t_begin", "n_rows", "A", "TAIL", "stride_mt", "stride_at"])
-    def _attn_split_kernel(Q, KC, VC, PREFIX, MASK, ANC, PO, PM, PL, T, t_begin, n_rows, S, R_pad, A, TAIL, qk_scale,
+    @_source(do_not_specialize=["T", "t_begin", "n_rows", "A", "stride_mt", "stride_at"])
+    def _attn_split_kernel(Q, KC, VC, PREFIX, MASK, ANC, PO, PM, PL, T, t_begin, n_rows, S, R_pad, A, qk_scale,
                            stride_qt, stride_qh, stride_kh, stride_ks, stride_vh, stride_vs, stride_mt,
                            stride_at, G: tl.constexpr, D: tl.constexpr, NS: tl.constexpr, SPLIT: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr,
                            MODE: tl.constexpr, DOT_F32: tl.constexpr):
-        """One (KV split, KV head, row tile): online softmax over slots [split*SPLIT, ...) below
-        prefix+T, partial (max, sum, unnormalised output) per row to PM/PL/PO.
+        """One (KV split, row tile) of one KV head (program id 1): online softmax over slots
+        [split*SPLIT, ...) below prefix+T, partial (max, sum, unnormalised output) per row to PM/PL/PO.
+        Program id 0 is flat: the first NS * tiles programs are (split, row tile) pairs.
 
         MODE 0 (prefill chunks): every split, row tiles shared by tokens, ``MASK`` (HAS_MASK) or
         causal visibility of the new slots.
 
-        MODE 1 (decode and tree steps) runs in two launches of *one compiled kernel*; the runtime
-        ``TAIL`` picks the pass. TAIL=0: shared row tiles over the splits wholly below the prefix
-        (committed keys, the same for every token). TAIL=1 (program ids: split offset, KV head,
-        token): one token per program over the splits that hold new slots, reading its keys in
+        MODE 1 (decode and tree steps) runs two passes in *one launch of one compiled kernel*; the
+        program id picks the pass at run time. The main pass: shared row tiles over the splits
+        wholly below the prefix (committed keys, the same for every token). The tail pass (the 2*T
+        programs after the main ones: split offset, token): one token per program over the splits
+        that hold new slots, reading its keys in
         *its own sequence order*: virtual slot prefix+k is the token's depth-k ancestor
         (``ANC[t, k]``, -1 past its depth). So a tree node at depth d reduces exactly the keys, in
         exactly the positions and blocks, that plain decoding reduces for the same token at slot
@@ -296,24 +298,28 @@ if HAVE_TRITON:
         DOT_F32 (interpreter only, which multiplies bf16 bit patterns as integers): feed the dots
         fp32 copies of the operands, the same values since bf16 -> fp32 is exact."""
         kvh = tl.program_id(1)
+        pid = tl.program_id(0)
         prefix = tl.load(PREFIX).to(tl.int32)
         end = tl.minimum(prefix + T, S)
+        tiles = (n_rows + BLOCK_M - 1) // BLOCK_M
+        n_main = NS * tiles
         if MODE == 1:
-            tail = TAIL != 0
+            tail = pid >= n_main
         else:
-            tail = TAIL < 0  # prefill: never a tail pass (TAIL is 0)
-        split = tl.where(tail, prefix // SPLIT + tl.program_id(0), tl.program_id(0))
+            tail = pid < 0  # prefill: never a tail pass
+        q = tl.maximum(pid - n_main, 0)  # a tail program's (split offset, token) = divmod(q, T)
+        split = tl.where(tail, prefix // SPLIT + q // T, pid // tiles)
         lo = split * SPLIT
         if MODE == 1:
             active = tl.where(tail, lo < end, lo + SPLIT <= prefix)
         else:
             active = lo < end
         if active:
-            row0 = tl.where(tail, tl.program_id(2) * G, tl.program_id(2) * BLOCK_M)
+            row0 = tl.where(tail, (q % T) * G, (pid % tiles) * BLOCK_M)
             rows = row0 + tl.arange(0, BLOCK_M)
             row_ok = rows < tl.where(tail, row0 + G, n_rows)
             tok = t_begin + rows // G
-            me = t_begin + tl.program_id(2)  # the tail pass's token
+            me = t_begin + q % T  # the tail pass's token
             d = tl.arange(0, D)
             q = tl.load(Q + tok[:, None] * stride_qt + (kvh * G + rows % G)[:, None] * stride_qh + d[None, :],
                         mask=row_ok[:, None], other=0.0)
@@ -449,6 +455,57 @@ if HAVE_TRITON:
             i = tl.reduce(tl.where(v == m, idx, 2147483647), 0, _min)
             tl.store(OUT + row * K + k + tl.arange(0, 1), tl.full([1], 0, tl.int64) + i)
             v = tl.where(idx == i, float("-inf"), v)
+
+    @_source(do_not_specialize=["H"])
+    def _heads_resblock_kernel(X, ROW, W, B, OUT, H, stride_xk, stride_xr, stride_wk, stride_wn, stride_bk,
+                               stride_ok, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """One (head, output block) of a Medusa residual block at one position, out = x + SiLU(W x + b),
+        x = row ROW[0] of X (stride_xk 0: all heads read the base's hidden state). The gather of the
+        row, the GEMV, the bias, SiLU and the residual in one launch, rounded where torch rounds."""
+        head = tl.program_id(0)
+        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = n < H
+        x_row = X + head * stride_xk + tl.load(ROW) * stride_xr
+        acc = tl.full([BLOCK_N], 0.0, tl.float32)
+        for k0 in range(0, H, BLOCK_K):
+            c = k0 + tl.arange(0, BLOCK_K)
+            c_ok = c < H
+            x = tl.load(x_row + c, mask=c_ok, other=0.0).to(tl.float32)
+            w = tl.load(W + head * stride_wk + n[:, None] * stride_wn + c[None, :],
+                        mask=n_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+            acc += tl.reduce(w * x[None, :], 1, _add)
+        DT = OUT.dtype.element_ty
+        y = _round(acc + tl.load(B + head * stride_bk + n, mask=n_ok, other=0.0).to(tl.float32), DT).to(tl.float32)
+        act = _round(y / (1.0 + tl.exp(-y)), DT).to(tl.float32)
+        res = tl.load(x_row + n, mask=n_ok, other=0.0).to(tl.float32)
+        tl.store(OUT + head * stride_ok + n, _round(res + act, DT), mask=n_ok)
+
+    @_source(do_not_specialize=["V", "H"])
+    def _heads_topk_partial_kernel(X, P, VAL, IDX, V, H, stride_xk, stride_pk, stride_pv, K: tl.constexpr,
+                                   KB: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+        """One (head, vocab chunk): the head's logits over BLOCK_V vocab entries (its own projection,
+        P[head] [V, H], times its features X[head]) rounded to X's dtype as the bmm rounds them, then
+        the chunk's top-K as in ``_topk_partial_kernel``: the logits never leave registers."""
+        head = tl.program_id(0)
+        chunk = tl.program_id(1)
+        v = chunk * BLOCK_V + tl.arange(0, BLOCK_V)
+        v_ok = v < V
+        acc = tl.full([BLOCK_V], 0.0, tl.float32)
+        for k0 in range(0, H, BLOCK_K):
+            c = k0 + tl.arange(0, BLOCK_K)
+            c_ok = c < H
+            x = tl.load(X + head * stride_xk + c, mask=c_ok, other=0.0).to(tl.float32)
+            w = tl.load(P + head * stride_pk + v[:, None] * stride_pv + c[None, :],
+                        mask=v_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+            acc += tl.reduce(w * x[None, :], 1, _add)
+        x = tl.where(v_ok, _round(acc, X.dtype.element_ty).to(tl.float32), float("-inf"))
+        out = (head * tl.num_programs(1) + chunk) * KB
+        for k in range(K):
+            m = tl.reduce(x, 0, _max)
+            i = tl.reduce(tl.where(x == m, v, 2147483647), 0, _min)
+            tl.store(VAL + out + k + tl.arange(0, 1), tl.full([1], 0.0, tl.float32) + m)
+            tl.store(IDX + out + k + tl.arange(0, 1), tl.full([1], 0, tl.int32) + i)
+            x = tl.where(v == i, float("-inf"), x)
 
     @_source(do_not_specialize=["N"])
     def _quantize_fp8_kernel(X, SCALE, Q, SOUT, N, stride_x, stride_q, DYNAMIC: tl.constexpr, BLOCK: tl.constexpr):
@@ -669,11 +726,10 @@ def cache_attention_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, prefix_l
         meta = dict(G=G, D=D, NS=ns, SPLIT=config.split, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
                     HAS_MASK=tree_mask is not None and not sequential,
                     DOT_F32=_interpreted and q.dtype != torch.float32, num_warps=config.num_warps)
-        if sequential:  # the splits below the prefix shared by all tokens, then each token's own tail
-            split_kernel[(ns, n_kv, tiles)](*args, 0, *strides, MODE=1, **meta)
-            split_kernel[(2, n_kv, T)](*args, 1, *strides, MODE=1, **meta)
+        if sequential:  # one launch: the splits below the prefix shared by all tokens + each token's own tail
+            split_kernel[(ns * tiles + 2 * T, n_kv)](*args, *strides, MODE=1, **meta)
         else:
-            split_kernel[(ns, n_kv, tiles)](*args, 0, *strides, MODE=0, **meta)
+            split_kernel[(ns * tiles, n_kv)](*args, *strides, MODE=0, **meta)
         _kernel("_attn_combine_kernel")[(n_rows, n_kv)](
             po, pm, pl, out, prefix_len, T, t0, S, r_pad, out.stride(0), out.stride(1),
             G=G, D=D, NS=ns, NS_BLOCK=triton.next_power_of_2(ns), SPLIT=config.split, num_warps=4)
@@ -721,6 +777,47 @@ def topk_indices(x: Tensor, k: int, out: Tensor | None = None) -> Tensor:
         return topk_indices_triton(x, k, out)
     idx = torch.topk(x, k, dim=-1).indices
     return idx if out is None else out.copy_(idx)
+
+
+def heads_resblocks_triton(x: Tensor, row: Tensor, res_weight: Tensor, res_bias: Tensor) -> Tensor:
+    """Features [K, H] of K Medusa heads at row ``row`` (1-element int64 device tensor) of x [N, H]:
+    one launch per residual layer (res_weight [K, L, H, H], res_bias [K, L, H]) instead of a
+    gather, a baddbmm, SiLU and an add."""
+    K, L, H, _ = res_weight.shape
+    assert x.stride(-1) == 1 and res_weight.stride(-1) == 1 and res_bias.stride(-1) == 1
+    block_n, block_k = 16, min(256, triton.next_power_of_2(H))
+    h, stride_xk, stride_xr = x, 0, x.stride(0)
+    for j in range(L):
+        out = torch.empty(K, H, dtype=x.dtype, device=x.device)
+        w, b = res_weight[:, j], res_bias[:, j]
+        _kernel("_heads_resblock_kernel")[(K, triton.cdiv(H, block_n))](
+            h, row, w, b, out, H, stride_xk, stride_xr, w.stride(0), w.stride(1), b.stride(0), out.stride(0),
+            BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+        h, stride_xk, stride_xr = out, out.stride(0), 0
+    return h
+
+
+def heads_topk_triton(features: Tensor, proj_weight: Tensor, k: int, out: Tensor | None = None) -> Tensor:
+    """Top-k token ids [K, k] of K heads' own vocab projections (proj_weight [K, V, H]) of their
+    features [K, H], in two launches (projection + chunk top-k, then the merge) instead of a bmm
+    writing [K, V] logits and two top-k launches reading them back."""
+    K, H = features.shape
+    V = proj_weight.shape[1]
+    assert features.stride(-1) == 1 and proj_weight.stride(-1) == 1
+    block_v = 64 if V <= 32768 else 256  # bounds the merge's candidates (chunks x 16)
+    chunks = triton.cdiv(V, block_v)
+    kb = triton.next_power_of_2(k)
+    val = torch.empty(K, chunks, kb, dtype=torch.float32, device=features.device)
+    idx = torch.empty(K, chunks, kb, dtype=torch.int32, device=features.device)
+    if out is None:
+        out = torch.empty(K, k, dtype=torch.long, device=features.device)
+    assert out.shape == (K, k) and out.dtype == torch.long and out.is_contiguous()
+    _kernel("_heads_topk_partial_kernel")[(K, chunks)](
+        features, proj_weight, val, idx, V, H, features.stride(0), proj_weight.stride(0), proj_weight.stride(1),
+        K=k, KB=kb, BLOCK_V=block_v, BLOCK_K=min(128, triton.next_power_of_2(H)), num_warps=4)
+    _kernel("_topk_merge_kernel")[(K,)](val, idx, out, chunks, K=k, KB=kb,
+                                         CB=triton.next_power_of_2(chunks * kb), num_warps=4)
+    return out
 
 
 def quantize_fp8_triton(x: Tensor, input_scale: Tensor | None) -> tuple[Tensor, Tensor]:

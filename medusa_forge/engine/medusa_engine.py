@@ -105,6 +105,7 @@ class MedusaEngine:
             self.node_ids = torch.arange(n, **long)
             self.head_topk = torch.zeros(d, TOPK, **long)
             self.last = torch.zeros(1, **long)  # the last accepted node of the step
+            self.row0 = torch.zeros(1, **long)  # the prefill's heads read row 0 of its [1, H] hidden state
             self.kv_src = torch.zeros(d + 1, **long)  # cache slots moved into place after a step
             self.kv_dst = torch.zeros(d + 1, **long)
             self.step_out = torch.zeros(d + 2, **long)  # [count, tokens...]
@@ -115,10 +116,21 @@ class MedusaEngine:
     def num_draft_heads(self) -> int:
         return self.tree.depth if self.tree is not None else 0
 
-    def _heads_topk(self, hidden: Tensor, out: Tensor | None = None) -> Tensor:
-        """Top-k tokens of the first ``depth`` heads at one position: hidden [1, H] -> [D, TOPK]
-        (written into ``out``, e.g. ``head_topk``, without a copy launch)."""
-        logits = self.heads(hidden, self.model.lm_head.weight, num_heads=self.num_draft_heads)[:, 0]
+    def _heads_topk(self, hidden: Tensor, row: Tensor, out: Tensor | None = None) -> Tensor:
+        """Top-k tokens of the first ``depth`` heads at row ``row`` (1-element device tensor) of
+        hidden [N, H] -> [D, TOPK], written into ``out`` (e.g. ``head_topk``) without a copy launch.
+
+        On CUDA this is 3 fused launches (residual block; projection + chunk top-k; merge) instead
+        of 7 with the [D, V] logits in between. The heads only propose drafts, so their rounding
+        differing from the PyTorch ops' cannot change what the engine outputs; it only moves the
+        acceptance rate, which ``tests/test_kernels.py`` bounds by checking the same top-k."""
+        heads, depth = self.heads, self.num_draft_heads
+        if kernels.use_triton(hidden):
+            features = kernels.heads_resblocks_triton(hidden, row, heads.res_weight[:depth], heads.res_bias[:depth])
+            if heads.proj_weight is not None:
+                return kernels.heads_topk_triton(features, heads.proj_weight[:depth], TOPK, out)
+            return kernels.topk_indices(features @ self.model.lm_head.weight.t(), TOPK, out=out)
+        logits = heads(hidden.index_select(0, row), self.model.lm_head.weight, num_heads=depth)[:, 0]
         return kernels.topk_indices(logits, TOPK, out=out)
 
     # ------------------------------------------------------------------ steps (device-only)
@@ -151,7 +163,7 @@ class MedusaEngine:
         self.root.copy_(kernels.row_argmax(logits))
         self.cur_len.copy_(length)
         if self.tree is not None:
-            self._heads_topk(hidden, out=self.head_topk)
+            self._heads_topk(hidden, self.row0, out=self.head_topk)
 
     def _prefill_bucket(self, T: int) -> int:
         """The padded prefill length of a T-token prompt: a power of two >= 16, at most the cache."""
@@ -219,7 +231,7 @@ class MedusaEngine:
         self.model.move_kv(self.kv_src, self.kv_dst)
         # last_logits is not refreshed here: only plain sampled decoding reads it, and every
         # generation starts with a prefill that sets it.
-        self._heads_topk(hidden.index_select(0, self.last), out=self.head_topk)
+        self._heads_topk(hidden, self.last, out=self.head_topk)
 
     def _step(self, kind: str, gcfg: GenerationConfig) -> _StepGraph:
         """The step function for one decoding mode, captured as a CUDA graph on first use."""
