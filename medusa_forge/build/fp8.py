@@ -131,7 +131,9 @@ class FP8Linear(nn.Module):
             return y.reshape(*lead, self.out_features)
         x2 = x.reshape(-1, self.in_features).float()
         if self.input_scale is None:
-            sx = (x2.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp_min(1e-12)  # [M, 1]
+            # times the reciprocal, as torch's CUDA division by a scalar computes it (the CPU one
+            # divides): one rounding rule on every device, which the fused Triton launch also uses
+            sx = (x2.abs().amax(dim=-1, keepdim=True) * (1.0 / FP8_MAX)).clamp_min(1e-12)  # [M, 1]
         else:
             sx = self.input_scale
         xq = (x2 / sx).clamp(-FP8_MAX, FP8_MAX).to(E4M3)

@@ -307,19 +307,19 @@ if HAVE_TRITON:
             tail = pid >= n_main
         else:
             tail = pid < 0  # prefill: never a tail pass
-        q = tl.maximum(pid - n_main, 0)  # a tail program's (split offset, token) = divmod(q, T)
-        split = tl.where(tail, prefix // SPLIT + q // T, pid // tiles)
+        tq = tl.maximum(pid - n_main, 0)  # a tail program's (split offset, token) = divmod(tq, T)
+        split = tl.where(tail, prefix // SPLIT + tq // T, pid // tiles)
         lo = split * SPLIT
         if MODE == 1:
             active = tl.where(tail, lo < end, lo + SPLIT <= prefix)
         else:
             active = lo < end
         if active:
-            row0 = tl.where(tail, (q % T) * G, (pid % tiles) * BLOCK_M)
+            row0 = tl.where(tail, (tq % T) * G, (pid % tiles) * BLOCK_M)
             rows = row0 + tl.arange(0, BLOCK_M)
             row_ok = rows < tl.where(tail, row0 + G, n_rows)
             tok = t_begin + rows // G
-            me = t_begin + q % T  # the tail pass's token
+            me = t_begin + tq % T  # the tail pass's token
             d = tl.arange(0, D)
             q = tl.load(Q + tok[:, None] * stride_qt + (kvh * G + rows % G)[:, None] * stride_qh + d[None, :],
                         mask=row_ok[:, None], other=0.0)
@@ -510,15 +510,15 @@ if HAVE_TRITON:
     @_source(do_not_specialize=["N"])
     def _quantize_fp8_kernel(X, SCALE, Q, SOUT, N, stride_x, stride_q, DYNAMIC: tl.constexpr, BLOCK: tl.constexpr):
         """One row of FP8Linear's activation quantization, clamp(x / s, +-448) -> e4m3 with s the
-        static input scale or (DYNAMIC) amax(|x|) / 448 per row: one launch instead of four, and
-        the same bits as the PyTorch ops (IEEE division, max is order free, round to nearest even
+        static input scale or (DYNAMIC) amax(|x|) * (1 / 448) per row: one launch instead of four, and
+        the same bits as the PyTorch ops (an IEEE division by the scale, max is order free, round to nearest even
         done by hand in fp32 so the final cast is exact; the interpreter's own e4m3 cast is not)."""
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         ok = cols < N
         x = tl.load(X + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
         if DYNAMIC:
-            scale = tl.maximum(tl.math.div_rn(tl.reduce(tl.abs(x), 0, _max), 448.0), 1e-12)
+            scale = tl.maximum(tl.reduce(tl.abs(x), 0, _max) * (1.0 / 448.0), 1e-12)
             tl.store(SOUT + row + tl.arange(0, 1), tl.full([1], 0.0, tl.float32) + scale)
         else:
             scale = tl.load(SCALE)
