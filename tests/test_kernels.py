@@ -113,6 +113,26 @@ def test_rope_qkv_to_cache_matches_the_reference_bit_for_bit(dtype):
     assert torch.equal(caches[0], ref_caches[0]) and torch.equal(caches[1], ref_caches[1])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rope_reads_whole_tables_at_the_tokens_positions(dtype):
+    """What the decoder passes: the [S, D] cos/sin tables and each token's position (the gather
+    happens inside the launch) give the bits of per-token cos/sin rows."""
+    B, T = 1, 4
+    qkv = randn(B, T, (H + 2 * KV) * D, dtype=dtype, seed=2)
+    angles = randn(S, D // 2, seed=3, scale=3.0).float()
+    emb = torch.cat([angles, angles], dim=-1)
+    cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+    positions = torch.tensor([40, 7, 41, 41], device=DEVICE)
+    slots = torch.tensor([3, 9, 4, 10], device=DEVICE)
+    caches = [randn(B, KV, S, D, dtype=dtype, seed=s) for s in (5, 6)]
+    ref_caches = [c.clone() for c in caches]
+    q = K.rope_qkv_to_cache_triton(qkv, cos, sin, *caches, slots, H, KV, D, positions)
+    q_rows = K.rope_qkv_to_cache_triton(qkv, cos[positions], sin[positions], *ref_caches, slots, H, KV, D)
+    assert torch.equal(q, q_rows) and torch.equal(caches[0], ref_caches[0])
+    q_ref = K.rope_qkv_to_cache_ref(qkv, cos, sin, *[c.clone() for c in caches], slots, H, KV, D, positions)
+    close(q, q_ref, dtype)
+
+
 # ---------------------------------------------------------------------------------- cache attention
 def attention_inputs(T: int, dtype, seed: int = 0):
     return (randn(T, H, D, dtype=dtype, seed=seed), randn(KV, S, D, dtype=dtype, seed=seed + 1),

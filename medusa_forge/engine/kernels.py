@@ -114,8 +114,10 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 def rope_qkv_to_cache_ref(qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor,
-                          n_heads: int, n_kv: int, head_dim: int) -> Tensor:
+                          n_heads: int, n_kv: int, head_dim: int, positions: Tensor | None = None) -> Tensor:
     B, T, _ = qkv.shape
+    if positions is not None:  # cos/sin are the whole tables
+        cos, sin = cos[positions], sin[positions]
     q, k, v = qkv.split([n_heads * head_dim, n_kv * head_dim, n_kv * head_dim], dim=-1)
     q = q.view(B, T, n_heads, head_dim).transpose(1, 2)
     k = k.view(B, T, n_kv, head_dim).transpose(1, 2)
@@ -231,7 +233,7 @@ if HAVE_TRITON:
         tl.store(OUT + row * stride_o + cols, _round(y * w, OUT.dtype.element_ty), mask=ok)
 
     @_source()
-    def _rope_qkv_kernel(QKV, COS, SIN, KC, VC, SLOTS, QOUT, T, stride_row, stride_cos, stride_sin,
+    def _rope_qkv_kernel(QKV, COS, SIN, POS, KC, VC, SLOTS, QOUT, T, stride_row, stride_cos, stride_sin,
                          stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
                          H: tl.constexpr, KV: tl.constexpr, D: tl.constexpr):
         row = tl.program_id(0)  # b * T + t
@@ -244,8 +246,9 @@ if HAVE_TRITON:
         if head < H + KV:
             partner = tl.load(src + (d + D // 2) % D).to(tl.float32)
             rot = tl.where(d < D // 2, -partner, partner)
-            c = tl.load(COS + t * stride_cos + d).to(tl.float32)
-            s = tl.load(SIN + t * stride_sin + d).to(tl.float32)
+            pos = tl.load(POS + t)  # the row of the cos/sin tables (their gather fused in here)
+            c = tl.load(COS + pos * stride_cos + d).to(tl.float32)
+            s = tl.load(SIN + pos * stride_sin + d).to(tl.float32)
             y = _round(_round(x.to(tl.float32) * c, DT).to(tl.float32) + _round(rot * s, DT).to(tl.float32), DT)
             if head < H:
                 tl.store(QOUT + row.to(tl.int64) * (H * D) + head * D + d, y)
@@ -639,14 +642,16 @@ def add_rms_norm_triton(x: Tensor, delta: Tensor, weight: Tensor, eps: float) ->
 
 
 def rope_qkv_to_cache_triton(qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor,
-                             n_heads: int, n_kv: int, head_dim: int) -> Tensor:
+                             n_heads: int, n_kv: int, head_dim: int, positions: Tensor | None = None) -> Tensor:
     B, T, W = qkv.shape
     assert W == (n_heads + 2 * n_kv) * head_dim, "qkv is not the fused [q | k | v] projection"
+    if positions is None:  # cos/sin are already per token
+        positions = torch.arange(T, device=qkv.device)
     qkv = qkv if qkv.is_contiguous() else qkv.contiguous()
     assert cos.stride(-1) == 1 and sin.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
     q = torch.empty(B, T, n_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
     _kernel("_rope_qkv_kernel")[(B * T, n_heads + 2 * n_kv)](
-        qkv, cos, sin, k_cache, v_cache, slots, q, T, qkv.stride(1), cos.stride(0), sin.stride(0),
+        qkv, cos, sin, positions, k_cache, v_cache, slots, q, T, qkv.stride(1), cos.stride(0), sin.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         H=n_heads, KV=n_kv, D=head_dim, num_warps=1 if head_dim <= 64 else 2)
     return q
@@ -890,12 +895,13 @@ def add_rms_norm(x: Tensor, delta: Tensor, weight: Tensor, eps: float) -> tuple[
 
 
 def rope_qkv_to_cache(qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor,
-                      n_heads: int, n_kv: int, head_dim: int) -> Tensor:
-    """Split the fused QKV projection [B, T, (H+2KV)*D], rotate q and k (cos/sin [T, D] in qkv's
-    dtype), write k and v to the caches [B, KV, S, D] at ``slots`` [T]; return rotated q [B, T, H, D]."""
+                      n_heads: int, n_kv: int, head_dim: int, positions: Tensor | None = None) -> Tensor:
+    """Split the fused QKV projection [B, T, (H+2KV)*D], rotate q and k (cos/sin in qkv's dtype:
+    [T, D], or whole [S, D] tables read at ``positions`` [T]), write k and v to the caches
+    [B, KV, S, D] at ``slots`` [T]; return rotated q [B, T, H, D]."""
     if use_triton(qkv) and head_dim & (head_dim - 1) == 0:
-        return rope_qkv_to_cache_triton(qkv, cos, sin, k_cache, v_cache, slots, n_heads, n_kv, head_dim)
-    return rope_qkv_to_cache_ref(qkv, cos, sin, k_cache, v_cache, slots, n_heads, n_kv, head_dim)
+        return rope_qkv_to_cache_triton(qkv, cos, sin, k_cache, v_cache, slots, n_heads, n_kv, head_dim, positions)
+    return rope_qkv_to_cache_ref(qkv, cos, sin, k_cache, v_cache, slots, n_heads, n_kv, head_dim, positions)
 
 
 def silu_mul(gate_up: Tensor) -> Tensor:

@@ -94,16 +94,16 @@ class Attention(nn.Module):
         self.wo = nn.Linear(q, cfg.hidden_size, bias=False)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, slots: Tensor, mask: Tensor | None,
+    def forward(self, x: Tensor, rope: Tensor, positions: Tensor, slots: Tensor, mask: Tensor | None,
                 prefix_len: Tensor | None = None, tree_mask: Tensor | None = None,
                 tree_ancestors: Tensor | None = None) -> Tensor:
-        """cos/sin [T, D]. Either ``mask`` [B|1, 1, T, S] or ``prefix_len`` (+ ``tree_mask``, see
+        """rope [2, S, D] cos/sin tables in x's dtype, read at ``positions`` [T]. Either ``mask`` [B|1, 1, T, S] or ``prefix_len`` (+ ``tree_mask``, see
         :func:`~medusa_forge.engine.kernels.cache_attention`) says what each token sees; with
         prefix_len a batch-1 CUDA forward runs the cache attention kernel and ignores the mask."""
         B, T, _ = x.shape
         cache = self.kv_cache
-        q = kernels.rope_qkv_to_cache(self.wqkv(x), cos, sin, cache.k, cache.v, slots,
-                                      self.n_heads, self.n_kv, self.head_dim)  # [B, T, H, D]
+        q = kernels.rope_qkv_to_cache(self.wqkv(x), rope[0], rope[1], cache.k, cache.v, slots,
+                                      self.n_heads, self.n_kv, self.head_dim, positions)  # [B, T, H, D]
         if prefix_len is not None and B == 1 and kernels.use_triton(q):
             y = kernels.cache_attention(q[0], cache.k[0], cache.v[0], prefix_len, tree_mask, tree_ancestors)[None]
         else:
@@ -132,12 +132,13 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.ffn = FeedForward(cfg)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, slots: Tensor, mask: Tensor | None,
+    def forward(self, x: Tensor, rope: Tensor, positions: Tensor, slots: Tensor, mask: Tensor | None,
                 delta: Tensor | None = None, prefix_len: Tensor | None = None,
                 tree_mask: Tensor | None = None, tree_ancestors: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Input x + delta (the previous block's unsummed output); returns (residual, MLP output)."""
         h, x = (self.attn_norm(x), x) if delta is None else self.attn_norm.add_forward(x, delta)
-        h, x = self.ffn_norm.add_forward(x, self.attn(h, cos, sin, slots, mask, prefix_len, tree_mask, tree_ancestors))
+        h, x = self.ffn_norm.add_forward(x, self.attn(h, rope, positions, slots, mask, prefix_len, tree_mask,
+                                                            tree_ancestors))
         return x, self.ffn(h)
 
 
@@ -165,7 +166,8 @@ class Transformer(nn.Module):
                               dtype=p.dtype, device=p.device)
         for i, layer in enumerate(self.layers):
             layer.attn.kv_cache = KVCache(self.kv[i, 0], self.kv[i, 1])
-        self.rope = rope_cache(cfg, max_seq_len).to(p.device)
+        # In the compute dtype once, not at every step; the kernels gather its rows by position.
+        self.rope = rope_cache(cfg, max_seq_len).to(device=p.device, dtype=self.embed.weight.dtype)
         self.max_seq_len = max_seq_len
 
     def forward(self, tokens: Tensor, positions: Tensor, slots: Tensor, mask: Tensor | None = None, *,
@@ -182,12 +184,12 @@ class Transformer(nn.Module):
         ``tree_ancestors`` (TreeBuffers.ancestors) spares the kernel deriving them from tree_mask.
         """
         x = self.embed(tokens)
-        cos, sin = self.rope[:, positions].to(x.dtype)
+        rope = self.rope if self.rope.dtype == x.dtype else self.rope.to(x.dtype)
         if prefix_len is not None and not isinstance(prefix_len, Tensor):
             prefix_len = torch.tensor(prefix_len, device=x.device)
         delta = None
         for layer in self.layers:
-            x, delta = layer(x, cos, sin, slots, mask, delta, prefix_len, tree_mask, tree_ancestors)
+            x, delta = layer(x, rope, positions, slots, mask, delta, prefix_len, tree_mask, tree_ancestors)
         return self.norm(x) if delta is None else self.norm.add_forward(x, delta)[0]
 
     def logits(self, hidden: Tensor) -> Tensor:
