@@ -483,33 +483,6 @@ if HAVE_TRITON:
         res = tl.load(x_row + n, mask=n_ok, other=0.0).to(tl.float32)
         tl.store(OUT + head * stride_ok + n, _round(res + act, DT), mask=n_ok)
 
-    @_source(do_not_specialize=["V", "H"])
-    def _heads_topk_partial_kernel(X, P, VAL, IDX, V, H, stride_xk, stride_pk, stride_pv, K: tl.constexpr,
-                                   KB: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
-        """One (head, vocab chunk): the head's logits over BLOCK_V vocab entries (its own projection,
-        P[head] [V, H], times its features X[head]) rounded to X's dtype as the bmm rounds them, then
-        the chunk's top-K as in ``_topk_partial_kernel``: the logits never leave registers."""
-        head = tl.program_id(0)
-        chunk = tl.program_id(1)
-        v = chunk * BLOCK_V + tl.arange(0, BLOCK_V)
-        v_ok = v < V
-        acc = tl.full([BLOCK_V], 0.0, tl.float32)
-        for k0 in range(0, H, BLOCK_K):
-            c = k0 + tl.arange(0, BLOCK_K)
-            c_ok = c < H
-            x = tl.load(X + head * stride_xk + c, mask=c_ok, other=0.0).to(tl.float32)
-            w = tl.load(P + head * stride_pk + v[:, None] * stride_pv + c[None, :],
-                        mask=v_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
-            acc += tl.reduce(w * x[None, :], 1, _add)
-        x = tl.where(v_ok, _round(acc, X.dtype.element_ty).to(tl.float32), float("-inf"))
-        out = (head * tl.num_programs(1) + chunk) * KB
-        for k in range(K):
-            m = tl.reduce(x, 0, _max)
-            i = tl.reduce(tl.where(x == m, v, 2147483647), 0, _min)
-            tl.store(VAL + out + k + tl.arange(0, 1), tl.full([1], 0.0, tl.float32) + m)
-            tl.store(IDX + out + k + tl.arange(0, 1), tl.full([1], 0, tl.int32) + i)
-            x = tl.where(v == i, float("-inf"), x)
-
     @_source(do_not_specialize=["N"])
     def _quantize_fp8_kernel(X, SCALE, Q, SOUT, N, stride_x, stride_q, DYNAMIC: tl.constexpr, BLOCK: tl.constexpr):
         """One row of FP8Linear's activation quantization, clamp(x / s, +-448) -> e4m3 with s the
@@ -562,6 +535,17 @@ if HAVE_TRITON:
         tl.store(TOKENS + n, tok, mask=ok)
         tl.store(POSITIONS + n, cur + tl.load(DEPTH + n, mask=ok, other=0), mask=ok)
         tl.store(SLOTS + n, cur + n, mask=ok)
+
+    @_source()
+    def _plain_commit_kernel(PRED, ROOT, STEP_OUT, CUR):
+        """A plain greedy step's bookkeeping in one launch: root = the argmax, step_out = [1, root],
+        committed length + 1."""
+        i = tl.arange(0, 1)
+        tok = tl.load(PRED + i)
+        tl.store(ROOT + i, tok)
+        tl.store(STEP_OUT + i, tl.full([1], 1, tl.int64))
+        tl.store(STEP_OUT + 1 + i, tok)
+        tl.store(CUR + i, tl.load(CUR + i) + 1)
 
     @_source(do_not_specialize=["P", "W"])
     def _greedy_commit_kernel(PRED, TOK, RET, VALID, CUR, STEP_OUT, ROOT, LAST, SRC, DST, P, W, stride_r,
@@ -742,6 +726,7 @@ def cache_attention_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, prefix_l
 
 
 ROW_CHUNK = 4096  # vocab entries one program of the argmax / top-k kernels reduces in registers
+TOPK_MIN_CHUNK = 1024
 
 
 def row_argmax_triton(x: Tensor) -> Tensor:
@@ -761,7 +746,9 @@ def topk_indices_triton(x: Tensor, k: int, out: Tensor | None = None) -> Tensor:
     to the lower index. torch.topk's sort-based kernels cost ~30 us for 5 x 8192 on an H100.
     ``out`` (contiguous int64 [R, k]) receives the indices in place, saving a copy launch."""
     R, V = x.shape
-    block = min(ROW_CHUNK, triton.next_power_of_2(V))
+    # >= 32 chunks or 1024-wide ones: K rounds over a chunk are serial, so narrow chunks in
+    # parallel beat wide ones (5 x 8192 logits: 8 chunks per row)
+    block = min(ROW_CHUNK, triton.next_power_of_2(V), max(TOPK_MIN_CHUNK, triton.next_power_of_2(triton.cdiv(V, 32))))
     chunks = triton.cdiv(V, block)
     kb = triton.next_power_of_2(k)
     val = torch.empty(R, chunks, kb, dtype=torch.float32, device=x.device)
@@ -800,29 +787,6 @@ def heads_resblocks_triton(x: Tensor, row: Tensor, res_weight: Tensor, res_bias:
             BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
         h, stride_xk, stride_xr = out, out.stride(0), 0
     return h
-
-
-def heads_topk_triton(features: Tensor, proj_weight: Tensor, k: int, out: Tensor | None = None) -> Tensor:
-    """Top-k token ids [K, k] of K heads' own vocab projections (proj_weight [K, V, H]) of their
-    features [K, H], in two launches (projection + chunk top-k, then the merge) instead of a bmm
-    writing [K, V] logits and two top-k launches reading them back."""
-    K, H = features.shape
-    V = proj_weight.shape[1]
-    assert features.stride(-1) == 1 and proj_weight.stride(-1) == 1
-    block_v = 64 if V <= 32768 else 256  # bounds the merge's candidates (chunks x 16)
-    chunks = triton.cdiv(V, block_v)
-    kb = triton.next_power_of_2(k)
-    val = torch.empty(K, chunks, kb, dtype=torch.float32, device=features.device)
-    idx = torch.empty(K, chunks, kb, dtype=torch.int32, device=features.device)
-    if out is None:
-        out = torch.empty(K, k, dtype=torch.long, device=features.device)
-    assert out.shape == (K, k) and out.dtype == torch.long and out.is_contiguous()
-    _kernel("_heads_topk_partial_kernel")[(K, chunks)](
-        features, proj_weight, val, idx, V, H, features.stride(0), proj_weight.stride(0), proj_weight.stride(1),
-        K=k, KB=kb, BLOCK_V=block_v, BLOCK_K=min(128, triton.next_power_of_2(H)), num_warps=4)
-    _kernel("_topk_merge_kernel")[(K,)](val, idx, out, chunks, K=k, KB=kb,
-                                         CB=triton.next_power_of_2(chunks * kb), num_warps=4)
-    return out
 
 
 def quantize_fp8_triton(x: Tensor, input_scale: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -875,6 +839,17 @@ def greedy_commit_triton(logits: Tensor, tree_tokens: Tensor, path_nodes: Tensor
     _kernel("_greedy_commit_kernel")[(1,)](
         pred, tree_tokens, path_nodes, path_valid.view(torch.uint8), cur_len, step_out, root, last, src, dst,
         P, W, path_nodes.stride(0), PB=triton.next_power_of_2(P), WB=triton.next_power_of_2(W), num_warps=4)
+
+
+def plain_commit(pred: Tensor, root: Tensor, step_out: Tensor, cur_len: Tensor) -> None:
+    """After a plain step: root = pred (the argmax [1]), step_out[:2] = [1, root], cur_len += 1."""
+    if use_triton(pred):
+        _kernel("_plain_commit_kernel")[(1,)](pred, root, step_out, cur_len, num_warps=1)
+        return
+    root.copy_(pred)
+    cur_len.add_(1)
+    step_out[0].fill_(1)
+    step_out[1:2].copy_(root)
 
 
 # ================================================================================== public ops

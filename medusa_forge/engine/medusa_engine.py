@@ -120,17 +120,16 @@ class MedusaEngine:
         """Top-k tokens of the first ``depth`` heads at row ``row`` (1-element device tensor) of
         hidden [N, H] -> [D, TOPK], written into ``out`` (e.g. ``head_topk``) without a copy launch.
 
-        On CUDA this is 3 fused launches (residual block; projection + chunk top-k; merge) instead
-        of 7 with the [D, V] logits in between. The heads only propose drafts, so their rounding
-        differing from the PyTorch ops' cannot change what the engine outputs; it only moves the
-        acceptance rate, which ``tests/test_kernels.py`` bounds by checking the same top-k."""
+        On CUDA the row's gather and each residual block are one fused launch (instead of a gather,
+        a baddbmm, SiLU and an add), then one GEMM for all heads' projections and the two top-k
+        launches. The heads only propose drafts, so the fused block's rounding differing from the
+        PyTorch ops' cannot change what the engine outputs, only (within an ulp) what it proposes."""
         heads, depth = self.heads, self.num_draft_heads
         if kernels.use_triton(hidden):
             features = kernels.heads_resblocks_triton(hidden, row, heads.res_weight[:depth], heads.res_bias[:depth])
-            if heads.proj_weight is not None:
-                return kernels.heads_topk_triton(features, heads.proj_weight[:depth], TOPK, out)
-            return kernels.topk_indices(features @ self.model.lm_head.weight.t(), TOPK, out=out)
-        logits = heads(hidden.index_select(0, row), self.model.lm_head.weight, num_heads=depth)[:, 0]
+            logits = heads.project(features[:, None], self.model.lm_head.weight)[:, 0]
+        else:
+            logits = heads(hidden.index_select(0, row), self.model.lm_head.weight, num_heads=depth)[:, 0]
         return kernels.topk_indices(logits, TOPK, out=out)
 
     # ------------------------------------------------------------------ steps (device-only)
@@ -200,16 +199,16 @@ class MedusaEngine:
         for kind in ("base", "greedy") if self.tree is not None else ("base",):
             self._step(kind, GenerationConfig())
 
-    def _base_step(self) -> None:
+    def _base_step(self, keep_logits: bool = False) -> None:
+        """One plain decoding step; ``keep_logits`` (sampled decoding, which draws from them) also
+        stores the logits in last_logits, which greedy decoding never reads."""
         pos = self.cur_len.view(1)
         hidden = self.model(self.root.view(1, 1), pos, pos, None, prefix_len=self.cur_len)[0]
         logits = self.model.lm_head(hidden)
-        self.last_logits.copy_(logits)
+        if keep_logits:
+            self.last_logits.copy_(logits)
         # The same argmax (kernel, dtype, tie rule) as the tree step's commit reads.
-        self.root.copy_(kernels.row_argmax(logits))
-        self.cur_len.add_(1)
-        self.step_out[0].fill_(1)
-        self.step_out[1:2].copy_(self.root)
+        kernels.plain_commit(kernels.row_argmax(logits), self.root, self.step_out, self.cur_len)
 
     def _tree_step(self, accept: Callable[[Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]) -> None:
         b = self.buffers
@@ -240,6 +239,8 @@ class MedusaEngine:
             return self._steps[key]
         if kind == "base":
             fn = self._base_step
+        elif kind == "sample":
+            fn = lambda: self._base_step(keep_logits=True)  # noqa: E731
         elif kind == "greedy":
             fn = lambda: self._tree_step(greedy_accept)  # noqa: E731 - fused into two kernels on CUDA
         else:
@@ -289,7 +290,10 @@ class MedusaEngine:
         """
         self.check_request(prompt_ids, gcfg)
         sampling = gcfg.temperature > 0 and not gcfg.use_medusa
-        kind = "base" if not gcfg.use_medusa else ("greedy" if gcfg.temperature == 0 else "typical")
+        if not gcfg.use_medusa:
+            kind = "sample" if sampling else "base"
+        else:
+            kind = "greedy" if gcfg.temperature == 0 else "typical"
         step = self._step(kind, gcfg)
         generator = None
         if sampling:

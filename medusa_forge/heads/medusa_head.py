@@ -65,7 +65,10 @@ class MedusaHeads(nn.Module):
 
         ``num_heads`` limits the work to the first heads, e.g. to a choice tree's depth.
         """
-        h = self.hidden(x, num_heads)
+        return self.project(self.hidden(x, num_heads), lm_head_weight)
+
+    def project(self, h: Tensor, lm_head_weight: Tensor | None = None) -> Tensor:
+        """Features [K, N, H] of the first K heads -> their logits [K, N, V]."""
         if self.proj_weight is not None:
             return torch.bmm(h, self.proj_weight[: h.shape[0]].transpose(1, 2))
         if lm_head_weight is None:
