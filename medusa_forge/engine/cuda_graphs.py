@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from typing import Callable
 
 import torch
@@ -17,8 +18,17 @@ def capture(fn: Callable[[], object], warmup: int = 3, reps: int = 1) -> "torch.
             fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            fn()
+    # A graph destroyed while another is being captured invalidates that capture; unreachable
+    # engines (their graphs sit in reference cycles) are freed now, and no collection runs inside.
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        with torch.cuda.graph(graph):
+            for _ in range(reps):
+                fn()
+    finally:
+        if enabled:
+            gc.enable()
     torch.cuda.synchronize()
     return graph
