@@ -110,8 +110,9 @@ fi
 # (calibration: all 79 even prompts x 128 tokens; sizes x depth limits 3..5, 3 finalists measured)
 step tree_check 240 make tree-check MODEL="$MODEL" MEDUSA="$HEADS" PROMPTS="$PROMPTS" TREE=auto OUT="$E/auto" \
   RESULTS="$RESULTS" DTYPE=bf16 BUILD_ARGS="$SEARCH_ARGS"
-# 2. fp8 engine against bf16: greedy agreement and step times
-step fp8_check 120 make fp8-check MODEL="$MODEL" MEDUSA="$HEADS" PROMPTS="$PROMPTS" OUT="$E/fp8" RESULTS="$RESULTS" \
+# 2. fp8 engine against bf16: greedy agreement and step times (SKIP_DONE=1: steps 2 and the MMLU
+# runs are kept from an earlier checks run in $RESULTS, e.g. when only the tree search is redone)
+[ -z "${SKIP_DONE:-}" ] && step fp8_check 120 make fp8-check MODEL="$MODEL" MEDUSA="$HEADS" PROMPTS="$PROMPTS" OUT="$E/fp8" RESULTS="$RESULTS" \
   TREE=mc_sim_7b_63
 # 3. eval: per-topic tokens/s base vs Medusa, output identity, MMLU answers (in process on the GPU)
 # the tree the promoted engine would use: the auto tree just searched, else the reference preset
@@ -121,6 +122,7 @@ step eval_speed 90 $MF eval speed --in-process --base-model "$MODEL" --medusa-mo
   --medusa-choices "$EVAL_TREE" --prompts "$PROMPTS" --per-topic $PER_TOPIC --max-tokens 128 --trials 2 --warmup 2 \
   --no-progress --out "$RESULTS/eval_speed.json"
 for m in base medusa; do
+  [ -n "${SKIP_DONE:-}" ] && continue
   step "eval_mmlu_$m" 40 $MF eval mmlu --in-process --model "$MODEL" --medusa "$HEADS" --medusa-choices mc_sim_7b_63 \
     $([ $m = base ] && echo --no-medusa) --data tests/fixtures/mmlu_csv --shots 5 --no-progress \
     --out "$RESULTS/mmlu_$m.json"
