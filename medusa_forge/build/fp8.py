@@ -138,7 +138,12 @@ class FP8Linear(nn.Module):
             sx = self.input_scale
         xq = (x2 / sx).clamp(-FP8_MAX, FP8_MAX).to(E4M3)
         if self.backend == "emulate":
-            y = F.linear(xq.float() * sx, self.dequantized_weight()).to(self.out_dtype)
+            # Row by row: a GEMM's row may change with M (MKL's M=1 path is not its M=64 one), and
+            # e4m3 rounding turns that last-bit difference into a different greedy token, so a
+            # tree step would not reproduce plain decoding. One-row GEMMs make every token's bits
+            # independent of its batch; emulation is for tests and CPUs, never the fast path.
+            xd, w = xq.float() * sx, self.dequantized_weight()
+            y = torch.cat([F.linear(xd[i:i + 1], w) for i in range(xd.shape[0])]).to(self.out_dtype)
         elif self.input_scale is None:
             y = torch._scaled_mm(xq, self.weight.t(), scale_a=sx, scale_b=self.weight_scale_row,
                                  out_dtype=self.out_dtype)
