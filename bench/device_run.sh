@@ -12,6 +12,12 @@
 # `.device` in the device tool's `carry`). Results go to $RESULTS (default runs/results) and, when
 # $OUT is set, are packed into $OUT/results-<phase>.tar.gz (the device tool returns at most 8 files).
 # Order: train, checks (its auto tree joins the suite), suite.
+#
+# Budget (30 device-minutes a session, H200, measured): a cold start ~1 min; probe ~2 min (FULL_PROBE
+# +20 s); train ~5.5 min whatever EPOCHS (data generation, loading and evaluation dominate: 4
+# epochs 284 s, 10 epochs 322 s); checks ~3-4.5 min; suite ~3.5 min. Heads live only while the
+# machine stays warm, which it does only while calls follow each other at once: run train, checks,
+# suite back to back before anything optional (a probe goes first or last, never in between).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 

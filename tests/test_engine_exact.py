@@ -143,3 +143,24 @@ def test_cuda_medusa_is_bit_identical_to_plain_decoding_and_graph_prefill_matche
         eager._prefill(ids)
         torch.testing.assert_close(gpu.last_logits, eager.last_logits, atol=5e-2, rtol=2e-2)
         assert int(gpu.cur_len) == int(eager.cur_len) == len(ids)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_capture_survives_discarded_engines_being_collected(model_dir, heads_dir, prompt_ids):
+    """What the tree search does: engines built, used and dropped one after another. A dropped
+    engine's graphs sit in reference cycles, and a collection that freed them inside the next
+    engine's capture invalidated it ("operation not permitted when stream is capturing"). With
+    thresholds of 1 the collector runs at nearly every allocation, so it would run mid-capture."""
+    import gc
+
+    saved = gc.get_threshold()
+    first = load_engine(model_dir, heads_dir, tree="small", device="cuda", max_seq_len=256)
+    want = first.generate_ids(prompt_ids[0], GenerationConfig(max_new_tokens=16, ignore_eos=True)).tokens
+    del first
+    try:
+        gc.set_threshold(1, 1, 1)
+        second = load_engine(model_dir, heads_dir, tree="small", device="cuda", max_seq_len=256)
+        got = second.generate_ids(prompt_ids[0], GenerationConfig(max_new_tokens=16, ignore_eos=True)).tokens
+    finally:
+        gc.set_threshold(*saved)
+    assert got == want
