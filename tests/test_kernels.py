@@ -400,3 +400,57 @@ def test_plain_commit_sets_root_step_out_and_length_in_one_launch():
     step_out = torch.full((7,), -1, dtype=torch.long, device=DEVICE)
     K._kernel("_plain_commit_kernel")[(1,)](torch.tensor([1234], device=DEVICE), root, step_out, cur, num_warps=1)
     assert root.tolist() == [1234] and step_out[:2].tolist() == [1, 1234] and int(cur) == 42
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+@pytest.mark.parametrize("with_delta", [False, True])
+def test_norm_fused_fp8_quantization_is_the_unfused_norm_then_quantize(dynamic, with_delta):
+    """The fp8 engine's norms write the next GEMM's e4m3 input directly: the same bytes, scales and
+    residual as (add +) RMSNorm then FP8Linear's quantize launch."""
+    x = randn(3, 700, dtype=torch.bfloat16, seed=80, scale=4.0)
+    delta = randn(3, 700, dtype=torch.bfloat16, seed=81) if with_delta else None
+    w = (1 + randn(700, seed=82, scale=0.3)).to(torch.bfloat16)
+    scale = None if dynamic else torch.tensor(0.01, device=DEVICE)
+    q, s, res = K.rms_norm_fp8_triton(x, w, 1e-5, scale, delta)
+    if with_delta:
+        h, want_res = K.add_rms_norm_triton(x, delta, w, 1e-5)
+        assert torch.equal(res, want_res)
+    else:
+        h = K.rms_norm_triton(x, w, 1e-5)
+        assert res is None
+    want_q, want_s = K.quantize_fp8_triton(h, scale)
+    assert torch.equal(s, want_s)
+    assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8))
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_fp8_model_forward_with_norm_fused_quantization_keeps_its_bits(monkeypatch, static):
+    """A whole fp8 forward (2 layers, every kernel on its Triton path) gives the same hidden states
+    whether the norms hand their GEMMs e4m3 rows (FP8Linear.normed_input) or bf16 rows that
+    FP8Linear quantizes itself."""
+    from medusa_forge.build import fp8
+    from medusa_forge.model.config import ModelConfig
+    from medusa_forge.model.llama import Transformer
+
+    cfg = ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                      num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5, rope_theta=10000.0)
+    torch.manual_seed(0)
+    model = Transformer(cfg).to(device=DEVICE, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    model.requires_grad_(False).setup_caches(1, 32)
+    scales = {name: 0.02 for name in fp8.linear_names(model)} if static else None
+    assert fp8.swap_linears(model, "scaled_mm", scales)
+    monkeypatch.setattr(K, "use_triton", lambda t: True)
+    calls, fused_norm = [], K.rms_norm_fp8_triton
+    monkeypatch.setattr(K, "rms_norm_fp8_triton", lambda *a, **kw: calls.append(1) or fused_norm(*a, **kw))
+    tokens = torch.tensor([[3, 17, 40, 9, 22]], device=DEVICE)
+    pos = torch.arange(5, device=DEVICE)
+    zero = torch.zeros((), dtype=torch.long, device=DEVICE)
+    with torch.no_grad():
+        fused = model(tokens, pos, pos, None, prefix_len=zero)
+        monkeypatch.setattr(fp8.FP8Linear, "normed_input", lambda self, norm, x, delta: None)
+        unfused = model(tokens, pos, pos, None, prefix_len=zero)
+    assert len(calls) == 4  # both norms of both layers took the fused path in the first forward
+    assert torch.equal(fused, unfused)

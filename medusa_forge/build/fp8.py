@@ -26,6 +26,7 @@ one shared scale so fusing them at load is exact.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -79,6 +80,16 @@ def gemm_shape_ok(out_features: int, in_features: int) -> bool:
     return out_features % 16 == 0 and in_features % 16 == 0
 
 
+@dataclass(frozen=True)
+class FP8Activation:
+    """A GEMM input already quantized by the launch that produced it (see ``FP8Linear.normed_input``):
+    e4m3 rows ``q`` [M, K], their scale (the static 0-d one or dynamic [M, 1]), the input's shape."""
+
+    q: Tensor
+    scale: Tensor
+    shape: tuple[int, ...]
+
+
 class FP8Linear(nn.Module):
     """y = x W^T with W in e4m3 (one scale) and x quantized per token (dynamic) or per tensor (static)."""
 
@@ -121,7 +132,20 @@ class FP8Linear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"activation={self.activation}, backend={self.backend}, out_dtype={self.out_dtype}")
 
-    def forward(self, x: Tensor) -> Tensor:
+    def normed_input(self, norm: nn.Module, x: Tensor, delta: Tensor | None) -> tuple[FP8Activation, Tensor] | None:
+        """(norm(x [+ delta]) quantized for this GEMM, x [+ delta]) in one launch on CUDA (the norm
+        writes e4m3 rows instead of bf16 ones for a separate quantize launch to read), or None where
+        that path does not apply. The bits are those of the unfused norm + quantize."""
+        if self.backend != "scaled_mm" or not kernels.use_triton(x) or (delta is not None and delta.requires_grad):
+            return None
+        q, scale, res = kernels.rms_norm_fp8_triton(x, norm.weight, norm.eps, self.input_scale, delta)
+        return FP8Activation(q, scale, tuple(x.shape)), (x if res is None else res)
+
+    def forward(self, x: "Tensor | FP8Activation") -> Tensor:
+        if isinstance(x, FP8Activation):
+            scale_b = self.weight_scale_row if self.input_scale is None else self.weight_scale
+            y = torch._scaled_mm(x.q, self.weight.t(), scale_a=x.scale, scale_b=scale_b, out_dtype=self.out_dtype)
+            return y.reshape(*x.shape[:-1], self.out_features)
         lead = x.shape[:-1]
         if self.backend == "scaled_mm" and kernels.use_triton(x) and x.stride(-1) == 1:
             # one fused launch for the activation quantization (the ops below are four)

@@ -216,8 +216,26 @@ if HAVE_TRITON:
         return x.to(DTYPE)
 
     @_source()
-    def _rms_norm_kernel(X, DELTA, W, OUT, RES, stride_x, stride_d, stride_o, stride_r, N, eps,
-                         HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
+    def _e4m3(x, scale):
+        """clamp(x / scale, +-448) rounded to the nearest e4m3 value (ties to even), as fp32 whose
+        cast to e4m3 is exact: IEEE division, then the rounding by hand (the interpreter's own e4m3
+        cast is not round-to-nearest-even)."""
+        u = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -448.0), 448.0).to(tl.uint32, bitcast=True)
+        sign = u & 0x80000000
+        a = u & 0x7FFFFFFF
+        normal = (a + 0x7FFFF + ((a >> 20) & 1)) & 0xFFF00000  # keep 3 mantissa bits
+        af = a.to(tl.float32, bitcast=True)
+        tiny = ((af + 24576.0) - 24576.0).to(tl.uint32, bitcast=True)  # subnormals: steps of 2^-9
+        return (tl.where(af < 0.015625, tiny, normal) | sign).to(tl.float32, bitcast=True)
+
+    @_source()
+    def _rms_norm_kernel(X, DELTA, W, OUT, RES, Q, SCALE, SOUT, stride_x, stride_d, stride_o, stride_r, stride_q,
+                         N, eps, HAS_DELTA: tl.constexpr, QUANT: tl.constexpr, DYNAMIC: tl.constexpr,
+                         BLOCK: tl.constexpr):
+        """One row of (add +) RMSNorm. QUANT: the normalised row (rounded to OUT's dtype, as an
+        unfused norm stores it) goes out as the next FP8 GEMM's e4m3 input Q instead, scaled by
+        the static SCALE or (DYNAMIC) amax(|row|) * (1/448) stored to SOUT: FP8Linear's
+        quantization fused into the norm's launch, with the same bits."""
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         ok = cols < N
@@ -230,7 +248,17 @@ if HAVE_TRITON:
         rstd = tl.rsqrt(tl.reduce(x * x, 0, _add) / N + eps)
         y = _round(x * rstd, X.dtype.element_ty).to(tl.float32)
         w = tl.load(W + cols, mask=ok, other=0.0).to(tl.float32)
-        tl.store(OUT + row * stride_o + cols, _round(y * w, OUT.dtype.element_ty), mask=ok)
+        out = _round(y * w, OUT.dtype.element_ty)
+        if QUANT:
+            of = out.to(tl.float32)
+            if DYNAMIC:
+                scale = tl.maximum(tl.reduce(tl.abs(of), 0, _max) * (1.0 / 448.0), 1e-12)
+                tl.store(SOUT + row + tl.arange(0, 1), tl.full([1], 0.0, tl.float32) + scale)
+            else:
+                scale = tl.load(SCALE)
+            tl.store(Q + row * stride_q + cols, _e4m3(of, scale).to(Q.dtype.element_ty), mask=ok)
+        else:
+            tl.store(OUT + row * stride_o + cols, out, mask=ok)
 
     @_source()
     def _rope_qkv_kernel(QKV, COS, SIN, POS, KC, VC, SLOTS, QOUT, T, stride_row, stride_cos, stride_sin,
@@ -498,14 +526,7 @@ if HAVE_TRITON:
             tl.store(SOUT + row + tl.arange(0, 1), tl.full([1], 0.0, tl.float32) + scale)
         else:
             scale = tl.load(SCALE)
-        u = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -448.0), 448.0).to(tl.uint32, bitcast=True)
-        sign = u & 0x80000000
-        a = u & 0x7FFFFFFF
-        normal = (a + 0x7FFFF + ((a >> 20) & 1)) & 0xFFF00000  # keep 3 mantissa bits
-        af = a.to(tl.float32, bitcast=True)
-        tiny = ((af + 24576.0) - 24576.0).to(tl.uint32, bitcast=True)  # subnormals: steps of 2^-9
-        q = (tl.where(af < 0.015625, tiny, normal) | sign).to(tl.float32, bitcast=True)
-        tl.store(Q + row * stride_q + cols, q.to(Q.dtype.element_ty), mask=ok)
+        tl.store(Q + row * stride_q + cols, _e4m3(x, scale).to(Q.dtype.element_ty), mask=ok)
 
     @_source(do_not_specialize=["W"])
     def _move_kv_kernel(KV, SRC, DST, W, stride_row, stride_s, WB: tl.constexpr, D: tl.constexpr):
@@ -604,8 +625,8 @@ def rms_norm_triton(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     out = torch.empty(x2.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
     block = triton.next_power_of_2(N)
     _kernel("_rms_norm_kernel")[(x2.shape[0],)](
-        x2, x2, weight, out, x2, x2.stride(0), x2.stride(0), out.stride(0), x2.stride(0), N, eps,
-        HAS_DELTA=False, BLOCK=block, num_warps=_norm_warps(block))
+        x2, x2, weight, out, x2, out, out, out, x2.stride(0), x2.stride(0), out.stride(0), x2.stride(0), 0, N, eps,
+        HAS_DELTA=False, QUANT=False, DYNAMIC=False, BLOCK=block, num_warps=_norm_warps(block))
     return out.view(*x.shape[:-1], N)
 
 
@@ -619,10 +640,37 @@ def add_rms_norm_triton(x: Tensor, delta: Tensor, weight: Tensor, eps: float) ->
     # The normalised row is rounded to the residual's dtype (X's element type in the kernel).
     src = x2 if x2.dtype == res_dtype else x2.to(res_dtype)
     _kernel("_rms_norm_kernel")[(x2.shape[0],)](
-        src, d2, weight, out, res, src.stride(0), d2.stride(0), out.stride(0), res.stride(0), N, eps,
-        HAS_DELTA=True, BLOCK=block, num_warps=_norm_warps(block))
+        src, d2, weight, out, res, out, out, out, src.stride(0), d2.stride(0), out.stride(0), res.stride(0), 0, N,
+        eps, HAS_DELTA=True, QUANT=False, DYNAMIC=False, BLOCK=block, num_warps=_norm_warps(block))
     shape = (*x.shape[:-1], N)
     return out.view(shape), res.view(shape)
+
+
+def rms_norm_fp8_triton(x: Tensor, weight: Tensor, eps: float, input_scale: Tensor | None,
+                        delta: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(e4m3 q [M, N], scale, residual x + delta or None): rms_norm(x [+ delta]) quantized as
+    ``quantize_fp8_triton`` would quantize it (static ``input_scale``, or per-row dynamic scales
+    [M, 1] when None), in one launch: the norm's output never reaches memory in bf16."""
+    x2 = _rows(x)
+    M, N = x2.shape
+    res_dtype = x.dtype if delta is None else torch.promote_types(x.dtype, delta.dtype)
+    # only its dtype is read: the norm's output dtype, to which the row is rounded before quantizing
+    rounding = torch.empty(1, dtype=torch.promote_types(res_dtype, weight.dtype), device=x.device)
+    q = torch.empty(M, N, dtype=torch.float8_e4m3fn, device=x.device)
+    dynamic = input_scale is None
+    scale = torch.empty(M, 1, dtype=torch.float32, device=x.device) if dynamic else input_scale
+    res = None
+    src, d2 = x2, x2
+    if delta is not None:
+        d2 = _rows(delta)
+        res = torch.empty(x2.shape, dtype=res_dtype, device=x.device)
+        src = x2 if x2.dtype == res_dtype else x2.to(res_dtype)
+    block = triton.next_power_of_2(N)
+    _kernel("_rms_norm_kernel")[(M,)](
+        src, d2, weight, rounding, res if res is not None else src, q, scale, scale, src.stride(0), d2.stride(0), 0,
+        res.stride(0) if res is not None else 0, q.stride(0), N, eps, HAS_DELTA=delta is not None, QUANT=True,
+        DYNAMIC=dynamic, BLOCK=block, num_warps=_norm_warps(block))
+    return q, scale, None if res is None else res.view(*x.shape[:-1], N)
 
 
 def rope_qkv_to_cache_triton(qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor,

@@ -136,10 +136,21 @@ class Block(nn.Module):
                 delta: Tensor | None = None, prefix_len: Tensor | None = None,
                 tree_mask: Tensor | None = None, tree_ancestors: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Input x + delta (the previous block's unsummed output); returns (residual, MLP output)."""
-        h, x = (self.attn_norm(x), x) if delta is None else self.attn_norm.add_forward(x, delta)
-        h, x = self.ffn_norm.add_forward(x, self.attn(h, rope, positions, slots, mask, prefix_len, tree_mask,
-                                                            tree_ancestors))
+        h, x = _normed(self.attn_norm, self.attn.wqkv, x, delta)
+        h, x = _normed(self.ffn_norm, self.ffn.w_gate_up, x,
+                       self.attn(h, rope, positions, slots, mask, prefix_len, tree_mask, tree_ancestors))
         return x, self.ffn(h)
+
+
+def _normed(norm: RMSNorm, consumer: nn.Module, x: Tensor, delta: Tensor | None):
+    """(norm(x [+ delta]) as ``consumer``'s input, x [+ delta]). A consumer with ``normed_input``
+    (an FP8 GEMM) may take it quantized straight from the norm's launch; it returns None where not."""
+    fused = getattr(consumer, "normed_input", None)
+    if fused is not None:
+        out = fused(norm, x, delta)
+        if out is not None:
+            return out
+    return (norm(x), x) if delta is None else norm.add_forward(x, delta)
 
 
 class Transformer(nn.Module):
