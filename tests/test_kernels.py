@@ -426,8 +426,8 @@ def test_norm_fused_fp8_quantization_is_the_unfused_norm_then_quantize(dynamic, 
 @pytest.mark.parametrize("static", [False, True])
 def test_fp8_model_forward_with_norm_fused_quantization_keeps_its_bits(monkeypatch, static):
     """A whole fp8 forward (2 layers, every kernel on its Triton path) gives the same hidden states
-    whether the norms hand their GEMMs e4m3 rows (FP8Linear.normed_input) or bf16 rows that
-    FP8Linear quantizes itself."""
+    whether the norms and SiLU*mul hand their GEMMs e4m3 rows (FP8Linear.normed_input /
+    activated_input) or bf16 rows that FP8Linear quantizes itself."""
     from medusa_forge.build import fp8
     from medusa_forge.model.config import ModelConfig
     from medusa_forge.model.llama import Transformer
@@ -445,12 +445,26 @@ def test_fp8_model_forward_with_norm_fused_quantization_keeps_its_bits(monkeypat
     monkeypatch.setattr(K, "use_triton", lambda t: True)
     calls, fused_norm = [], K.rms_norm_fp8_triton
     monkeypatch.setattr(K, "rms_norm_fp8_triton", lambda *a, **kw: calls.append(1) or fused_norm(*a, **kw))
+    silu_calls, fused_silu = [], K.silu_mul_fp8_triton
+    monkeypatch.setattr(K, "silu_mul_fp8_triton", lambda *a, **kw: silu_calls.append(1) or fused_silu(*a, **kw))
     tokens = torch.tensor([[3, 17, 40, 9, 22]], device=DEVICE)
     pos = torch.arange(5, device=DEVICE)
     zero = torch.zeros((), dtype=torch.long, device=DEVICE)
     with torch.no_grad():
         fused = model(tokens, pos, pos, None, prefix_len=zero)
         monkeypatch.setattr(fp8.FP8Linear, "normed_input", lambda self, norm, x, delta: None)
+        monkeypatch.setattr(fp8.FP8Linear, "activated_input", lambda self, gate_up: None)
         unfused = model(tokens, pos, pos, None, prefix_len=zero)
     assert len(calls) == 4  # both norms of both layers took the fused path in the first forward
+    assert len(silu_calls) == 2  # and both layers' down projections
     assert torch.equal(fused, unfused)
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_silu_mul_fused_fp8_quantization_is_silu_mul_then_quantize(dynamic):
+    gate_up = randn(3, 2 * 1500, dtype=torch.bfloat16, seed=90, scale=3.0)  # 2 blocks when static
+    scale = None if dynamic else torch.tensor(0.02, device=DEVICE)
+    q, s = K.silu_mul_fp8_triton(gate_up, scale)
+    want_q, want_s = K.quantize_fp8_triton(K.silu_mul_triton(gate_up), scale)
+    assert torch.equal(s, want_s)
+    assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8))

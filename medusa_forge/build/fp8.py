@@ -141,6 +141,14 @@ class FP8Linear(nn.Module):
         q, scale, res = kernels.rms_norm_fp8_triton(x, norm.weight, norm.eps, self.input_scale, delta)
         return FP8Activation(q, scale, tuple(x.shape)), (x if res is None else res)
 
+    def activated_input(self, gate_up: Tensor) -> FP8Activation | None:
+        """silu(gate) * up of the fused [gate | up] projection, quantized for this GEMM in one launch
+        on CUDA (the bits of silu_mul then quantize), or None where that path does not apply."""
+        if self.backend != "scaled_mm" or not kernels.use_triton(gate_up) or gate_up.stride(-1) != 1:
+            return None
+        q, scale = kernels.silu_mul_fp8_triton(gate_up, self.input_scale)
+        return FP8Activation(q, scale, (*gate_up.shape[:-1], gate_up.shape[-1] // 2))
+
     def forward(self, x: "Tensor | FP8Activation") -> Tensor:
         if isinstance(x, FP8Activation):
             scale_b = self.weight_scale_row if self.input_scale is None else self.weight_scale

@@ -292,11 +292,33 @@ if HAVE_TRITON:
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         ok = cols < I
-        g = tl.load(GU + row * stride_gu + cols, mask=ok, other=0.0).to(tl.float32)
-        u = tl.load(GU + row * stride_gu + I + cols, mask=ok, other=0.0).to(tl.float32)
-        DT = OUT.dtype.element_ty
+        tl.store(OUT + row * stride_o + cols, _silu_times(GU + row * stride_gu, cols, ok, I, OUT.dtype.element_ty),
+                 mask=ok)
+
+    @_source()
+    def _silu_times(GU_ROW, cols, ok, I, DT: tl.constexpr):
+        """silu(gate) * up at ``cols`` of one fused [gate | up] row, rounded where torch rounds (SiLU's
+        output, then the product)."""
+        g = tl.load(GU_ROW + cols, mask=ok, other=0.0).to(tl.float32)
+        u = tl.load(GU_ROW + I + cols, mask=ok, other=0.0).to(tl.float32)
         s = _round(g / (1.0 + tl.exp(-g)), DT).to(tl.float32)
-        tl.store(OUT + row * stride_o + cols, _round(s * u, DT), mask=ok)
+        return _round(s * u, DT)
+
+    @_source()
+    def _silu_mul_fp8_kernel(GU, ROUND, Q, SCALE, SOUT, I, stride_gu, stride_q, DYNAMIC: tl.constexpr,
+                             BLOCK: tl.constexpr):
+        """silu(gate) * up written as the down projection's e4m3 input (FP8Linear's quantization fused
+        in, same bits): static SCALE, or (DYNAMIC, BLOCK covering the row) amax * (1/448) to SOUT."""
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        ok = cols < I
+        h = _silu_times(GU + row * stride_gu, cols, ok, I, ROUND.dtype.element_ty).to(tl.float32)
+        if DYNAMIC:
+            scale = tl.maximum(tl.reduce(tl.abs(h), 0, _max) * (1.0 / 448.0), 1e-12)
+            tl.store(SOUT + row + tl.arange(0, 1), tl.full([1], 0.0, tl.float32) + scale)
+        else:
+            scale = tl.load(SCALE)
+        tl.store(Q + row * stride_q + cols, _e4m3(h, scale).to(Q.dtype.element_ty), mask=ok)
 
     @_source(do_not_specialize=["T", "t_begin", "n_rows", "A", "stride_mt", "stride_at"])
     def _attn_split_kernel(Q, KC, VC, PREFIX, MASK, ANC, PO, PM, PL, T, t_begin, n_rows, S, R_pad, A, qk_scale,
@@ -697,6 +719,22 @@ def silu_mul_triton(gate_up: Tensor) -> Tensor:
     _kernel("_silu_mul_kernel")[(g2.shape[0], triton.cdiv(inter, block))](
         g2, out, inter, g2.stride(0), out.stride(0), BLOCK=block, num_warps=4)
     return out.view(*gate_up.shape[:-1], inter)
+
+
+def silu_mul_fp8_triton(gate_up: Tensor, input_scale: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(e4m3 q [M, I], scale) of silu_mul(gate_up) as ``quantize_fp8_triton`` would quantize it, in
+    one launch (per-row dynamic scales need the whole row in one program; a static scale does not)."""
+    g2 = _rows(gate_up)
+    M, inter = g2.shape[0], g2.shape[1] // 2
+    q = torch.empty(M, inter, dtype=torch.float8_e4m3fn, device=gate_up.device)
+    dynamic = input_scale is None
+    scale = torch.empty(M, 1, dtype=torch.float32, device=gate_up.device) if dynamic else input_scale
+    block = triton.next_power_of_2(inter) if dynamic else min(1024, triton.next_power_of_2(inter))
+    rounding = torch.empty(1, dtype=gate_up.dtype, device=gate_up.device)  # silu_mul's output dtype
+    _kernel("_silu_mul_fp8_kernel")[(M, triton.cdiv(inter, block))](
+        g2, rounding, q, scale, scale, inter, g2.stride(0), q.stride(0), DYNAMIC=dynamic, BLOCK=block,
+        num_warps=4 if block <= 2048 else (8 if block <= 8192 else 16))
+    return q, scale
 
 
 def ancestor_table(tree_mask: Tensor) -> Tensor:

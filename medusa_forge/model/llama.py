@@ -120,8 +120,12 @@ class FeedForward(nn.Module):
         self.w_gate_up = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.w_down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.w_down(kernels.silu_mul(self.w_gate_up(x)))
+    def forward(self, x) -> Tensor:
+        gate_up = self.w_gate_up(x)
+        # An FP8 w_down may take silu(gate) * up quantized straight from the activation's launch.
+        fused = getattr(self.w_down, "activated_input", None)
+        act = fused(gate_up) if fused is not None else None
+        return self.w_down(act if act is not None else kernels.silu_mul(gate_up))
 
 
 class Block(nn.Module):
