@@ -229,6 +229,17 @@ if HAVE_TRITON:
         return (tl.where(af < 0.015625, tiny, normal) | sign).to(tl.float32, bitcast=True)
 
     @_source()
+    def _quantize_row(x, Q_ROW, SCALE, SOUT_ROW, cols, ok, DYNAMIC: tl.constexpr):
+        """Store x (fp32 values of one activation row, at ``cols``) as e4m3 at Q_ROW, scaled by the
+        static SCALE or (DYNAMIC) amax(|x|) * (1/448), which goes to SOUT_ROW."""
+        if DYNAMIC:
+            scale = tl.maximum(tl.reduce(tl.abs(x), 0, _max) * (1.0 / 448.0), 1e-12)
+            tl.store(SOUT_ROW + tl.arange(0, 1), tl.full([1], 0.0, tl.float32) + scale)
+        else:
+            scale = tl.load(SCALE)
+        tl.store(Q_ROW + cols, _e4m3(x, scale).to(Q_ROW.dtype.element_ty), mask=ok)
+
+    @_source()
     def _rms_norm_kernel(X, DELTA, W, OUT, RES, Q, SCALE, SOUT, stride_x, stride_d, stride_o, stride_r, stride_q,
                          N, eps, HAS_DELTA: tl.constexpr, QUANT: tl.constexpr, DYNAMIC: tl.constexpr,
                          BLOCK: tl.constexpr):
@@ -250,13 +261,7 @@ if HAVE_TRITON:
         w = tl.load(W + cols, mask=ok, other=0.0).to(tl.float32)
         out = _round(y * w, OUT.dtype.element_ty)
         if QUANT:
-            of = out.to(tl.float32)
-            if DYNAMIC:
-                scale = tl.maximum(tl.reduce(tl.abs(of), 0, _max) * (1.0 / 448.0), 1e-12)
-                tl.store(SOUT + row + tl.arange(0, 1), tl.full([1], 0.0, tl.float32) + scale)
-            else:
-                scale = tl.load(SCALE)
-            tl.store(Q + row * stride_q + cols, _e4m3(of, scale).to(Q.dtype.element_ty), mask=ok)
+            _quantize_row(out.to(tl.float32), Q + row * stride_q, SCALE, SOUT + row, cols, ok, DYNAMIC)
         else:
             tl.store(OUT + row * stride_o + cols, out, mask=ok)
 
@@ -313,12 +318,7 @@ if HAVE_TRITON:
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         ok = cols < I
         h = _silu_times(GU + row * stride_gu, cols, ok, I, ROUND.dtype.element_ty).to(tl.float32)
-        if DYNAMIC:
-            scale = tl.maximum(tl.reduce(tl.abs(h), 0, _max) * (1.0 / 448.0), 1e-12)
-            tl.store(SOUT + row + tl.arange(0, 1), tl.full([1], 0.0, tl.float32) + scale)
-        else:
-            scale = tl.load(SCALE)
-        tl.store(Q + row * stride_q + cols, _e4m3(h, scale).to(Q.dtype.element_ty), mask=ok)
+        _quantize_row(h, Q + row * stride_q, SCALE, SOUT + row, cols, ok, DYNAMIC)
 
     @_source(do_not_specialize=["T", "t_begin", "n_rows", "A", "stride_mt", "stride_at"])
     def _attn_split_kernel(Q, KC, VC, PREFIX, MASK, ANC, PO, PM, PL, T, t_begin, n_rows, S, R_pad, A, qk_scale,
@@ -543,12 +543,7 @@ if HAVE_TRITON:
         cols = tl.arange(0, BLOCK)
         ok = cols < N
         x = tl.load(X + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
-        if DYNAMIC:
-            scale = tl.maximum(tl.reduce(tl.abs(x), 0, _max) * (1.0 / 448.0), 1e-12)
-            tl.store(SOUT + row + tl.arange(0, 1), tl.full([1], 0.0, tl.float32) + scale)
-        else:
-            scale = tl.load(SCALE)
-        tl.store(Q + row * stride_q + cols, _e4m3(x, scale).to(Q.dtype.element_ty), mask=ok)
+        _quantize_row(x, Q + row * stride_q, SCALE, SOUT + row, cols, ok, DYNAMIC)
 
     @_source(do_not_specialize=["W"])
     def _move_kv_kernel(KV, SRC, DST, W, stride_row, stride_s, WB: tl.constexpr, D: tl.constexpr):
