@@ -19,6 +19,7 @@ import click
 import torch
 
 from medusa_forge.bench.step_latency import LLAMA3_8B, copy_bandwidth_gb_s, time_graph
+from medusa_forge.engine.gemm_layout import rows_invariant
 
 
 def linear_shapes(cfg=LLAMA3_8B) -> dict[str, tuple[int, int]]:
@@ -60,7 +61,9 @@ def check_linear(n: int, k: int, rows: int, layout: str, bw_gb_s: float) -> dict
     floor_ms = n * k * 2 / (bw_gb_s * 1e9) * 1e3
     return {"layout": layout, "N": n, "K": k, "ms_m1": round(times[1], 4), f"ms_m{rows}": round(times[rows], 4),
             "bw_eff_m1": round(floor_ms / times[1], 3), f"bw_eff_m{rows}": round(floor_ms / times[rows], 3),
-            "row0_invariant": bool(torch.equal(outs[1][0], outs[rows][0]))}
+            "row0_invariant": bool(torch.equal(outs[1][0], outs[rows][0])),
+            # what the engine falls back to when neither layout is invariant (gemm_layout.RowPaddedLinear)
+            "row_padded_invariant": rows_invariant(w, (rows,), layout, padded=True)}
 
 
 @click.command()

@@ -10,8 +10,12 @@ faster one for the big GEMMs there (lm_head 97% of the copy bandwidth vs 92%).
 
 So when an engine is built on CUDA we test, per distinct linear (layer 0 stands for all layers: they
 share shapes), both layouts at M=1 against M=rows for every step shape the engine runs, and keep
-the ``[K, N]`` layout if its rows agree, else ``[N, K]`` if those do, else ``[K, N]`` with
-``exact=False`` reported. The result depends only on shapes and the software stack, never on the
+the ``[K, N]`` layout if its rows agree, else ``[N, K]`` if those do. Where neither does (``wo`` on
+an H200 with torch 2.11), the linear becomes a :class:`RowPaddedLinear`: every launch with fewer than
+``PAD_ROWS`` rows (a plain step, a tree step, a short prefill) is padded to that many, so all steps
+run one kernel at one M, and a row's bits depend only on the row (checked the same way); at the
+8B shape an M=65 GEMV-sized GEMM costs what M=1 does. Only if that fails too is ``exact=False``
+reported. The result depends only on shapes and the software stack, never on the
 tree an engine was given beyond its size, so a base-only engine and a Medusa engine of the same
 model choose the same layouts. A ``[K, N]`` weight is held as the transpose of a contiguous
 ``[K, N]`` tensor: the parameter keeps its ``[N, K]`` shape and every caller keeps ``F.linear``.
@@ -21,19 +25,37 @@ CPU engines are left alone (their path is checked token for token against transf
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from medusa_forge.tree.choice_tree import MAX_TREE_NODES
+
 KN, NK = "KN", "NK"
 ALWAYS_CHECKED_ROWS = 64  # the largest tree: every engine checks it, so all engines of a model agree
+PAD_ROWS = MAX_TREE_NODES + 1  # a RowPaddedLinear's launches have at least this many rows (the largest tree step)
+
+
+class RowPaddedLinear(nn.Linear):
+    """nn.Linear whose GEMM runs with at least ``PAD_ROWS`` rows (zero rows appended, then dropped),
+    for a weight whose cuBLAS rows differ between M=1 and a tree step's M (see the module docstring)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        m = x2.shape[0]
+        if m >= PAD_ROWS:
+            return F.linear(x, self.weight, self.bias)
+        y = F.linear(F.pad(x2, (0, 0, 0, PAD_ROWS - m)), self.weight, self.bias)[:m]
+        return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 @dataclass
 class LayoutChoice:
     layouts: dict[str, str] = field(default_factory=dict)  # linear suffix -> "KN" | "NK"
     invariant: dict[str, bool] = field(default_factory=dict)
+    row_padded: list[str] = field(default_factory=list)  # linears made RowPaddedLinear
     rows_checked: tuple[int, ...] = ()
 
     @property
@@ -41,15 +63,15 @@ class LayoutChoice:
         return all(self.invariant.values())
 
     def to_dict(self) -> dict:
-        return {"layouts": self.layouts, "row_invariant": self.invariant, "rows_checked": list(self.rows_checked),
-                "exact": self.exact}
+        return {"layouts": self.layouts, "row_invariant": self.invariant, "row_padded": self.row_padded,
+                "rows_checked": list(self.rows_checked), "exact": self.exact}
 
 
 def linear_groups(model: nn.Module) -> dict[str, list[tuple[nn.Module, str]]]:
     """Plain nn.Linear modules grouped by their name within a layer (``attn.wqkv``, ``lm_head``)."""
     groups: dict[str, list[tuple[nn.Module, str]]] = {}
     for name, mod in model.named_modules():
-        if type(mod) is nn.Linear:
+        if type(mod) in (nn.Linear, RowPaddedLinear):
             parts = name.split(".")
             key = ".".join(parts[2:]) if parts[0] == "layers" else name
             groups.setdefault(key, []).append((mod, name))
@@ -60,17 +82,38 @@ def _as_layout(w: Tensor, layout: str) -> Tensor:
     return w.t().contiguous().t() if layout == KN else w.contiguous()
 
 
-def rows_invariant(weight: Tensor, rows: tuple[int, ...], layout: str, seed: int = 0) -> bool:
-    """True when every checked row of an M=r launch equals the same row launched alone (M=1)."""
+def rows_invariant(weight: Tensor, rows: tuple[int, ...], layout: str, seed: int = 0, padded: bool = False) -> bool:
+    """True when every checked row of an M=r launch equals the same row launched alone (M=1);
+    ``padded``: both launches as a RowPaddedLinear runs them."""
     w = _as_layout(weight, layout)
+    linear = (lambda x: RowPaddedLinear.forward(_Weight(w), x)) if padded else (lambda x: F.linear(x, w))
     g = torch.Generator(device=weight.device).manual_seed(seed)
     for r in rows:
         x = torch.randn(r, weight.shape[1], generator=g, device=weight.device, dtype=torch.float32).to(weight.dtype)
-        full = F.linear(x, w)
+        full = linear(x)
         for i in sorted({0, r // 2, r - 1}):
-            if not torch.equal(F.linear(x[i:i + 1], w)[0], full[i]):
+            if not torch.equal(linear(x[i:i + 1])[0], full[i]):
                 return False
     return True
+
+
+@dataclass
+class _Weight:
+    """What RowPaddedLinear.forward reads of its module, for checking a weight before swapping it in."""
+
+    weight: Tensor
+    bias: Tensor | None = None
+
+
+def pick_layout(invariant: "Callable[[str, bool], bool]") -> tuple[str, bool, bool]:
+    """(layout, row padded, exact) from ``invariant(layout, padded)``: [K, N], else [N, K], else
+    [K, N] row padded, else [K, N] inexact."""
+    for layout in (KN, NK):
+        if invariant(layout, False):
+            return layout, False, True
+    if invariant(KN, True):
+        return KN, True, True
+    return KN, False, False
 
 
 @torch.no_grad()
@@ -85,11 +128,13 @@ def choose_layouts(model: nn.Module, step_rows: tuple[int, ...]) -> LayoutChoice
     tied = getattr(model.config, "tie_word_embeddings", False)
     for key, mods in linear_groups(model).items():
         w0 = mods[0][0].weight
-        layout = next((lay for lay in (KN, NK) if rows_invariant(w0, rows, lay)), None)
-        choice.invariant[key] = layout is not None
-        layout = layout or KN
+        layout, padded, exact = pick_layout(lambda lay, pad: rows_invariant(w0, rows, lay, padded=pad))
+        choice.invariant[key] = exact
         choice.layouts[key] = layout
+        if padded:
+            choice.row_padded.append(key)
         for mod, name in mods:
+            mod.__class__ = RowPaddedLinear if padded else nn.Linear
             if name == "lm_head" and tied and layout == KN and mod.weight is model.embed.weight:
                 # The embedding keeps its row-major table; lm_head gets its own [K, N] copy.
                 mod.weight = nn.Parameter(_as_layout(mod.weight.detach(), KN), requires_grad=False)
