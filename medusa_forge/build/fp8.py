@@ -150,17 +150,16 @@ class FP8Linear(nn.Module):
         return FP8Activation(q, scale, (*gate_up.shape[:-1], gate_up.shape[-1] // 2))
 
     def forward(self, x: "Tensor | FP8Activation") -> Tensor:
+        if not isinstance(x, FP8Activation) and self.backend == "scaled_mm" and kernels.use_triton(x) \
+                and x.stride(-1) == 1:
+            # one fused launch for the activation quantization (the ops below are four)
+            x = FP8Activation(*kernels.quantize_fp8_triton(x.reshape(-1, self.in_features), self.input_scale),
+                              tuple(x.shape))
         if isinstance(x, FP8Activation):
             scale_b = self.weight_scale_row if self.input_scale is None else self.weight_scale
             y = torch._scaled_mm(x.q, self.weight.t(), scale_a=x.scale, scale_b=scale_b, out_dtype=self.out_dtype)
             return y.reshape(*x.shape[:-1], self.out_features)
         lead = x.shape[:-1]
-        if self.backend == "scaled_mm" and kernels.use_triton(x) and x.stride(-1) == 1:
-            # one fused launch for the activation quantization (the ops below are four)
-            xq, sx = kernels.quantize_fp8_triton(x.reshape(-1, self.in_features), self.input_scale)
-            scale_b = self.weight_scale_row if self.input_scale is None else self.weight_scale
-            y = torch._scaled_mm(xq, self.weight.t(), scale_a=sx, scale_b=scale_b, out_dtype=self.out_dtype)
-            return y.reshape(*lead, self.out_features)
         x2 = x.reshape(-1, self.in_features).float()
         if self.input_scale is None:
             # times the reciprocal, as torch's CUDA division by a scalar computes it (the CPU one

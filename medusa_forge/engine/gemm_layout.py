@@ -38,17 +38,22 @@ ALWAYS_CHECKED_ROWS = 64  # the largest tree: every engine checks it, so all eng
 PAD_ROWS = MAX_TREE_NODES + 1  # a RowPaddedLinear's launches have at least this many rows (the largest tree step)
 
 
+def padded_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """F.linear run with at least ``PAD_ROWS`` rows (zero rows appended, then dropped)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    m = x2.shape[0]
+    if m >= PAD_ROWS:
+        return F.linear(x, weight, bias)
+    y = F.linear(F.pad(x2, (0, 0, 0, PAD_ROWS - m)), weight, bias)[:m]
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
 class RowPaddedLinear(nn.Linear):
-    """nn.Linear whose GEMM runs with at least ``PAD_ROWS`` rows (zero rows appended, then dropped),
-    for a weight whose cuBLAS rows differ between M=1 and a tree step's M (see the module docstring)."""
+    """nn.Linear through :func:`padded_linear`, for a weight whose cuBLAS rows differ between M=1
+    and a tree step's M (see the module docstring)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        x2 = x.reshape(-1, x.shape[-1])
-        m = x2.shape[0]
-        if m >= PAD_ROWS:
-            return F.linear(x, self.weight, self.bias)
-        y = F.linear(F.pad(x2, (0, 0, 0, PAD_ROWS - m)), self.weight, self.bias)[:m]
-        return y.reshape(*x.shape[:-1], y.shape[-1])
+        return padded_linear(x, self.weight, self.bias)
 
 
 @dataclass
@@ -86,7 +91,7 @@ def rows_invariant(weight: Tensor, rows: tuple[int, ...], layout: str, seed: int
     """True when every checked row of an M=r launch equals the same row launched alone (M=1);
     ``padded``: both launches as a RowPaddedLinear runs them."""
     w = _as_layout(weight, layout)
-    linear = (lambda x: RowPaddedLinear.forward(_Weight(w), x)) if padded else (lambda x: F.linear(x, w))
+    linear = (lambda x: padded_linear(x, w)) if padded else (lambda x: F.linear(x, w))
     g = torch.Generator(device=weight.device).manual_seed(seed)
     for r in rows:
         x = torch.randn(r, weight.shape[1], generator=g, device=weight.device, dtype=torch.float32).to(weight.dtype)
@@ -95,14 +100,6 @@ def rows_invariant(weight: Tensor, rows: tuple[int, ...], layout: str, seed: int
             if not torch.equal(linear(x[i:i + 1])[0], full[i]):
                 return False
     return True
-
-
-@dataclass
-class _Weight:
-    """What RowPaddedLinear.forward reads of its module, for checking a weight before swapping it in."""
-
-    weight: Tensor
-    bias: Tensor | None = None
 
 
 def pick_layout(invariant: "Callable[[str, bool], bool]") -> tuple[str, bool, bool]:

@@ -636,58 +636,58 @@ def _norm_warps(block: int) -> int:
     return 4 if block <= 2048 else 8
 
 
-def rms_norm_triton(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+def _fp8_outputs(M: int, N: int, input_scale: Tensor | None, device) -> tuple[Tensor, Tensor]:
+    """(e4m3 rows [M, N], scale) buffers of a launch that quantizes activations: the static 0-d
+    ``input_scale`` itself, or per-row dynamic scales [M, 1] that the launch writes."""
+    q = torch.empty(M, N, dtype=torch.float8_e4m3fn, device=device)
+    scale = torch.empty(M, 1, dtype=torch.float32, device=device) if input_scale is None else input_scale
+    return q, scale
+
+
+def _quant_warps(block: int) -> int:
+    return 4 if block <= 2048 else (8 if block <= 8192 else 16)
+
+
+def _rms_norm_launch(x: Tensor, weight: Tensor, eps: float, delta: Tensor | None, fp8: bool,
+                     input_scale: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """The one launcher of ``_rms_norm_kernel``: (normalised rows [M, N], or their e4m3 bytes when
+    ``fp8``; the fp8 scale or None; the residual x + delta or None)."""
     x2 = _rows(x)
-    N = x2.shape[1]
-    out = torch.empty(x2.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    M, N = x2.shape
+    res_dtype = x.dtype if delta is None else torch.promote_types(x.dtype, delta.dtype)
+    out = torch.empty(1 if fp8 else M, N, dtype=torch.promote_types(res_dtype, weight.dtype), device=x.device)
+    q, scale = _fp8_outputs(M, N, input_scale, x.device) if fp8 else (out, out)
+    src, d2, res = x2, x2, x2
+    if delta is not None:
+        d2 = _rows(delta)
+        res = torch.empty(x2.shape, dtype=res_dtype, device=x.device)
+        # The normalised row is rounded to the residual's dtype (X's element type in the kernel).
+        src = x2 if x2.dtype == res_dtype else x2.to(res_dtype)
     block = triton.next_power_of_2(N)
-    _kernel("_rms_norm_kernel")[(x2.shape[0],)](
-        x2, x2, weight, out, x2, out, out, out, x2.stride(0), x2.stride(0), out.stride(0), x2.stride(0), 0, N, eps,
-        HAS_DELTA=False, QUANT=False, DYNAMIC=False, BLOCK=block, num_warps=_norm_warps(block))
-    return out.view(*x.shape[:-1], N)
+    _kernel("_rms_norm_kernel")[(M,)](
+        src, d2, weight, out, res, q, scale, scale, src.stride(0), d2.stride(0), 0 if fp8 else out.stride(0),
+        res.stride(0), q.stride(0) if fp8 else 0, N, eps, HAS_DELTA=delta is not None, QUANT=fp8, DYNAMIC=fp8 and input_scale is None,
+        BLOCK=block, num_warps=_norm_warps(block))
+    shape = (*x.shape[:-1], N)
+    return (q if fp8 else out.view(shape)), (scale if fp8 else None), (None if delta is None else res.view(shape))
+
+
+def rms_norm_triton(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    return _rms_norm_launch(x, weight, eps, None, fp8=False)[0]
 
 
 def add_rms_norm_triton(x: Tensor, delta: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    x2, d2 = _rows(x), _rows(delta)
-    N = x2.shape[1]
-    res_dtype = torch.promote_types(x.dtype, delta.dtype)
-    res = torch.empty(x2.shape, dtype=res_dtype, device=x.device)
-    out = torch.empty(x2.shape, dtype=torch.promote_types(res_dtype, weight.dtype), device=x.device)
-    block = triton.next_power_of_2(N)
-    # The normalised row is rounded to the residual's dtype (X's element type in the kernel).
-    src = x2 if x2.dtype == res_dtype else x2.to(res_dtype)
-    _kernel("_rms_norm_kernel")[(x2.shape[0],)](
-        src, d2, weight, out, res, out, out, out, src.stride(0), d2.stride(0), out.stride(0), res.stride(0), 0, N,
-        eps, HAS_DELTA=True, QUANT=False, DYNAMIC=False, BLOCK=block, num_warps=_norm_warps(block))
-    shape = (*x.shape[:-1], N)
-    return out.view(shape), res.view(shape)
+    out, _, res = _rms_norm_launch(x, weight, eps, delta, fp8=False)
+    return out, res
 
 
 def rms_norm_fp8_triton(x: Tensor, weight: Tensor, eps: float, input_scale: Tensor | None,
                         delta: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
     """(e4m3 q [M, N], scale, residual x + delta or None): rms_norm(x [+ delta]) quantized as
     ``quantize_fp8_triton`` would quantize it (static ``input_scale``, or per-row dynamic scales
-    [M, 1] when None), in one launch: the norm's output never reaches memory in bf16."""
-    x2 = _rows(x)
-    M, N = x2.shape
-    res_dtype = x.dtype if delta is None else torch.promote_types(x.dtype, delta.dtype)
-    # only its dtype is read: the norm's output dtype, to which the row is rounded before quantizing
-    rounding = torch.empty(1, dtype=torch.promote_types(res_dtype, weight.dtype), device=x.device)
-    q = torch.empty(M, N, dtype=torch.float8_e4m3fn, device=x.device)
-    dynamic = input_scale is None
-    scale = torch.empty(M, 1, dtype=torch.float32, device=x.device) if dynamic else input_scale
-    res = None
-    src, d2 = x2, x2
-    if delta is not None:
-        d2 = _rows(delta)
-        res = torch.empty(x2.shape, dtype=res_dtype, device=x.device)
-        src = x2 if x2.dtype == res_dtype else x2.to(res_dtype)
-    block = triton.next_power_of_2(N)
-    _kernel("_rms_norm_kernel")[(M,)](
-        src, d2, weight, rounding, res if res is not None else src, q, scale, scale, src.stride(0), d2.stride(0), 0,
-        res.stride(0) if res is not None else 0, q.stride(0), N, eps, HAS_DELTA=delta is not None, QUANT=True,
-        DYNAMIC=dynamic, BLOCK=block, num_warps=_norm_warps(block))
-    return q, scale, None if res is None else res.view(*x.shape[:-1], N)
+    [M, 1] when None), in one launch: the norm's output never reaches memory in bf16 (the kernel
+    reads only the dtype of its 1-row ``out``, the rounding the unfused norm would store)."""
+    return _rms_norm_launch(x, weight, eps, delta, fp8=True, input_scale=input_scale)
 
 
 def rope_qkv_to_cache_triton(qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor,
@@ -721,14 +721,13 @@ def silu_mul_fp8_triton(gate_up: Tensor, input_scale: Tensor | None) -> tuple[Te
     one launch (per-row dynamic scales need the whole row in one program; a static scale does not)."""
     g2 = _rows(gate_up)
     M, inter = g2.shape[0], g2.shape[1] // 2
-    q = torch.empty(M, inter, dtype=torch.float8_e4m3fn, device=gate_up.device)
+    q, scale = _fp8_outputs(M, inter, input_scale, gate_up.device)
     dynamic = input_scale is None
-    scale = torch.empty(M, 1, dtype=torch.float32, device=gate_up.device) if dynamic else input_scale
     block = triton.next_power_of_2(inter) if dynamic else min(1024, triton.next_power_of_2(inter))
     rounding = torch.empty(1, dtype=gate_up.dtype, device=gate_up.device)  # silu_mul's output dtype
     _kernel("_silu_mul_fp8_kernel")[(M, triton.cdiv(inter, block))](
         g2, rounding, q, scale, scale, inter, g2.stride(0), q.stride(0), DYNAMIC=dynamic, BLOCK=block,
-        num_warps=4 if block <= 2048 else (8 if block <= 8192 else 16))
+        num_warps=_quant_warps(block))
     return q, scale
 
 
@@ -874,12 +873,10 @@ def quantize_fp8_triton(x: Tensor, input_scale: Tensor | None) -> tuple[Tensor, 
     """(e4m3 x, scale) of x [M, K] for ``torch._scaled_mm``: the static 0-d ``input_scale``, or
     per-row dynamic scales [M, 1] when it is None. Bit-equal to FP8Linear's PyTorch ops."""
     M, N = x.shape
-    q = torch.empty(M, N, dtype=torch.float8_e4m3fn, device=x.device)
-    dynamic = input_scale is None
-    scale = torch.empty(M, 1, dtype=torch.float32, device=x.device) if dynamic else input_scale
+    q, scale = _fp8_outputs(M, N, input_scale, x.device)
     block = triton.next_power_of_2(N)
-    _kernel("_quantize_fp8_kernel")[(M,)](x, scale, q, scale, N, x.stride(0), q.stride(0), DYNAMIC=dynamic,
-                                          BLOCK=block, num_warps=4 if block <= 2048 else (8 if block <= 8192 else 16))
+    _kernel("_quantize_fp8_kernel")[(M,)](x, scale, q, scale, N, x.stride(0), q.stride(0),
+                                          DYNAMIC=input_scale is None, BLOCK=block, num_warps=_quant_warps(block))
     return q, scale
 
 

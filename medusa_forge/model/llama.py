@@ -97,7 +97,8 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, rope: Tensor, positions: Tensor, slots: Tensor, mask: Tensor | None,
                 prefix_len: Tensor | None = None, tree_mask: Tensor | None = None,
                 tree_ancestors: Tensor | None = None) -> Tensor:
-        """rope [2, S, D] cos/sin tables in x's dtype, read at ``positions`` [T]. Either ``mask`` [B|1, 1, T, S] or ``prefix_len`` (+ ``tree_mask``, see
+        """rope [2, S, D]: cos/sin tables in x's dtype, read at ``positions`` [T]. Either ``mask``
+        [B|1, 1, T, S] or ``prefix_len`` (+ ``tree_mask``, see
         :func:`~medusa_forge.engine.kernels.cache_attention`) says what each token sees; with
         prefix_len a batch-1 CUDA forward runs the cache attention kernel and ignores the mask."""
         B, T, _ = x.shape
