@@ -4,7 +4,8 @@
 #   bash bench/device_run.sh train    # self-distilled heads -> runs/heads (skipped when present), GPU tests
 #   bash bench/device_run.sh suite    # every engine side by side + Llama-3-8B-shape step latencies
 #   bash bench/device_run.sh checks   # auto tree vs presets, fp8 vs bf16, eval speed + MMLU
-#   bash bench/device_run.sh probe    # bit identity (tokens + KV), kernel profiles (no heads needed)
+#   bash bench/device_run.sh probe    # bit identity (tokens + KV), kernel profiles (no heads needed;
+#                                     # FULL_PROBE=1 adds fp8 + GEMM rows, SWEEP=1 attention tiles)
 # A phase after `train` needs the heads it left in runs/ (the device machine keeps ignored paths
 # while it stays warm).
 #
@@ -94,6 +95,9 @@ if [ "$PHASE" = probe ]; then
   step gpu_engine_tests 120 python3 -m pytest -q -m gpu tests/test_engine_exact.py -p no:cacheprovider
   step profile_26m 60 $MF bench profile --model "$MODEL" --context 256 --out "$RESULTS/profile_26m.json"
   step profile_8b 90 $MF bench profile --context 1024 --out "$RESULTS/profile_8b.json"
+  # SWEEP=1: attention tile choices at both model shapes (the data of kernels.ATTENTION_BY_SHAPE)
+  [ -n "${SWEEP:-}" ] && step attention_sweep 150 python3 -m medusa_forge.engine.kernels_check --sweep \
+    --json "$RESULTS/kernels_check.json"
   if [ -n "${FULL_PROBE:-}" ]; then
     step profile_8b_fp8 90 $MF bench profile --context 1024 --fp8 --out "$RESULTS/profile_8b_fp8.json"
     step gemm_check 60 python3 -m medusa_forge.bench.gemm_check --rows 64 --json "$RESULTS/gemm_check.json"

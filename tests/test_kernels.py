@@ -468,3 +468,38 @@ def test_silu_mul_fused_fp8_quantization_is_silu_mul_then_quantize(dynamic):
     want_q, want_s = K.quantize_fp8_triton(K.silu_mul_triton(gate_up), scale)
     assert torch.equal(s, want_s)
     assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8))
+
+
+def test_row_padded_wo_takes_the_attention_output_in_its_padded_input(monkeypatch):
+    """With ``wo`` row padded (gemm_layout), the attention kernel writes into the first rows of
+    wo's [PAD_ROWS, H*D] input (no pad fill and copy launches) and the forward keeps its bits:
+    rows of garbage below them cannot reach the rows that are kept."""
+    from medusa_forge.engine.gemm_layout import PAD_ROWS, RowPaddedLinear
+    from medusa_forge.model.config import ModelConfig
+    from medusa_forge.model.llama import Transformer
+
+    cfg = ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                      num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5, rope_theta=10000.0)
+    torch.manual_seed(0)
+    model = Transformer(cfg).to(device=DEVICE, dtype=torch.float32)
+    model.requires_grad_(False).setup_caches(1, 32)
+    for layer in model.layers:
+        layer.attn.wo.__class__ = RowPaddedLinear
+    monkeypatch.setattr(K, "use_triton", lambda t: True)
+    tokens = torch.tensor([[3, 17, 40, 9, 22]], device=DEVICE)
+    pos = torch.arange(5, device=DEVICE)
+    zero = torch.zeros((), dtype=torch.long, device=DEVICE)
+    real_buffer, buffers = RowPaddedLinear.input_buffer, []
+
+    def garbage_buffer(self, rows, like):
+        buf = real_buffer(self, rows, like)
+        buffers.append(buf.fill_(float("nan")))
+        return buf
+    with torch.no_grad():
+        monkeypatch.setattr(RowPaddedLinear, "input_buffer", lambda self, rows, like: None)
+        zero_padded = model(tokens, pos, pos, None, prefix_len=zero)  # F.pad with zeros, then the GEMM
+        monkeypatch.setattr(RowPaddedLinear, "input_buffer", garbage_buffer)
+        in_place = model(tokens, pos, pos, None, prefix_len=zero)
+    assert len(buffers) == 2 and all(b.shape == (PAD_ROWS, 64) for b in buffers)
+    assert torch.isnan(buffers[0][5:]).all()  # nothing wrote (or needed) the pad rows
+    assert torch.equal(in_place, zero_padded)

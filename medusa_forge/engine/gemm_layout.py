@@ -50,10 +50,24 @@ def padded_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tens
 
 class RowPaddedLinear(nn.Linear):
     """nn.Linear through :func:`padded_linear`, for a weight whose cuBLAS rows differ between M=1
-    and a tree step's M (see the module docstring)."""
+    and a tree step's M (see the module docstring).
+
+    A producer that can write its output anywhere (the attention kernel) skips the pad's zero fill
+    and copy (two launches per layer): it writes the first rows of :meth:`input_buffer` and calls
+    :meth:`forward_buffer`. The rows it leaves unwritten hold whatever the buffer held: a GEMM row
+    depends only on its own input row and the kernel, which M alone picks."""
 
     def forward(self, x: Tensor) -> Tensor:
         return padded_linear(x, self.weight, self.bias)
+
+    def input_buffer(self, rows: int, like: Tensor) -> Tensor | None:
+        """An uninitialised [PAD_ROWS, in_features] input whose first ``rows`` rows the caller
+        fills; None when ``rows`` needs no padding."""
+        return like.new_empty(PAD_ROWS, self.in_features) if rows < PAD_ROWS else None
+
+    def forward_buffer(self, buf: Tensor, rows: int) -> Tensor:
+        """The linear of the first ``rows`` rows of an :meth:`input_buffer`, computed at M=PAD_ROWS."""
+        return F.linear(buf, self.weight, self.bias)[:rows]
 
 
 @dataclass

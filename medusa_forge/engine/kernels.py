@@ -91,6 +91,14 @@ class AttentionConfig:
 
 
 DEFAULT_ATTENTION = AttentionConfig()
+# Tile choices by (GQA group, head_dim), from ``python -m medusa_forge.engine.kernels_check --sweep``
+# on an H200 (a shape property: every step of one model uses the same, see AttentionConfig).
+ATTENTION_BY_SHAPE: dict[tuple[int, int], AttentionConfig] = {}
+
+
+def attention_config(group: int, head_dim: int) -> AttentionConfig:
+    """The tile sizes cache attention uses for a model whose GQA group and head_dim are these."""
+    return ATTENTION_BY_SHAPE.get((group, head_dim), DEFAULT_ATTENTION)
 
 
 # ================================================================================== references
@@ -438,26 +446,32 @@ if HAVE_TRITON:
 
     @_source(do_not_specialize=["T", "t_begin"])
     def _attn_combine_kernel(PO, PM, PL, OUT, PREFIX, T, t_begin, S, R_pad, stride_ot, stride_oh,
-                             G: tl.constexpr, D: tl.constexpr, NS: tl.constexpr, NS_BLOCK: tl.constexpr,
-                             SPLIT: tl.constexpr):
-        """One (row, KV head): merge the active splits' partials in one fixed tile order."""
-        r = tl.program_id(0)
+                             G: tl.constexpr, GB: tl.constexpr, D: tl.constexpr, NS: tl.constexpr,
+                             NS_BLOCK: tl.constexpr, SPLIT: tl.constexpr):
+        """One (token, KV head): merge each of its G query rows' active splits in one fixed order.
+
+        A [G, splits, D] tile per program (not one row per program): a tree step's 64 tokens x 32
+        heads were 2048 programs of a few hundred flops each. Every row of the tile goes through the
+        same element-wise ops and the same per-row reduction, so a row's bits do not depend on
+        which token it belongs to or on T."""
+        t = tl.program_id(0)
         kvh = tl.program_id(1)
         prefix = tl.load(PREFIX).to(tl.int32)
         n_active = (tl.minimum(prefix + T, S) + SPLIT - 1) // SPLIT
+        g = tl.arange(0, GB)
         sp = tl.arange(0, NS_BLOCK)
-        ok = sp < n_active
-        base = (kvh * NS + sp) * R_pad + r
+        ok = (g[:, None] < G) & (sp[None, :] < n_active)
+        base = (kvh * NS + sp[None, :]) * R_pad + (t * G + g)[:, None]
         m = tl.load(PM + base, mask=ok, other=float("-inf"))
         l = tl.load(PL + base, mask=ok, other=0.0)
-        m_max = tl.reduce(m, 0, _max)
-        w = tl.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max))
+        m_max = tl.reduce(m, 1, _max)
+        w = tl.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max)[:, None])
         d = tl.arange(0, D)
-        o = tl.load(PO + base[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
-        out = tl.reduce(w[:, None] * o, 0, _add) / tl.reduce(w * l, 0, _add)
-        tok = t_begin + r // G
-        tl.store(OUT + tok * stride_ot + (kvh * G + r % G) * stride_oh + d, _round(out, OUT.dtype.element_ty))
-
+        o = tl.load(PO + base[:, :, None] * D + d[None, None, :], mask=ok[:, :, None], other=0.0)
+        out = tl.reduce(w[:, :, None] * o, 1, _add) / tl.reduce(w * l, 1, _add)[:, None]
+        tok = t_begin + t
+        tl.store(OUT + tok * stride_ot + (kvh * G + g)[:, None] * stride_oh + d[None, :],
+                 _round(out, OUT.dtype.element_ty), mask=(g < G)[:, None])
 
     @_source()
     def _min(a, b):
@@ -756,13 +770,14 @@ def causal_ancestors(T: int, device: torch.device) -> Tensor:
 
 
 def cache_attention_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, prefix_len: Tensor,
-                           tree_mask: Tensor | None = None, config: AttentionConfig = DEFAULT_ATTENTION,
-                           tree_ancestors: Tensor | None = None) -> Tensor:
+                           tree_mask: Tensor | None = None, config: AttentionConfig | None = None,
+                           tree_ancestors: Tensor | None = None, out: Tensor | None = None) -> Tensor:
     """Decode and tree steps (T <= split) run the split kernel's MODE 1 (both passes), so every row
     equals plain sequential decoding bit for bit; longer prefills run MODE 0 in token chunks."""
     T, H, D = q.shape
     n_kv, S, _ = k_cache.shape
     G = H // n_kv
+    config = config or attention_config(G, D)
     assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
     if tree_mask is not None:
         assert tree_mask.shape == (T, T), f"tree_mask must be [{T}, {T}], got {tuple(tree_mask.shape)}"
@@ -770,7 +785,9 @@ def cache_attention_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, prefix_l
             tree_ancestors = ancestor_table(tree_mask)
         tree_mask = tree_mask.contiguous().view(torch.uint8)
     ns = triton.cdiv(S, config.split)
-    out = torch.empty_like(q)
+    if out is None:
+        out = torch.empty_like(q)
+    assert out.shape == q.shape and out.stride(-1) == 1, "out must be [T, H, D] with unit stride in D"
     chunk = max(1, min(T, config.max_scratch_bytes // (n_kv * ns * G * D * 4)))
     sequential = T <= config.split and chunk >= T and G <= config.block_m
     if sequential:  # decode/tree steps: always an ancestor table (causal when no tree), never the mask
@@ -780,6 +797,8 @@ def cache_attention_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, prefix_l
         mask = tree_mask if tree_mask is not None else prefix_len
         anc = prefix_len
     split_kernel = _kernel("_attn_split_kernel")
+    gb, ns_block = triton.next_power_of_2(G), triton.next_power_of_2(ns)
+    combine_warps = min(16, max(4, gb * ns_block * D // 2048))  # about 64 fp32 partial values per thread
     for t0 in range(0, T, chunk):
         n_rows = min(chunk, T - t0) * G
         tiles = triton.cdiv(n_rows, config.block_m)
@@ -799,9 +818,9 @@ def cache_attention_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, prefix_l
             split_kernel[(ns * tiles + 2 * T, n_kv)](*args, *strides, MODE=1, **meta)
         else:
             split_kernel[(ns * tiles, n_kv)](*args, *strides, MODE=0, **meta)
-        _kernel("_attn_combine_kernel")[(n_rows, n_kv)](
+        _kernel("_attn_combine_kernel")[(n_rows // G, n_kv)](
             po, pm, pl, out, prefix_len, T, t0, S, r_pad, out.stride(0), out.stride(1),
-            G=G, D=D, NS=ns, NS_BLOCK=triton.next_power_of_2(ns), SPLIT=config.split, num_warps=4)
+            G=G, GB=gb, D=D, NS=ns, NS_BLOCK=ns_block, SPLIT=config.split, num_warps=combine_warps)
     return out
 
 
@@ -963,15 +982,19 @@ def silu_mul(gate_up: Tensor) -> Tensor:
 
 
 def cache_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, prefix_len: Tensor,
-                    tree_mask: Tensor | None = None, tree_ancestors: Tensor | None = None) -> Tensor:
+                    tree_mask: Tensor | None = None, tree_ancestors: Tensor | None = None,
+                    out: Tensor | None = None) -> Tensor:
     """Attention of T new tokens q [T, H, D] over one sequence's cache [KV, S, D].
 
     Token t sees every slot < prefix_len (a 0-d/1-element device tensor, read inside the kernel)
     and the new slots prefix_len+j allowed by ``tree_mask[t, j]`` ([T, T] bool; causal when None).
     The new tokens' K/V must already sit at slots prefix_len..prefix_len+T-1. Returns [T, H, D].
     ``tree_ancestors`` (:func:`ancestor_table` of the mask, precomputed once per tree) saves the
-    Triton path from deriving it at every call.
+    Triton path from deriving it at every call. ``out`` ([T, H, D], unit stride in D) receives the
+    result when given (e.g. the first rows of a padded GEMM input).
     """
     if use_triton(q) and q.shape[-1] & (q.shape[-1] - 1) == 0:
-        return cache_attention_triton(q, k_cache, v_cache, prefix_len, tree_mask, tree_ancestors=tree_ancestors)
-    return cache_attention_ref(q, k_cache, v_cache, prefix_len, tree_mask)
+        return cache_attention_triton(q, k_cache, v_cache, prefix_len, tree_mask, tree_ancestors=tree_ancestors,
+                                      out=out)
+    y = cache_attention_ref(q, k_cache, v_cache, prefix_len, tree_mask)
+    return y if out is None else out.copy_(y)

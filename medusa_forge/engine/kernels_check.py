@@ -206,18 +206,29 @@ def check_gemm(chk: Check, sh: Shape) -> None:
                   required=False)
 
 
-def sweep(chk: Check, sh: Shape, context: int, tree: str) -> None:
+SWEEP_SHAPES = {  # name -> (shape, committed tokens): the 8B shape and pycoder-26m's (a typical eval context)
+    "llama3-8b": (Shape(), 1024),
+    "pycoder-26m": (Shape(hidden=512, intermediate=1408, heads=8, kv_heads=4, head_dim=64), 384),
+}
+
+
+def sweep(chk: Check, tree: str) -> None:
+    """Attention time per tile choice, decode (T=1) and tree step, at each of SWEEP_SHAPES: the data
+    :func:`~medusa_forge.engine.kernels.attention_config`'s table comes from."""
     g = torch.Generator(device="cuda").manual_seed(9)
-    k, v = (torch.randn(sh.kv_heads, sh.cache, sh.head_dim, generator=g, device="cuda").to(torch.bfloat16) for _ in "kv")
-    prefix = torch.tensor(context, device="cuda")
     mask = tree_buffers(ChoiceTree.parse(tree)).attn_mask.cuda()
-    for split in (64, 128, 256):
-        for block_m in (16, 64):
-            cfg = K.AttentionConfig(split=split, block_m=block_m, block_n=64)
-            for T, tm in ((1, None), (mask.shape[0], mask)):
-                q = torch.randn(T, sh.heads, sh.head_dim, generator=g, device="cuda").to(torch.bfloat16)
-                us = time_us(lambda: K.cache_attention_triton(q, k, v, prefix, tm, cfg))
-                chk.rows.append(dict(section="sweep", split=split, block_m=block_m, T=T, triton_us=round(us, 2)))
+    for name, (sh, context) in SWEEP_SHAPES.items():
+        k, v = (torch.randn(sh.kv_heads, sh.cache, sh.head_dim, generator=g, device="cuda").to(torch.bfloat16)
+                for _ in "kv")
+        prefix = torch.tensor(context, device="cuda")
+        for split in (64, 128):
+            for block_m, warps in ((16, 4), (32, 4), (64, 4), (64, 8)):
+                cfg = K.AttentionConfig(split=split, block_m=block_m, block_n=64, num_warps=warps)
+                for T, tm in ((1, None), (mask.shape[0], mask)):
+                    q = torch.randn(T, sh.heads, sh.head_dim, generator=g, device="cuda").to(torch.bfloat16)
+                    us = time_us(lambda: K.cache_attention_triton(q, k, v, prefix, tm, cfg))
+                    chk.rows.append(dict(section="sweep", shape=name, split=split, block_m=block_m, warps=warps, T=T,
+                                         triton_us=round(us, 2)))
 
 
 def per_layer_us(chk: Check, T: int, key: str) -> float:
@@ -246,7 +257,8 @@ def report(chk: Check) -> str:
                 out.append(f"  {r['name']:<34} T={r['T']:<4} triton {r['triton_us']:8.2f} us   "
                            f"torch {r['torch_us']:8.2f} us   x{r['speedup']:.2f}")
             else:
-                out.append(f"  split {r['split']:<4} block_m {r['block_m']:<3} T={r['T']:<3} {r['triton_us']:8.2f} us")
+                out.append(f"  {r['shape']:<12} split {r['split']:<4} block_m {r['block_m']:<3} warps {r['warps']:<2} "
+                           f"T={r['T']:<3} {r['triton_us']:8.2f} us")
     for T in sorted({r["T"] for r in chk.rows if r["section"] == "timing"}):
         tri, ref = per_layer_us(chk, T, "triton_us"), per_layer_us(chk, T, "torch_us")
         if math.isfinite(tri):
@@ -271,7 +283,7 @@ def main(context: int, tree: str, do_sweep: bool, json_path: Path | None) -> Non
         check_attention(chk, sh, context, tree)
         check_gemm(chk, sh)
         if do_sweep:
-            sweep(chk, sh, context, tree)
+            sweep(chk, tree)
     print(f"{torch.cuda.get_device_name()}  triton {K.triton.__version__}  torch {torch.__version__}  "
           f"attention {K.DEFAULT_ATTENTION}")
     print(report(chk))

@@ -106,7 +106,13 @@ class Attention(nn.Module):
         q = kernels.rope_qkv_to_cache(self.wqkv(x), rope[0], rope[1], cache.k, cache.v, slots,
                                       self.n_heads, self.n_kv, self.head_dim, positions)  # [B, T, H, D]
         if prefix_len is not None and B == 1 and kernels.use_triton(q):
-            y = kernels.cache_attention(q[0], cache.k[0], cache.v[0], prefix_len, tree_mask, tree_ancestors)[None]
+            # A row-padded wo (see gemm_layout) gets the attention output written into its padded input.
+            buf = self.wo.input_buffer(T, q) if isinstance(self.wo, RowPaddedLinear) else None
+            out = buf[:T].view(T, self.n_heads, self.head_dim) if buf is not None else None
+            y = kernels.cache_attention(q[0], cache.k[0], cache.v[0], prefix_len, tree_mask, tree_ancestors, out=out)
+            if buf is not None:
+                return self.wo.forward_buffer(buf, T)[None]
+            y = y[None]
         else:
             if mask is None:
                 mask = kernels.cache_mask(prefix_len, tree_mask, T, cache.k.shape[2])
@@ -229,3 +235,4 @@ def causal_mask(start: int | Tensor, length: int, max_seq_len: int, device) -> T
 # Imported last: importing medusa_forge.engine runs its package init, which imports this module's
 # Transformer; by now it is defined, whichever of the two packages was imported first.
 from medusa_forge.engine import kernels  # noqa: E402
+from medusa_forge.engine.gemm_layout import RowPaddedLinear  # noqa: E402
