@@ -71,10 +71,12 @@ if [ "$PHASE" = train ]; then
   else
     # Medusa-1 recipe (5 heads x 1 ResBlock, heads coefficient 0.2, decay 0.8) on self-distilled
     # greedy continuations of Python sources; held-out code_prompts are excluded and evaluated.
+    # --max-seq-len 640: prompts of 32..512 tokens, as long as the held-out ones (up to 653; at
+    # 384 the heads never saw a position past 384, and the longest-prompt topic accepted least).
     step train_heads 540 $MF train-heads --model "$MODEL" --out "$HEADS" --self-distill \
       --prompts-from-python-sources $N_PROMPTS --distill-new-tokens 128 --distill-batch-size $BATCH \
       --exclude-sources "$PROMPTS" --eval-prompts "$PROMPTS" --eval-acceptance $ACCEPT \
-      --num-heads 5 --num-layers 1 --max-seq-len 384 --batch-size 64 --epochs $EPOCHS --lr 1e-3 \
+      --num-heads 5 --num-layers 1 --max-seq-len 640 --batch-size 64 --epochs $EPOCHS --lr 1e-3 \
       --max-train-minutes $MINUTES --device $DEVICE --no-progress --overwrite
     cp "$HEADS"/train_report.* "$HEADS"/*.png "$HEADS"/config.json "$RESULTS"/ 2>/dev/null
   fi

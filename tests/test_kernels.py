@@ -21,6 +21,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16]
 # Small attention tiles so a 128-slot cache spans several splits and blocks (fixed for every T).
 SMALL = K.AttentionConfig(split=32, block_m=16, block_n=16)
+ROWS4 = K.AttentionConfig(split=32, block_m=16, block_n=16, combine_rows=4)  # combine tiles span 2 tokens here
 H, KV, D, S = 4, 2, 32, 128  # 2 query heads per KV head (GQA)
 
 
@@ -148,9 +149,10 @@ def small_tree_mask() -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", ["decode", "tree", "prefill", "prefill_chunked"])
+@pytest.mark.parametrize("case", ["decode", "tree", "prefill", "prefill_chunked", "tree_rows4", "prefill_rows4"])
 def test_cache_attention_matches_reference(dtype, case):
-    prefix, tree_mask, config = 45, None, SMALL
+    prefix, tree_mask, config = 45, None, ROWS4 if case.endswith("rows4") else SMALL
+    case = case.removesuffix("_rows4")
     if case == "decode":
         T = 1
     elif case == "tree":
@@ -169,19 +171,20 @@ def test_cache_attention_matches_reference(dtype, case):
         assert torch.equal(out, K.cache_attention_triton(q, k, v, prefix_len, None, SMALL))
 
 
-def test_cache_attention_tree_rows_are_batch_invariant():
+@pytest.mark.parametrize("config", [SMALL, ROWS4], ids=["combine_rows1", "combine_rows4"])
+def test_cache_attention_tree_rows_are_batch_invariant(config):
     """Row i of a T=8 tree step equals row i of the same step cut to its first i+1 nodes, and the
     other rows' queries and the keys/values row i may not see do not change its bits."""
     tree_mask = small_tree_mask()
     T, prefix = tree_mask.shape[0], 60  # the tree straddles a split boundary (slot 64)
     q, k, v = attention_inputs(T, torch.bfloat16)
     prefix_len = torch.tensor(prefix, device=DEVICE)
-    full = K.cache_attention_triton(q, k, v, prefix_len, tree_mask, SMALL)
+    full = K.cache_attention_triton(q, k, v, prefix_len, tree_mask, config)
     for i in range(T):
-        part = K.cache_attention_triton(q[: i + 1], k, v, prefix_len, tree_mask[: i + 1, : i + 1], SMALL)
+        part = K.cache_attention_triton(q[: i + 1], k, v, prefix_len, tree_mask[: i + 1, : i + 1], config)
         assert torch.equal(part[i], full[i]), f"row {i} differs between T={i + 1} and T={T}"
     # T=1 decode of the root, with the causal (mask-free) kernel variant too.
-    assert torch.equal(K.cache_attention_triton(q[:1], k, v, prefix_len, None, SMALL)[0], full[0])
+    assert torch.equal(K.cache_attention_triton(q[:1], k, v, prefix_len, None, config)[0], full[0])
     i = 5
     hidden = ~tree_mask[i]  # new slots row i may not see
     q2, k2, v2 = q.clone(), k.clone(), v.clone()
@@ -189,7 +192,7 @@ def test_cache_attention_tree_rows_are_batch_invariant():
     for cache in (k2, v2):
         cache[:, prefix:prefix + T][:, hidden] = randn(KV, int(hidden.sum()), D, dtype=torch.bfloat16, seed=8)
         cache[:, prefix + T:] = float("1e4")
-    assert torch.equal(K.cache_attention_triton(q2, k2, v2, prefix_len, tree_mask, SMALL)[i], full[i])
+    assert torch.equal(K.cache_attention_triton(q2, k2, v2, prefix_len, tree_mask, config)[i], full[i])
 
 
 def test_cache_attention_rows_of_a_64_node_tree_match_smaller_launches():
@@ -221,6 +224,15 @@ def test_default_attention_config_matches_reference():
     close(out, fp32_reference(q, k, v, prefix_len, None), torch.bfloat16)
 
 
+def test_attention_tiles_are_chosen_by_model_shape_only():
+    """The Llama-3-8B shape (GQA group 4, head_dim 128) gets its measured tiles, others the defaults;
+    T is not an input, so the plain and the tree step of one model launch the same kernels."""
+    assert K.attention_config(4, 128).combine_rows == 4
+    assert K.attention_config(2, 64) == K.DEFAULT_ATTENTION
+    for (group, head_dim), config in K.ATTENTION_BY_SHAPE.items():
+        assert config.block_m >= group and config.combine_rows & (config.combine_rows - 1) == 0
+
+
 # ---------------------------------------------------------------------------------- dispatch
 def test_cpu_tensors_and_autograd_take_the_reference_path():
     x = torch.randn(2, 8)
@@ -237,6 +249,7 @@ def test_cpu_tensors_and_autograd_take_the_reference_path():
 @pytest.mark.parametrize("tree,prefix,config", [
     ("small", 29, SMALL),  # depth-3 paths cross the split boundary at slot 32
     ("mc_sim_7b_63", 62, K.AttentionConfig(split=64, block_m=16, block_n=16)),
+    ("small", 29, ROWS4),
 ])
 def test_tree_rows_are_bit_identical_to_sequential_decoding(tree, prefix, config):
     """Node i of a tree step (depth d) gives the bits that plain decoding gives for the same token

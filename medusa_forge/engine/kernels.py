@@ -80,7 +80,8 @@ class AttentionConfig:
 
     split: KV slots per split program (the flash-decoding split, aligned to slot 0); block_m:
     query rows (token x GQA head) per program; block_n: keys per inner step; max_scratch_bytes
-    bounds the fp32 partials, so a long prefill runs in token chunks (a row never sees the chunking).
+    bounds the fp32 partials, so a long prefill runs in token chunks (a row never sees the chunking);
+    combine_rows: query rows per program of the combine (a power of two).
     """
 
     split: int = 128
@@ -88,12 +89,17 @@ class AttentionConfig:
     block_n: int = 64
     num_warps: int = 4
     max_scratch_bytes: int = 64 << 20
+    combine_rows: int = 1
 
 
 DEFAULT_ATTENTION = AttentionConfig()
-# Tile choices by (GQA group, head_dim), from ``python -m medusa_forge.engine.kernels_check --sweep``
-# on an H200 (a shape property: every step of one model uses the same, see AttentionConfig).
-ATTENTION_BY_SHAPE: dict[tuple[int, int], AttentionConfig] = {}
+# Tile choices by (GQA group, head_dim): a shape property, so every step of one model uses the same
+# (see AttentionConfig). Measured on an H200 (bench/results/2026-12-02-h200-c/): at the Llama-3-8B
+# shape a combine program per token (4 rows) took a 64-node tree step's 32 combines from 259 us to
+# 110 us (the plain step's from 76 to 88); pycoder-26m's combines were faster one row per program
+# (9.4 vs 12.3 us plain). Split and block_m choices were within 5% of these defaults at both shapes
+# (``python -m medusa_forge.engine.kernels_check --sweep``).
+ATTENTION_BY_SHAPE: dict[tuple[int, int], AttentionConfig] = {(4, 128): AttentionConfig(combine_rows=4)}
 
 
 def attention_config(group: int, head_dim: int) -> AttentionConfig:
@@ -444,24 +450,24 @@ if HAVE_TRITON:
             tl.store(PL + base, l_i, mask=row_ok)
             tl.store(PO + base[:, None] * D + d[None, :], acc, mask=row_ok[:, None])
 
-    @_source(do_not_specialize=["T", "t_begin"])
-    def _attn_combine_kernel(PO, PM, PL, OUT, PREFIX, T, t_begin, S, R_pad, stride_ot, stride_oh,
-                             G: tl.constexpr, GB: tl.constexpr, D: tl.constexpr, NS: tl.constexpr,
+    @_source(do_not_specialize=["T", "t_begin", "n_rows"])
+    def _attn_combine_kernel(PO, PM, PL, OUT, PREFIX, T, t_begin, n_rows, S, R_pad, stride_ot, stride_oh,
+                             G: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr, NS: tl.constexpr,
                              NS_BLOCK: tl.constexpr, SPLIT: tl.constexpr):
-        """One (token, KV head): merge each of its G query rows' active splits in one fixed order.
+        """ROWS query rows of one KV head: merge each row's active splits in one fixed order.
 
-        A [G, splits, D] tile per program (not one row per program): a tree step's 64 tokens x 32
-        heads were 2048 programs of a few hundred flops each. Every row of the tile goes through the
-        same element-wise ops and the same per-row reduction, so a row's bits do not depend on
-        which token it belongs to or on T."""
-        t = tl.program_id(0)
+        A [ROWS, splits, D] tile per program: one row per program made a tree step of the
+        Llama-3-8B shape 2048 programs of a few hundred flops each (``AttentionConfig.combine_rows``).
+        Every row of a tile goes through the same element-wise ops and the same per-row reduction,
+        so a row's bits do not depend on which rows share its program, or on T."""
+        r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         kvh = tl.program_id(1)
         prefix = tl.load(PREFIX).to(tl.int32)
         n_active = (tl.minimum(prefix + T, S) + SPLIT - 1) // SPLIT
-        g = tl.arange(0, GB)
         sp = tl.arange(0, NS_BLOCK)
-        ok = (g[:, None] < G) & (sp[None, :] < n_active)
-        base = (kvh * NS + sp[None, :]) * R_pad + (t * G + g)[:, None]
+        row_ok = r < n_rows
+        ok = row_ok[:, None] & (sp[None, :] < n_active)
+        base = (kvh * NS + sp[None, :]) * R_pad + r[:, None]
         m = tl.load(PM + base, mask=ok, other=float("-inf"))
         l = tl.load(PL + base, mask=ok, other=0.0)
         m_max = tl.reduce(m, 1, _max)
@@ -469,9 +475,9 @@ if HAVE_TRITON:
         d = tl.arange(0, D)
         o = tl.load(PO + base[:, :, None] * D + d[None, None, :], mask=ok[:, :, None], other=0.0)
         out = tl.reduce(w[:, :, None] * o, 1, _add) / tl.reduce(w * l, 1, _add)[:, None]
-        tok = t_begin + t
-        tl.store(OUT + tok * stride_ot + (kvh * G + g)[:, None] * stride_oh + d[None, :],
-                 _round(out, OUT.dtype.element_ty), mask=(g < G)[:, None])
+        tok = t_begin + r // G
+        tl.store(OUT + (tok * stride_ot + (kvh * G + r % G) * stride_oh)[:, None] + d[None, :],
+                 _round(out, OUT.dtype.element_ty), mask=row_ok[:, None])
 
     @_source()
     def _min(a, b):
@@ -797,8 +803,8 @@ def cache_attention_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, prefix_l
         mask = tree_mask if tree_mask is not None else prefix_len
         anc = prefix_len
     split_kernel = _kernel("_attn_split_kernel")
-    gb, ns_block = triton.next_power_of_2(G), triton.next_power_of_2(ns)
-    combine_warps = min(16, max(4, gb * ns_block * D // 2048))  # about 64 fp32 partial values per thread
+    ns_block = triton.next_power_of_2(ns)
+    combine_warps = min(16, max(4, config.combine_rows * ns_block * D // 2048))  # ~64 fp32 partials a thread
     for t0 in range(0, T, chunk):
         n_rows = min(chunk, T - t0) * G
         tiles = triton.cdiv(n_rows, config.block_m)
@@ -818,9 +824,10 @@ def cache_attention_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, prefix_l
             split_kernel[(ns * tiles + 2 * T, n_kv)](*args, *strides, MODE=1, **meta)
         else:
             split_kernel[(ns * tiles, n_kv)](*args, *strides, MODE=0, **meta)
-        _kernel("_attn_combine_kernel")[(n_rows // G, n_kv)](
-            po, pm, pl, out, prefix_len, T, t0, S, r_pad, out.stride(0), out.stride(1),
-            G=G, GB=gb, D=D, NS=ns, NS_BLOCK=ns_block, SPLIT=config.split, num_warps=combine_warps)
+        _kernel("_attn_combine_kernel")[(triton.cdiv(n_rows, config.combine_rows), n_kv)](
+            po, pm, pl, out, prefix_len, T, t0, n_rows, S, r_pad, out.stride(0), out.stride(1),
+            G=G, ROWS=config.combine_rows, D=D, NS=ns, NS_BLOCK=ns_block, SPLIT=config.split,
+            num_warps=combine_warps)
     return out
 
 
