@@ -63,7 +63,8 @@ step() {  # step NAME SECONDS CMD...: run one bounded step, log it, never stop t
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c 'import torch, triton, transformers; print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__)'
-echo "${MEDUSA_FORGE_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}" > "$RESULTS/commit.txt"
+# the device's copy of the tree may carry a stale .git: pass MEDUSA_FORGE_COMMIT=<sha>, else "-dirty" shows it
+python3 -c 'from medusa_forge.bench.cli import source_commit; print(source_commit())' > "$RESULTS/commit.txt"
 
 if [ "$PHASE" = train ]; then
   if [ -f "$HEADS/medusa_lm_head.safetensors" ]; then

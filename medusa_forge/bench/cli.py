@@ -16,19 +16,26 @@ from medusa_forge.engine.cli import engine_options, open_engine
 from medusa_forge.tree.choice_tree import ChoiceTree
 
 
+def source_commit() -> str:
+    """The commit the running code is: MEDUSA_FORGE_COMMIT when set (a copied tree whose .git is
+    missing or stale, as on the GPU machine), else ``git describe --always --dirty``, so a tree
+    that differs from its HEAD says so ("<sha>-dirty") instead of passing for that commit."""
+    commit = os.environ.get("MEDUSA_FORGE_COMMIT", "")
+    try:
+        commit = commit or subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"],
+                                          capture_output=True, text=True, check=False,
+                                          cwd=Path(__file__).resolve().parent).stdout.strip()
+    except OSError:
+        pass
+    return commit or "unknown"
+
+
 def run_metadata() -> dict:
     """What a result needs to be reproducible: commit, device, library versions, time."""
     import torch
 
-    # A copy of the tree without .git (the GPU machine's) is told its commit by MEDUSA_FORGE_COMMIT.
-    commit = os.environ.get("MEDUSA_FORGE_COMMIT", "")
-    try:
-        commit = commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                          check=False).stdout.strip()
-    except OSError:
-        pass
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
-    return {"commit": commit or "unknown", "device": device, "torch": torch.__version__,
+    return {"commit": source_commit(), "device": device, "torch": torch.__version__,
             "python": platform.python_version(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
