@@ -19,6 +19,10 @@ class Tokenizer:
         except Exception as e:  # noqa: BLE001 - surface any tokenizer load failure as one line
             raise ForgeError(f"{model_dir}: tokenizer failed to load ({type(e).__name__}: {e})") from None
         self.source = model_dir
+        # A fast tokenizer's Rust backend encodes without transformers' per-call wrapping (the
+        # BatchEncoding, argument checks): 0.26 vs 0.46 ms for a 2000-character prompt, paid on
+        # every request's time to first token. Same ids (tests/test_tokenizer.py).
+        self._backend = self.hf.backend_tokenizer if getattr(self.hf, "is_fast", False) else None
 
     @property
     def vocab_size(self) -> int:
@@ -36,6 +40,8 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Token ids as the model was trained on them (BOS prepended when the tokenizer does so)."""
+        if self._backend is not None:
+            return self._backend.encode(text, add_special_tokens=True).ids
         return list(self.hf(text).input_ids)
 
     def decode(self, ids: list[int]) -> str:
