@@ -221,14 +221,15 @@ def sweep(chk: Check, tree: str) -> None:
         k, v = (torch.randn(sh.kv_heads, sh.cache, sh.head_dim, generator=g, device="cuda").to(torch.bfloat16)
                 for _ in "kv")
         prefix = torch.tensor(context, device="cuda")
-        for split in (64, 128):
-            for block_m, warps in ((16, 4), (32, 4), (64, 4), (64, 8)):
-                cfg = K.AttentionConfig(split=split, block_m=block_m, block_n=64, num_warps=warps)
-                for T, tm in ((1, None), (mask.shape[0], mask)):
-                    q = torch.randn(T, sh.heads, sh.head_dim, generator=g, device="cuda").to(torch.bfloat16)
-                    us = time_us(lambda: K.cache_attention_triton(q, k, v, prefix, tm, cfg))
-                    chk.rows.append(dict(section="sweep", shape=name, split=split, block_m=block_m, warps=warps, T=T,
-                                         triton_us=round(us, 2)))
+        configs = [K.AttentionConfig(split=split, block_m=block_m, block_n=64, num_warps=warps)
+                   for split in (64, 128) for block_m, warps in ((16, 4), (32, 4), (64, 4), (64, 8))]
+        configs += [K.AttentionConfig(combine_rows=rows) for rows in (2, 4, 8)]
+        for cfg in configs:
+            for T, tm in ((1, None), (mask.shape[0], mask)):
+                q = torch.randn(T, sh.heads, sh.head_dim, generator=g, device="cuda").to(torch.bfloat16)
+                us = time_us(lambda: K.cache_attention_triton(q, k, v, prefix, tm, cfg))
+                chk.rows.append(dict(section="sweep", shape=name, split=cfg.split, block_m=cfg.block_m,
+                                     warps=cfg.num_warps, combine_rows=cfg.combine_rows, T=T, triton_us=round(us, 2)))
 
 
 def per_layer_us(chk: Check, T: int, key: str) -> float:
@@ -258,7 +259,7 @@ def report(chk: Check) -> str:
                            f"torch {r['torch_us']:8.2f} us   x{r['speedup']:.2f}")
             else:
                 out.append(f"  {r['shape']:<12} split {r['split']:<4} block_m {r['block_m']:<3} warps {r['warps']:<2} "
-                           f"T={r['T']:<3} {r['triton_us']:8.2f} us")
+                           f"combine rows {r['combine_rows']:<2} T={r['T']:<3} {r['triton_us']:8.2f} us")
     for T in sorted({r["T"] for r in chk.rows if r["section"] == "timing"}):
         tri, ref = per_layer_us(chk, T, "triton_us"), per_layer_us(chk, T, "torch_us")
         if math.isfinite(tri):
@@ -285,7 +286,7 @@ def main(context: int, tree: str, do_sweep: bool, json_path: Path | None) -> Non
         if do_sweep:
             sweep(chk, tree)
     print(f"{torch.cuda.get_device_name()}  triton {K.triton.__version__}  torch {torch.__version__}  "
-          f"attention {K.DEFAULT_ATTENTION}")
+          f"attention {K.attention_config(sh.heads // sh.kv_heads, sh.head_dim)}")
     print(report(chk))
     if json_path is not None:
         json_path.write_text(json.dumps(dict(ok=chk.ok, rows=chk.rows), indent=1))
