@@ -126,6 +126,38 @@ def test_every_tree_step_commits_a_valid_path(engine, prompt_ids):
     assert 1 + sum(r.accepted_per_step) >= len(r.tokens)
 
 
+@pytest.mark.parametrize("use_medusa", [True, False], ids=["medusa", "plain"])
+def test_running_one_step_ahead_keeps_the_tokens_and_launches_no_step_past_the_end(engine, prompt_ids,
+                                                                                   monkeypatch, use_medusa):
+    """The CUDA host loop (run_ahead, exercised here on CPU) queues step k+1 before reading step k:
+    the same tokens, and for a length stop exactly the steps the request consumed (a step queued
+    past max_new_tokens would cost a whole step of GPU time). Oracle heads (each step's drafts are
+    the base model's next tokens at rank 0) make Medusa steps yield several tokens, as trained
+    heads do, so the last step's count is not known when the one after it would be queued."""
+    ids, n = prompt_ids[4], 41
+    truth = engine.generate_ids(ids, GenerationConfig(max_new_tokens=n + 8, ignore_eos=True, use_medusa=False)).tokens
+    launched, real_step = [], engine._step
+
+    def oracle_step(kind, gcfg):
+        step = real_step(kind, gcfg)
+
+        def run():
+            launched.append(kind)
+            if use_medusa:  # on CPU the previous step has run: cur_len says where the root is
+                j = int(engine.cur_len) - len(ids)
+                for d in range(engine.tree.depth):
+                    engine.head_topk[d, 0] = truth[j + 1 + d]
+            step()
+        return run
+    monkeypatch.setattr(engine, "_step", oracle_step)
+    monkeypatch.setattr(engine, "run_ahead", True)
+    got = engine.generate_ids(ids, GenerationConfig(max_new_tokens=n, ignore_eos=True, use_medusa=use_medusa))
+    assert got.tokens == truth[:n]
+    if use_medusa:
+        assert max(got.accepted_per_step) == engine.tree.depth + 1
+    assert len(launched) == got.steps
+
+
 @pytest.mark.gpu
 def test_cuda_medusa_is_bit_identical_to_plain_decoding_and_graph_prefill_matches_eager(model_dir, heads_dir,
                                                                                         prompt_ids):

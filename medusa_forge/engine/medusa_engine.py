@@ -88,6 +88,7 @@ class MedusaEngine:
         self.gemm_layouts = choose_layouts(model, (1, self.tree.num_nodes) if self.tree is not None else (1,))
         self._init_state()
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        self.run_ahead = self.device.type == "cuda"  # queue the next step before reading one back (iter_steps)
         self.compile = compile
         self._steps: dict[str, _StepGraph] = {}
         self._prefill_graphs: dict[int, _PrefillGraph] = {}  # by bucket
@@ -286,9 +287,13 @@ class MedusaEngine:
     def iter_steps(self, prompt_ids: list[int], gcfg: GenerationConfig) -> Iterator[list[int]]:
         """Yield the new tokens of every step (the first yield is the prefill's token).
 
-        On CUDA the loop runs one step ahead: step k+1 is queued before step k's tokens are read
-        back, so the host's bookkeeping overlaps the GPU's work. The caller decides when to stop;
-        a step queued past the stop only writes cache slots beyond the committed length.
+        With ``run_ahead`` (the default on CUDA) the loop runs one step ahead: step k+1 is queued
+        before step k's tokens are read back, so the host's bookkeeping overlaps the GPU's work.
+        It does so only while step k cannot reach max_new_tokens (it yields at most ``depth + 1``
+        tokens): a step queued past the end would still cost its full GPU time, which the request
+        (or the next one, on the same stream) waits for; the last step or two run without overlap
+        instead. The caller decides when to stop; a step queued past an EOS or stop string only
+        writes cache slots beyond the committed length.
         """
         self.check_request(prompt_ids, gcfg)
         sampling = gcfg.temperature > 0 and not gcfg.use_medusa
@@ -321,12 +326,13 @@ class MedusaEngine:
         produced = 1
         pinned = self.device.type == "cuda"
         bufs = [torch.empty_like(self.step_out, device="cpu", pin_memory=pinned) for _ in range(2)]
+        most = self.tree.depth + 1 if kind in ("greedy", "typical") else 1  # tokens one step can yield
         pending = (bufs[0], launch(bufs[0]))
         k = 0
         while produced < gcfg.max_new_tokens:
             k += 1
             ahead = None
-            if pinned and produced + 1 < gcfg.max_new_tokens:
+            if self.run_ahead and produced + most < gcfg.max_new_tokens:
                 ahead = (bufs[k % 2], launch(bufs[k % 2]))
             buf, event = pending
             if event is not None:
