@@ -14,11 +14,13 @@
 # $OUT is set, are packed into $OUT/results-<phase>.tar.gz (the device tool returns at most 8 files).
 # Order: train, checks (its auto tree joins the suite), suite.
 #
-# Budget (30 device-minutes a session, H200, measured): a cold start ~1 min; probe ~2 min (FULL_PROBE
-# +20 s); train ~5.5 min whatever EPOCHS (data generation, loading and evaluation dominate: 4
-# epochs 284 s, 10 epochs 322 s); checks ~3-4.5 min; suite ~3.5 min. Heads live only while the
-# machine stays warm, which it does only while calls follow each other at once: run train, checks,
-# suite back to back before anything optional (a probe goes first or last, never in between).
+# Budget (30 device-minutes a session, H200, measured): a cold start costs 1-2 min of device time
+# beyond the wall time; probe ~2 min (FULL_PROBE +20 s, SWEEP +20 s); train ~7.5 min with its GPU
+# tests (prompts up to 512 tokens, 6 epochs: data 61 s, training 151 s, 368 s for the step, tests
+# 62 s); checks ~4-4.5 min (SKIP_DONE=1: 2.6 min); suite ~4 min. Heads live only while the machine
+# stays warm, which it does only while calls follow each other at once: run train, checks, suite
+# back to back before anything optional (a probe goes first or last, never in between). Name the
+# commit (MEDUSA_FORGE_COMMIT=<sha>): the device's copy of the tree may carry a stale .git.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -37,7 +39,7 @@ if [ -n "${SMOKE:-}" ]; then
   SEARCH_ARGS="--calib-limit 2 --calib-new-tokens 16 --search-sizes 2,4 --max-tree-nodes 8 --timing-prompts 1"
   mkdir -p "$RUNS"; head -n 3 "$PROMPTS" > "$RUNS/smoke_prompts.jsonl"; PROMPTS=$RUNS/smoke_prompts.jsonl
 else
-  N_PROMPTS=96000 BATCH=2048 MINUTES=4.5 EPOCHS=${EPOCHS:-10} ACCEPT=158 PER_TOPIC=8 PEERS=5 DEVICE=cuda SUITE_ARGS="--max-new-tokens 128"
+  N_PROMPTS=96000 BATCH=2048 MINUTES=4.5 EPOCHS=${EPOCHS:-6} ACCEPT=158 PER_TOPIC=8 PEERS=5 DEVICE=cuda SUITE_ARGS="--max-new-tokens 128"
   SEARCH_ARGS="--calib-limit 79 --calib-new-tokens 128 --search-sizes 8,16,32,48,63 --search-depths 3,4,5"
 fi
 mkdir -p "$RESULTS"
