@@ -92,6 +92,8 @@ class MedusaEngine:
         self.compile = compile
         self._steps: dict[str, _StepGraph] = {}
         self._prefill_graphs: dict[int, _PrefillGraph] = {}  # by bucket
+        self._ids_host: Tensor | None = None  # pinned staging of a prompt's ids (CUDA graphs)
+        self._ids_copied: "torch.cuda.Event | None" = None
 
     # ------------------------------------------------------------------ state
     def _init_state(self) -> None:
@@ -147,7 +149,13 @@ class MedusaEngine:
         T = len(ids)
         if self.cuda_graphs:
             pre = self._prefill_graph(self._prefill_bucket(T))
-            pre.tokens[0, :T].copy_(torch.tensor(ids, dtype=torch.long))
+            if self._ids_host is None:  # pinned: the copy below is a DMA, not a staged pageable copy
+                self._ids_host = torch.empty(self.max_seq_len, dtype=torch.long, pin_memory=True)
+                self._ids_copied = torch.cuda.Event()
+            self._ids_copied.synchronize()  # the previous prompt's copy has read the buffer (done by now)
+            self._ids_host.numpy()[:T] = ids
+            pre.tokens[0, :T].copy_(self._ids_host[:T], non_blocking=True)
+            self._ids_copied.record()
             pre.length.fill_(T)
             pre.graph.replay()
             return
