@@ -686,8 +686,8 @@ def _rms_norm_launch(x: Tensor, weight: Tensor, eps: float, delta: Tensor | None
     block = triton.next_power_of_2(N)
     _kernel("_rms_norm_kernel")[(M,)](
         src, d2, weight, out, res, q, scale, scale, src.stride(0), d2.stride(0), 0 if fp8 else out.stride(0),
-        res.stride(0), q.stride(0) if fp8 else 0, N, eps, HAS_DELTA=delta is not None, QUANT=fp8, DYNAMIC=fp8 and input_scale is None,
-        BLOCK=block, num_warps=_norm_warps(block))
+        res.stride(0), q.stride(0) if fp8 else 0, N, eps, HAS_DELTA=delta is not None, QUANT=fp8,
+        DYNAMIC=fp8 and input_scale is None, BLOCK=block, num_warps=_norm_warps(block))
     shape = (*x.shape[:-1], N)
     return (q if fp8 else out.view(shape)), (scale if fp8 else None), (None if delta is None else res.view(shape))
 

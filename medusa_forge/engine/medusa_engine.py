@@ -334,7 +334,7 @@ class MedusaEngine:
         produced = 1
         pinned = self.device.type == "cuda"
         bufs = [torch.empty_like(self.step_out, device="cpu", pin_memory=pinned) for _ in range(2)]
-        most = self.tree.depth + 1 if kind in ("greedy", "typical") else 1  # tokens one step can yield
+        most = self.num_draft_heads + 1 if gcfg.use_medusa else 1  # tokens one step can yield
         pending = (bufs[0], launch(bufs[0]))
         k = 0
         while produced < gcfg.max_new_tokens:
