@@ -39,7 +39,7 @@ if [ -n "${SMOKE:-}" ]; then
   SEARCH_ARGS="--calib-limit 2 --calib-new-tokens 16 --search-sizes 2,4 --max-tree-nodes 8 --timing-prompts 1"
   mkdir -p "$RUNS"; head -n 3 "$PROMPTS" > "$RUNS/smoke_prompts.jsonl"; PROMPTS=$RUNS/smoke_prompts.jsonl
 else
-  N_PROMPTS=96000 BATCH=2048 MINUTES=4.5 EPOCHS=${EPOCHS:-6} ACCEPT=158 PER_TOPIC=8 PEERS=5 DEVICE=cuda SUITE_ARGS="--max-new-tokens 128"
+  N_PROMPTS=${N_PROMPTS:-160000} BATCH=2048 MINUTES=4.5 EPOCHS=${EPOCHS:-4} ACCEPT=158 PER_TOPIC=8 PEERS=5 DEVICE=cuda SUITE_ARGS="--max-new-tokens 128"
   SEARCH_ARGS="--calib-limit 79 --calib-new-tokens 128 --search-sizes 8,16,32,48,63 --search-depths 3,4,5"
 fi
 mkdir -p "$RESULTS"
@@ -76,6 +76,8 @@ if [ "$PHASE" = train ]; then
     # greedy continuations of Python sources; held-out code_prompts are excluded and evaluated.
     # --max-seq-len 640: prompts of 32..512 tokens, as long as the held-out ones (up to 653; at
     # 384 the heads never saw a position past 384, and the longest-prompt topic accepted least).
+    # 160000 prompts x 4 epochs, not 96000 x 6: the training loss fell at each epoch boundary of
+    # the 6-epoch run (the heads were learning the repeated examples), so fresh data for the steps.
     step train_heads 540 $MF train-heads --model "$MODEL" --out "$HEADS" --self-distill \
       --prompts-from-python-sources $N_PROMPTS --distill-new-tokens 128 --distill-batch-size $BATCH \
       --exclude-sources "$PROMPTS" --eval-prompts "$PROMPTS" --eval-acceptance $ACCEPT \

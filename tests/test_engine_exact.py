@@ -133,7 +133,8 @@ def test_running_one_step_ahead_keeps_the_tokens_and_launches_no_step_past_the_e
     the same tokens, and for a length stop exactly the steps the request consumed (a step queued
     past max_new_tokens would cost a whole step of GPU time). Oracle heads (each step's drafts are
     the base model's next tokens at rank 0) make Medusa steps yield several tokens, as trained
-    heads do, so the last step's count is not known when the one after it would be queued."""
+    heads do, so the last step's count is not known when the one after it would be queued. The
+    first step goes in before the prefill's token is read back, unless that token is all."""
     ids, n = prompt_ids[4], 41
     truth = engine.generate_ids(ids, GenerationConfig(max_new_tokens=n + 8, ignore_eos=True, use_medusa=False)).tokens
     launched, real_step = [], engine._step
@@ -156,6 +157,9 @@ def test_running_one_step_ahead_keeps_the_tokens_and_launches_no_step_past_the_e
     if use_medusa:
         assert max(got.accepted_per_step) == engine.tree.depth + 1
     assert len(launched) == got.steps
+    launched.clear()  # the first step is queued behind the prefill only when a second token is wanted
+    one = engine.generate_ids(ids, GenerationConfig(max_new_tokens=1, ignore_eos=True, use_medusa=use_medusa))
+    assert one.tokens == truth[:1] and launched == []
 
 
 @pytest.mark.gpu

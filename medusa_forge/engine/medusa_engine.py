@@ -327,15 +327,27 @@ class MedusaEngine:
             event.record()
             return event
 
+        pinned = self.device.type == "cuda"
+        bufs = [torch.empty_like(self.step_out, device="cpu", pin_memory=pinned) for _ in range(2)]
+        first = torch.empty(1, dtype=torch.long, pin_memory=pinned)
         self._prefill(prompt_ids)
         if sampling:
             self.root.copy_(sample_token(self.last_logits, gcfg.temperature, gcfg.top_k, gcfg.top_p, generator))
-        yield [int(self.root.item())]
+        first.copy_(self.root, non_blocking=True)
+        first_ready = torch.cuda.Event() if pinned else None
+        if first_ready is not None:
+            first_ready.record()
+        # Run ahead, the first step goes in behind the prefill before its token is read back (the
+        # copy above is ordered before the step overwrites root): the GPU does not idle while the
+        # host hands out the first token.
+        pending = (bufs[0], launch(bufs[0])) if self.run_ahead and gcfg.max_new_tokens > 1 else None
+        if first_ready is not None:
+            first_ready.synchronize()
+        yield [int(first[0])]
         produced = 1
-        pinned = self.device.type == "cuda"
-        bufs = [torch.empty_like(self.step_out, device="cpu", pin_memory=pinned) for _ in range(2)]
         most = self.num_draft_heads + 1 if gcfg.use_medusa else 1  # tokens one step can yield
-        pending = (bufs[0], launch(bufs[0]))
+        if pending is None:
+            pending = (bufs[0], launch(bufs[0]))
         k = 0
         while produced < gcfg.max_new_tokens:
             k += 1
