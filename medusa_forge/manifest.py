@@ -41,6 +41,15 @@ class EngineManifest:
     def save(self, engine_dir: str | Path) -> None:
         Path(engine_dir, MANIFEST_NAME).write_text(json.dumps(asdict(self), indent=2) + "\n")
 
+    def choice_tree(self):
+        """The engine's own choice tree (None for a base-only engine), named as it was at build
+        time (``auto``, a preset, a file's stem) so reports say which tree an engine runs."""
+        from medusa_forge.tree.choice_tree import ChoiceTree
+
+        if not self.medusa_choices:
+            return None
+        return ChoiceTree.from_paths(self.medusa_choices, name=(self.extra or {}).get("tree_name") or "engine")
+
     @classmethod
     def load(cls, engine_dir: str | Path) -> "EngineManifest":
         path = Path(engine_dir) / MANIFEST_NAME

@@ -125,6 +125,9 @@ def compare_trees(engine_dir: str | Path, trees: list[str], prompts: list[Prompt
         tree = engine.tree if spec == "engine" else ChoiceTree.parse(spec)
         name = f"engine:{engine.tree.name}" if spec == "engine" else tree.name
         eng = MedusaEngine(engine.model, engine.heads, tree, engine.tokenizer, max_seq_len=engine.max_seq_len)
+        # every prefill bucket now, as load_engine does: captured lazily, the buckets first met in
+        # the timed runs cost tens of ms each (an H200 run's tokens/s came out at half the decode rate)
+        eng.warmup(max(len(x) for x in ids))
         for x in ids[:warmup]:
             eng.generate_ids(x, med_cfg)
         runs = [eng.generate_ids(x, med_cfg) for x in ids]

@@ -54,8 +54,7 @@ def load_engine(model_dir: str | Path, medusa_dir: str | Path | None = None, tre
                              "not in the native engine")
         if medusa_dir is None and with_heads and (model_dir / "medusa").is_dir():
             medusa_dir = model_dir / "medusa"
-        tree = tree or (ChoiceTree.from_paths(manifest.medusa_choices, name="engine")
-                        if manifest.medusa_choices and with_heads else None)
+        tree = tree or (manifest.choice_tree() if with_heads else None)
         dtype = dtype or manifest.dtype
         max_seq_len = max_seq_len or manifest.max_seq_len
         model_dir = model_dir / "model"

@@ -267,8 +267,8 @@ def trtllm_params(req: RepoRequest, engine: Path, manifest: EngineManifest) -> "
         if not manifest.num_medusa_heads:
             raise ForgeError(f"--medusa-choices given but {engine} is not a Medusa engine")
         tree = ChoiceTree.parse(req.tree)
-    elif manifest.medusa_choices:
-        tree = ChoiceTree.from_paths(manifest.medusa_choices, name="engine")
+    else:
+        tree = manifest.choice_tree()
     if tree is not None:
         tree.check_heads(manifest.num_medusa_heads)
         draft = int(extra.get("max_draft_len", len(tree.paths)))
