@@ -161,3 +161,15 @@ def test_a_degraded_candidate_is_rejected_and_the_registry_left_unchanged(result
     assert not (reg / "previous").exists()
     last = Registry(reg).read_history()[-1]
     assert last["action"] == "reject" and last["version"] is None and last["current_after"] == "v0001"
+
+
+def test_a_model_the_server_does_not_serve_is_one_line_naming_what_it_serves(native_triton, tmp_path, capsys):
+    """Issue 8, point 3: "model not ready" fails before the first request, with the models that are
+    there, and writes no result (nor a partial cache: nothing was answered)."""
+    out = tmp_path / "mmlu.json"
+    code, _, err = run_cli(["eval", "mmlu", "--url", native_triton.grpc_url, "--model", "medusa-v2", "--data",
+                            FIXTURE_MMLU, "--limit", "1", "--out", out, "--no-progress"], capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"error: model 'medusa-v2' is not ready on {native_triton.grpc_url} (models there: ")
+    assert "base" in err and "medusa" in err and "check the model name" in err
+    assert not out.exists() and not list(tmp_path.glob("*.partial.json"))
