@@ -16,9 +16,12 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from medusa_forge.errors import ForgeError
+
+if TYPE_CHECKING:
+    from medusa_forge.tree.choice_tree import ChoiceTree
 
 MANIFEST_NAME = "medusa_forge.json"
 KINDS = ("native", "tensorrt_llm")
@@ -41,7 +44,7 @@ class EngineManifest:
     def save(self, engine_dir: str | Path) -> None:
         Path(engine_dir, MANIFEST_NAME).write_text(json.dumps(asdict(self), indent=2) + "\n")
 
-    def choice_tree(self):
+    def choice_tree(self) -> "ChoiceTree | None":
         """The engine's own choice tree (None for a base-only engine), named as it was at build
         time (``auto``, a preset, a file's stem) so reports say which tree an engine runs."""
         from medusa_forge.tree.choice_tree import ChoiceTree

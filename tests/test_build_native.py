@@ -201,3 +201,14 @@ def test_missing_model_is_a_clear_error(tmp_path, capsys):
         build(["--model", str(tmp_path / "nope"), "--out", str(tmp_path / "e")])
     assert "not found" in capsys.readouterr().err
     assert not (tmp_path / "e").exists()
+
+
+def test_an_engines_tree_keeps_the_name_it_was_built_with():
+    """Reports (compare-trees, triton-repo) name the tree an engine runs by its build-time name."""
+    from medusa_forge.manifest import EngineManifest
+
+    paths = [[0], [0, 0], [1]]
+    auto = EngineManifest("native", "bfloat16", paths, extra={"tree_name": "auto"}).choice_tree()
+    assert auto.name == "auto" and auto.to_list() == paths
+    assert EngineManifest("native", "bfloat16", paths).choice_tree().name == "engine"  # older manifests
+    assert EngineManifest("native", "bfloat16", None).choice_tree() is None
