@@ -209,6 +209,6 @@ def test_an_engines_tree_keeps_the_name_it_was_built_with():
 
     paths = [[0], [0, 0], [1]]
     auto = EngineManifest("native", "bfloat16", paths, extra={"tree_name": "auto"}).choice_tree()
-    assert auto.name == "auto" and auto.to_list() == paths
+    assert auto.name == "auto" and sorted(auto.to_list()) == sorted(paths)
     assert EngineManifest("native", "bfloat16", paths).choice_tree().name == "engine"  # older manifests
     assert EngineManifest("native", "bfloat16", None).choice_tree() is None
