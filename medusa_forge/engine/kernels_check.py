@@ -211,6 +211,8 @@ SWEEP_SHAPES = {  # name -> (shape, committed tokens): the 8B shape and pycoder-
     # the same shape with the prefix mid-split: the tail pass then reads 76 committed keys per token
     # and the tree's deeper nodes spill into a second split (1024 is split-aligned: new keys only)
     "llama3-8b@1100": (Shape(), 1100),
+    # no split wholly below the prefix: the main pass has nothing to do, so this times the tail pass
+    "llama3-8b@100": (Shape(), 100),
     "pycoder-26m": (Shape(hidden=512, intermediate=1408, heads=8, kv_heads=4, head_dim=64), 384),
 }
 
