@@ -395,15 +395,13 @@ if HAVE_TRITON:
             acc = tl.full([BLOCK_M, D], 0.0, tl.float32)
             seq_end = end
             if MODE == 1:
-                if tail:  # this token's own sequence ends at prefix + (ancestors incl. itself)
-                    count = 0
-                    for a0 in range(0, A, BLOCK_N):
-                        ai = a0 + tl.arange(0, BLOCK_N)
-                        av = tl.load(ANC + me * stride_at + ai, mask=ai < A, other=-1)
-                        count += tl.reduce((av >= 0).to(tl.int32), 0, _add)
-                    seq_end = prefix + count
-            # Blocks past a row's own sequence would add exact zeros; the tail pass skips them (its
-            # second split may then run no block at all and store the empty partial).
+                if tail:  # no token's own sequence reaches past prefix + A (the longest path)
+                    seq_end = tl.minimum(end, prefix + A)
+            # A block past a row's own sequence (all its keys masked) adds exact zeros: the running
+            # max stays, alpha is exactly 1 (or 0 before any visible key), p is 0. So the tail pass
+            # bounds its blocks by the longest path rather than counting this token's ancestors
+            # first (a dependent load ahead of every tail program's loop); its second split may run
+            # no block at all and store the empty partial, which is what a masked block leaves too.
             hi = tl.minimum(lo + SPLIT, seq_end)
             for start in range(lo, hi, BLOCK_N):
                 n = start + tl.arange(0, BLOCK_N)
