@@ -127,6 +127,9 @@ def suite(model_dir: str, medusa_dir: str, prompts: list[Prompt], trees: list[st
             "hf_variant": hf_best.name if hf_best else None,
             "our_medusa_vs_reference_medusa": round(ratio(med, runs["reference_medusa_eager"]), 3)
             if runs["reference_medusa_eager"].runs else None,
+            # medusa_vs_our_base is the first tree's (the one the reference Medusa runs); every tree's:
+            **{f"{name}_vs_our_base": round(ratio(r, base), 3) for name, r in runs.items()
+               if name.startswith("ours_medusa[")},
         },
         "identity": {name: "{}/{}".format(*identical(r, base)) for name, r in runs.items() if name != "ours_base"},
         "gemm_layouts": layouts,
