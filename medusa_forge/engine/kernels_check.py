@@ -230,6 +230,7 @@ def sweep(chk: Check, tree: str) -> None:
                    for split in (64, 128) for block_m, warps in ((16, 4), (32, 4), (64, 4), (64, 8))]
         configs += [K.AttentionConfig(split=256, block_m=block_m) for block_m in (16, 64)]
         configs += [K.AttentionConfig(block_n=32), K.AttentionConfig(block_n=128), K.AttentionConfig(num_warps=2)]
+        configs += [K.AttentionConfig(early_v=True), K.AttentionConfig(early_v=True, block_m=64)]
         configs += [K.AttentionConfig(combine_rows=rows) for rows in (2, 4, 8)]
         for cfg in configs:
             for T, tm in ((1, None), (mask.shape[0], mask)):
@@ -240,8 +241,8 @@ def sweep(chk: Check, tree: str) -> None:
                     print(f"sweep {name} {cfg}: {type(e).__name__}: {str(e)[:200]}")
                     us = float("nan")
                 chk.rows.append(dict(section="sweep", shape=name, split=cfg.split, block_m=cfg.block_m,
-                                     block_n=cfg.block_n, warps=cfg.num_warps, combine_rows=cfg.combine_rows, T=T,
-                                     triton_us=round(us, 2)))
+                                     block_n=cfg.block_n, warps=cfg.num_warps, combine_rows=cfg.combine_rows,
+                                     early_v=cfg.early_v, T=T, triton_us=round(us, 2)))
 
 
 def per_layer_us(chk: Check, T: int, key: str) -> float:
@@ -272,7 +273,8 @@ def report(chk: Check) -> str:
             else:
                 out.append(f"  {r['shape']:<14} split {r['split']:<4} block_m {r['block_m']:<3} "
                            f"block_n {r.get('block_n', 64):<3} warps {r['warps']:<2} "
-                           f"combine rows {r['combine_rows']:<2} T={r['T']:<3} {r['triton_us']:8.2f} us")
+                           f"combine rows {r['combine_rows']:<2} {'early V ' if r.get('early_v') else ''}"
+                           f"T={r['T']:<3} {r['triton_us']:8.2f} us")
     for T in sorted({r["T"] for r in chk.rows if r["section"] == "timing"}):
         tri, ref = per_layer_us(chk, T, "triton_us"), per_layer_us(chk, T, "torch_us")
         if math.isfinite(tri):
