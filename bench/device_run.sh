@@ -18,9 +18,10 @@
 # beyond the wall time, and a start the pool refuses still costs ~2 min; probe ~2 min (FULL_PROBE
 # +20 s, SWEEP +20 s); train ~7.5 min (160000 prompts x 4 epochs: data 78 s, training 166 s, 434 s
 # for the step; its GPU tests +62 s); checks ~5 min (SKIP_DONE=1: 2.6 min); suite ~3-4 min. Heads
-# live only while the machine stays warm, which it does only while calls follow each other at once: run train, checks, suite
-# back to back before anything optional (a probe goes first or last, never in between). Name the
-# commit (MEDUSA_FORGE_COMMIT=<sha>): the device's copy of the tree may carry a stale .git.
+# live only while the machine stays warm, which it does only while calls follow each other at once:
+# run train, checks, suite back to back before anything optional (a probe goes first or last, never
+# in between). Name the commit (MEDUSA_FORGE_COMMIT=<sha>): the device's copy of the tree may carry
+# a stale .git.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 

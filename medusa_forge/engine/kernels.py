@@ -419,9 +419,9 @@ if HAVE_TRITON:
                     phys = n
                 k = tl.load(KC + kvh * stride_kh + phys[:, None] * stride_ks + d[None, :],
                             mask=key_vis[:, None], other=0.0)
+                v_ptrs = VC + kvh * stride_vh + phys[:, None] * stride_vs + d[None, :]
                 if EARLY_V:
-                    v_early = tl.load(VC + kvh * stride_vh + phys[:, None] * stride_vs + d[None, :],
-                                      mask=key_vis[:, None], other=0.0)
+                    v_early = tl.load(v_ptrs, mask=key_vis[:, None], other=0.0)
                 if DOT_F32:
                     s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee") * qk_scale
                 else:
@@ -445,8 +445,7 @@ if HAVE_TRITON:
                 if EARLY_V:
                     v = v_early
                 else:
-                    v = tl.load(VC + kvh * stride_vh + phys[:, None] * stride_vs + d[None, :],
-                                mask=key_vis[:, None], other=0.0)
+                    v = tl.load(v_ptrs, mask=key_vis[:, None], other=0.0)
                 p = _round(p, v.dtype)
                 if DOT_F32:
                     p, v = p.to(tl.float32), v.to(tl.float32)

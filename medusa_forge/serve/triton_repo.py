@@ -262,7 +262,6 @@ def trtllm_params(req: RepoRequest, engine: Path, manifest: EngineManifest) -> "
     from medusa_forge.serve.trtllm_repo import TrtllmRepoParams
 
     extra = manifest.extra or {}
-    tree = None
     if req.tree:
         if not manifest.num_medusa_heads:
             raise ForgeError(f"--medusa-choices given but {engine} is not a Medusa engine")
