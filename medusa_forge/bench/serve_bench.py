@@ -270,7 +270,7 @@ def run_serve_bench(cfg: ServeBenchConfig, progress=print) -> dict[str, Any]:
                                 outside[which].append(c.ms - (after["success_ns"] - before["success_ns"]) / 1e6)
                         if tokens != sequential[0]:
                             seq_mismatch.append(0)
-            stats_before = _server_stats(client)
+            stats_before = _settled_stats(client, sent)
         service = None  # free the baseline's engine before the load phase
         local_ms = times["in_process"]
         local_p50 = float(np.percentile(local_ms, 50))
@@ -340,8 +340,8 @@ def run_serve_bench(cfg: ServeBenchConfig, progress=print) -> dict[str, Any]:
             t.join(timeout=max(0.0, deadline[0] - time.monotonic()) + cfg.timeout_s + 10)
         wall = time.perf_counter() - t0
         hung = [t.name for t in pool if t.is_alive()]
-        with TritonLLMClient(url, MODEL, cfg.timeout_s) as client:
-            stats_after = _server_stats(client)
+        with TritonLLMClient(url, MODEL, cfg.timeout_s) as client:  # the last answers' counts may lag them
+            stats_after = _settled_stats(client, sent + total)
         server.check_alive("during the load phase")
 
     with lock:
