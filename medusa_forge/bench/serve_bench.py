@@ -340,8 +340,10 @@ def run_serve_bench(cfg: ServeBenchConfig, progress=print) -> dict[str, Any]:
             t.join(timeout=max(0.0, deadline[0] - time.monotonic()) + cfg.timeout_s + 10)
         wall = time.perf_counter() - t0
         hung = [t.name for t in pool if t.is_alive()]
+        with lock:
+            answered = sum("tokens" in r for r in records)
         with TritonLLMClient(url, MODEL, cfg.timeout_s) as client:  # the last answers' counts may lag them
-            stats_after = _settled_stats(client, sent + total)
+            stats_after = _settled_stats(client, sent + answered)
         server.check_alive("during the load phase")
 
     with lock:
