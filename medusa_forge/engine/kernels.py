@@ -401,7 +401,8 @@ if HAVE_TRITON:
                 if tail:  # no token's own sequence reaches past prefix + A (the longest path)
                     seq_end = tl.minimum(end, prefix + A)
             # A block past a row's own sequence (all its keys masked) adds exact zeros: the running
-            # max stays, alpha is exactly 1 (or 0 before any visible key), p is 0. So the tail pass
+            # max stays, so alpha is 1 by construction (the select below), and p = exp2(-inf) = 0;
+            # l and acc keep their bits (acc * 1 + 0 . v, v's masked rows loaded as 0). So the tail pass
             # bounds its blocks by the longest path rather than counting this token's ancestors
             # first (a dependent load ahead of every tail program's loop); its second split may run
             # no block at all and store the empty partial, which is what a masked block leaves too.
@@ -439,7 +440,8 @@ if HAVE_TRITON:
                 s = tl.where(vis, s, float("-inf"))
                 m_new = tl.maximum(m_i, tl.reduce(s, 1, _max))
                 m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = tl.exp2(m_i - m_use)
+                # exactly 1 where the max stands (a masked block), not whatever exp2(0) gives
+                alpha = tl.where(m_new == m_i, 1.0, tl.exp2(m_i - m_use))
                 p = tl.exp2(s - m_use[:, None])
                 l_i = l_i * alpha + tl.reduce(p, 1, _add)
                 if EARLY_V:
