@@ -250,7 +250,7 @@ def test_cpu_tensors_and_autograd_take_the_reference_path():
     ("small", 29, SMALL),  # depth-3 paths cross the split boundary at slot 32
     # shallow nodes' sequences end in block [0, 16) of split 0, but the tail pass bounds its blocks
     # by the longest path (slot 18): they run block [16, 32) fully masked after visible keys, which
-    # must leave their partials' bits as they are (exp2(0) == 1 and a zero dot, compiled too)
+    # must leave their partials' bits as they are (alpha selected as 1, p = 0, a zero dot)
     ("small", 15, SMALL),
     ("mc_sim_7b_63", 62, K.AttentionConfig(split=64, block_m=16, block_n=16, early_v=True)),
     ("mc_sim_7b_63", 62, K.AttentionConfig(split=64, block_m=16, block_n=16)),
