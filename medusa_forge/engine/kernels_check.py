@@ -272,8 +272,8 @@ def report(chk: Check) -> str:
                            f"torch {r['torch_us']:8.2f} us   x{r['speedup']:.2f}")
             else:
                 out.append(f"  {r['shape']:<14} split {r['split']:<4} block_m {r['block_m']:<3} "
-                           f"block_n {r.get('block_n', 64):<3} warps {r['warps']:<2} "
-                           f"combine rows {r['combine_rows']:<2} {'early V ' if r.get('early_v') else ''}"
+                           f"block_n {r['block_n']:<3} warps {r['warps']:<2} "
+                           f"combine rows {r['combine_rows']:<2} {'early V ' if r['early_v'] else ''}"
                            f"T={r['T']:<3} {r['triton_us']:8.2f} us")
     for T in sorted({r["T"] for r in chk.rows if r["section"] == "timing"}):
         tri, ref = per_layer_us(chk, T, "triton_us"), per_layer_us(chk, T, "torch_us")
