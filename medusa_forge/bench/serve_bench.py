@@ -341,13 +341,12 @@ def run_serve_bench(cfg: ServeBenchConfig, progress=print) -> dict[str, Any]:
         wall = time.perf_counter() - t0
         hung = [t.name for t in pool if t.is_alive()]
         with lock:
-            answered = sum("tokens" in r for r in records)
+            done = list(records)
+        answered = sum("tokens" in r for r in done)
         with TritonLLMClient(url, MODEL, cfg.timeout_s) as client:  # the last answers' counts may lag them
             stats_after = _settled_stats(client, sent + answered)
         server.check_alive("during the load phase")
 
-    with lock:
-        done = list(records)
     ok = [r for r in done if "error" not in r]
     errors = [r for r in done if "error" in r]
     missing = total - len(done)
