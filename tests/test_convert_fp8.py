@@ -26,8 +26,8 @@ from medusa_forge.convert.trtllm_config import read_config
 from medusa_forge.convert.trtllm_reader import load_trtllm_checkpoint, read_tensors
 from medusa_forge.engine.generation import GenerationConfig
 from medusa_forge.engine.load import load_engine
-from medusa_forge.engine.tokenizer import Tokenizer
 from medusa_forge.errors import ForgeError
+from medusa_forge.model.tokenizer import Tokenizer
 
 GEMMS = ("attention.qkv", "attention.dense", "mlp.fc", "mlp.gate", "mlp.proj")
 CALIB_TOKENS = 64

@@ -18,8 +18,9 @@ from typing import Callable
 import numpy as np
 import pytest
 import torch
+from conftest import FIXTURE_MMLU, make_heads
+from conftest import triton_inputs as _inputs
 
-from conftest import FIXTURE_MMLU, make_heads, triton_inputs as _inputs
 from medusa_forge.cli import main
 from medusa_forge.errors import ForgeError
 from medusa_forge.heads.checkpoint import save_heads
@@ -120,7 +121,7 @@ class Ctx:
 
 
 def tokens(ctx: Ctx, text: str) -> int:
-    from medusa_forge.engine.tokenizer import Tokenizer
+    from medusa_forge.model.tokenizer import Tokenizer
 
     return len(Tokenizer(ctx.engine / "model").encode(text))
 
@@ -306,7 +307,7 @@ REQUESTS = [
 
 @pytest.mark.parametrize("tensors, message", [r[1:] for r in REQUESTS], ids=[r[0] for r in REQUESTS])
 def test_bad_triton_request_gets_the_exact_error_and_the_server_keeps_serving(tensors, message, native_triton):
-    from medusa_forge.engine.tokenizer import Tokenizer
+    from medusa_forge.model.tokenizer import Tokenizer
 
     expected = message.format(n=len(Tokenizer(native_triton.engine_dir / "model").encode(LONG_PROMPT)))
     watched = (native_triton.engine_dir, native_triton.repo)

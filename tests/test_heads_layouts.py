@@ -40,21 +40,21 @@ import shutil
 
 import pytest
 import torch
+from conftest import run_cli
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from conftest import run_cli
 from medusa_forge.engine.generation import GenerationConfig
 from medusa_forge.engine.load import load_engine
 from medusa_forge.engine.medusa_engine import MedusaEngine
-from medusa_forge.engine.tokenizer import Tokenizer
 from medusa_forge.heads.checkpoint import load_heads, read_heads_config, save_heads
 from medusa_forge.heads.cli import TARGET_NAMES
 from medusa_forge.heads.layouts import TARGETS, detect, export_heads, inspect_heads, read
 from medusa_forge.heads.layouts.base import BaseModel
 from medusa_forge.heads.medusa_head import MedusaHeads, MedusaHeadsConfig
 from medusa_forge.model.checkpoint import load_hf_model
+from medusa_forge.model.tokenizer import Tokenizer
 from medusa_forge.tree import ChoiceTree
 
 H, V, K, L = 512, 8192, 4, 1

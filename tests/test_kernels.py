@@ -492,8 +492,8 @@ def test_row_padded_wo_takes_the_attention_output_in_its_padded_input(monkeypatc
     """With ``wo`` row padded (gemm_layout), the attention kernel writes into the first rows of
     wo's [PAD_ROWS, H*D] input (no pad fill and copy launches) and the forward keeps its bits:
     rows of garbage below them cannot reach the rows that are kept."""
-    from medusa_forge.engine.gemm_layout import PAD_ROWS, RowPaddedLinear
     from medusa_forge.model.config import ModelConfig
+    from medusa_forge.model.gemm_layout import PAD_ROWS, RowPaddedLinear
     from medusa_forge.model.llama import Transformer
 
     cfg = ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,

@@ -36,8 +36,13 @@ from torch import Tensor, nn
 
 from medusa_forge.engine import kernels
 from medusa_forge.errors import ForgeError
-from medusa_forge.model.checkpoint import (checkpoint_files, expected_hf_shapes, hf_to_native, tensor_getter,
-                                           read_tensor_headers)
+from medusa_forge.model.checkpoint import (
+    checkpoint_files,
+    expected_hf_shapes,
+    hf_to_native,
+    read_tensor_headers,
+    tensor_getter,
+)
 from medusa_forge.model.config import ModelConfig
 from medusa_forge.model.llama import Transformer
 
@@ -363,7 +368,7 @@ def open_fp8_model(model_dir: str | Path, manifest_extra: dict, device: str | No
     Compute dtype: an explicit non-fp8 ``dtype``, else fp32 when emulating on CPU, else the dtype the
     engine was built for (``extra.fp8.compute_dtype``, bf16 by default).
     """
-    from medusa_forge.engine.load import resolve_device_dtype
+    from medusa_forge.model.dtypes import resolve_device_dtype
 
     activation = read_quantization_config(Path(model_dir))["activation_scheme"]
     dev, _ = resolve_device_dtype(device, None)

@@ -84,7 +84,7 @@ def load_trtllm_checkpoint(ckpt_dir: str | Path, device: str | None = None, dtyp
     ``dequantize``: an FP8 checkpoint's weights become ``e4m3 * weight_scale`` in the compute dtype and
     run as ordinary linears (what the weights lost to FP8, without activation quantization).
     """
-    from medusa_forge.engine.load import resolve_device_dtype
+    from medusa_forge.model.dtypes import resolve_device_dtype
 
     ckpt = read_config(ckpt_dir)
     problems = validate(ckpt, check_values=False)

@@ -4,29 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from medusa_forge.engine.medusa_engine import MedusaEngine
-from medusa_forge.engine.tokenizer import Tokenizer
 from medusa_forge.errors import ForgeError
 from medusa_forge.heads.checkpoint import load_heads
 from medusa_forge.manifest import EngineManifest, is_engine_dir
-from medusa_forge.model.checkpoint import load_hf_model, parse_dtype
+from medusa_forge.model.checkpoint import load_hf_model
+from medusa_forge.model.dtypes import resolve_device_dtype
+from medusa_forge.model.tokenizer import Tokenizer
 from medusa_forge.tree.choice_tree import ChoiceTree
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def resolve_device_dtype(device: str | None, dtype: str | None) -> tuple[torch.device, torch.dtype]:
-    """bf16 on CUDA, fp32 on CPU unless asked otherwise."""
-    dev = torch.device(device) if device else default_device()
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ForgeError("--device cuda requested but no CUDA device is available")
-    dt = parse_dtype(dtype) if dtype else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
-    return dev, dt
-
 
 DEFAULT_TREE = "mc_sim_7b_63"
 

@@ -23,8 +23,8 @@ def _tokenizer(path: str | None):
     """A tokenizer directory, or a native engine directory (its ``model/`` holds the tokenizer)."""
     if path is None:
         return None
-    from medusa_forge.engine.tokenizer import Tokenizer
     from medusa_forge.manifest import is_engine_dir
+    from medusa_forge.model.tokenizer import Tokenizer
 
     path = Path(path)
     if is_engine_dir(path) and (path / "model").is_dir():
@@ -240,8 +240,8 @@ def _close(*backends) -> None:
 def _backend(url, model, timeout, in_process, medusa=None, tree=None, device=None, dtype=None, max_seq_len=None,
              compile_=False, use_medusa=True, temperature=0.0):
     if in_process:
-        from medusa_forge.eval.backends import EngineBackend
         from medusa_forge.engine.cli import open_engine
+        from medusa_forge.eval.backends import EngineBackend
 
         engine = open_engine(model, medusa, tree, device, dtype, max_seq_len, compile_)
         use = use_medusa and engine.tree is not None
