@@ -18,11 +18,12 @@ from pathlib import Path
 import torch
 
 from medusa_forge.atomic import atomic_write_json, atomic_write_text
-from medusa_forge.build.tree_search import device_name, encode_prompts, full_pass
+from medusa_forge.build.tree_search import device_name, encode_prompts
 from medusa_forge.engine.generation import GenerationConfig
 from medusa_forge.engine.load import load_engine
 from medusa_forge.engine.medusa_engine import MedusaEngine
 from medusa_forge.errors import ForgeError
+from medusa_forge.model.forward import full_pass
 from medusa_forge.prompts import Prompt, read_prompts
 from medusa_forge.tree.choice_tree import ChoiceTree
 

@@ -234,7 +234,7 @@ def calibrate_input_scales(model: Transformer, token_lists: Iterable[list[int]])
         def record(module, args, name=name):
             amax[name] = max(amax.get(name, 0.0), float(args[0].detach().abs().amax()))
         hooks.append(model.get_submodule(name).register_forward_pre_hook(record))
-    from medusa_forge.build.tree_search import full_pass
+    from medusa_forge.model.forward import full_pass
 
     try:
         for ids in token_lists:
