@@ -446,7 +446,7 @@ def test_fp8_model_forward_with_norm_fused_quantization_keeps_its_bits(monkeypat
     """A whole fp8 forward (2 layers, every kernel on its Triton path) gives the same hidden states
     whether the norms and SiLU*mul hand their GEMMs e4m3 rows (FP8Linear.normed_input /
     activated_input) or bf16 rows that FP8Linear quantizes itself."""
-    from medusa_forge.build import fp8
+    from medusa_forge.model import fp8_linear as fp8
     from medusa_forge.model.config import ModelConfig
     from medusa_forge.model.llama import Transformer
 

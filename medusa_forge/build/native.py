@@ -2,7 +2,7 @@
 
     medusa_forge.json   manifest: sources, sha256 of the inputs, dtype, tree (+ tree_stats), tool versions
     model/              HF-layout base model in the engine dtype (+ tokenizer files, generation config);
-                        for fp8 the FP8 layout of ``build/fp8.py``
+                        for fp8 the FP8 layout of ``model/fp8_linear.py``
     medusa/             FasterDecoding-layout heads in the compute dtype (absent for a base-only engine)
 
 Every input is validated before anything is written; the directory is assembled in a temporary
@@ -24,14 +24,15 @@ from safetensors.torch import save_file
 
 from medusa_forge import __version__
 from medusa_forge.atomic import atomic_output_dir
-from medusa_forge.build import fp8
 from medusa_forge.build.compare import split_prompts
 from medusa_forge.build.tree_search import SearchConfig, device_name, encode_prompts, search_tree, tree_report
+from medusa_forge.convert import fp8_native
 from medusa_forge.engine.generation import GenerationConfig
 from medusa_forge.engine.load import DEFAULT_TREE, load_engine
 from medusa_forge.errors import ForgeError
 from medusa_forge.heads.checkpoint import load_heads, read_heads_config, save_heads
 from medusa_forge.manifest import EngineManifest, sha256_file
+from medusa_forge.model import fp8_linear as fp8
 from medusa_forge.model.checkpoint import checkpoint_files, expected_hf_shapes, load_hf_model, read_tensor_headers
 from medusa_forge.model.config import ModelConfig
 from medusa_forge.model.dtypes import canonical_dtype, resolve_device_dtype
@@ -148,7 +149,7 @@ def _quantize(model, tokenizer, texts, backend: str, cfg: NativeBuildConfig) -> 
     scales = None
     if cfg.fp8_activation == "static":
         ids = encode_prompts(tokenizer, texts[: cfg.search.calib_limit], cfg.search.prompt_tokens)
-        scales = fp8.calibrate_input_scales(model, ids)
+        scales = fp8_native.calibrate_input_scales(model, ids)
     swapped = fp8.swap_linears(model, backend, scales, cfg.fp8_keep)
     skipped = sorted(set(fp8.linear_names(model)) - set(swapped))
     return {"activation_scheme": cfg.fp8_activation, "compute_dtype": canonical_dtype(cfg.fp8_compute_dtype),
@@ -162,7 +163,7 @@ def _write_model(src: Path, dst: Path, model, headers: dict, dtype: str, cfg: Na
     storage = getattr(torch, _storage_dtype(dtype, cfg))
     replaced: dict[str, torch.Tensor] = {}
     if dtype == "fp8":
-        replaced = fp8.fp8_hf_tensors(model, expected_hf_shapes(model.config))
+        replaced = fp8_native.fp8_hf_tensors(model, expected_hf_shapes(model.config))
     tensors = dict(replaced)
     from safetensors import safe_open  # local: only this writer streams source tensors
 
@@ -179,7 +180,7 @@ def _write_model(src: Path, dst: Path, model, headers: dict, dtype: str, cfg: Na
         if key in config or key == "torch_dtype":
             config[key] = _storage_dtype(dtype, cfg)
     if dtype == "fp8":
-        config["quantization_config"] = fp8.quantization_config(cfg.fp8_activation)
+        config["quantization_config"] = fp8_native.quantization_config(cfg.fp8_activation)
     (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     for name in TOKENIZER_FILES:
         if (src / name).is_file():

@@ -10,6 +10,7 @@ from medusa_forge.heads.checkpoint import load_heads
 from medusa_forge.manifest import EngineManifest, is_engine_dir
 from medusa_forge.model.checkpoint import load_hf_model
 from medusa_forge.model.dtypes import resolve_device_dtype
+from medusa_forge.model.fp8_linear import open_fp8_model
 from medusa_forge.model.tokenizer import Tokenizer
 from medusa_forge.tree.choice_tree import ChoiceTree
 
@@ -44,8 +45,6 @@ def load_engine(model_dir: str | Path, medusa_dir: str | Path | None = None, tre
         max_seq_len = max_seq_len or manifest.max_seq_len
         model_dir = model_dir / "model"
         if manifest.dtype == "fp8":
-            from medusa_forge.build.fp8 import open_fp8_model
-
             model, dtype = open_fp8_model(model_dir, manifest.extra, device, dtype, fp8_emulate)
     elif is_trtllm_checkpoint(model_dir):  # `convert trtllm` output: base model and heads in rank*.safetensors
         ckpt = load_trtllm_checkpoint(model_dir, device, dtype, fp8_emulate)
