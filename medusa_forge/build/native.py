@@ -31,14 +31,13 @@ from medusa_forge.engine.generation import GenerationConfig
 from medusa_forge.engine.load import DEFAULT_TREE, load_engine
 from medusa_forge.errors import ForgeError
 from medusa_forge.heads.checkpoint import load_heads, read_heads_config, save_heads
-from medusa_forge.manifest import EngineManifest, sha256_file
+from medusa_forge.manifest import EngineManifest, read_tree, sha256_file
 from medusa_forge.model import fp8_linear as fp8
 from medusa_forge.model.checkpoint import checkpoint_files, expected_hf_shapes, load_hf_model, read_tensor_headers
 from medusa_forge.model.config import ModelConfig
 from medusa_forge.model.dtypes import canonical_dtype, resolve_device_dtype
 from medusa_forge.model.tokenizer import Tokenizer
 from medusa_forge.prompts import read_prompts
-from medusa_forge.tree.choice_tree import ChoiceTree
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja")
@@ -88,7 +87,7 @@ def build_native(cfg: NativeBuildConfig) -> EngineManifest:
             raise ForgeError(f"{cfg.medusa_dir}: Medusa heads directory not found")
         num_heads = read_heads_config(Path(cfg.medusa_dir))["medusa_num_heads"]
         if cfg.tree != "auto":
-            tree = ChoiceTree.parse(cfg.tree or DEFAULT_TREE)
+            tree = read_tree(cfg.tree or DEFAULT_TREE)
             tree.check_heads(num_heads)
     max_seq_len = min(cfg.max_seq_len or 2048, model_cfg.max_position_embeddings)
     if max_seq_len < 16:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from medusa_forge.engine.cli import engine_options
+from medusa_forge.engine.options import engine_options
 from medusa_forge.errors import ForgeError
 
 
