@@ -186,11 +186,11 @@ CASES: list[Case] = [
      lambda c: "empty prompt: give at least one token of input"),
     ("generate: max-new-tokens past the engine's cache", lambda c: ["generate", "--model", c.engine, "--prompt", "x",
                                                                    "--max-new-tokens", "2100"],
-     lambda c: "prompt (2 tokens) + max_new_tokens (2100) + tree (2) = 2104 exceeds the KV cache of 2048 tokens"),
+     lambda c: "prompt (2 tokens) + max_new_tokens (2100) + tree (16) = 2118 exceeds the KV cache of 2048 tokens"),
     ("generate: prompt past the engine's max input", lambda c: ["generate", "--model", c.engine, "--prompt", LONG_PROMPT,
                                                                "--max-new-tokens", "2"],
-     lambda c: f"prompt of {tokens(c, LONG_PROMPT)} tokens is longer than the engine's max input of 2045 tokens (it "
-               "exceeds the KV cache of 2048 tokens less 2 for the tree and 1 to generate); shorten the prompt or use a "
+     lambda c: f"prompt of {tokens(c, LONG_PROMPT)} tokens is longer than the engine's max input of 2031 tokens (it "
+               "exceeds the KV cache of 2048 tokens less 16 for the tree and 1 to generate); shorten the prompt or use a "
                "larger --max-seq-len"),
     ("build: max-seq-len 8", lambda c: ["build", "native", "--model", c.model, "--max-seq-len", "8", "--out", c.out / "e"],
      lambda c: "--max-seq-len 8 is too small (need >= 16)"),
