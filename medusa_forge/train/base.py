@@ -1,8 +1,5 @@
-"""The frozen base model as training needs it: full-sequence hidden states and batched decoding.
-
-Both run on the one decoder (:class:`~medusa_forge.model.llama.Transformer`) through its static
-KV cache, sized here for a batch: a full causal forward over slots 0..T-1 is exactly a cache-free
-forward, so no second attention path exists.
+"""The frozen base model as training needs it: batched decoding (its full-sequence hidden states are
+``model.forward.hidden_states``), on the one decoder through its static KV cache sized for the batch.
 
 Batched decoding left-pads the prompts of a batch to one length, so every row shares positions and
 cache slots and each step is one [B, 1] forward. A row's padding is masked out of every other
