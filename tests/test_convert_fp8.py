@@ -20,11 +20,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from medusa_forge.build.open import open_engine
 from medusa_forge.convert.trtllm_checkpoint import ConvertOptions, convert_trtllm
 from medusa_forge.convert.trtllm_config import read_config
 from medusa_forge.convert.trtllm_reader import load_trtllm_checkpoint, read_tensors
 from medusa_forge.engine.generation import GenerationConfig
-from medusa_forge.build.open import open_engine
 from medusa_forge.errors import ForgeError
 from medusa_forge.model.forward import full_pass
 from medusa_forge.model.tokenizer import Tokenizer

@@ -24,13 +24,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from conftest import run_cli
+from medusa_forge.build.open import open_engine
 from medusa_forge.cli import main
 from medusa_forge.convert.trtllm_checkpoint import ConvertOptions, convert_trtllm
 from medusa_forge.convert.trtllm_config import CheckpointSpec
 from medusa_forge.convert.trtllm_names import entries, merge, shard
 from medusa_forge.convert.trtllm_reader import load_trtllm_checkpoint
 from medusa_forge.engine.generation import GenerationConfig
-from medusa_forge.build.open import open_engine
 from medusa_forge.errors import ForgeError
 from medusa_forge.heads.checkpoint import save_heads
 from medusa_forge.heads.medusa_head import MedusaHeads, MedusaHeadsConfig
