@@ -18,7 +18,8 @@ from pathlib import Path
 import click
 import torch
 
-from medusa_forge.bench.step_latency import LLAMA3_8B, copy_bandwidth_gb_s, time_graph
+from medusa_forge.bench.shapes import LLAMA3_8B
+from medusa_forge.bench.step_latency import copy_bandwidth_gb_s, time_graph
 from medusa_forge.model.gemm_layout import rows_invariant
 
 

@@ -11,15 +11,12 @@ from dataclasses import dataclass
 
 import torch
 
+from medusa_forge.bench.shapes import LLAMA3_8B
 from medusa_forge.engine.cuda_graphs import capture
 from medusa_forge.heads.medusa_head import MedusaHeads, MedusaHeadsConfig
 from medusa_forge.model.config import ModelConfig
 from medusa_forge.model.llama import Transformer
 from medusa_forge.tree.choice_tree import ChoiceTree
-
-LLAMA3_8B = ModelConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
-                        num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=500000.0,
-                        max_position_embeddings=8192, eos_token_ids=(128001,))
 
 
 @dataclass

@@ -1,0 +1,68 @@
+"""What a benchmark result records about where it ran: the commit, the device, the host."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+
+def source_commit() -> str:
+    """The commit the running code is: MEDUSA_FORGE_COMMIT when set (a copied tree whose .git is
+    missing or stale, as on the GPU machine), else ``git describe --always --dirty``, so a tree
+    that differs from its HEAD says so ("<sha>-dirty") instead of passing for that commit."""
+    commit = os.environ.get("MEDUSA_FORGE_COMMIT", "")
+    try:
+        commit = commit or subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--abbrev=7"],
+            capture_output=True,
+            text=True,
+            check=False,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip()
+    except OSError:
+        pass
+    return commit or "unknown"
+
+
+def run_metadata() -> dict:
+    """What a result needs to be reproducible: commit, device, library versions, time."""
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+    return {
+        "commit": source_commit(),
+        "device": device,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def machine() -> dict[str, Any]:
+    """The host, for the result: CPU model, cores usable here, torch threads, GPU if any."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count() or 1
+    return {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "usable_cores": usable,
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "platform": platform.platform(),
+    }
