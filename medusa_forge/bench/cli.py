@@ -3,40 +3,22 @@
 from __future__ import annotations
 
 import json
-import os
-import platform
-import subprocess
-from datetime import datetime, timezone
 from pathlib import Path
 
 import click
 
 from medusa_forge.atomic import atomic_write_json, atomic_write_text
-from medusa_forge.engine.options import dtype_option, engine_options, medusa_option, no_medusa_option, tree_option
+from medusa_forge.bench.meta import run_metadata, source_commit  # noqa: F401 - source_commit: bench.cli's API
+from medusa_forge.bench.serve_sweep import DEFAULT_BATCH, MODES
+from medusa_forge.bench.soak import soak as _soak
+from medusa_forge.engine.options import (
+    dtype_option,
+    engine_options,
+    medusa_option,
+    no_medusa_option,
+    tree_option,
+)
 from medusa_forge.tree.choice_tree import ChoiceTree
-
-
-def source_commit() -> str:
-    """The commit the running code is: MEDUSA_FORGE_COMMIT when set (a copied tree whose .git is
-    missing or stale, as on the GPU machine), else ``git describe --always --dirty``, so a tree
-    that differs from its HEAD says so ("<sha>-dirty") instead of passing for that commit."""
-    commit = os.environ.get("MEDUSA_FORGE_COMMIT", "")
-    try:
-        commit = commit or subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"],
-                                          capture_output=True, text=True, check=False,
-                                          cwd=Path(__file__).resolve().parent).stdout.strip()
-    except OSError:
-        pass
-    return commit or "unknown"
-
-
-def run_metadata() -> dict:
-    """What a result needs to be reproducible: commit, device, library versions, time."""
-    import torch
-
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
-    return {"commit": source_commit(), "device": device, "torch": torch.__version__,
-            "python": platform.python_version(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
 @click.group()
@@ -81,7 +63,8 @@ def bench_step_cmd(shape, tree, num_heads, context, out):
     """Single-token and tree step latency at a large shape (random bf16 weights) vs the HBM floor (CUDA)."""
     import torch
 
-    from medusa_forge.bench.step_latency import LLAMA3_8B, measure
+    from medusa_forge.bench.shapes import LLAMA3_8B
+    from medusa_forge.bench.step_latency import measure
     from medusa_forge.errors import ForgeError
 
     if not torch.cuda.is_available():
@@ -149,7 +132,8 @@ def bench_profile_cmd(model, tree, context, fp8, out):
 
     import torch
 
-    from medusa_forge.bench.step_latency import LLAMA3_8B, prefill_and_reset, random_engine
+    from medusa_forge.bench.shapes import LLAMA3_8B
+    from medusa_forge.bench.step_latency import prefill_and_reset, random_engine
     from medusa_forge.bench.step_profile import format_table, kernel_table
     from medusa_forge.engine.generation import GenerationConfig
     from medusa_forge.errors import ForgeError
@@ -220,7 +204,14 @@ def bench_suite_cmd(model, medusa, prompts, per_topic, peer_per_topic, trees, ma
 @tree_option("HF model dir only: choice tree.")
 @dtype_option("HF model dir only: engine dtype (default: fp32 on CPU, bf16 on CUDA).")
 @no_medusa_option("Serve plain decoding of the engine (default: Medusa when it has heads).")
-@click.option("--clients", default=32, show_default=True, help="Concurrent gRPC clients (one thread each).")
+@click.option("--clients", default="1,2,4,8,16,32", show_default=True,
+              help="Concurrent gRPC clients (one thread each). One count: the full single-mode check (sequential "
+                   "answers against the engine in process, gRPC overhead, load); several: the sweep over --modes.")
+@click.option("--modes", default=",".join(MODES), show_default=True,
+              help="Sweep only: served modes, plain|medusa x serial|batched (Medusa modes need heads).")
+@click.option("--max-batch-size", type=int, default=None,
+              help=f"Request slots the batched modes decode together (sweep default {DEFAULT_BATCH}); with one "
+                   "--clients count, the served model's (default: the engine's; 1: serial).")
 @click.option("--requests", default=10, show_default=True, help="Requests per client.")
 @click.option("--max-tokens", "--max_tokens", "max_tokens", default=16, show_default=True,
               help="New tokens per request (EOS ignored, so every answer has this length).")
@@ -244,28 +235,56 @@ def bench_suite_cmd(model, medusa, prompts, per_topic, peer_per_topic, trees, ma
 @click.option("--workdir", type=click.Path(), default=None,
               help="Keep the built engine, the repository and tritonserver.log here (default: a temporary dir).")
 @click.option("--out", default=None, type=click.Path(), help="Write the JSON here (and a .md summary beside it).")
-def bench_serve_cmd(engine, medusa, tree, dtype, no_medusa, clients, requests, max_tokens, prompts, num_prompts,
-                    max_prompt_chars, stream, keep_stream, overhead_trials, warmup, timeout, time_limit, instances,
-                    torch_threads, goal_overhead_ms, workdir, out):
-    """Concurrent gRPC clients against a real tritonserver: zero errors, every answer the sequential one,
-    p50/p90/p99 latency, and the gRPC overhead against the same engine in process (exit 1 if a check fails)."""
-    import sys
+def bench_serve_cmd(engine, medusa, tree, dtype, no_medusa, clients, modes, max_batch_size, requests, max_tokens,
+                    prompts, num_prompts, max_prompt_chars, stream, keep_stream, overhead_trials, warmup, timeout,
+                    time_limit, instances, torch_threads, goal_overhead_ms, workdir, out):
+    """Concurrent gRPC clients against a real tritonserver: zero errors, every answer the sequential one.
+    One --clients count: p50/p90/p99 latency and the gRPC overhead against the same engine in process.
+    Several: aggregate tok/s, p50/p99 latency and TTFT per client count for plain and Medusa decoding,
+    batched against serial (JSON, Markdown, PNG). Exit 1 if a check fails."""
+    from medusa_forge.bench.serve_bench import ServeBenchConfig
 
-    from medusa_forge.bench.serve_bench import DEFAULT_PROMPTS, ServeBenchConfig, run_serve_bench, summary_lines
+    counts = _client_counts(clients)
+    cfg = ServeBenchConfig(engine=Path(engine), medusa=Path(medusa) if medusa else None, tree=tree, dtype=dtype,
+                           use_medusa=False if no_medusa else None, clients=counts[0], requests=requests,
+                           max_tokens=max_tokens, prompts=_serve_prompts(prompts, num_prompts, max_prompt_chars),
+                           stream=stream, keep_stream=keep_stream, overhead_trials=overhead_trials, warmup=warmup,
+                           timeout_s=timeout, time_limit_s=time_limit, instances=instances,
+                           torch_threads=torch_threads, goal_overhead_ms=goal_overhead_ms,
+                           max_batch_size=max_batch_size, workdir=Path(workdir) if workdir else None)
+    if len(counts) == 1:
+        _serve_single(cfg, out)
+    else:
+        _serve_sweep(cfg, counts, modes, out)
+
+
+def _client_counts(text: str) -> list[int]:
+    from medusa_forge.errors import ForgeError
+
+    try:
+        counts = [int(c) for c in str(text).split(",") if c.strip()]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise ForgeError(f"--clients {text!r}: give a count >= 1 or a comma-separated list of them")
+    return sorted(dict.fromkeys(counts))
+
+
+def _serve_prompts(path, num_prompts: int, max_prompt_chars: int) -> list[str]:
+    from medusa_forge.bench.serve_bench import DEFAULT_PROMPTS
     from medusa_forge.eval.speed import clip_prompt
 
     texts = list(DEFAULT_PROMPTS)
-    if prompts:
+    if path:
         from medusa_forge.prompts import read_prompts
 
-        texts = [p.prompt for p in read_prompts(prompts)]
-    texts = [clip_prompt(t, max_prompt_chars) for t in texts[:max(1, num_prompts)]]
-    cfg = ServeBenchConfig(engine=Path(engine), medusa=Path(medusa) if medusa else None, tree=tree, dtype=dtype,
-                           use_medusa=False if no_medusa else None, clients=clients, requests=requests,
-                           max_tokens=max_tokens, prompts=texts, stream=stream, keep_stream=keep_stream,
-                           overhead_trials=overhead_trials, warmup=warmup, timeout_s=timeout, time_limit_s=time_limit,
-                           instances=instances, torch_threads=torch_threads, goal_overhead_ms=goal_overhead_ms,
-                           workdir=Path(workdir) if workdir else None)
+        texts = [p.prompt for p in read_prompts(path)]
+    return [clip_prompt(t, max_prompt_chars) for t in texts[:max(1, num_prompts)]]
+
+
+def _serve_single(cfg, out) -> None:
+    from medusa_forge.bench.serve_bench import run_serve_bench, summary_lines
+
     doc = run_serve_bench(cfg, progress=lambda m: click.echo(m, err=True))
     doc["meta"] = run_metadata()
     lines = summary_lines(doc)
@@ -273,13 +292,36 @@ def bench_serve_cmd(engine, medusa, tree, dtype, no_medusa, clients, requests, m
     if out:
         atomic_write_json(out, doc)
         atomic_write_text(Path(out).with_suffix(".md"), "\n".join(lines) + "\n")
+    _exit_unless_passed(doc, doc["load"]["error_samples"])
+
+
+def _serve_sweep(cfg, counts: list[int], modes: str, out) -> None:
+    from medusa_forge.bench.serve_sweep import (
+        markdown,
+        parse_modes,
+        plot,
+        run_serve_sweep,
+        summary_lines,
+    )
+
+    doc = run_serve_sweep(cfg, counts, parse_modes(modes), progress=lambda m: click.echo(m, err=True))
+    doc["meta"] = run_metadata()
+    click.echo("\n".join(summary_lines(doc)))
+    if out:
+        atomic_write_json(out, doc)
+        atomic_write_text(Path(out).with_suffix(".md"), markdown(doc))
+        plot(doc, Path(out).with_suffix(".png"))
+    _exit_unless_passed(doc, sorted({s for r in doc["rows"] for s in r["error_samples"]})[:5])
+
+
+def _exit_unless_passed(doc: dict, error_samples: list[str]) -> None:
+    import sys
+
     if not doc["passed"]:
         failed = [k for k, v in doc["checks"].items() if not v]
-        click.echo(f"bench serve FAILED: {', '.join(failed)} (errors: {doc['load']['error_samples']})", err=True)
+        click.echo(f"bench serve FAILED: {', '.join(failed)} (errors: {error_samples})", err=True)
         sys.exit(1)
 
 
 # `bench soak` lives with its load loop (also runnable as `python -m medusa_forge.bench.soak`).
-from medusa_forge.bench.soak import soak as _soak  # noqa: E402
-
 bench.add_command(_soak, "soak")

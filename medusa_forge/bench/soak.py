@@ -38,6 +38,8 @@ from typing import Any, Callable
 import click
 import numpy as np
 
+from medusa_forge.bench.harness import ServedModel, sequential_answers, serving
+from medusa_forge.bench.stats import percentiles
 from medusa_forge.errors import ForgeError
 
 
@@ -171,20 +173,6 @@ class _Tally:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-def sequential_answers(url: str, models: list[str], prompts: list[str], max_tokens: int,
-                       timeout_s: float) -> dict[tuple[str, int], tuple[list[int], str]]:
-    """What one client alone gets for every (model, prompt): the reference for every soak answer."""
-    from medusa_forge.serve.client import TritonLLMClient
-
-    out = {}
-    for m in models:
-        with TritonLLMClient(url, m, timeout_s) as c:
-            for i, p in enumerate(prompts):
-                r = c.generate(p, max_tokens, stream=True, end_id=-1)
-                out[m, i] = (r.output_tokens, r.text)
-    return out
-
-
 def _client_loop(i: int, url: str, models: list[str], prompts: list[str], reference: dict, cfg: SoakConfig,
                  deadline: float, t0: float, tally: _Tally) -> None:
     from medusa_forge.serve.client import TritonLLMClient
@@ -230,12 +218,6 @@ def _client_loop(i: int, url: str, models: list[str], prompts: list[str], refere
         client.close()
 
 
-def _pct(values: list[float]) -> dict[str, float]:
-    if not values:
-        return {"p50": 0.0, "p90": 0.0, "p99": 0.0, "max": 0.0}
-    return {f"p{q}": round(float(np.percentile(values, q)), 2) for q in (50, 90, 99)} | {"max": round(max(values), 2)}
-
-
 def run_soak(url: str, models: list[str], prompts: list[str], server_pid: int, cfg: SoakConfig,
              progress: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
     """Soak the server at ``url`` (process ``server_pid``); returns the result document."""
@@ -245,7 +227,8 @@ def run_soak(url: str, models: list[str], prompts: list[str], server_pid: int, c
         raise ForgeError(f"--warmup {cfg.warmup_s:g} s must be shorter than --duration {cfg.duration_s:g} s")
     probe = RssProbe(server_pid)
     progress(f"sequential answers: {len(models)} model(s) x {len(prompts)} prompts")
-    reference = sequential_answers(url, models, prompts, cfg.max_tokens, cfg.timeout_s)
+    answers = sequential_answers(url, models, prompts, cfg.max_tokens, cfg.timeout_s)
+    reference = {k: (v["tokens"], v["text"]) for k, v in answers.items()}
     load_before = os.getloadavg()
     t0 = time.monotonic()
     sampler = Sampler(probe, cfg.sample_every_s, t0)
@@ -291,8 +274,8 @@ def run_soak(url: str, models: list[str], prompts: list[str], server_pid: int, c
                      "errors": len(tally.errors), "mismatches": len(tally.mismatches), "per_model": per_model},
         "throughput": {"answers_per_s": round(len(done) / wall, 3),
                        "tokens_per_s": round(sum(r["tokens"] for r in done) / wall, 2)},
-        "latency_ms": _pct([1e3 * r["total_s"] for r in steady]),
-        "ttft_ms": _pct([1e3 * r["ttft_s"] for r in steady]),
+        "latency_ms": percentiles([1e3 * r["total_s"] for r in steady]),
+        "ttft_ms": percentiles([1e3 * r["ttft_s"] for r in steady]),
         "rss": rss,
         "error_samples": tally.errors[:5],
         "mismatch_samples": tally.mismatches[:3],
@@ -334,20 +317,12 @@ def markdown(doc: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- serving
-def _server(engine: Path, workdir: Path, torch_threads: int | None, progress):
-    """A repository with `medusa` (when the engine has heads) and `base`, and a tritonserver for it (not started)."""
+def _served_models(engine: Path) -> list[ServedModel]:
+    """`medusa` (when the engine has heads) and `base`: the same weights, Medusa and plain decoding."""
     from medusa_forge.manifest import EngineManifest
-    from medusa_forge.serve.triton_repo import RepoRequest, write_triton_repo
-    from medusa_forge.serve.tritonserver import TritonServer
 
-    manifest = EngineManifest.load(engine)
-    repo = workdir / "repo"
-    models = (["medusa"] if manifest.medusa_choices else []) + ["base"]
-    for k, name in enumerate(models):
-        write_triton_repo(RepoRequest(engine=engine, out=repo, name=name, decoupled=True, use_medusa=name == "medusa",
-                                      torch_threads=torch_threads, add=k > 0, overwrite=k == 0))
-    progress(f"starting tritonserver on {repo} (log: {workdir / 'tritonserver.log'})")
-    return TritonServer(repo, exit_timeout_s=10, log_path=workdir / "tritonserver.log"), models
+    names = (["medusa"] if EngineManifest.load(engine).medusa_choices else []) + ["base"]
+    return [ServedModel(n, n == "medusa") for n in names]
 
 
 @click.command(context_settings={"max_content_width": 110})
@@ -376,7 +351,7 @@ def soak(engine, url, server_pid, models, prompts, num_prompts, max_prompt_chars
     """Many streaming clients, some walking away mid-stream, for a while: zero errors, every answer the
     sequential one, bounded server memory (exit 1 when a check fails)."""
     from medusa_forge.atomic import atomic_write_json, atomic_write_text
-    from medusa_forge.bench.cli import run_metadata
+    from medusa_forge.bench.meta import run_metadata
     from medusa_forge.eval.speed import clip_prompt
     from medusa_forge.prompts import read_prompts
 
@@ -398,9 +373,11 @@ def soak(engine, url, server_pid, models, prompts, num_prompts, max_prompt_chars
         if engine is not None:
             work = Path(workdir) if workdir else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="soak-")))
             work.mkdir(parents=True, exist_ok=True)
-            server, names = _server(Path(engine), work, torch_threads, say)
-            stack.enter_context(server)
-            url, server_pid = server.grpc_url, server.proc.pid
+            served = _served_models(Path(engine))
+            live = stack.enter_context(serving(Path(engine), work, served, torch_threads, exit_timeout_s=10,
+                                               progress=say))
+            server, names = live.server, [m.name for m in served]
+            url, server_pid = live.url, server.proc.pid
         doc = run_soak(url, names, texts, server_pid, cfg, say)
         if server is not None:
             server.check_alive("during the soak")
