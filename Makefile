@@ -1,6 +1,6 @@
 # medusa-forge pipeline targets. Every knob is a variable (docs/build.md has the details):
 #
-#   make demo                                                 # CPU-friendly tour: heads -> engine -> generate -> repo
+#   make demo                                                 # the whole job on CPU: engines, Triton, eval, promote
 #   make native-engine MEDUSA=heads/ DTYPE=bf16 TREE=small    # native engine (+ smoke generate + Triton repo)
 #   make native-engine MEDUSA=heads/ DTYPE=fp8                # FP8 GEMMs on an H100 (FP8_EMULATE=1 elsewhere)
 #   make native-engine MEDUSA=heads/ TREE=auto                # tree searched on this device (CALIB prompts)
@@ -23,7 +23,7 @@ CALIB       ?= $(if $(filter auto,$(TREE)),$(PROMPTS))
 CALIB_SPLIT ?= even
 FP8_EMULATE ?=
 MAX_BATCH   ?= 8
-OUT         ?= build
+OUT         ?= out
 RESULTS     ?= bench/results
 PROMPT      ?= def fibonacci(n):
 TRITON_TAG  ?= 24.07
@@ -57,13 +57,12 @@ CALIB_ARGS    = $(if $(CALIB),--calib-prompts $(CALIB) --calib-split $(CALIB_SPL
 EMULATE       = $(if $(FP8_EMULATE),--fp8-emulate)
 
 # ---------------------------------------------------------------------------------------- demo
-DEMO_DIR           ?= $(OUT)/demo
-DEMO_DEVICE        ?= $(if $(filter 1,$(CUDA)),cuda,cpu)
-DEMO_TRAIN_PROMPTS ?= 256
-DEMO_HEADS_N       ?= 4
-DEMO_TREE          ?= auto
-DEMO_PROMPT_LINES  ?= 4p;8p
-DEMO_NEW_TOKENS    ?= 64
+DEMO_DIR        ?= $(OUT)/demo
+DEMO_HEADS      ?=
+DEMO_TREE       ?=
+DEMO_PER_TOPIC  ?= 2
+DEMO_NEW_TOKENS ?= 64
+DEMO_ARGS       ?=
 
 .PHONY: help demo engine engine-dry-run native-engine fp8-check tree-check test lint docker check-medusa
 
@@ -106,24 +105,13 @@ tree-check: check-medusa
 	$(MF) build compare-trees --engine $(NATIVE_ENGINE) --trees engine,mc_sim_7b_63,chain-5 \
 		--prompts $(PROMPTS) --split odd $(EMULATE) --out $(RESULTS)/trees_auto_vs_presets.json
 
-# The README's first run: self-distilled heads on the shipped model, a native engine with a searched
-# tree, two held-out prompts with tokens/step, and a Triton repository. A few minutes on 2 CPU cores.
+# The README's first run: the shipped heads (or DEMO_HEADS) -> a base and a Medusa native engine -> one
+# tritonserver hosting both -> a streamed gRPC query -> eval mmlu / speed / report -> promote (the
+# candidate passes, a degraded one is rejected) -> a summary table. A few minutes on 2 CPU cores.
 demo:
-	mkdir -p $(DEMO_DIR)
-	$(MF) train-heads --model $(MODEL) --out $(DEMO_DIR)/heads --self-distill \
-		--prompts-from-python-sources $(DEMO_TRAIN_PROMPTS) --distill-new-tokens 64 --exclude-sources $(PROMPTS) \
-		--num-heads $(DEMO_HEADS_N) --num-layers 1 --max-seq-len 128 --batch-size 16 --epochs 1 --lr 3e-3 \
-		--eval-every 8 --device $(DEMO_DEVICE) --no-progress --overwrite
-	$(MF) build native --model $(MODEL) --medusa $(DEMO_DIR)/heads --out $(DEMO_DIR)/engine \
-		--medusa-choices $(DEMO_TREE) --calib-prompts $(PROMPTS) --calib-split even --calib-limit 8 \
-		--calib-prompt-tokens 128 --calib-new-tokens 48 --search-sizes 1,2,4,8,16 --max-tree-nodes 16 \
-		--timing-prompts 2 --timing-tokens 32 --max-seq-len 512 --device $(DEMO_DEVICE) --overwrite
-	sed -n '$(DEMO_PROMPT_LINES)' $(PROMPTS) > $(DEMO_DIR)/prompts.jsonl
-	$(MF) generate --model $(DEMO_DIR)/engine --medusa $(DEMO_DIR)/engine/medusa \
-		--prompt-file $(DEMO_DIR)/prompts.jsonl --max-new-tokens $(DEMO_NEW_TOKENS) --stats
-	$(MF) triton-repo --engine $(DEMO_DIR)/engine --out $(DEMO_DIR)/triton-repo --overwrite
-	@echo "demo done: heads $(DEMO_DIR)/heads, engine $(DEMO_DIR)/engine, Triton repo $(DEMO_DIR)/triton-repo" \
-		"(serve it: $(MF) serve --repo $(DEMO_DIR)/triton-repo)"
+	$(MF) demo --model $(MODEL) --prompts $(PROMPTS) --out $(DEMO_DIR) $(if $(DEMO_HEADS),--heads $(DEMO_HEADS)) \
+		$(if $(DEMO_TREE),--medusa-choices $(DEMO_TREE)) --per-topic $(DEMO_PER_TOPIC) \
+		--max-tokens $(DEMO_NEW_TOKENS) $(DEMO_ARGS)
 
 test:
 	$(PYTHON) -m pytest -q
