@@ -116,16 +116,28 @@ def build_engines(run: DemoRun) -> None:
     cfg = run.cfg
     dtype = cfg.dtype or ("bfloat16" if cfg.on_cuda else "float32")
     common = {"model_dir": Path(cfg.model), "dtype": dtype, "device": cfg.device, "max_seq_len": cfg.max_seq_len,
-                  "overwrite": True, "verify_tokens": 8}
+              "overwrite": True, "verify_tokens": 8}
     with stage(run, f"build a base and a Medusa native engine ({dtype})"):
         build_native(NativeBuildConfig(out_dir=run.path("engine-base"), **common))
         manifest = build_native(NativeBuildConfig(out_dir=run.path("engine-medusa"), medusa_dir=run.heads,
-                                                  tree=run.tree, **common))
+                                                  tree=run.tree, **common, **tree_search(run)))
     verify = manifest.extra.get("verify", {})
     run.results["engine"] = {"dtype": dtype, "device": manifest.extra.get("build_device"),
                              "tree_nodes": len(manifest.medusa_choices or []), "tree": run.tree or "default",
                              "heads": str(run.heads), "num_heads": manifest.num_medusa_heads,
                              "verify_identical": verify.get("medusa_equals_greedy")}
+
+
+def tree_search(run: DemoRun) -> dict:
+    """``auto``: search the tree on the even held-out lines, at sizes that suit the device."""
+    if run.tree != "auto":
+        return {}
+    from medusa_forge.build.tree_search import SearchConfig
+
+    sizes = (8, 16, 32, 48, 63) if run.cfg.on_cuda else (1, 2, 4, 8, 16)
+    search = SearchConfig(calib_limit=8, prompt_tokens=128, new_tokens=48, max_nodes=sizes[-1], sizes=sizes,
+                          timing_prompts=2, timing_tokens=32)
+    return {"calib_prompts": Path(run.cfg.prompts), "calib_split": "even", "search": search}
 
 
 def write_repo(run: DemoRun) -> Path:

@@ -20,6 +20,7 @@ def summarize(run) -> dict[str, Any]:
     overall = speed["overall"]
     return {
         "engine": run.results["engine"],
+        "server": run.results["server"],
         "query": run.results["query"],
         "tokens_per_step": overall["medusa"]["mean_acceptance_length"],
         "speed": {
