@@ -81,6 +81,7 @@ def render(summary: dict[str, Any], console=None) -> None:
                                               f"delta {m['delta_points']:+.2f} points, same answer "
                                               f"{m['same_answers']}/{m['questions']}")
     t.add_row("greedy outputs identical", f"{ident['identical']}/{ident['prompts']} prompts")
+    t.add_row("promotion gates", f"MMLU drop 0, identical answers and outputs, slowest topic >= {p['min_speedup']}x")
     t.add_row("promote candidate", f"promoted {p['version']}: {_rel(p['current'])}" if p["promoted"]
               else f"REJECTED ({', '.join(p['failed_gates'])})")
     t.add_row("promote degraded candidate",
