@@ -90,7 +90,7 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        self.wqkv = nn.Linear(cfg.hidden_size, q + 2 * kv, bias=False)
+        self.wqkv = nn.Linear(cfg.hidden_size, q + 2 * kv, bias=cfg.qkv_bias)
         self.wo = nn.Linear(q, cfg.hidden_size, bias=False)
         self.kv_cache: KVCache | None = None
 
