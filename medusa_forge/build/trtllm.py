@@ -38,13 +38,12 @@ from typing import Callable
 from medusa_forge import __version__
 from medusa_forge.atomic import atomic_output_dir
 from medusa_forge.convert.trtllm_checkpoint import TOKENIZER_FILES
-from medusa_forge.convert.trtllm_config import TRTLLM_COMMIT, TRTLLM_VERSION, CheckpointConfig, read_config
+from medusa_forge.convert.trtllm_config import DEFAULT_TREE, CheckpointConfig, read_config
 from medusa_forge.errors import ForgeError
 from medusa_forge.manifest import MANIFEST_NAME, EngineManifest, sha256_file
 from medusa_forge.tree.choice_tree import ChoiceTree
 
 GEMM_PLUGIN_CHOICES = ("auto", "float16", "bfloat16", "float32", "fp8", "disable")
-DEFAULT_TREE = "mc_sim_7b_63"
 DEFAULT_MAX_SEQ_LEN = 2048
 DEFAULT_MAX_INPUT_LEN = 1024
 

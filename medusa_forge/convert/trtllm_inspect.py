@@ -39,6 +39,10 @@ class Inspection:
     def ok(self) -> bool:
         return not self.problems
 
+    @property
+    def profile(self) -> str:
+        return self.config.profile.version
+
     def summary_lines(self) -> list[str]:
         s, d = self.config.spec, self.config.raw
         quant = s.quant_algo or "none"
