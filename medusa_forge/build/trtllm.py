@@ -87,20 +87,27 @@ class TrtllmPlan:
         return "fp8" if self.checkpoint.spec.fp8 else self.dtype
 
     def command(self, output_dir: str | Path, trtllm_build: str = "trtllm-build") -> list[str]:
-        return [trtllm_build,
-                "--checkpoint_dir", str(self.checkpoint.directory),
-                "--output_dir", str(output_dir),
-                "--speculative_decoding_mode", "medusa",
-                "--max_draft_len", str(self.checkpoint.max_draft_len),
-                "--gemm_plugin", self.gemm_plugin,
-                "--gpt_attention_plugin", self.dtype,
-                "--paged_kv_cache", "enable",
-                "--remove_input_padding", "enable",
-                "--max_batch_size", str(self.max_batch_size),
-                "--max_input_len", str(self.max_input_len),
-                "--max_seq_len", str(self.max_seq_len),
-                "--max_num_tokens", str(self.max_num_tokens),
-                "--workers", str(self.checkpoint.spec.tp_size)]
+        """The checkpoint's release's flags (its profile): 1.2 asks for the paged KV cache with
+        ``--kv_cache_type paged`` (``--paged_kv_cache`` is deprecated there), 0.11 with ``--paged_kv_cache``."""
+        profile = self.checkpoint.profile
+        cmd = [trtllm_build,
+               "--checkpoint_dir", str(self.checkpoint.directory),
+               "--output_dir", str(output_dir),
+               "--speculative_decoding_mode", "medusa",
+               "--max_draft_len", str(self.checkpoint.max_draft_len),
+               "--gemm_plugin", self.gemm_plugin,
+               "--gpt_attention_plugin", self.dtype,
+               *profile.kv_cache_flag,
+               "--remove_input_padding", "enable",
+               "--max_batch_size", str(self.max_batch_size),
+               "--max_input_len", str(self.max_input_len),
+               "--max_seq_len", str(self.max_seq_len),
+               "--max_num_tokens", str(self.max_num_tokens),
+               "--workers", str(self.checkpoint.spec.tp_size)]
+        unknown = [a for a in cmd[1::2] if a not in profile.build_flags]
+        if unknown:  # a bug: every flag must be one that release's trtllm-build takes
+            raise RuntimeError(f"flags {unknown} are not accepted by trtllm-build {profile.version}")
+        return cmd
 
 
 def plan_build(cfg: TrtllmBuildConfig) -> TrtllmPlan:
@@ -189,7 +196,8 @@ def _manifest(plan: TrtllmPlan, cmd: list[str], exe: str) -> EngineManifest:
         num_medusa_heads=ckpt.spec.num_medusa_heads,
         sources={"checkpoint": str(ckpt.directory.resolve())}, sha256=digests,
         tool_versions={"medusa_forge": __version__, "tensorrt_llm": tensorrt_llm_version(),
-                       "tensorrt_llm_pinned": f"{TRTLLM_VERSION} ({TRTLLM_COMMIT})", "trtllm_build": exe},
+                       "tensorrt_llm_pinned": f"{ckpt.profile.version} ({ckpt.profile.commit})",
+                       "trtllm_build": exe},
         tree_stats=plan.tree_stats,
         extra={"command": shlex.join(cmd), "max_draft_len": ckpt.max_draft_len, "max_input_len": plan.max_input_len,
                "max_num_tokens": plan.max_num_tokens, "gemm_plugin": plan.gemm_plugin,
