@@ -201,7 +201,7 @@ def _manifest(plan: TrtllmPlan, cmd: list[str], exe: str) -> EngineManifest:
         tree_stats=plan.tree_stats,
         extra={"command": shlex.join(cmd), "max_draft_len": ckpt.max_draft_len, "max_input_len": plan.max_input_len,
                "max_num_tokens": plan.max_num_tokens, "gemm_plugin": plan.gemm_plugin,
-               "tp_size": ckpt.spec.tp_size, "quant_algo": ckpt.spec.quant_algo,
+               "tp_size": ckpt.spec.tp_size, "quant_algo": ckpt.spec.quant_algo, "trtllm_profile": ckpt.profile.name,
                "kv_cache_quant_algo": ckpt.spec.kv_cache_quant_algo, "tree_name": plan.tree.name,
                "medusa_choices_trtllm": plan.tree.to_trtllm()})
 

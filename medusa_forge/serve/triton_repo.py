@@ -279,7 +279,8 @@ def trtllm_params(req: RepoRequest, engine: Path, manifest: EngineManifest) -> "
         raise ForgeError(f"--max-batch-size {batch} exceeds the engine's max_batch_size {manifest.max_batch_size}")
     return TrtllmRepoParams(engine_dir=engine, tokenizer_dir=_tokenizer_dir(req, engine, manifest),
                             triton_max_batch_size=batch, decoupled=req.decoupled,
-                            medusa_choices=tree.to_trtllm() if tree else None, instances=req.instances, **req.trtllm)
+                            medusa_choices=tree.to_trtllm() if tree else None, instances=req.instances,
+                            repo_dir=Path(req.out).absolute(), dtype=manifest.dtype, **req.trtllm)
 
 
 def _tokenizer_dir(req: RepoRequest, engine: Path, manifest: EngineManifest) -> Path:
