@@ -28,6 +28,7 @@ Medusa converter takes. Two are kept:
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from medusa_forge.errors import ForgeError
@@ -89,7 +90,8 @@ DEFAULT_PROFILE = "1.2"
 
 
 def get_profile(name: str | None) -> TrtllmProfile:
-    name = DEFAULT_PROFILE if name is None else str(name)
+    """``name``, else $MEDUSA_FORGE_TRTLLM (the Dockerfile sets its image's release), else the default."""
+    name = (os.environ.get("MEDUSA_FORGE_TRTLLM") or DEFAULT_PROFILE) if name is None else str(name)
     for key, profile in PROFILES.items():
         if name in (key, profile.version, f"v{profile.version}"):
             return profile
