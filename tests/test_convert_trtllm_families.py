@@ -183,3 +183,19 @@ def test_heads_that_config_under_counts_need_num_heads_and_then_convert(family, 
         assert all(torch.equal(a.get_tensor(n), b.get_tensor(n)) for n in names if n.startswith("medusa_heads."))
     code, _, err = run_cli(args + ["--out", tmp_path / "four", "--num-heads", "4"], capsys)
     assert code != 0 and "--num-heads 4" in err and "holds 3" in err
+
+
+@pytest.mark.parametrize("family", ["qwen2"], indirect=True)  # q/k/v biases are Qwen2's
+def test_fp8_qwen2_converts_and_reads_back_dequantized_but_not_as_a_biased_fp8_gemm(family, tmp_path):
+    from medusa_forge.convert.trtllm_reader import load_trtllm_checkpoint
+
+    out = tmp_path / "fp8"
+    convert_trtllm(ConvertOptions(family["hf"], family["heads"], out, quantization="fp8", calib_size=4,
+                                  calib_max_seq_len=16, device="cpu", max_draft_len=4))
+    with safe_open(str(out / "rank0.safetensors"), framework="pt") as f:
+        assert f.get_tensor("transformer.layers.0.attention.qkv.weight").dtype == torch.float8_e4m3fn
+        assert f.get_tensor("transformer.layers.0.attention.qkv.bias").dtype == torch.float16
+    loaded = load_trtllm_checkpoint(out, device="cpu", dequantize=True)
+    assert loaded.model.layers[0].attn.wqkv.bias is not None
+    with pytest.raises(ForgeError, match="dequantize=True"):
+        load_trtllm_checkpoint(out, device="cpu", fp8_emulate=True)
