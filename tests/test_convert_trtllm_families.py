@@ -1,5 +1,5 @@
 """The TensorRT-LLM 1.2 profile (the default) on the model families its Medusa converter takes: a Llama-3.1-style
-model (llama3 RoPE scaling) and a Qwen2 model (q/k/v biases), both tiny random checkpoints saved here with
+model (llama3 RoPE scaling), a Mistral model and a Qwen2 model (q/k/v biases), tiny random checkpoints saved with
 transformers' own classes, with an odd vocabulary so tensor parallelism pads it.
 
 Checked against TensorRT-LLM 1.2.x source (NVIDIA/TensorRT-LLM, stored copies cited by commit):
@@ -42,13 +42,16 @@ KEYS_1_2 = ["architecture", "dtype", "logits_dtype", "num_hidden_layers", "num_a
 
 
 def save_tiny(family: str, out: Path, tokenizer_from: Path) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM)
 
     torch.manual_seed(0)
     sizes = dict(vocab_size=V, hidden_size=H, intermediate_size=I, num_hidden_layers=2, num_attention_heads=HEADS,
                  num_key_value_heads=KV, max_position_embeddings=512, tie_word_embeddings=False)
     if family == "llama31":  # rope_theta 1e4 (not 5e5): positions this short must feel the llama3 scaling
         model = LlamaForCausalLM(LlamaConfig(**sizes, rope_theta=10000.0, rope_scaling=LLAMA31_ROPE))
+    elif family == "mistral":
+        model = MistralForCausalLM(MistralConfig(**sizes, rope_theta=1000000.0, sliding_window=None))
     else:
         model = Qwen2ForCausalLM(Qwen2Config(**sizes, rope_theta=1000000.0))
     with torch.no_grad():  # sharp attention, so RoPE and the biases decide tokens; random init leaves biases at 0
@@ -57,13 +60,15 @@ def save_tiny(family: str, out: Path, tokenizer_from: Path) -> Path:
                 p.mul_(25)
             elif name.endswith("bias"):
                 p.normal_(0, 0.5)
+        for p in model.parameters():  # float16-exact, so the float16 checkpoint holds exactly these weights
+            p.copy_(p.half().float())
     model.eval().save_pretrained(out)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tokenizer_from / name, out / name)
     return out
 
 
-@pytest.fixture(scope="module", params=["llama31", "qwen2"])
+@pytest.fixture(scope="module", params=["llama31", "mistral", "qwen2"])
 def family(request, model_dir, tmp_path_factory) -> dict:
     work = tmp_path_factory.mktemp(request.param)
     hf = save_tiny(request.param, work / "hf", model_dir)
@@ -85,12 +90,13 @@ def test_config_json_has_the_1_2_converter_keys_and_the_family_fields(family):
     config = json.loads((family[2] / "config.json").read_text())
     qwen = family["name"] == "qwen2"
     assert list(config) == KEYS_1_2 + (["qwen_type"] if qwen else [])
-    assert config["model_type"] == ("qwen2" if qwen else "llama")
+    assert config["model_type"] == {"llama31": "llama", "mistral": "mistral", "qwen2": "qwen2"}[family["name"]]
     assert config["max_draft_len"] == 4  # the tree's node count, not a flag
     assert config["mapping"] == {"world_size": 2, "tp_size": 2, "pp_size": 1}
     assert config["vocab_size"] == V  # the real vocabulary: padding lives in the weights only
-    if qwen:
-        assert config["qwen_type"] == "qwen2" and config["rotary_base"] == 1e6 and config["rotary_scaling"] is None
+    if family["name"] != "llama31":
+        assert config["rotary_base"] == 1e6 and config["rotary_scaling"] is None
+        assert config.get("qwen_type") == ("qwen2" if qwen else None)
     else:  # every llama3 field, not just the type upstream's converter keeps
         assert config["rotary_scaling"] == {"type": "llama3", "rope_type": "llama3", "factor": 8.0,
                                             "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -150,9 +156,14 @@ def test_converted_checkpoint_decodes_with_medusa_to_the_transformers_greedy_out
         assert engine.generate_ids(ids, gcfg).tokens == expected
 
 
-def test_the_0_11_profile_refuses_what_its_converter_cannot_take(family, tmp_path):
+def test_the_0_11_profile_takes_mistral_and_refuses_what_its_converter_cannot(family, tmp_path):
+    opts = ConvertOptions(family["hf"], family["heads"], tmp_path / "out", trtllm_version="0.11", max_draft_len=4)
+    if family["name"] == "mistral":  # 0.11's Medusa converter takes Llama and Mistral (no RoPE scaling)
+        config = convert_trtllm(opts).config
+        assert "model_type" not in config and config["share_embedding_table"] is False
+        return
     with pytest.raises(ForgeError) as exc:
-        convert_trtllm(ConvertOptions(family["hf"], family["heads"], tmp_path / "out", trtllm_version="0.11"))
+        convert_trtllm(opts)
     msg = str(exc.value)
     assert "\n" not in msg and "TensorRT-LLM 0.11.0" in msg and "--trtllm-version 1.2" in msg
     assert ("Qwen2ForCausalLM" if family["name"] == "qwen2" else "'llama3'") in msg
