@@ -184,8 +184,9 @@ def test_heads_that_config_under_counts_need_num_heads_and_then_convert(family, 
     args = ["convert", "trtllm", "--model", family["hf"], "--medusa", undercounted_heads, "--max-draft-len", "3"]
     code, _, err = run_cli(args + ["--out", tmp_path / "refused"], capsys)
     assert code != 0 and "holds 3 Medusa heads" in err and not (tmp_path / "refused").exists()
-    code, _, err = run_cli(args + ["--out", tmp_path / "two", "--fixed_num_medusa_heads", "2"], capsys)
+    code, out, err = run_cli(args + ["--out", tmp_path / "two", "--fixed_num_medusa_heads", "2"], capsys)
     assert code == 0, err
+    assert "TensorRT-LLM 1.2.1 float16 checkpoint" in out and "valid against the TensorRT-LLM 1.2.1 schema" in out
     assert json.loads((tmp_path / "two" / "config.json").read_text())["num_medusa_heads"] == 2
     with safe_open(str(tmp_path / "two" / "rank0.safetensors"), framework="pt") as a, \
             safe_open(str(family[1] / "rank0.safetensors"), framework="pt") as b:

@@ -51,7 +51,8 @@ class Inspection:
         total = sum(self.params.values())
         return [
             f"checkpoint    {self.config.directory}",
-            f"architecture  {d['architecture']}  (TensorRT-LLM {d.get('dtype')} checkpoint, quantization: {quant})",
+            f"architecture  {d['architecture']}  (TensorRT-LLM {self.profile} {d.get('dtype')} checkpoint, "
+            f"{d.get('model_type', 'llama')}, quantization: {quant})",
             f"model         {s.num_layers} layers, hidden {s.hidden_size}, {s.num_heads} heads / {s.num_kv_heads} KV "
             f"heads (head_size {s.head_size}), intermediate {s.intermediate_size}, vocab {s.vocab_size}",
             f"medusa        {s.num_medusa_heads} heads x {s.num_medusa_layers} layer(s), max_draft_len "
