@@ -108,3 +108,12 @@ def test_tritonserver_runs_in_the_repository_so_relative_paths_resolve(tmp_path)
     install = TritonInstall(binary=Path("/opt/tritonserver/bin/tritonserver"), backend_dir=None)
     cmd = server_command(install, ServerConfig(repo=Path("rel/repo")))
     assert f"--model-repository={Path('rel/repo').absolute()}" in cmd  # absolute: the server's cwd is the repo
+
+
+def test_a_1_2_engine_takes_only_inflight_fused_batching(site, tmp_path, capsys):
+    """1.x's tensorrtllm backend dropped static batching (gpt_model_type V1, NVIDIA/TensorRT-LLM PR #5562)."""
+    with pytest.raises(SystemExit) as exc:
+        main(["triton-repo", "--model", str(site / "engine"), "--out", str(tmp_path / "r"),
+              "--tensorrtllm-backend", str(site / "TensorRT-LLM"), "--batching-strategy", "V1"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "TensorRT-LLM v1.2.1 takes inflight_fused_batching" in err

@@ -157,9 +157,11 @@ class TrtllmRepoParams:
             raise ForgeError(f"--instances must be >= 1, got {self.instances}")
         if not 0.0 < self.kv_cache_free_gpu_mem_fraction <= 1.0:
             raise ForgeError(f"--kv-cache-free-gpu-mem-fraction must be in (0, 1], got {self.kv_cache_free_gpu_mem_fraction}")
-        if self.batching_strategy not in ("inflight_fused_batching", "inflight_batching", "V1"):
-            raise ForgeError(f"--batching-strategy {self.batching_strategy!r}: choose inflight_fused_batching, "
-                             "inflight_batching or V1")
+        strategies = ("inflight_fused_batching",) if self.templates == "1.2" else (
+            "inflight_fused_batching", "inflight_batching", "V1")  # 1.x's backend runs only the fused one
+        if self.batching_strategy not in strategies:
+            raise ForgeError(f"--batching-strategy {self.batching_strategy!r}: TensorRT-LLM "
+                             f"{TEMPLATE_SETS[self.templates].version} takes {' or '.join(strategies)}")
         if self.batch_scheduler_policy not in ("guaranteed_no_evict", "max_utilization"):
             raise ForgeError(f"--batch-scheduler-policy {self.batch_scheduler_policy!r}: choose guaranteed_no_evict "
                              "or max_utilization")
