@@ -211,3 +211,23 @@ def test_fp8_qwen2_converts_and_reads_back_dequantized_but_not_as_a_biased_fp8_g
     assert loaded.model.layers[0].attn.wqkv.bias is not None
     with pytest.raises(ForgeError, match="dequantize=True"):
         load_trtllm_checkpoint(out, device="cpu", fp8_emulate=True)
+
+
+def test_convert_reads_the_model_config_json_once(family, tmp_path):
+    """Issue 19: the convert path used to read it three times (ModelConfig, hidden_act, load_hf_model)."""
+    import sys
+
+    watched = str(family["hf"] / "config.json")
+    opened: list[str] = []
+    active = [True]
+
+    def hook(event, args):  # an audit hook sees every open(), whoever calls it
+        if active[0] and event == "open" and str(args[0]) == watched:
+            opened.append(event)
+
+    sys.addaudithook(hook)
+    try:
+        convert_trtllm(ConvertOptions(family["hf"], family["heads"], tmp_path / "once", max_draft_len=4))
+    finally:
+        active[0] = False  # audit hooks cannot be removed: make it inert
+    assert len(opened) == 1

@@ -1,18 +1,20 @@
-"""``convert trtllm``: a HF Llama/Mistral checkpoint + Medusa heads -> a TensorRT-LLM Medusa checkpoint.
+"""``convert trtllm``: a HF Llama/Mistral/Qwen2 checkpoint + Medusa heads -> a TensorRT-LLM Medusa checkpoint.
 
 Output: ``config.json`` (``trtllm_config``) and ``rank{r}.safetensors`` for r < tp_size holding the tensors of
-``trtllm_names.entries`` — what TensorRT-LLM v0.11.0's ``examples/medusa/convert_checkpoint.py`` writes for
-FP16/BF16, and what ``examples/quantization/quantize.py --qformat fp8 [--kv_cache_dtype fp8] --medusa_model_dir ..``
-writes for FP8 — so ``trtllm-build --checkpoint_dir OUT --speculative_decoding_mode medusa`` of that release
-takes it. The tokenizer files of the HF directory are copied beside them (``trtllm-build`` reads only
-``config.json`` and the rank files; the copy makes the directory runnable here and usable as Triton's
-``tokenizer_dir``).
+``trtllm_names.entries`` — what the chosen release's (``trtllm_profiles``: 1.2.1 or 0.11.0)
+``examples/medusa/convert_checkpoint.py`` writes for FP16/BF16, and what ``examples/quantization/quantize.py
+--qformat fp8 [--kv_cache_dtype fp8] --medusa_model_dir ..`` writes for FP8 — so ``trtllm-build --checkpoint_dir
+OUT --speculative_decoding_mode medusa`` of that release takes it. The tokenizer files of the HF directory are
+copied beside them (``trtllm-build`` reads only ``config.json`` and the rank files; the copy makes the directory
+runnable here and usable as Triton's ``tokenizer_dir``).
 
 Where upstream goes wrong we stop or fix, never copy: head and layer counts come from the heads' own config
-(upstream writes the ``--num_medusa_heads`` default, 4); a vocabulary tp does not divide is an error; tied
-embeddings work (upstream looks up a missing ``lm_head`` parameter); heads are written in the checkpoint dtype
-(upstream's FP8 path forces float16); "version 2" heads get the base lm_head per head. Everything is checked
-before the model is loaded, and the directory appears only when complete (``atomic_output_dir``).
+(upstream writes the ``--num_medusa_heads`` default, 4), or ``--num-heads`` when that config under-counts them;
+a vocabulary tp does not divide is padded (upstream's Medusa converter asserts; 1.x's Qwen2 path writes unsplit
+weights to every rank); tied embeddings work (upstream looks up a missing ``lm_head`` parameter); heads are
+written in the checkpoint dtype (upstream's FP8 path forces float16); "version 2" heads get the base lm_head per
+head. The HF ``config.json`` is read once; ``max_draft_len`` is the serving tree's node count. Everything is
+checked before the model is loaded, and the directory appears only when complete (``atomic_output_dir``).
 """
 
 from __future__ import annotations
