@@ -72,7 +72,7 @@ def test_the_convert_path_parses_under_the_image_python(name):
     26.07): a newer syntax would fail there before any test here could notice."""
     version = tuple(int(x) for x in PROFILES[name].image_python.split(".")[:2])
     code = ("import sys; import medusa_forge.convert.trtllm_checkpoint, medusa_forge.convert.trtllm_reader, "
-            "medusa_forge.engine.load, medusa_forge.engine.tokenizer, medusa_forge.heads.checkpoint, "
+            "medusa_forge.build.open, medusa_forge.model.tokenizer, medusa_forge.heads.checkpoint, "
             "medusa_forge.build.trtllm, medusa_forge.serve.trtllm_repo; "
             "print('\\n'.join(m.__file__ for n, m in sys.modules.items() if n.startswith('medusa_forge') "
             "and getattr(m, '__file__', None)))")

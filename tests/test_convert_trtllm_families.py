@@ -26,7 +26,7 @@ from safetensors import safe_open
 from conftest import make_heads, run_cli
 from medusa_forge.convert.trtllm_checkpoint import ConvertOptions, convert_trtllm
 from medusa_forge.engine.generation import GenerationConfig
-from medusa_forge.engine.load import load_engine
+from medusa_forge.build.open import open_engine
 from medusa_forge.errors import ForgeError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -149,7 +149,7 @@ def reference(family) -> list[tuple[list[int], list[int]]]:
 
 @pytest.mark.parametrize("tp", [1, 2])
 def test_converted_checkpoint_decodes_with_medusa_to_the_transformers_greedy_output(family, reference, tp):
-    engine = load_engine(family[tp], tree="[[0], [1], [0, 0], [0, 0, 0]]", device="cpu", max_seq_len=128)
+    engine = open_engine(family[tp], tree="[[0], [1], [0, 0], [0, 0, 0]]", device="cpu", max_seq_len=128)
     assert engine.heads is not None and engine.heads.config.num_heads == 3
     gcfg = GenerationConfig(max_new_tokens=16, use_medusa=True, ignore_eos=True)
     for ids, expected in reference:

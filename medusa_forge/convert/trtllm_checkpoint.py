@@ -176,8 +176,8 @@ def load_heads_for(p: Plan, dtype: torch.dtype, device) -> MedusaHeads:
 
 def convert_trtllm(o: ConvertOptions, log: Callable[[str], None] = lambda msg: None) -> ConvertResult:
     """Convert: validate, load (heads first: their size checks are cheap), calibrate if FP8, write atomically."""
-    from medusa_forge.engine.load import resolve_device_dtype
     from medusa_forge.model.checkpoint import load_hf_model
+    from medusa_forge.model.dtypes import resolve_device_dtype
 
     t0 = time.perf_counter()
     p = plan(o)
@@ -193,7 +193,7 @@ def convert_trtllm(o: ConvertOptions, log: Callable[[str], None] = lambda msg: N
     model = load_hf_model(o.model_dir, dtype=dtype, device=device, cfg=cfg)
     cal = None
     if spec.fp8:
-        from medusa_forge.engine.tokenizer import Tokenizer
+        from medusa_forge.model.tokenizer import Tokenizer
 
         calib = o.calib_prompts or CALIB_PROMPTS
         tokens = fp8_mod.calibration_tokens(Tokenizer(o.model_dir), calib, o.calib_size, o.calib_max_seq_len)
