@@ -197,11 +197,11 @@ CASES: list[Case] = [
     # ---- model config and tokenizer
     ("build: unknown architecture", lambda c: ["build", "native", "--model", c.bad["gpt2"], "--out", c.out / "e"],
      lambda c: f"{c.bad['gpt2']}/config.json: unsupported architecture 'GPT2LMHeadModel'; supported: LlamaForCausalLM, "
-               "MistralForCausalLM"),
+               "MistralForCausalLM, Qwen2ForCausalLM"),
     ("train-heads: unknown architecture", lambda c: ["train-heads", "--model", c.bad["gpt2"], "--out", c.out / "h",
                                                      "--data", c.bad["data"]],
      lambda c: f"{c.bad['gpt2']}/config.json: unsupported architecture 'GPT2LMHeadModel'; supported: LlamaForCausalLM, "
-               "MistralForCausalLM"),
+               "MistralForCausalLM, Qwen2ForCausalLM"),
     ("generate: tokenizer bigger than the vocab", lambda c: ["generate", "--model", c.bad["big_tokenizer"], "--prompt", "x"],
      lambda c: f"{c.bad['big_tokenizer']}: tokenizer has 8193 tokens but the model's vocab_size is 8192 (config.json); "
                "use the tokenizer the model was trained with"),
