@@ -8,7 +8,7 @@ candidate tree occupy consecutive slots but share positions by depth.
 QKV and gate/up projections are fused (one GEMM each) and GQA is computed by folding the query
 groups into the row dimension, so K/V are never repeated in memory.
 
-Everything between the GEMMs goes through :mod:`medusa_forge.engine.kernels`: on CUDA one
+Everything between the GEMMs goes through :mod:`medusa_forge.kernels`: on CUDA one
 row-wise batch-invariant Triton kernel each (add+RMSNorm, RoPE+cache write, SiLU*mul, and, when
 the caller passes ``prefix_len``, a flash-decoding cache attention that needs no mask), elsewhere
 the PyTorch reference ops. Each block hands back its residual stream and its MLP output unsummed,
@@ -22,6 +22,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from medusa_forge import kernels
 from medusa_forge.model.config import ModelConfig
 from medusa_forge.model.gemm_layout import RowPaddedLinear
 
@@ -100,7 +101,7 @@ class Attention(nn.Module):
                 tree_ancestors: Tensor | None = None) -> Tensor:
         """rope [2, S, D]: cos/sin tables in x's dtype, read at ``positions`` [T]. Either ``mask``
         [B|1, 1, T, S] or ``prefix_len`` (+ ``tree_mask``, see
-        :func:`~medusa_forge.engine.kernels.cache_attention`) says what each token sees; with
+        :func:`~medusa_forge.kernels.cache_attention`) says what each token sees; with
         prefix_len a batch-1 CUDA forward runs the cache attention kernel and ignores the mask."""
         B, T, _ = x.shape
         cache = self.kv_cache
@@ -231,8 +232,3 @@ def causal_mask(start: int | Tensor, length: int, max_seq_len: int, device) -> T
     rows = torch.arange(length, device=device)[:, None] + start
     cols = torch.arange(max_seq_len, device=device)[None, :]
     return (cols <= rows)[None, None]
-
-
-# Imported last: importing medusa_forge.engine runs its package init, which imports this module's
-# Transformer; by now it is defined, whichever of the two packages was imported first.
-from medusa_forge.engine import kernels  # noqa: E402
