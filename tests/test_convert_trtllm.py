@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import run_cli
 from medusa_forge.build.open import open_engine
 from medusa_forge.cli import main
 from medusa_forge.convert.trtllm_checkpoint import ConvertOptions, convert_trtllm

@@ -21,12 +21,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_heads, run_cli
 from safetensors import safe_open
 
-from conftest import make_heads, run_cli
+from medusa_forge.build.open import open_engine
 from medusa_forge.convert.trtllm_checkpoint import ConvertOptions, convert_trtllm
 from medusa_forge.engine.generation import GenerationConfig
-from medusa_forge.build.open import open_engine
 from medusa_forge.errors import ForgeError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -42,8 +42,14 @@ KEYS_1_2 = ["architecture", "dtype", "logits_dtype", "num_hidden_layers", "num_a
 
 
 def save_tiny(family: str, out: Path, tokenizer_from: Path) -> Path:
-    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
-                              Qwen2ForCausalLM)
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     torch.manual_seed(0)
     sizes = dict(vocab_size=V, hidden_size=H, intermediate_size=I, num_hidden_layers=2, num_attention_heads=HEADS,

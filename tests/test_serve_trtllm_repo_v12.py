@@ -15,11 +15,19 @@ import stat
 from pathlib import Path
 
 import pytest
+from test_serve_trtllm_repo import (
+    SMALL,
+    STAND_IN,
+    csv_str_to_vec_vec_int,
+    fill_values,
+    params,
+    parse,
+    run,
+    template_parameter_keys,
+)
 
 from medusa_forge.cli import main
 from medusa_forge.serve.trtllm_repo import MODELS, TEMPLATE_SETS, placeholders, template_text
-from test_serve_trtllm_repo import (SMALL, STAND_IN, csv_str_to_vec_vec_int, fill_values, params, parse, run,
-                                    template_parameter_keys)
 
 V12 = TEMPLATE_SETS["1.2"]
 

@@ -31,9 +31,9 @@ import json
 import shlex
 import shutil
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from medusa_forge import __version__
 from medusa_forge.atomic import atomic_output_dir

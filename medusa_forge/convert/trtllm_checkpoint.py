@@ -23,9 +23,9 @@ import dataclasses
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors.torch import save_file
@@ -34,8 +34,15 @@ from torch import Tensor
 from medusa_forge.atomic import atomic_output_dir
 from medusa_forge.convert import fp8 as fp8_mod
 from medusa_forge.convert.trtllm_config import DEFAULT_TREE, DTYPES, CheckpointSpec, spec_for, trtllm_config
-from medusa_forge.convert.trtllm_names import (SCALE_DTYPE, TORCH_DTYPES, entries, kv_scale_name, pad_vocab,
-                                               scale_names, shard)
+from medusa_forge.convert.trtllm_names import (
+    SCALE_DTYPE,
+    TORCH_DTYPES,
+    entries,
+    kv_scale_name,
+    pad_vocab,
+    scale_names,
+    shard,
+)
 from medusa_forge.convert.trtllm_profiles import TrtllmProfile, get_profile
 from medusa_forge.errors import ForgeError
 from medusa_forge.heads.medusa_head import MedusaHeads
@@ -233,7 +240,7 @@ def source_tensors(spec: CheckpointSpec, sd: dict[str, Tensor], heads: MedusaHea
 
 
 def rank_tensors(spec: CheckpointSpec, rank: int, sources: dict[str, Tensor],
-                 quantized: dict[str, tuple[Tensor, float]], cal: "fp8_mod.Calibration | None") -> dict[str, Tensor]:
+                 quantized: dict[str, tuple[Tensor, float]], cal: fp8_mod.Calibration | None) -> dict[str, Tensor]:
     """Rank ``rank``'s tensors, each its own contiguous CPU copy (as safetensors needs)."""
     dtype = TORCH_DTYPES[spec.dtype]
     out: dict[str, Tensor] = {}

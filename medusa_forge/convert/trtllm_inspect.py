@@ -19,8 +19,16 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from medusa_forge.convert.trtllm_config import CheckpointConfig, read_config
-from medusa_forge.convert.trtllm_names import (FP8_DTYPE, QKV, SCALE_DTYPE, Entry, entries, expected_tensors,
-                                               rank_qkv_parts, replica_groups)
+from medusa_forge.convert.trtllm_names import (
+    FP8_DTYPE,
+    QKV,
+    SCALE_DTYPE,
+    Entry,
+    entries,
+    expected_tensors,
+    rank_qkv_parts,
+    replica_groups,
+)
 
 # safetensors header dtype strings
 ST_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", FP8_DTYPE: "F8_E4M3"}

@@ -273,7 +273,7 @@ class TrtllmNames:
     shared: bool = False  # True: preprocessing/postprocessing already in the repository
 
     @classmethod
-    def for_model(cls, name: str, first: bool) -> "TrtllmNames":
+    def for_model(cls, name: str, first: bool) -> TrtllmNames:
         check_model_name(name)
         if first:
             return cls(name)
