@@ -100,7 +100,7 @@ def test_process_leaves_its_input_alone_and_ignores_ids_past_the_vocab():
 
 
 @pytest.mark.parametrize("settings,active", [
-    (LogitsSettings(), False), (LogitsSettings(min_length=4), False), (LogitsSettings(min_length=4, end_ids=(2,)), True),
+    (LogitsSettings(), False), (LogitsSettings(min_length=4), True), (LogitsSettings(min_length=4, end_ids=(2,)), True),
     (LogitsSettings(repetition_penalty=1.1), True), (LogitsSettings(embedding_bias=((1, 0.0),)), True),
     (LogitsSettings(bad_words=((3,),)), True)], ids=lambda v: str(v))
 def test_active_says_whether_any_logit_can_change(settings, active):

@@ -48,7 +48,7 @@ class LogitsSettings:
     min_length: int = 0  # tokens generated before an end id may be chosen
     embedding_bias: tuple[tuple[int, float], ...] = ()  # (token, weight); repeated tokens add up
     bad_words: tuple[tuple[int, ...], ...] = ()  # id sequences
-    end_ids: tuple[int, ...] = ()  # ids min_length holds back
+    end_ids: tuple[int, ...] = ()  # ids min_length holds back (none given: the engine's end ids)
 
     @property
     def penalized(self) -> bool:
@@ -57,8 +57,7 @@ class LogitsSettings:
     @property
     def active(self) -> bool:
         """Whether :func:`process` can change any logit."""
-        return bool(self.penalized or self.embedding_bias or self.bad_words
-                    or (self.min_length > 0 and self.end_ids))
+        return bool(self.penalized or self.embedding_bias or self.bad_words or self.min_length > 0)
 
 
 def process(logits: Tensor, outputs: Sequence[Sequence[int]], prompt: Sequence[int],

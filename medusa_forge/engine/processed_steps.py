@@ -52,7 +52,7 @@ class Recorded:
 def _settings(engine, gcfg: GenerationConfig) -> LogitsSettings | None:
     """The request's settings, with min_length holding back the engine's end ids when none are given."""
     s = gcfg.logits_settings
-    if s is not None and s.min_length > 0 and not s.end_ids:
+    if s is not None and s.min_length > 0 and not s.end_ids and not gcfg.ignore_eos:
         ends = gcfg.eos_token_ids if gcfg.eos_token_ids is not None else engine.cfg.eos_token_ids
         s = dataclasses.replace(s, end_ids=tuple(ends or ()))
     return s
