@@ -13,6 +13,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from medusa_forge.contract import ENSEMBLE_OUTPUTS, INPUTS, NATIVE_USE, OUTPUTS
+from medusa_forge.engine.generation import GenerationConfig
 from medusa_forge.serve.native_repo import NativeRepoConfig, native_config_pbtxt
 from medusa_forge.serve.native_service import NativeModelSettings
 from medusa_forge.serve.replies import Reply, reply_tensors, stack_rows
@@ -58,11 +59,14 @@ def test_log_probs_and_logits_come_back_only_when_asked_with_the_ensembles_shape
     asked = Reply("ab", [5, 6], [1], 0, [-0.5, -0.25], np.zeros((3, 8), np.float32), np.ones((2, 8), np.float32))
     out = reply_tensors(asked, "ab", [5, 6], final=True)
     assert {k: (v.shape, v.dtype) for k, v in out.items() if k in ENSEMBLE_OUTPUTS} == {
-        "text_output": ((1, 1), np.object_), "cum_log_probs": ((1, 1), np.float32),
+        "text_output": ((1,), np.object_), "cum_log_probs": ((1, 1), np.float32),
         "output_log_probs": ((1, 1, 2), np.float32), "context_logits": ((1, 3, 8), np.float32),
         "generation_logits": ((1, 1, 2, 8), np.float32)}
     assert out["cum_log_probs"][0, 0] == -0.75
     assert set(reply_tensors(asked, "a", [5], final=False)) == {"text_output", "output_tokens"}
+    chunk = reply_tensors(None, "a", [5], final=False, gcfg=GenerationConfig(return_context_logits=True))
+    assert {k: v.shape for k, v in chunk.items()} == {"text_output": (1,), "output_tokens": (1, 1),
+                                                      "context_logits": (1, 1, 1)}
 
 
 def test_ragged_rows_are_padded_in_every_dimension_with_the_pad_id_or_zero():

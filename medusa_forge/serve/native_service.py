@@ -165,7 +165,7 @@ class NativeService:
         deltas = TextDeltas(self.engine.tokenizer.decode, row.gcfg.stop_strings)
 
         def on_tokens(new: list[int]) -> None:
-            send(reply_tensors(None, deltas.push(new), list(new), final=False), False)
+            send(reply_tensors(None, deltas.push(new), list(new), final=False, gcfg=row.gcfg), False)
 
         reply = self.run(row, on_tokens, cancelled)
         send(reply_tensors(reply, deltas.finish(reply.text), [], final=True), True)

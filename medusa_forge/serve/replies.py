@@ -1,11 +1,17 @@
 """One request's answer as contract tensors (medusa_forge/contract.py), batch dimension included.
 
-Shapes follow tensorrtllm_backend v0.11.0's ensemble with one beam: ``text_output`` [1, 1];
+Shapes are what tensorrtllm_backend v0.11.0's ensemble returns for one beam, which its clients read:
+``text_output`` [1] (its postprocessing model.py ``_postprocessing`` returns one string per batch
+row and beam, a 1-D array, and end_to_end_grpc_client.py reads ``output[0].decode()``);
 ``cum_log_probs`` [1, 1]; ``output_log_probs`` [1, 1, n]; ``context_logits`` [1, T, V];
-``generation_logits`` [1, 1, n, V], all float32. The log probs and logits come back only when the
-request asked for them (``return_log_probs`` / ``return_context_logits`` /
-``return_generation_logits``), with the final response (a streamed request's chunks carry text and
-token ids). The speculative-decoding statistics and ``output_tokens`` / ``accepted_per_step`` are as before.
+``generation_logits`` [1, 1, n, V], all float32.
+
+The log probs and logits come back only when the request asked for them (``return_log_probs`` /
+``return_context_logits`` / ``return_generation_logits``), the real values with the final response.
+A streamed chunk then carries the placeholders the v0.11.0 postprocessing sends for a tensor its
+LLM step did not produce (zeros shaped [1, 1], [1, 1, 1], [1, 1, 1], [1, 1, 1, 1]), so a client that
+reads them from every response (end_to_end_grpc_client.py does) finds them. The speculative-decoding
+statistics and ``output_tokens`` / ``accepted_per_step`` are as before.
 """
 
 from __future__ import annotations
@@ -14,7 +20,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from medusa_forge.engine.generation import GenerationResult
+from medusa_forge.engine.generation import GenerationConfig, GenerationResult
+
+PLACEHOLDERS = {  # the v0.11.0 postprocessing's stand-ins, by the flag that asks for the tensor
+    "return_log_probs": {"cum_log_probs": np.zeros((1, 1), np.float32),
+                         "output_log_probs": np.zeros((1, 1, 1), np.float32)},
+    "return_context_logits": {"context_logits": np.zeros((1, 1, 1), np.float32)},
+    "return_generation_logits": {"generation_logits": np.zeros((1, 1, 1, 1), np.float32)},
+}
 
 
 @dataclass
@@ -45,13 +58,15 @@ class Reply:
         return self.total_accepted_draft_tokens / self.total_draft_tokens if self.total_draft_tokens else 0.0
 
 
-def reply_tensors(reply: Reply | None, text: str, tokens: list[int], final: bool) -> dict[str, np.ndarray]:
+def reply_tensors(reply: Reply | None, text: str, tokens: list[int], final: bool,
+                  gcfg: GenerationConfig | None = None) -> dict[str, np.ndarray]:
     """Contract outputs for one response, batch dimension included ([1, ...]).
 
-    A streamed chunk carries its text delta and token ids; the final response (or the only one)
-    adds the per-request statistics and whatever log probs / logits the request asked for.
+    A streamed chunk carries its text delta and token ids (and the placeholders of what ``gcfg``
+    asked for); the final response (or the only one) adds the per-request statistics and the log
+    probs / logits the request asked for.
     """
-    out = {"text_output": np.array([[text.encode("utf-8")]], dtype=np.object_),
+    out = {"text_output": np.array([text.encode("utf-8")], dtype=np.object_),
            "output_tokens": np.array([tokens], dtype=np.int32).reshape(1, -1)}
     if final and reply is not None:
         out.update({
@@ -61,6 +76,10 @@ def reply_tensors(reply: Reply | None, text: str, tokens: list[int], final: bool
             "accepted_per_step": np.array([reply.accepted_per_step], dtype=np.int32).reshape(1, -1),
         })
         out.update(_asked(reply))
+    elif gcfg is not None:
+        for flag, tensors in PLACEHOLDERS.items():
+            if getattr(gcfg, flag):
+                out.update(tensors)
     return out
 
 
