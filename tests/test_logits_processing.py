@@ -85,7 +85,8 @@ def test_random_settings_and_histories_equal_the_reference():
                            tuple(tuple(rng.randrange(V) for _ in range(rng.randrange(1, 4))) for _ in range(rng.randrange(3))),
                            (rng.randrange(V),))
         prompt = [rng.randrange(V) for _ in range(rng.randrange(1, 6))]
-        hist = [[rng.randrange(V) for _ in range(rng.randrange(5))] for _ in range(5)]
+        shared = [rng.randrange(V) for _ in range(rng.randrange(4))]  # tree nodes share the tokens so far
+        hist = [shared + [rng.randrange(V) for _ in range(rng.randrange(5))] for _ in range(5)]
         logits = torch.randn(5, V, generator=torch.Generator().manual_seed(trial))
         want = torch.tensor([reference_row(logits[i].tolist(), h, prompt, s) for i, h in enumerate(hist)])
         assert torch.allclose(process(logits, hist, prompt, s), want, atol=1e-6), (trial, s)

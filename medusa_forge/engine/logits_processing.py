@@ -30,6 +30,7 @@ plain decoding would process the same position, and greedy acceptance stays exac
 from __future__ import annotations
 
 from collections.abc import Sequence
+import os
 from dataclasses import dataclass
 
 import torch
@@ -94,14 +95,19 @@ def _dense_bias(pairs: tuple[tuple[int, float], ...], vocab: int, device) -> Ten
 
 
 def _counts(outputs: Sequence[Sequence[int]], prompt: Sequence[int], vocab: int, device) -> Tensor:
-    """Occurrences [N, V] of every token in prompt + outputs[i]; ids outside the vocab are skipped."""
-    counts = torch.zeros(len(outputs), vocab, dtype=torch.int32)
-    rows = [i for i, o in enumerate(outputs) for _ in range(len(prompt) + len(o))]
-    ids = [t for o in outputs for t in (*prompt, *o)]
-    keep = [k for k, t in enumerate(ids) if 0 <= t < vocab]
-    if keep:
-        index = (torch.tensor([rows[k] for k in keep]), torch.tensor([ids[k] for k in keep]))
-        counts.index_put_(index, torch.ones(len(keep), dtype=torch.int32), accumulate=True)
+    """Occurrences [N, V] of every token in prompt + outputs[i]; ids outside the vocab are skipped.
+
+    The rows' shared history (the prompt and, for tree nodes, the tokens so far) is counted once."""
+    shared = list(os.path.commonprefix([list(o) for o in outputs])) if outputs else []
+    base = torch.zeros(vocab, dtype=torch.int32)
+    ids = torch.tensor([t for t in (*prompt, *shared) if 0 <= t < vocab], dtype=torch.long)
+    if ids.numel():
+        base += torch.bincount(ids, minlength=vocab).to(torch.int32)
+    counts = base.repeat(len(outputs), 1)
+    pairs = [(i, t) for i, o in enumerate(outputs) for t in o[len(shared):] if 0 <= t < vocab]
+    if pairs:
+        index = (torch.tensor([i for i, _ in pairs]), torch.tensor([t for _, t in pairs]))
+        counts.index_put_(index, torch.ones(len(pairs), dtype=torch.int32), accumulate=True)
     return counts.to(device)
 
 
