@@ -116,3 +116,57 @@ ENSEMBLE_OUTPUTS = ("text_output", "cum_log_probs", "output_log_probs", "context
 
 INPUT_BY_NAME = {t.name: t for t in INPUTS}
 OUTPUT_BY_NAME = {t.name: t for t in OUTPUTS}
+
+# The ensemble's LLM step, the model ``inflight_batcher_llm_client.py`` calls (token ids in and out):
+# ``all_models/inflight_batcher_llm/tensorrt_llm/config.pbtxt`` at v0.11.0, in its order. A native
+# repository serves it under this name with ``triton-repo --llm-model`` (serve/request.py parses it).
+LLM_MODEL_NAME = "tensorrt_llm"
+LLM_INPUTS: tuple[TensorSpec, ...] = (
+    TensorSpec("input_ids", "TYPE_INT32", (-1,)),
+    TensorSpec("input_lengths", "TYPE_INT32", (1,)),
+    TensorSpec("request_output_len", "TYPE_INT32", (1,)),
+    TensorSpec("draft_input_ids", "TYPE_INT32", (-1,), optional=True),
+    TensorSpec("decoder_input_ids", "TYPE_INT32", (-1,), optional=True),
+    TensorSpec("decoder_input_lengths", "TYPE_INT32", (1,), optional=True),
+    TensorSpec("draft_logits", "TYPE_FP32", (-1, -1), optional=True),
+    TensorSpec("draft_acceptance_threshold", "TYPE_FP32", (1,), optional=True),
+    TensorSpec("end_id", "TYPE_INT32", (1,), optional=True),
+    TensorSpec("pad_id", "TYPE_INT32", (1,), optional=True),
+    TensorSpec("stop_words_list", "TYPE_INT32", (2, -1), optional=True),
+    TensorSpec("bad_words_list", "TYPE_INT32", (2, -1), optional=True),
+    TensorSpec("embedding_bias", "TYPE_FP32", (-1,), optional=True),
+    TensorSpec("beam_width", "TYPE_INT32", (1,), optional=True),
+    TensorSpec("temperature", "TYPE_FP32", (1,), optional=True),
+    TensorSpec("runtime_top_k", "TYPE_INT32", (1,), optional=True),
+    TensorSpec("runtime_top_p", "TYPE_FP32", (1,), optional=True),
+    TensorSpec("runtime_top_p_min", "TYPE_FP32", (1,), optional=True),
+    TensorSpec("runtime_top_p_decay", "TYPE_FP32", (1,), optional=True),
+    TensorSpec("runtime_top_p_reset_ids", "TYPE_INT32", (1,), optional=True),
+    TensorSpec("len_penalty", "TYPE_FP32", (1,), optional=True),
+    TensorSpec("early_stopping", "TYPE_BOOL", (1,), optional=True),
+    TensorSpec("repetition_penalty", "TYPE_FP32", (1,), optional=True),
+    TensorSpec("min_length", "TYPE_INT32", (1,), optional=True),
+    TensorSpec("beam_search_diversity_rate", "TYPE_FP32", (1,), optional=True),
+    TensorSpec("presence_penalty", "TYPE_FP32", (1,), optional=True),
+    TensorSpec("frequency_penalty", "TYPE_FP32", (1,), optional=True),
+    TensorSpec("random_seed", "TYPE_UINT64", (1,), optional=True),
+    TensorSpec("return_log_probs", "TYPE_BOOL", (1,), optional=True),
+    TensorSpec("return_context_logits", "TYPE_BOOL", (1,), optional=True),
+    TensorSpec("return_generation_logits", "TYPE_BOOL", (1,), optional=True),
+    TensorSpec("stop", "TYPE_BOOL", (1,), optional=True),
+    TensorSpec("streaming", "TYPE_BOOL", (1,), optional=True),
+    TensorSpec("prompt_embedding_table", "TYPE_FP16", (-1, -1), optional=True),
+    TensorSpec("prompt_vocab_size", "TYPE_INT32", (1,), optional=True),
+    TensorSpec("lora_task_id", "TYPE_UINT64", (1,), optional=True),
+    TensorSpec("lora_weights", "TYPE_FP16", (-1, -1), optional=True),
+    TensorSpec("lora_config", "TYPE_INT32", (-1, 3), optional=True),
+)
+LLM_OUTPUTS: tuple[TensorSpec, ...] = (
+    TensorSpec("output_ids", "TYPE_INT32", (-1, -1)),
+    TensorSpec("sequence_length", "TYPE_INT32", (-1,)),
+    TensorSpec("cum_log_probs", "TYPE_FP32", (-1,)),
+    TensorSpec("output_log_probs", "TYPE_FP32", (-1, -1)),
+    TensorSpec("context_logits", "TYPE_FP32", (-1, -1)),
+    TensorSpec("generation_logits", "TYPE_FP32", (-1, -1, -1)),
+) + OUTPUTS[5:]  # and the statistics, as on the ensemble
+LLM_INPUT_BY_NAME = {t.name: t for t in LLM_INPUTS}

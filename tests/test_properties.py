@@ -183,6 +183,8 @@ def well_formed(draw):
     if draw(st.booleans()):
         k = draw(st.integers(0, 2**31 - 1))
         inputs["top_k"], want["top_k"] = _b([k], np.int32), k
+        if k == 1:  # greedy, as TensorRT-LLM reads top_k 1
+            want["temperature"], want["top_k"] = 0.0, 0
     if draw(st.booleans()):
         p = np.float32(draw(st.floats(2.0**-20, 1, width=32)))
         inputs["top_p"], want["top_p"] = _b([p], np.float32), float(p)

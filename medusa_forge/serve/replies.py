@@ -111,3 +111,14 @@ def stack_rows(per_row: list[dict[str, np.ndarray]], pad_id: int = -1) -> dict[s
                   for a in arrays]
         out[name] = np.concatenate(arrays, axis=0)
     return out
+
+
+def llm_reply_tensors(reply: Reply | None, tokens: list[int], final: bool,
+                      gcfg: GenerationConfig | None = None) -> dict[str, np.ndarray]:
+    """The tensorrt_llm model's outputs for one response: ``output_ids`` [1, 1, k] and
+    ``sequence_length`` [1, 1] of this response's new ids (the prompt excluded, as triton-repo sets
+    ``exclude_input_in_output`` for TensorRT-LLM), then what :func:`reply_tensors` adds."""
+    out = reply_tensors(reply, "", tokens, final, gcfg)
+    del out["text_output"]
+    return {"output_ids": np.array(tokens, dtype=np.int32).reshape(1, 1, -1),
+            "sequence_length": np.array([[len(tokens)]], dtype=np.int32), **out}

@@ -39,6 +39,7 @@ class RowRequest:
     gcfg: GenerationConfig
     stream: bool
     pad_id: int = -1  # pads this row's output_tokens in a batch of ragged rows
+    prompt_ids: tuple[int, ...] | None = None  # token ids instead of text (the tensorrt_llm model's input_ids)
 
 
 def _rows(name: str, array: np.ndarray, batch: int) -> np.ndarray:
@@ -149,7 +150,7 @@ def _parse_row(inputs: dict[str, np.ndarray], batch: int, row: int, use_medusa: 
     end_id = _optional(_int, "end_id", inputs, batch, row)
     pad_id = _optional(_int, "pad_id", inputs, batch, row)
     gcfg = GenerationConfig(
-        max_new_tokens=max_tokens, use_medusa=use_medusa, **_sampling(inputs, batch, row),
+        max_new_tokens=max_tokens, use_medusa=use_medusa, **sampling(inputs, batch, row),
         eos_token_ids=(end_id,) if end_id is not None and end_id >= 0 else None,
         ignore_eos=end_id is not None and end_id < 0,
         logits_settings=_logits_settings(inputs, batch, row, tokenizer, end_id),
@@ -173,25 +174,30 @@ def _max_tokens(inputs: dict[str, np.ndarray], batch: int, row: int) -> int:
     return value
 
 
-def _sampling(inputs: dict[str, np.ndarray], batch: int, row: int) -> dict:
+def sampling(inputs: dict[str, np.ndarray], batch: int, row: int, top_k_name: str = "top_k",
+             top_p_name: str = "top_p") -> dict:
+    """temperature / top_k / top_p / seed of one row. top_k 1 is greedy (temperature 0), as TensorRT-LLM
+    reads it (its inflight_batcher_llm_client.py sends top_k 1 by default), so Medusa stays exact."""
     temperature = _optional(_float, "temperature", inputs, batch, row)
-    top_k = _optional(_int, "top_k", inputs, batch, row)
-    top_p = _optional(_float, "top_p", inputs, batch, row)
+    top_k = _optional(_int, top_k_name, inputs, batch, row)
+    top_p = _optional(_float, top_p_name, inputs, batch, row)
     seed = _optional(_int, "random_seed", inputs, batch, row)
     temperature = 0.0 if temperature is None else temperature
     if not np.isfinite(temperature) or temperature < 0:
         raise ForgeError(f"input 'temperature' must be a finite number >= 0, got {temperature}")
     if top_k is not None and top_k < 0:
-        raise ForgeError(f"input 'top_k' must be >= 0, got {top_k}")
+        raise ForgeError(f"input '{top_k_name}' must be >= 0, got {top_k}")
     if top_p is not None and not (0.0 <= top_p <= 1.0):
-        raise ForgeError(f"input 'top_p' must be in [0, 1] (0: off), got {top_p}")
+        raise ForgeError(f"input '{top_p_name}' must be in [0, 1] (0: off), got {top_p}")
     if seed is not None and not 0 <= seed < 2**64:
         raise ForgeError(f"input 'random_seed' must be in 0..2^64-1, got {seed}")
+    if top_k == 1:
+        temperature, top_k = 0.0, 0
     return {"temperature": temperature, "top_k": top_k or 0, "top_p": top_p if top_p else 1.0, "seed": seed}
 
 
-def _logits_settings(inputs: dict[str, np.ndarray], batch: int, row: int, tokenizer,
-                     end_id: int | None) -> LogitsSettings | None:
+def penalties(inputs: dict[str, np.ndarray], batch: int, row: int) -> dict:
+    """LogitsSettings' repetition / presence / frequency penalties and min_length of one row."""
     def finite(name: str, default: float) -> float:
         value = _optional(_float, name, inputs, batch, row)
         if value is not None and not np.isfinite(value):
@@ -204,10 +210,14 @@ def _logits_settings(inputs: dict[str, np.ndarray], batch: int, row: int, tokeni
     min_length = _optional(_int, "min_length", inputs, batch, row) or 0
     if min_length < 0:
         raise ForgeError(f"input 'min_length' must be >= 0, got {min_length}")
+    return {"repetition_penalty": repetition, "presence_penalty": finite("presence_penalty", 0.0),
+            "frequency_penalty": finite("frequency_penalty", 0.0), "min_length": min_length}
+
+
+def _logits_settings(inputs: dict[str, np.ndarray], batch: int, row: int, tokenizer,
+                     end_id: int | None) -> LogitsSettings | None:
     settings = LogitsSettings(
-        repetition_penalty=repetition, presence_penalty=finite("presence_penalty", 0.0),
-        frequency_penalty=finite("frequency_penalty", 0.0), min_length=min_length,
-        embedding_bias=_embedding_bias(inputs, batch, row, tokenizer),
+        **penalties(inputs, batch, row), embedding_bias=_embedding_bias(inputs, batch, row, tokenizer),
         bad_words=_word_ids("bad_words", inputs, batch, row, tokenizer),
         end_ids=(end_id,) if end_id is not None and end_id >= 0 else ())
     return settings if settings.active else None
