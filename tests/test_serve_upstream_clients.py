@@ -98,8 +98,15 @@ def unary_ensemble(native_triton, tmp_path_factory):
     from medusa_forge.serve.triton_repo import RepoRequest, write_triton_repo
     from medusa_forge.serve.tritonserver import TritonServer
 
+    from medusa_forge.serve.native_repo import NativeRepoConfig, write_native_model
+    from medusa_forge.serve.native_service import NativeModelSettings
+
     root = tmp_path_factory.mktemp("unary_ensemble")
     write_triton_repo(RepoRequest(engine=native_triton.engine_dir, out=root / "repo", name="ensemble"))
+    # The LLM step's contract, unary (inflight_batcher_llm_client.py's default) and decoupled (--streaming).
+    llm = NativeModelSettings(engine_dir=str(native_triton.engine_dir), contract="tensorrt_llm")
+    write_native_model(NativeRepoConfig(llm, "tensorrt_llm"), root / "repo")
+    write_native_model(NativeRepoConfig(llm, "tensorrt_llm_decoupled", decoupled=True), root / "repo")
     with TritonServer(root / "repo", exit_timeout_s=5, log_path=root / "tritonserver.log") as server:
         yield server.grpc_url
 

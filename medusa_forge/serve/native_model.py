@@ -23,11 +23,10 @@ import json
 
 import triton_python_backend_utils as pb_utils
 
-from medusa_forge.contract import INPUTS
 from medusa_forge.errors import ForgeError
+from medusa_forge.serve.contracts import served_contract
 from medusa_forge.serve.native_service import NativeModelSettings, NativeService, RequestCancelled
-from medusa_forge.serve.replies import reply_tensors, stack_rows
-from medusa_forge.serve.request import parse_request
+from medusa_forge.serve.replies import stack_rows
 
 
 def _error(message: str, invalid_argument: bool) -> "pb_utils.TritonError":
@@ -66,21 +65,22 @@ class TritonPythonModel:
         device_id = args.get("model_instance_device_id")
         self.service = NativeService(NativeModelSettings.from_parameters(params),
                                      device_id=int(device_id) if device_id not in (None, "") else None)
+        self.contract = served_contract(self.service.settings.contract)
 
     def _rows(self, request):
         inputs = {}
-        for spec in INPUTS:
+        for spec in self.contract.inputs:
             tensor = pb_utils.get_input_tensor_by_name(request, spec.name)
             if tensor is not None:
                 inputs[spec.name] = tensor.as_numpy()
-        return parse_request(inputs, self.service.use_medusa, self.max_batch_size, self.decoupled,
-                             self.service.engine.tokenizer)
+        return self.contract.parse(inputs, self.service.use_medusa, self.max_batch_size, self.decoupled,
+                                   self.service.engine.tokenizer)
 
     def _complete(self, rows, cancelled) -> dict:
         per_row = []
         for row in rows:
             reply = self.service.run(row, cancelled=cancelled)
-            per_row.append(reply_tensors(reply, reply.text, reply.tokens, final=True))
+            per_row.append(self.contract.reply(reply, reply.text, reply.tokens, True))
         return stack_rows(per_row, rows[0].pad_id)
 
     def execute(self, requests):

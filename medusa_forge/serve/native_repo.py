@@ -16,8 +16,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from medusa_forge.contract import INPUTS, OUTPUTS, TensorSpec
+from medusa_forge.contract import TensorSpec
 from medusa_forge.errors import ForgeError
+from medusa_forge.serve.contracts import served_contract
 from medusa_forge.serve.native_service import NativeModelSettings
 
 MODEL_PY = Path(__file__).with_name("native_model.py")
@@ -54,6 +55,7 @@ def native_config_pbtxt(cfg: NativeRepoConfig) -> str:
     if cfg.instances < 1:
         raise ForgeError(f"--instances must be >= 1, got {cfg.instances}")
     queue_timeout_us = int(cfg.settings.timeout_s * 1e6)
+    contract = served_contract(cfg.settings.contract)
     params = "\n".join(
         f'parameters: {{\n  key: "{k}"\n  value: {{\n    string_value: {pbtxt_string(v, k)}\n  }}\n}}'
         for k, v in cfg.settings.to_parameters().items())
@@ -64,8 +66,8 @@ def native_config_pbtxt(cfg: NativeRepoConfig) -> str:
         'backend: "python"\n'
         f"max_batch_size: {cfg.max_batch_size}\n\n"
         f"model_transaction_policy {{\n  decoupled: {'true' if cfg.decoupled else 'false'}\n}}\n\n"
-        "input [\n" + ",\n".join(_tensor(t, True) for t in INPUTS) + "\n]\n"
-        "output [\n" + ",\n".join(_tensor(t, False) for t in OUTPUTS) + "\n]\n\n"
+        "input [\n" + ",\n".join(_tensor(t, True) for t in contract.inputs) + "\n]\n"
+        "output [\n" + ",\n".join(_tensor(t, False) for t in contract.outputs) + "\n]\n\n"
         # Requests wait in Triton's queue while the instance decodes another one; a request still
         # queued after the model's timeout is rejected rather than left hanging.
         "dynamic_batching {\n  default_queue_policy {\n    timeout_action: REJECT\n"

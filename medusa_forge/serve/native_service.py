@@ -25,7 +25,8 @@ from typing import Callable
 import numpy as np
 
 from medusa_forge.errors import ForgeError
-from medusa_forge.serve.replies import Reply, reply_tensors
+from medusa_forge.serve.contracts import served_contract
+from medusa_forge.serve.replies import Reply
 from medusa_forge.serve.request import RowRequest
 from medusa_forge.serve.text_stream import TextDeltas
 
@@ -51,6 +52,7 @@ class NativeModelSettings:
     compile: str = "false"  # torch.compile the decoding steps (CUDA) before graph capture
     warmup_tokens: str = "2"  # tokens generated at load time (fails loading early; 0 = skip)
     request_timeout_s: str = "600"  # execution time limit of one request
+    contract: str = "ensemble"  # or "tensorrt_llm": token ids in and out (serve/contracts.py)
 
     def to_parameters(self) -> dict[str, str]:
         return {k: str(v) for k, v in asdict(self).items()}
@@ -155,7 +157,10 @@ class NativeService:
                     on_tokens(new)
                 watch.check(produced[0])
 
-            result = self.engine.generate(row.prompt, row.gcfg, on_tokens=step)
+            if row.prompt_ids is not None:
+                result = self.engine.generate_ids(list(row.prompt_ids), row.gcfg, on_tokens=step)
+            else:
+                result = self.engine.generate(row.prompt, row.gcfg, on_tokens=step)
         return Reply.from_result(result, self.drafts_per_step)
 
     def run_streaming(self, row: RowRequest, send: Callable[[dict[str, np.ndarray], bool], None],
@@ -163,10 +168,11 @@ class NativeService:
         """Stream one row: ``send(tensors, final)`` per decoding step with the settled text delta and
         the step's token ids, then a final response with the remaining text and the statistics."""
         deltas = TextDeltas(self.engine.tokenizer.decode, row.gcfg.stop_strings)
+        tensors = served_contract(self.settings.contract).reply
 
         def on_tokens(new: list[int]) -> None:
-            send(reply_tensors(None, deltas.push(new), list(new), final=False, gcfg=row.gcfg), False)
+            send(tensors(None, deltas.push(new), list(new), False, row.gcfg), False)
 
         reply = self.run(row, on_tokens, cancelled)
-        send(reply_tensors(reply, deltas.finish(reply.text), [], final=True), True)
+        send(tensors(reply, deltas.finish(reply.text), [], True), True)
         return reply
