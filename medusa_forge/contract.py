@@ -119,7 +119,7 @@ OUTPUT_BY_NAME = {t.name: t for t in OUTPUTS}
 
 # The ensemble's LLM step, the model ``inflight_batcher_llm_client.py`` calls (token ids in and out):
 # ``all_models/inflight_batcher_llm/tensorrt_llm/config.pbtxt`` at v0.11.0, in its order. A native
-# repository serves it under this name with ``triton-repo --llm-model`` (serve/request.py parses it).
+# model serves it with NativeModelSettings.contract = "tensorrt_llm" (serve/contracts.py, llm_request.py).
 LLM_MODEL_NAME = "tensorrt_llm"
 LLM_INPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("input_ids", "TYPE_INT32", (-1,)),
