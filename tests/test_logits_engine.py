@@ -110,3 +110,6 @@ def test_asking_for_logits_changes_no_token_and_the_next_request_is_unaffected(e
     assert asked.context_logits.shape == (len(ids), engine.cfg.vocab_size)
     assert asked.context_logits.dtype == np.float32
     assert run(engine, ids, None, True).tokens == before
+    sampled = dict(temperature=0.8, top_k=50, seed=3)
+    assert run(engine, ids, None, False, return_log_probs=True, **sampled).tokens == \
+        run(engine, ids, None, False, **sampled).tokens  # the same draws from the same logits
