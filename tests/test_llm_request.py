@@ -103,6 +103,8 @@ BAD = [
     ("length past the ids", {"input_lengths": np.array([[9]], np.int32)}, "input 'input_lengths' must be in 1..6"),
     ("offsets past the ids", {"bad_words_list": np.array([[[5, 6], [3, -1]]], np.int32)},
      "input 'bad_words_list' has offsets [3] that do not increase within its 2 ids"),
+    ("an offset that is not a number", {"stop_words_list": np.array([[[5], [None]]], object)},
+     "input 'stop_words_list' must be an integer, got NoneType None"),
     ("top-p decay", {"runtime_top_p_decay": np.array([[0.5]], np.float32)}, "input 'runtime_top_p_decay' must be 1"),
     ("streaming on a plain model", {"streaming": np.array([[True]], bool)}, "streaming=true needs a decoupled model"),
 ]
@@ -120,3 +122,32 @@ def test_replies_carry_the_new_ids_and_their_length():
     assert out["output_ids"].tolist() == [[[7, 8, 9]]] and out["sequence_length"].tolist() == [[3]]
     assert out["cum_log_probs"].tolist() == [[-2.0]] and "text_output" not in out
     assert llm_reply_tensors(None, [], final=False)["sequence_length"].tolist() == [[0]]
+
+
+NAMES = [t.name for t in LLM_INPUTS] + ["text_input", ""]
+
+
+def test_any_input_either_parses_or_raises_a_one_line_forge_error():
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+    from hypothesis.extra import numpy as hnp
+
+    arrays = st.one_of(
+        hnp.arrays(st.sampled_from([np.int32, np.int64, np.uint64, np.float32, np.bool_]),
+                   hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=3)),
+        hnp.arrays(np.object_, hnp.array_shapes(min_dims=1, max_dims=3, max_side=2),
+                   elements=st.one_of(st.binary(max_size=4), st.none(), st.integers(-5, 5))),
+        st.sampled_from([None, 3, [[1]]]))
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(st.dictionaries(st.sampled_from(NAMES), arrays, max_size=6), st.integers(0, 3), st.booleans())
+    def check(overrides, max_batch, decoupled):
+        try:
+            rows = parse_llm_request({**client_inputs(), **overrides}, True, max_batch, decoupled)
+        except ForgeError as e:
+            assert str(e) and "\n" not in str(e)
+            return
+        for r in rows:
+            assert r.prompt_ids and r.gcfg.max_new_tokens >= 1 and r.gcfg.temperature >= 0
+
+    check()

@@ -130,7 +130,7 @@ def word_list(name: str, inputs: dict[str, np.ndarray], batch: int, row: int) ->
         raise ForgeError(f"input '{name}' has shape {list(array.shape)}; expected [{batch}, 2, L] "
                          "(ids, then cumulative end offsets padded with -1)")
     flat = [_int(v, name) for v in array[row, 0]]
-    ends = [_int(v, name) for v in array[row, 1] if v >= 0]
+    ends = [e for e in (_int(v, name) for v in array[row, 1]) if e >= 0]
     if any(b < a for a, b in zip([0, *ends], ends)) or (ends and ends[-1] > len(flat)):
         raise ForgeError(f"input '{name}' has offsets {ends} that do not increase within its {len(flat)} ids")
     return tuple(tuple(flat[a:b]) for a, b in zip([0, *ends], ends) if b > a)
