@@ -183,11 +183,12 @@ def well_formed(draw):
     if draw(st.booleans()):
         k = draw(st.integers(0, 2**31 - 1))
         inputs["top_k"], want["top_k"] = _b([k], np.int32), k
-        if k == 1:  # greedy, as TensorRT-LLM reads top_k 1
-            want["temperature"], want["top_k"] = 0.0, 0
     if draw(st.booleans()):
-        p = np.float32(draw(st.floats(2.0**-20, 1, width=32)))
-        inputs["top_p"], want["top_p"] = _b([p], np.float32), float(p)
+        p = np.float32(draw(st.floats(0, 1, width=32)))
+        inputs["top_p"], want["top_p"] = _b([p], np.float32), float(p) or 1.0  # 0: off
+    if want["top_k"] == 1 or (want["top_k"] == 0 and "top_p" not in inputs) or \
+            (want["top_k"] == 0 and inputs["top_p"][0, 0] == 0):  # TensorRT-LLM's greedy cases
+        want["temperature"], want["top_k"] = 0.0, 0
     if draw(st.booleans()):
         seed = draw(st.integers(0, 2**64 - 1))
         inputs["random_seed"], want["seed"] = _b([seed], np.uint64), seed

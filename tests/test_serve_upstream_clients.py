@@ -139,10 +139,13 @@ def expected(engine, options: dict, use_medusa: bool):
 
 
 @pytest.mark.parametrize("streaming", [False, True], ids=["unary", "streaming"])
-def test_the_end_to_end_client_with_its_defaults_gets_an_answer(native_triton, streaming):
+def test_the_end_to_end_client_with_its_defaults_gets_greedy_text_as_from_tensorrt_llm(native_triton, engine,
+                                                                                      streaming):
+    """Temperature 1.0 with no top_k / top_p: greedy, as TensorRT-LLM 0.11 reads top_k = top_p = 0."""
+    want = engine.generate(PROMPT, GenerationConfig(max_new_tokens=NEW_TOKENS)).text
     for model in (native_triton.medusa_model, native_triton.base_model):
         text, results, errors = e2e_run(native_triton.grpc_url, model, e2e_inputs(PROMPT, NEW_TOKENS, streaming), streaming)
-        assert not errors and text and results
+        assert not errors and results and text == want
 
 
 @pytest.mark.parametrize("streaming", [False, True], ids=["unary", "streaming"])

@@ -176,8 +176,11 @@ def _max_tokens(inputs: dict[str, np.ndarray], batch: int, row: int) -> int:
 
 def sampling(inputs: dict[str, np.ndarray], batch: int, row: int, top_k_name: str = "top_k",
              top_p_name: str = "top_p") -> dict:
-    """temperature / top_k / top_p / seed of one row. top_k 1 is greedy (temperature 0), as TensorRT-LLM
-    reads it (its inflight_batcher_llm_client.py sends top_k 1 by default), so Medusa stays exact."""
+    """temperature / top_k / top_p / seed of one row, read as TensorRT-LLM 0.11 reads them: top_k and
+    top_p both 0 (their defaults when not sent) is greedy whatever the temperature (the sampling
+    layers' runtime-argument setup turns k 0, p 0 into k 1), and so is top_k 1; greedy is temperature
+    0 here, so Medusa stays exact. Sampling (or, with Medusa, typical acceptance) needs
+    temperature > 0 with top_k > 1 or top_p > 0."""
     temperature = _optional(_float, "temperature", inputs, batch, row)
     top_k = _optional(_int, top_k_name, inputs, batch, row)
     top_p = _optional(_float, top_p_name, inputs, batch, row)
@@ -191,7 +194,7 @@ def sampling(inputs: dict[str, np.ndarray], batch: int, row: int, top_k_name: st
         raise ForgeError(f"input '{top_p_name}' must be in [0, 1] (0: off), got {top_p}")
     if seed is not None and not 0 <= seed < 2**64:
         raise ForgeError(f"input 'random_seed' must be in 0..2^64-1, got {seed}")
-    if top_k == 1:
+    if top_k == 1 or not (top_k or top_p):
         temperature, top_k = 0.0, 0
     return {"temperature": temperature, "top_k": top_k or 0, "top_p": top_p if top_p else 1.0, "seed": seed}
 
