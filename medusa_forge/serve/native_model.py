@@ -24,6 +24,7 @@ is importable and testable without Triton. Behaviour:
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 
@@ -118,7 +119,7 @@ def _answer(pending: Pending, sender, stream: bool) -> None:
             sender.send(_response(stack_rows([reply_tensors(r, r.text, r.tokens, final=True) for r in replies])),
                         flags=_FINAL)
     except Exception as e:  # noqa: BLE001 - cancelled, timed out, or engine failure
-        _send_error(sender, e)
+        pending.respond(functools.partial(_send_error, sender, e))  # after any chunk already streamed
 
 
 def _send_error(sender, exc: Exception) -> None:

@@ -20,6 +20,7 @@ The same class is the in-process baseline of the load test, so "gRPC overhead" c
 
 from __future__ import annotations
 
+import queue
 import threading
 from dataclasses import asdict, dataclass, fields
 from typing import Callable
@@ -213,18 +214,63 @@ class _CancelWatch:
                 pause = max(CANCEL_POLL_S, 0.001 * len(self._live))
 
 
+class _Outbox:
+    """One thread that sends streamed responses in order, so a scheduler's step only queues them: the
+    text delta of a growing sequence and the IPC send cost the decoding loop nothing."""
+
+    def __init__(self):
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._loop, name="stream-outbox", daemon=True)
+        self._thread.start()
+
+    def put(self, job: Callable[[], None]) -> None:
+        self._jobs.put(job)
+
+    def call(self, job: Callable[[], None]) -> None:
+        """Run ``job`` after everything queued before it, and wait for it; its error is raised here."""
+        done, error = threading.Event(), []
+
+        def run() -> None:
+            try:
+                job()
+            except Exception as e:  # noqa: BLE001 - handed to the caller
+                error.append(e)
+            finally:
+                done.set()
+
+        self._jobs.put(run)
+        done.wait()
+        if error:
+            raise error[0]
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self._thread.join(timeout=5)
+
+    def _loop(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            job()  # every job catches its own errors
+
+
 class Pending:
     """The rows of one request, submitted: :meth:`wait` gives their replies or raises the first error."""
 
-    def __init__(self, service: "NativeService", tickets: list[Ticket],
-                 send_final: Callable[[Reply], None] | None = None):
+    def __init__(self, service: "NativeService", tickets: list[Ticket]):
         self.service = service
         self.tickets = tickets
-        self.send_final = send_final  # streaming: sends the closing response once the reply is in
+        self.send_final: Callable[[Reply], None] | None = None  # streaming: the closing response
+        self.outbox: _Outbox | None = None  # streaming: where its responses queue, in order
 
     def cancel(self) -> None:
         for ticket in self.tickets:
             ticket.cancel()
+
+    def respond(self, send: Callable[[], None]) -> None:
+        """Send a response after every chunk streamed before it (at once for a request that does not stream)."""
+        if self.outbox is None:
+            send()
+        else:
+            self.outbox.call(send)
 
     def wait(self) -> list[Reply]:
         try:
@@ -236,7 +282,7 @@ class Pending:
             self.service.watch.remove(self.tickets)
         replies = [self.service.reply(result) for result in results]
         if self.send_final is not None:
-            self.send_final(replies[0])
+            self.respond(lambda: self.send_final(replies[0]))
         return replies
 
 
@@ -268,6 +314,7 @@ class NativeService:
                                                          use_medusa=self.use_medusa, ignore_eos=True))
         self.scheduler = make_scheduler(self.engine, batch, queue, settings.speculation or "auto")
         self.watch = _CancelWatch()
+        self.outbox = _Outbox()
 
     @property
     def max_batch_size(self) -> int:
@@ -304,16 +351,29 @@ class NativeService:
 
     def submit_streaming(self, row: RowRequest, send: Callable[[dict[str, np.ndarray], bool], None],
                          cancelled: Callable[[], bool] | None = None) -> Pending:
-        """Stream one row: ``send(tensors, final)`` per decoding step (from the scheduler's thread) with
-        the settled text delta and the step's token ids; :meth:`Pending.wait` sends the final response
-        with the remaining text and the statistics."""
+        """Stream one row: ``send(tensors, final)`` per decoding step with the settled text delta and the
+        step's token ids (from the outbox thread, in order); :meth:`Pending.wait` sends the final
+        response with the remaining text and the statistics. A chunk that cannot be sent (the client
+        is gone) cancels the request."""
         deltas = TextDeltas(self.engine.tokenizer.decode, row.gcfg.stop_strings)
+        broken: list[Exception] = []
 
-        def on_tokens(new: list[int]) -> None:
-            send(reply_tensors(None, deltas.push(new), list(new), final=False), False)
+        def chunk(new: list[int]) -> None:
+            if broken:
+                return
+            try:
+                send(reply_tensors(None, deltas.push(new), new, final=False), False)
+            except Exception as e:  # noqa: BLE001 - nobody to stream to: stop decoding for it
+                broken.append(e)
+                pending.cancel()
 
-        pending = self.submit([row], on_tokens, cancelled)
-        pending.send_final = lambda reply: send(reply_tensors(reply, deltas.finish(reply.text), [], final=True), True)
+        def final(reply: Reply) -> None:
+            if broken:
+                raise broken[0]
+            send(reply_tensors(reply, deltas.finish(reply.text), [], final=True), True)
+
+        pending = self.submit([row], lambda new: self.outbox.put(lambda ids=list(new): chunk(ids)), cancelled)
+        pending.outbox, pending.send_final = self.outbox, final
         return pending
 
     def run(self, row: RowRequest, on_tokens: Callable[[list[int]], None] | None = None,
@@ -329,3 +389,4 @@ class NativeService:
         """Fail what is queued or running (RequestCancelled) and stop the threads."""
         self.scheduler.close()
         self.watch.close()
+        self.outbox.close()
