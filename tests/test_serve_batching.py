@@ -195,9 +195,9 @@ def test_a_full_queue_answers_at_once_with_an_error_naming_the_bound(server, pro
 def test_a_bad_request_gets_an_error_naming_it_and_the_model_keeps_serving(server, model):
     prompt = np.array([[b"def add(a, b):"]], dtype=np.object_)
     with client(server, model) as c:
-        with pytest.raises(ForgeError, match=r"input 'top_p' must be in \(0, 1\], got 1.5"):
+        with pytest.raises(ForgeError, match=r"input 'beam_width' must be 1 \(the native engine decodes a single"):
             c.send(_inputs(text_input=prompt, max_tokens=np.array([[4]], dtype=np.int32),
-                           top_p=np.array([[1.5]], dtype=np.float32)))
+                           beam_width=np.array([[4]], dtype=np.int32)))
         assert len(c.generate("def add(a, b):", 3, end_id=-1).output_tokens) == 3
 
 

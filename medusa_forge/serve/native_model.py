@@ -32,8 +32,8 @@ import triton_python_backend_utils as pb_utils
 
 from medusa_forge.contract import INPUTS
 from medusa_forge.errors import ForgeError
-from medusa_forge.serve.native_service import (NativeModelSettings, NativeService, Pending, RequestCancelled,
-                                               reply_tensors, stack_rows)
+from medusa_forge.serve.native_service import NativeModelSettings, NativeService, Pending, RequestCancelled
+from medusa_forge.serve.replies import reply_tensors, stack_rows
 from medusa_forge.serve.request import parse_request
 
 
@@ -83,7 +83,8 @@ class TritonPythonModel:
             tensor = pb_utils.get_input_tensor_by_name(request, spec.name)
             if tensor is not None:
                 inputs[spec.name] = tensor.as_numpy()
-        return parse_request(inputs, self.service.use_medusa, self.max_batch_size, self.decoupled)
+        return parse_request(inputs, self.service.use_medusa, self.max_batch_size, self.decoupled,
+                             self.service.engine.tokenizer)
 
     def execute(self, requests):
         for request in requests:
@@ -100,7 +101,7 @@ class TritonPythonModel:
             except Exception as e:  # noqa: BLE001 - bad request, full queue, caller gone: its error response
                 _send_error(sender, e)
                 continue
-            threading.Thread(target=_answer, args=(pending, sender, rows[0].stream), daemon=True,
+            threading.Thread(target=_answer, args=(pending, sender, rows[0].stream, rows[0].pad_id), daemon=True,
                              name="native-reply").start()
 
     def finalize(self) -> None:
@@ -111,13 +112,13 @@ class TritonPythonModel:
 _FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 
-def _answer(pending: Pending, sender, stream: bool) -> None:
+def _answer(pending: Pending, sender, stream: bool, pad_id: int) -> None:
     """Wait for one request's outcome and send it (a streamed one has sent its chunks already)."""
     try:
         replies = pending.wait()
         if not stream:
-            sender.send(_response(stack_rows([reply_tensors(r, r.text, r.tokens, final=True) for r in replies])),
-                        flags=_FINAL)
+            tensors = stack_rows([reply_tensors(r, r.text, r.tokens, final=True) for r in replies], pad_id)
+            sender.send(_response(tensors), flags=_FINAL)
     except Exception as e:  # noqa: BLE001 - cancelled, timed out, or engine failure
         pending.respond(functools.partial(_send_error, sender, e))  # after any chunk already streamed
 
