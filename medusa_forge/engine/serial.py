@@ -41,8 +41,8 @@ class SerialScheduler:
             if self._closed:
                 raise ForgeError("the scheduler is closed; the model is unloading")
             if self.max_queue and len(self._queue) >= self.max_queue:
-                raise ForgeError(f"queue full: {len(self._queue)} requests already wait (max queue "
-                                 f"{self.max_queue}); retry later")
+                raise ForgeError(f"request queue is full ({self.max_queue} waiting for a slot of 1); retry later "
+                                 "or raise --max-queue")
             self._queue.append(ticket)
             self._wake.notify()
         return ticket
