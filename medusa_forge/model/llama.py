@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from medusa_forge.model.config import ModelConfig
+from medusa_forge.model.gemm_layout import RowPaddedLinear
 
 
 class RMSNorm(nn.Module):
@@ -235,4 +236,3 @@ def causal_mask(start: int | Tensor, length: int, max_seq_len: int, device) -> T
 # Imported last: importing medusa_forge.engine runs its package init, which imports this module's
 # Transformer; by now it is defined, whichever of the two packages was imported first.
 from medusa_forge.engine import kernels  # noqa: E402
-from medusa_forge.engine.gemm_layout import RowPaddedLinear  # noqa: E402
