@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import random
+import re
 import threading
 import time
 
@@ -219,4 +220,19 @@ def test_a_negative_max_queue_is_refused_before_anything_is_written(model_dir, t
 
     with pytest.raises(ForgeError, match=r"--max-queue must be >= 0 \(0 = unbounded\), got -1"):
         write_triton_repo(RepoRequest(engine=model_dir, out=tmp_path / "repo", use_medusa=False, max_queue=-1))
+    assert not (tmp_path / "repo").exists()
+
+
+@pytest.mark.parametrize("flags,message", [
+    (dict(max_batch_size=1, speculation="fixed"), "--speculation fixed steers the in-flight batcher; it needs "
+                                                   "--max-batch-size > 1"),
+    (dict(max_batch_size=2, speculation="sometimes"), "speculation 'sometimes': expected auto, fixed or off-above:N"),
+], ids=["speculation without batching", "unknown speculation policy"])
+def test_a_speculation_policy_the_batcher_cannot_run_is_refused(model_dir, heads_dir, tmp_path, flags, message):
+    from medusa_forge.serve.triton_repo import RepoRequest, write_triton_repo
+
+    if flags["max_batch_size"] > 1 and BATCH == 1:
+        pytest.skip("needs medusa_forge.engine.batcher")
+    with pytest.raises(ForgeError, match=re.escape(message)):
+        write_triton_repo(RepoRequest(engine=model_dir, out=tmp_path / "repo", medusa=heads_dir, **flags))
     assert not (tmp_path / "repo").exists()
