@@ -143,6 +143,17 @@ def test_cancelling_one_stream_mid_generation_changes_no_other_answer(server, pr
     assert time.perf_counter() - t0 < 30
 
 
+def test_a_request_abandoned_on_a_model_that_does_not_stream_frees_it(server, prompts):
+    """Not decoupled either: the client gives up on 1500 tokens after 1 s (its stream closes with
+    cancel_requests) and the serial model answers the next request within seconds, not minutes."""
+    with TritonLLMClient(server.grpc_url, "serial", 1.0) as c, pytest.raises(ForgeError, match="within 1 s"):
+        c.generate(prompts[0], 1500, end_id=-1)
+    t0 = time.perf_counter()
+    with client(server, "serial") as c:
+        assert len(c.generate(prompts[1], 4, end_id=-1).output_tokens) == 4
+    assert time.perf_counter() - t0 < 10
+
+
 class Holder:
     """A streaming request kept running until released (then its client walks away)."""
 
