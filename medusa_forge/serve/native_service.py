@@ -29,12 +29,12 @@ import numpy as np
 
 from medusa_forge.engine.tickets import RequestCancelled, RequestTimedOut, Scheduler, Ticket
 from medusa_forge.errors import ForgeError
-from medusa_forge.serve.replies import Reply, reply_tensors, stack_rows
+from medusa_forge.serve.replies import Reply, reply_tensors
 from medusa_forge.serve.request import RowRequest
 from medusa_forge.serve.text_stream import TextDeltas
 
 __all__ = ["NativeModelSettings", "NativeService", "Pending", "Reply", "RequestCancelled", "RequestTimedOut",
-           "make_scheduler", "reply_tensors", "stack_rows"]
+           "make_scheduler"]
 
 CANCEL_POLL_S = 0.02  # asking Triton "cancelled?" is an IPC round trip (~30 us): not more often than this
 
@@ -103,8 +103,6 @@ def _count(value: str, name: str, least: int) -> int:
     if number < least:
         raise ForgeError(f"parameter {name} must be >= {least}, got {number}")
     return number
-
-
 
 
 def make_scheduler(engine, max_batch_size: int, max_queue: int = 0, speculation: str = "auto") -> Scheduler:
