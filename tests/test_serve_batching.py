@@ -115,6 +115,21 @@ def test_concurrent_clients_get_exactly_the_serial_models_answers(server, prompt
     assert all(tokens == expected[req[1], req[2]] for req, tokens in results)
 
 
+def test_a_request_of_two_rows_gets_both_serial_answers(server, prompts):
+    """One request carrying two prompts (batch dimension 2) on the model that does not stream: both rows
+    join the batch and come back stacked, each the serial model's answer."""
+    import tritonclient.grpc as grpcclient
+
+    if BATCH == 1:
+        pytest.skip("needs medusa_forge.engine.batcher (max_batch_size 1 takes one row per request)")
+    expected = serial_answers(server, [(p, 8) for p in prompts[:2]])
+    inputs = _inputs(text_input=np.array([[p.encode()] for p in prompts[:2]], dtype=np.object_),
+                     max_tokens=np.array([[8], [8]], dtype=np.int32), end_id=np.array([[-1], [-1]], dtype=np.int32))
+    result = grpcclient.InferenceServerClient(server.grpc_url).infer("batched_unary", inputs, client_timeout=120)
+    rows = result.as_numpy("output_tokens")
+    assert [list(rows[i][rows[i] >= 0]) for i in range(2)] == [expected[p, 8] for p in prompts[:2]]
+
+
 def test_cancelling_one_stream_mid_generation_changes_no_other_answer(server, prompts):
     """A client walks away from a 1500-token stream after a few chunks while 3 others stream beside it:
     they get the serial answers, and the model serves the next request at once."""
