@@ -105,8 +105,9 @@ class TritonPythonModel:
                              name="native-reply").start()
 
     def finalize(self) -> None:
-        self.service.close()
-        self.service = None
+        service, self.service = getattr(self, "service", None), None
+        if service is not None:  # None when initialize failed
+            service.close()  # what is queued or running gets "request cancelled"
 
 
 _FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
