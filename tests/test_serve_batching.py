@@ -3,7 +3,7 @@
 One server for the module: pycoder-26m with random heads (tree `small`), served as
   serial          max_batch_size 1, Medusa, not decoupled: the reference answers (one at a time)
   batched         max_batch_size 4, Medusa, decoupled: in-flight batching, streaming
-  batched_unary   max_batch_size 4, plain decoding, not decoupled
+  batched_unary   max_batch_size 4, plain decoding, not decoupled, 2 instances (a scheduler each)
   tiny_queue      max_batch_size 2, plain decoding, decoupled, max_queue 1
 Greedy answers must not depend on what else shares the batch, so every answer a batched model
 gives under load must equal the serial model's answer to the same request made alone.
@@ -27,11 +27,11 @@ from medusa_forge.serve.client import TritonLLMClient
 # Without the in-flight batcher (medusa_forge/engine/batcher.py) the "batched" models run the serial
 # scheduler: the same answers, the same queue bound, one request decoding at a time.
 BATCH = 4 if importlib.util.find_spec("medusa_forge.engine.batcher") is not None else 1
-MODELS = {  # name -> (max_batch_size, use_medusa, decoupled, max_queue)
-    "serial": (1, True, False, 0),
-    "batched": (BATCH, True, True, 0),
-    "batched_unary": (BATCH, False, False, 0),
-    "tiny_queue": (min(BATCH, 2), False, True, 1),
+MODELS = {  # name -> (max_batch_size, use_medusa, decoupled, max_queue, instances)
+    "serial": (1, True, False, 0, 1),
+    "batched": (BATCH, True, True, 0, 1),
+    "batched_unary": (BATCH, False, False, 0, 2),
+    "tiny_queue": (min(BATCH, 2), False, True, 1, 1),
 }
 
 
@@ -46,9 +46,9 @@ def server(model_dir, heads_dir, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("batching")
     repo = root / "repo"
-    for i, (name, (batch, medusa, decoupled, queue)) in enumerate(MODELS.items()):
+    for i, (name, (batch, medusa, decoupled, queue, instances)) in enumerate(MODELS.items()):
         write_triton_repo(RepoRequest(engine=model_dir, out=repo, name=name, add=i > 0, max_batch_size=batch,
-                                      max_queue=queue, decoupled=decoupled, use_medusa=medusa,
+                                      max_queue=queue, decoupled=decoupled, use_medusa=medusa, instances=instances,
                                       medusa=heads_dir if medusa else None, tree="small" if medusa else None,
                                       torch_threads=1, dtype="float32"))
     with TritonServer(repo, exit_timeout_s=5, log_path=root / "tritonserver.log") as s:
