@@ -35,7 +35,8 @@ from medusa_forge.engine.generation import GenerationConfig
 from medusa_forge.engine.medusa_engine import MedusaEngine
 from medusa_forge.errors import ForgeError
 from medusa_forge.heads.medusa_head import MedusaHeads
-from medusa_forge.model.llama import Transformer, causal_mask
+from medusa_forge.model.llama import Transformer
+from medusa_forge.model.step_meta import StepMeta
 from medusa_forge.tree.choice_tree import MAX_TREE_NODES, TOPK, ChoiceTree
 
 # 63 draft nodes: TensorRT-LLM's default max_draft_len, so an auto tree also fits a converted checkpoint.
@@ -139,8 +140,7 @@ def full_pass(model: Transformer, seq: list[int]) -> Tensor:
     dev = model.lm_head.weight.device
     if model.max_seq_len < len(seq):
         model.setup_caches(1, len(seq))
-    pos = torch.arange(len(seq), device=dev)
-    return model(torch.tensor([seq], device=dev), pos, pos, causal_mask(0, len(seq), model.max_seq_len, dev))[0]
+    return model(torch.tensor([seq], device=dev), StepMeta.causal(len(seq), model.max_seq_len, dev))[0]
 
 
 def tree_from_nodes(nodes: list[tuple[tuple[int, ...], int]], n: int, name: str = "auto") -> ChoiceTree:

@@ -20,7 +20,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from medusa_forge.errors import ForgeError
-from medusa_forge.model.llama import Transformer, causal_mask
+from medusa_forge.model.llama import Transformer
+from medusa_forge.model.step_meta import StepMeta
 
 
 def ensure_caches(model: Transformer, batch: int, length: int) -> None:
@@ -40,8 +41,7 @@ def hidden_states(model: Transformer, tokens: Tensor) -> Tensor:
     """Last (final-norm) hidden states [B, T, H] of right-padded ``tokens`` [B, T] (causal, no grad)."""
     B, T = tokens.shape
     ensure_caches(model, B, T)
-    pos = torch.arange(T, device=tokens.device)
-    return model(tokens, pos, pos, causal_mask(0, T, model.max_seq_len, tokens.device))
+    return model(tokens, StepMeta.causal(T, model.max_seq_len, tokens.device))
 
 
 def _pick(logits: Tensor, temperature: float, generator: torch.Generator | None) -> Tensor:
@@ -68,7 +68,7 @@ def _generate_batch(model: Transformer, prompts: Sequence[Sequence[int]], max_ne
     rows = torch.arange(P, device=dev)
     own = cols[None, :] == rows[:, None]
     mask = (cols[None, :] <= rows[:, None])[None] & (valid[:, None, :] | own[None])
-    hidden = model(tokens, rows, rows, mask[:, None])[:, -1]
+    hidden = model(tokens, StepMeta(rows, rows, mask[:, None]))[:, -1]
     eos = torch.tensor(sorted(set(eos_ids)) or [-1], device=dev)
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     out = []
@@ -82,7 +82,7 @@ def _generate_batch(model: Transformer, prompts: Sequence[Sequence[int]], max_ne
         pos = torch.full((1,), P + step, dtype=torch.long, device=dev)
         valid[:, P + step] = True
         step_mask = (valid & (cols <= P + step))[:, None, None, :]
-        hidden = model(nxt[:, None], pos, pos, step_mask)[:, -1]
+        hidden = model(nxt[:, None], StepMeta(pos, pos, step_mask))[:, -1]
     gen = torch.stack(out, dim=1).tolist()
     eos_set = set(eos_ids)
     result = []
