@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medusa_forge.model.config import ModelConfig
@@ -99,6 +100,8 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, meta: StepMeta) -> Tensor:
         """x [B, T, hidden]; ``meta`` says where the tokens go and what they see (with
         ``meta.prefix_len`` a batch-1 CUDA forward runs the cache attention kernel, no mask)."""
+        if meta.packed:
+            return self._packed(x, meta)
         B, T, _ = x.shape
         cache = self.kv_cache
         rope = meta.rope
@@ -120,6 +123,55 @@ class Attention(nn.Module):
             y = kernels.masked_attention(q, cache.k, cache.v, mask)
         return self.wo(y.reshape(B, T, self.n_heads * self.head_dim))
 
+    def _packed(self, x: Tensor, meta: StepMeta) -> Tensor:
+        """Packed rows of several sequences [1, R, hidden]: each segment attends over its own
+        cache row only, through the same kernel a batch-1 step of its shape runs."""
+        R = x.shape[1]
+        qkv = linear_rows(self.wqkv, x, meta.gemm_rows)
+        k_all, v_all = meta.kv[self.layer_index]
+        out = qkv.new_empty(R, self.n_heads, self.head_dim)
+        if kernels.use_triton(qkv):
+            for seg in meta.segments:
+                rows = slice(seg.start, seg.stop)
+                q = kernels.rope_qkv_to_cache(qkv[:, rows], meta.rope[0], meta.rope[1], k_all[seg.row: seg.row + 1],
+                                              v_all[seg.row: seg.row + 1], meta.slots[rows], self.n_heads, self.n_kv,
+                                              self.head_dim, meta.positions[rows])
+                kernels.cache_attention(q[0], k_all[seg.row], v_all[seg.row], seg.prefix, seg.tree_mask,
+                                        seg.tree_ancestors, out=out[rows])
+        else:
+            q = self._rope_rows(qkv[0], meta, k_all, v_all)
+            for seg in meta.segments:
+                seen = seg.mask.shape[-1]  # the slot's prefix and its new rows, not the whole cache
+                out[seg.start: seg.stop] = kernels.masked_attention(
+                    q[None, seg.start: seg.stop], k_all[seg.row: seg.row + 1, :, :seen],
+                    v_all[seg.row: seg.row + 1, :, :seen], seg.mask)[0]
+        return linear_rows(self.wo, out.view(1, R, -1), meta.gemm_rows)
+
+    def _rope_rows(self, qkv: Tensor, meta: StepMeta, k_all: Tensor, v_all: Tensor) -> Tensor:
+        """The reference RoPE + cache write for all packed rows at once (elementwise, so each
+        row's bits are those of its own sequence's batch-1 call): q [R, H, D]."""
+        R = qkv.shape[0]
+        q, k, v = qkv.split([self.n_heads * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim], -1)
+        cos, sin = meta.rope[0][meta.positions][:, None], meta.rope[1][meta.positions][:, None]
+        q = kernels.apply_rope(q.view(R, self.n_heads, self.head_dim), cos, sin)
+        k = kernels.apply_rope(k.view(R, self.n_kv, self.head_dim), cos, sin)
+        k_all[meta.batch_index, :, meta.slots] = k
+        v_all[meta.batch_index, :, meta.slots] = v.view(R, self.n_kv, self.head_dim)
+        return q
+
+
+def linear_rows(mod: nn.Module, x: Tensor, rows: int | None) -> Tensor:
+    """``mod(x)``, or with ``rows`` the GEMM run in chunks of exactly that many rows (the last
+    zero padded): a row's bits then depend on the row alone, not on how many rows share the step."""
+    if rows is None:
+        return mod(x)
+    flat = x.reshape(-1, x.shape[-1])
+    m = flat.shape[0]
+    if m % rows:
+        flat = F.pad(flat, (0, 0, 0, rows - m % rows))
+    y = torch.cat([mod(chunk) for chunk in flat.split(rows)]) if flat.shape[0] > rows else mod(flat)
+    return y[:m].reshape(*x.shape[:-1], y.shape[-1])
+
 
 class FeedForward(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -128,8 +180,11 @@ class FeedForward(nn.Module):
         self.w_gate_up = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.w_down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x) -> Tensor:
-        gate_up = self.w_gate_up(x)
+    def forward(self, x: Tensor, rows: int | None = None) -> Tensor:
+        """``rows``: GEMMs in fixed-size row chunks (see :func:`linear_rows`)."""
+        gate_up = linear_rows(self.w_gate_up, x, rows)
+        if rows is not None:
+            return linear_rows(self.w_down, kernels.silu_mul(gate_up), rows)
         # An FP8 w_down may take silu(gate) * up quantized straight from the activation's launch.
         fused = getattr(self.w_down, "activated_input", None)
         act = fused(gate_up) if fused is not None else None
@@ -146,12 +201,13 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, meta: StepMeta, delta: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Input x + delta (the previous block's unsummed output); returns (residual, MLP output)."""
-        h, x = _normed(self.attn_norm, self.attn.wqkv, x, delta)
-        h, x = _normed(self.ffn_norm, self.ffn.w_gate_up, x, self.attn(h, meta))
-        return x, self.ffn(h)
+        chunked = meta.gemm_rows is not None  # the GEMMs take plain rows: no fused FP8 input
+        h, x = _normed(self.attn_norm, None if chunked else self.attn.wqkv, x, delta)
+        h, x = _normed(self.ffn_norm, None if chunked else self.ffn.w_gate_up, x, self.attn(h, meta))
+        return x, self.ffn(h, meta.gemm_rows)
 
 
-def _normed(norm: RMSNorm, consumer: nn.Module, x: Tensor, delta: Tensor | None):
+def _normed(norm: RMSNorm, consumer: nn.Module | None, x: Tensor, delta: Tensor | None):
     """(norm(x [+ delta]) as ``consumer``'s input, x [+ delta]). A consumer with ``normed_input``
     (an FP8 GEMM) may take it quantized straight from the norm's launch; it returns None where not."""
     fused = getattr(consumer, "normed_input", None)
@@ -168,6 +224,8 @@ class Transformer(nn.Module):
         self.config = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        for i, layer in enumerate(self.layers):
+            layer.attn.layer_index = i  # a packed step reads its own cache, meta.kv[i]
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
