@@ -27,6 +27,8 @@ from medusa_forge.engine import kernels
 from medusa_forge.engine.cuda_graphs import capture
 from medusa_forge.engine.acceptance import commit_path, greedy_accept, sample_token, typical_accept
 from medusa_forge.engine.generation import GenerationConfig, GenerationResult
+from medusa_forge.engine.logits_processing import stop_cut
+from medusa_forge.engine.processed_steps import Recorded, iter_processed_steps
 from medusa_forge.engine.gemm_layout import choose_layouts
 from medusa_forge.errors import ForgeError
 from medusa_forge.heads.medusa_head import MedusaHeads
@@ -377,9 +379,13 @@ class MedusaEngine:
         tokens: list[int] = []
         accepted: list[int] = []
         reason, ttft = "length", 0.0
+        # Logits to process or to return: the eager loop that reads every step's logits.
+        record = Recorded() if gcfg.needs_logits else None
+        steps = (iter_processed_steps(self, prompt_ids, gcfg, record) if record is not None
+                 else self.iter_steps(prompt_ids, gcfg))
         self._sync()
         t0 = time.perf_counter()
-        for i, new in enumerate(self.iter_steps(prompt_ids, gcfg)):
+        for i, new in enumerate(steps):
             if i == 0:
                 ttft = time.perf_counter() - t0
             else:
@@ -389,6 +395,10 @@ class MedusaEngine:
             if hit is not None:
                 new, reason = new[: hit + 1], "eos"
             tokens.extend(new)
+            cut = stop_cut(prompt_ids, tokens, len(new), gcfg.stop_words)
+            if cut is not None:
+                new, reason = new[: len(new) - (len(tokens) - cut)], "stop"
+                del tokens[cut:]
             if gcfg.stop_strings:
                 cut = self._stop_cut(tokens, gcfg.stop_strings)
                 if cut is not None:
@@ -403,7 +413,10 @@ class MedusaEngine:
         text = self.tokenizer.decode(tokens) if self.tokenizer is not None else ""
         if reason == "stop":
             text = min((text.split(s)[0] for s in gcfg.stop_strings if s in text), key=len, default=text)
-        return GenerationResult(len(prompt_ids), tokens, text, len(accepted), accepted, reason, ttft, total)
+        result = GenerationResult(len(prompt_ids), tokens, text, len(accepted), accepted, reason, ttft, total)
+        if record is not None:
+            record.attach(result, gcfg)
+        return result
 
     def generate(self, prompt: str, gcfg: GenerationConfig | None = None,
                  on_tokens: Callable[[list[int]], None] | None = None) -> GenerationResult:

@@ -25,8 +25,8 @@ import triton_python_backend_utils as pb_utils
 
 from medusa_forge.contract import INPUTS
 from medusa_forge.errors import ForgeError
-from medusa_forge.serve.native_service import (NativeModelSettings, NativeService, RequestCancelled, reply_tensors,
-                                               stack_rows)
+from medusa_forge.serve.native_service import NativeModelSettings, NativeService, RequestCancelled
+from medusa_forge.serve.replies import reply_tensors, stack_rows
 from medusa_forge.serve.request import parse_request
 
 
@@ -73,14 +73,15 @@ class TritonPythonModel:
             tensor = pb_utils.get_input_tensor_by_name(request, spec.name)
             if tensor is not None:
                 inputs[spec.name] = tensor.as_numpy()
-        return parse_request(inputs, self.service.use_medusa, self.max_batch_size, self.decoupled)
+        return parse_request(inputs, self.service.use_medusa, self.max_batch_size, self.decoupled,
+                             self.service.engine.tokenizer)
 
     def _complete(self, rows, cancelled) -> dict:
         per_row = []
         for row in rows:
             reply = self.service.run(row, cancelled=cancelled)
             per_row.append(reply_tensors(reply, reply.text, reply.tokens, final=True))
-        return stack_rows(per_row)
+        return stack_rows(per_row, rows[0].pad_id)
 
     def execute(self, requests):
         if self.decoupled:

@@ -25,6 +25,7 @@ from typing import Callable
 import numpy as np
 
 from medusa_forge.errors import ForgeError
+from medusa_forge.serve.replies import Reply, reply_tensors
 from medusa_forge.serve.request import RowRequest
 from medusa_forge.serve.text_stream import TextDeltas
 
@@ -76,64 +77,12 @@ class NativeModelSettings:
         return value
 
 
-@dataclass
-class Reply:
-    text: str
-    tokens: list[int]
-    accepted_per_step: list[int]
-    drafts_per_step: int  # draft tokens verified per step (tree nodes minus the root); 0 without Medusa
-
-    @property
-    def total_accepted_draft_tokens(self) -> int:
-        return sum(n - 1 for n in self.accepted_per_step) if self.drafts_per_step else 0
-
-    @property
-    def total_draft_tokens(self) -> int:
-        return len(self.accepted_per_step) * self.drafts_per_step
-
-    @property
-    def acceptance_rate(self) -> float:
-        return self.total_accepted_draft_tokens / self.total_draft_tokens if self.total_draft_tokens else 0.0
-
-
 class RequestCancelled(Exception):
     """The caller went away (or cancelled): stop generating."""
 
 
 class RequestTimedOut(ForgeError):
     """The request ran past the model's ``request_timeout_s``."""
-
-
-def reply_tensors(reply: Reply | None, text: str, tokens: list[int], final: bool) -> dict[str, np.ndarray]:
-    """Contract outputs for one response, batch dimension included ([1, ...]).
-
-    A streamed chunk carries its text delta and token ids; the final response (or the only one)
-    adds the per-request statistics.
-    """
-    out = {"text_output": np.array([[text.encode("utf-8")]], dtype=np.object_),
-           "output_tokens": np.array([tokens], dtype=np.int32).reshape(1, -1)}
-    if final and reply is not None:
-        out.update({
-            "acceptance_rate": np.array([[reply.acceptance_rate]], dtype=np.float32),
-            "total_accepted_draft_tokens": np.array([[reply.total_accepted_draft_tokens]], dtype=np.int32),
-            "total_draft_tokens": np.array([[reply.total_draft_tokens]], dtype=np.int32),
-            "accepted_per_step": np.array([reply.accepted_per_step], dtype=np.int32).reshape(1, -1),
-        })
-    return out
-
-
-def stack_rows(per_row: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Batch rows into one response; ragged int lists are right-padded with -1."""
-    if len(per_row) == 1:
-        return per_row[0]
-    out = {}
-    for name in per_row[0]:
-        arrays = [r[name] for r in per_row]
-        width = max(a.shape[1] for a in arrays)
-        if any(a.shape[1] != width for a in arrays):
-            arrays = [np.pad(a, ((0, 0), (0, width - a.shape[1])), constant_values=-1) for a in arrays]
-        out[name] = np.concatenate(arrays, axis=0)
-    return out
 
 
 class _Watch:
@@ -207,7 +156,7 @@ class NativeService:
                 watch.check(produced[0])
 
             result = self.engine.generate(row.prompt, row.gcfg, on_tokens=step)
-        return Reply(result.text, list(result.tokens), list(result.accepted_per_step), self.drafts_per_step)
+        return Reply.from_result(result, self.drafts_per_step)
 
     def run_streaming(self, row: RowRequest, send: Callable[[dict[str, np.ndarray], bool], None],
                       cancelled: Callable[[], bool] | None = None) -> Reply:
@@ -216,7 +165,7 @@ class NativeService:
         deltas = TextDeltas(self.engine.tokenizer.decode, row.gcfg.stop_strings)
 
         def on_tokens(new: list[int]) -> None:
-            send(reply_tensors(None, deltas.push(new), list(new), final=False), False)
+            send(reply_tensors(None, deltas.push(new), list(new), final=False, gcfg=row.gcfg), False)
 
         reply = self.run(row, on_tokens, cancelled)
         send(reply_tensors(reply, deltas.finish(reply.text), [], final=True), True)
