@@ -12,11 +12,13 @@ import random
 import threading
 import time
 
+import numpy as np
 import pytest
 
 from medusa_forge.engine.batcher import InflightBatcher
 from medusa_forge.engine.generation import GenerationConfig
 from medusa_forge.engine.load import load_engine
+from medusa_forge.engine.logits_processing import LogitsSettings
 from medusa_forge.engine.tickets import RequestCancelled, RequestTimedOut
 from medusa_forge.errors import ForgeError
 
@@ -157,3 +159,30 @@ def test_the_batch_has_its_own_cache_so_the_serial_engine_still_runs_beside_it(e
         assert ticket.result(timeout=60).tokens == batch_one[i]
     finally:
         batcher.close()
+
+
+def test_requests_with_logits_processing_get_their_batch_one_tokens_and_log_probs(engine, requests):
+    paren = engine.tokenizer.hf.encode("(", add_special_tokens=False)[0]
+    settings = [LogitsSettings(repetition_penalty=1.4), LogitsSettings(presence_penalty=0.6, frequency_penalty=0.3),
+                LogitsSettings(embedding_bias=((paren, -6.0),), bad_words=((paren,),)),
+                LogitsSettings(min_length=12, end_ids=(2,))]
+    chosen = []
+    for k in range(8):
+        ids = requests[k][0][-40:]
+        cfg = GenerationConfig(max_new_tokens=12, use_medusa=k % 2 == 0, logits_settings=settings[k % 4],
+                               return_log_probs=True, return_generation_logits=k == 1, return_context_logits=k == 2,
+                               stop_words=((paren,),) if k == 5 else ())
+        chosen.append((ids, cfg))
+    alone = [engine.generate_ids(ids, cfg) for ids, cfg in chosen]
+    batcher = InflightBatcher(engine, max_batch_size=4, speculation="fixed", prefill_chunk=16)
+    random_trees(batcher, seed=4)
+    try:
+        batched = [t.result(timeout=60) for t in [batcher.submit(ids, cfg) for ids, cfg in chosen]]
+    finally:
+        batcher.close()
+    for a, b in zip(alone, batched):
+        assert b.tokens == a.tokens and b.finish_reason == a.finish_reason
+        assert b.log_probs == pytest.approx(a.log_probs, abs=1e-4)
+    assert batched[1].generation_logits.shape == alone[1].generation_logits.shape
+    assert batched[2].context_logits.shape == alone[2].context_logits.shape == (len(chosen[2][0]), 8192)
+    assert np.allclose(batched[2].context_logits, alone[2].context_logits, atol=1e-4)

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from medusa_forge.engine import kernels
 from medusa_forge.engine.acceptance import sample_token, typical_accept
+from medusa_forge.engine.batch_logits import RowLogits, node_paths
 from medusa_forge.model.llama import linear_rows
 from medusa_forge.model.step_meta import Segment, StepMeta
 from medusa_forge.tree.choice_tree import TOPK, TreeBuffers
@@ -43,6 +44,7 @@ class Sampling:
     medusa: bool = False
     threshold: float = 0.09
     alpha: float = 0.3
+    logits: RowLogits | None = None  # processing / returned logits (eager rows), None for most requests
 
     @property
     def samples(self) -> bool:
@@ -139,7 +141,12 @@ class BatchSlots:
             self._plain_commit(plain, logits[nt:], out, work.prefill)
             heads_rows.update({s: nt + i for i, s in enumerate(work.plain_slots)})
             heads_rows.update({s: r for s, r in zip((s for s, _, last in work.prefill if last), last_rows)})
+        start = nt + npl
         for s, chunk, last in work.prefill:
+            if self.sampling[s].logits is not None:  # the prompt's logits, when the request asks for them
+                self.sampling[s].logits.keep_context(linear_rows(self.model.lm_head, hidden[start: start + len(chunk)],
+                                                                 self.gemm_rows))
+            start += len(chunk)
             self.lengths[s] += len(chunk)
         self._refresh_heads(hidden, {s: r for s, r in heads_rows.items() if s in work.heads})
         return out
@@ -190,6 +197,7 @@ class BatchSlots:
         tb = work.tree
         Bt, n = tree_tokens.shape
         logits = logits.float().view(Bt, n, -1)
+        raw = self._process_trees(work, tree_tokens, logits)
         pred = kernels.row_argmax(logits.view(Bt * n, -1)).view(Bt, n)
         ret, valid = tb.retrieve_indices, tb.retrieve_valid
         path_tokens = tree_tokens[:, ret]  # [Bt, P, W]
@@ -219,17 +227,37 @@ class BatchSlots:
         for i, s in enumerate(work.tree_slots):
             a = acc_l[i]
             out[s] = Outcome(drafts[i][:a] + [root_l[i]], last_l[i], True)
+            if i in raw:  # the rows each new token was chosen at: the path's nodes
+                chosen = nodes[i, : a + 1]
+                self.sampling[s].logits.keep(raw[i][chosen], logits[i][chosen], out[s].tokens)
             self.lengths[s] += a + 1
             heads_rows[s] = i * n + last_l[i]
+
+    def _process_trees(self, work: Work, tree_tokens: Tensor, logits: Tensor) -> dict[int, Tensor]:
+        """Tree slots with logits processing: their rows replaced by processed ones (in place);
+        returns their raw rows by position in the step."""
+        raw, paths = {}, None
+        for i, s in enumerate(work.tree_slots):
+            hook = self.sampling[s].logits
+            if hook is not None:
+                paths = paths or node_paths(work.tree.ancestors)
+                raw[i] = logits[i].clone()
+                logits[i] = hook.tree(raw[i], tree_tokens[i].tolist(), paths)
+        return raw
 
     def _plain_commit(self, slots: list[int], logits: Tensor, out: dict, prefill) -> None:
         """One token per slot (plain rows, then prefills' last rows): argmax, or drawn for sampled slots."""
         picked = kernels.row_argmax(logits)
         for i, s in enumerate(slots):
             smp = self.sampling[s]
+            row = logits[i: i + 1].float()
+            if smp.logits is not None:
+                row = smp.logits.plain(row)
+                picked[i] = row.argmax(-1)[0]
             if smp.samples:
-                picked[i] = sample_token(logits[i: i + 1].float(), smp.temperature, smp.top_k, smp.top_p,
-                                         smp.generator)[0]
+                picked[i] = sample_token(row, smp.temperature, smp.top_k, smp.top_p, smp.generator)[0]
+            if smp.logits is not None:
+                smp.logits.keep(logits[i: i + 1], row, [int(picked[i])])
         idx = torch.tensor(slots, dtype=torch.long, device=self.device)
         self.root[idx] = picked
         plain = len(slots) - sum(1 for _, _, last in prefill if last)

@@ -11,8 +11,10 @@ import time
 
 import torch
 
+from medusa_forge.engine.batch_logits import RowLogits
 from medusa_forge.engine.batch_step import Sampling
 from medusa_forge.engine.generation import GenerationResult
+from medusa_forge.engine.logits_processing import stop_cut
 from medusa_forge.engine.tickets import Ticket
 
 
@@ -34,6 +36,7 @@ class RequestStream:
         self.started = time.perf_counter() - (time.monotonic() - ticket.submitted)
         self.ttft: float | None = None
         self.fresh_heads = False  # the slot's heads' top-k reflects its last committed token
+        self.logits = RowLogits(engine, self.prompt, gcfg, lambda: self.tokens) if gcfg.needs_logits else None
 
     @property
     def medusa(self) -> bool:
@@ -50,7 +53,7 @@ class RequestStream:
             generator = torch.Generator(device=device)
             generator.manual_seed(g.seed if g.seed is not None else int(time.time_ns() % 2**31))
         return Sampling(g.temperature, g.top_k, g.top_p, generator, g.use_medusa, g.posterior_threshold,
-                        g.posterior_alpha)
+                        g.posterior_alpha, self.logits)
 
     def take(self, new: list[int]) -> bool:
         """Add one step's tokens (the first call is the prefill's token); stream them; True when done."""
@@ -64,6 +67,10 @@ class RequestStream:
         if hit is not None:
             new, self.reason = new[: hit + 1], "eos"
         self.tokens.extend(new)
+        cut = stop_cut(self.prompt, self.tokens, len(new), g.stop_words)
+        if cut is not None:
+            new, self.reason = new[: len(new) - (len(self.tokens) - cut)], "stop"
+            del self.tokens[cut:]
         if g.stop_strings:
             cut = self.engine._stop_cut(self.tokens, g.stop_strings)
             if cut is not None:
@@ -79,5 +86,8 @@ class RequestStream:
         text = tok.decode(self.tokens) if tok is not None else ""
         if self.reason == "stop":
             text = min((text.split(s)[0] for s in self.gcfg.stop_strings if s in text), key=len, default=text)
-        return GenerationResult(len(self.prompt), self.tokens, text, len(self.accepted), self.accepted,
-                                self.reason, self.ttft or 0.0, total)
+        result = GenerationResult(len(self.prompt), self.tokens, text, len(self.accepted), self.accepted,
+                                  self.reason, self.ttft or 0.0, total)
+        if self.logits is not None:
+            self.logits.attach(result)
+        return result
