@@ -18,7 +18,11 @@ import torch
 from torch import Tensor
 
 from medusa_forge.engine.generation import GenerationConfig, GenerationResult
-from medusa_forge.engine.logits_processing import LogitsSettings, process, token_log_probs
+from medusa_forge.engine.logits_processing import (
+    LogitsSettings,
+    process,
+    token_log_probs,
+)
 from medusa_forge.engine.processed_steps import Recorded
 
 

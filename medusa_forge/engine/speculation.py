@@ -88,23 +88,23 @@ class CostModel:
     @classmethod
     def measure(cls, run: Callable[[int, int], None], max_rows: int, max_slots: int, device: str = "",
                 reps: int = 5) -> CostModel:
-        """``run(rows, slots)`` runs one packed step of that shape; the best of ``reps`` counts."""
-        def best(rows: int, slots: int) -> float:
-            run(rows, slots)  # warm
-            times = []
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                run(rows, slots)
-                times.append(time.perf_counter() - t0)
-            return min(times)
+        """``run(rows, slots)`` runs one packed step of that shape; the best of ``reps`` counts. The
+        shapes take turns, so a neighbour's burst of work slows one run of each, not all runs of one."""
         grid = sorted({1, *(r for r in (2, 4, 8, 16, 32, 64, 128, 256, 512) if r < max_rows), max_rows})
+        shapes = [(r, 1) for r in grid] + ([(max_slots, max_slots)] if max_slots > 1 else [])
+        best = dict.fromkeys(shapes, float("inf"))
+        for rep in range(reps + 1):  # the first round warms up
+            for shape in shapes:
+                t0 = time.perf_counter()
+                run(*shape)
+                if rep:
+                    best[shape] = min(best[shape], time.perf_counter() - t0)
         # More rows never cost less: a point measured slower than a bigger one was disturbed.
-        seconds = np.minimum.accumulate([best(r, 1) for r in grid][::-1])[::-1].tolist()
+        seconds = np.minimum.accumulate([best[(r, 1)] for r in grid][::-1])[::-1].tolist()
         per_slot = 0.0
         if max_slots > 1:
-            many = best(max_slots, max_slots)
             one = float(np.interp(max_slots, grid, seconds))
-            per_slot = max(0.0, (many - one) / (max_slots - 1))
+            per_slot = max(0.0, (best[(max_slots, max_slots)] - one) / (max_slots - 1))
         return cls(grid, seconds, per_slot, device)
 
 
