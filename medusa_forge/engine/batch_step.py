@@ -95,6 +95,7 @@ class BatchSlots:
         cuda = self.device.type == "cuda"
         self.gemm_rows = gemm_rows or (CUDA_GEMM_ROWS if cuda else CPU_GEMM_ROWS)
         self.sampling: list[Sampling] = [Sampling() for _ in range(self.B)]
+        self.gqa_group = cfg.num_heads // cfg.num_kv_heads  # query heads per KV head: the mask's repeat
 
     def reset(self, slot: int, sampling: Sampling) -> None:
         """A new request takes ``slot``: its old cache entries lie past length 0 and are never read."""
@@ -190,7 +191,7 @@ class BatchSlots:
                            tree_mask=tree_mask, tree_ancestors=ancestors)
         new = tree_mask if tree_mask is not None else torch.ones(T, T, dtype=torch.bool).tril_()
         mask = torch.cat([torch.ones(T, L, dtype=torch.bool), new], 1)[None, None]
-        return Segment(s, start, start + T, L, mask=mask)
+        return Segment(s, start, start + T, L, mask=mask.repeat(1, 1, self.gqa_group, 1))
 
     def _tree_commit(self, work: Work, tree_tokens: Tensor, logits: Tensor, out: dict, heads_rows: dict) -> None:
         """Acceptance for every tree slot at once (typical acceptance per slot), commit, move K/V."""

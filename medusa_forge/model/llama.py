@@ -140,11 +140,14 @@ class Attention(nn.Module):
                                         seg.tree_ancestors, out=out[rows])
         else:
             q = self._rope_rows(qkv[0], meta, k_all, v_all)
+            g = self.n_heads // self.n_kv
             for seg in meta.segments:
-                seen = seg.mask.shape[-1]  # the slot's prefix and its new rows, not the whole cache
-                out[seg.start: seg.stop] = kernels.masked_attention(
-                    q[None, seg.start: seg.stop], k_all[seg.row: seg.row + 1, :, :seen],
-                    v_all[seg.row: seg.row + 1, :, :seen], seg.mask)[0]
+                # kernels.masked_attention's SDPA call, its GQA mask repeated once per step, not per layer
+                T, seen = seg.stop - seg.start, seg.mask.shape[-1]  # the slot's prefix and new rows
+                qh = q[seg.start: seg.stop].transpose(0, 1).reshape(1, self.n_kv, g * T, self.head_dim)
+                y = F.scaled_dot_product_attention(qh, k_all[seg.row: seg.row + 1, :, :seen],
+                                                   v_all[seg.row: seg.row + 1, :, :seen], attn_mask=seg.mask)
+                out[seg.start: seg.stop] = y.reshape(self.n_heads, T, self.head_dim).transpose(0, 1)
         return linear_rows(self.wo, out.view(1, R, -1), meta.gemm_rows)
 
     def _rope_rows(self, qkv: Tensor, meta: StepMeta, k_all: Tensor, v_all: Tensor) -> Tensor:

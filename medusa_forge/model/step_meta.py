@@ -26,8 +26,9 @@ class Segment:
     """One sequence's consecutive rows [start, stop) in a packed step.
 
     It writes cache row ``row`` at slots prefix_len..prefix_len+T-1 and sees the slots below
-    prefix_len plus the new ones ``tree_mask`` allows (causal when None). ``mask`` [1, 1, T,
-    prefix_len + T] is that visibility for the reference attention, built once per step;
+    prefix_len plus the new ones ``tree_mask`` allows (causal when None). ``mask`` [1, 1, G*T,
+    prefix_len + T] is that visibility for the reference attention, repeated for the G query heads
+    of a KV head (GQA) as ``kernels.masked_attention`` repeats it, built once per step;
     ``prefix`` the same length as a 0-d device tensor for the CUDA kernel."""
 
     row: int
