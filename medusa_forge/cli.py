@@ -23,7 +23,7 @@ COMMANDS: dict[str, str] = {
     "heads": "medusa_forge.heads.cli:heads",
     "convert": "medusa_forge.convert.cli:convert",
     "build": "medusa_forge.build.cli:build",
-    "generate": "medusa_forge.engine.cli:generate",
+    "generate": "medusa_forge.serve.generate:generate",
     "triton-repo": "medusa_forge.serve.cli:triton_repo",
     "serve": "medusa_forge.serve.cli:serve",
     "query": "medusa_forge.serve.cli:query",

@@ -27,6 +27,25 @@ MANIFEST_NAME = "medusa_forge.json"
 KINDS = ("native", "tensorrt_llm")
 
 
+def read_tree(spec: "str | ChoiceTree") -> "ChoiceTree":
+    """A tree spec (``ChoiceTree.parse``), or an engine directory or its manifest file: the tree that
+    engine was built with (how an ``auto`` tree searched for a native engine reaches other engines)."""
+    from medusa_forge.tree.choice_tree import ChoiceTree
+
+    if isinstance(spec, ChoiceTree):
+        return spec
+    if not isinstance(spec, str):
+        return ChoiceTree.parse(spec)
+    path = Path(spec)
+    engine_dir = path.parent if path.name == MANIFEST_NAME and path.is_file() else path
+    if not is_engine_dir(engine_dir):
+        return ChoiceTree.parse(spec)
+    tree = EngineManifest.load(engine_dir).choice_tree()
+    if tree is None:
+        raise ForgeError(f"{spec}: the engine has no Medusa heads, so no choice tree")
+    return tree
+
+
 @dataclass
 class EngineManifest:
     kind: str  # "native" | "tensorrt_llm"

@@ -13,6 +13,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("MEDUSA_FORGE_SHARED", REPO.parent / "shared"))
 MODEL_DIR = SHARED / "models" / "pycoder-26m"
+pytest_plugins = ["heads_layouts_fixtures"]  # the heads-layout fixtures, for the test files that split them
 PROMPTS = SHARED / "data" / "code_prompts.jsonl"
 # The small MMLU set we wrote (4 computer-science subjects) in both standard layouts.
 FIXTURE_MMLU = Path(__file__).resolve().parent / "fixtures" / "mmlu_csv"

@@ -13,13 +13,13 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from medusa_forge.build import fp8
 from medusa_forge.build.compare import compare_fp8
 from medusa_forge.cli import main
 from medusa_forge.engine.generation import GenerationConfig
 from medusa_forge.engine.load import load_engine
 from medusa_forge.errors import ForgeError
 from medusa_forge.manifest import EngineManifest, sha256_file
+from medusa_forge.model import fp8_linear as fp8
 from medusa_forge.prompts import read_prompts
 
 SMALL = [[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 0, 0, 0]]

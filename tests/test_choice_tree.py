@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from medusa_forge.errors import ForgeError
+from medusa_forge.manifest import EngineManifest, read_tree
 from medusa_forge.tree import ChoiceTree, tree_buffers
 from medusa_forge.tree.choice_tree import MAX_TREE_NODES, TOPK
 
@@ -34,6 +35,23 @@ def test_tree_from_json_file(tmp_path):
     f = tmp_path / "tree.json"
     f.write_text(json.dumps({"medusa_choices": [[0], [0, 0]]}))
     assert ChoiceTree.parse(str(f)).paths == ((0,), (0, 0))
+
+
+@pytest.fixture
+def auto_engine_dir(tmp_path):
+    EngineManifest(kind="native", dtype="float32", medusa_choices=[[0], [1], [0, 0]], num_medusa_heads=2,
+                   extra={"tree_name": "auto"}).save(tmp_path)
+    return tmp_path
+
+
+def test_parse_refuses_an_engine_manifest_and_read_tree_reads_it(auto_engine_dir):
+    manifest = auto_engine_dir / "medusa_forge.json"
+    with pytest.raises(ForgeError, match="an engine manifest, not a choice tree"):
+        ChoiceTree.parse(str(manifest))
+    for spec in (str(manifest), str(auto_engine_dir)):
+        tree = read_tree(spec)
+        assert tree.paths == ((0,), (1,), (0, 0)) and tree.name == "auto"
+    assert read_tree("small") == ChoiceTree.parse("small")
 
 
 @pytest.mark.parametrize("paths, message", [

@@ -20,14 +20,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from medusa_forge.build.tree_search import full_pass
+from medusa_forge.build.open import open_engine
 from medusa_forge.convert.trtllm_checkpoint import ConvertOptions, convert_trtllm
 from medusa_forge.convert.trtllm_config import read_config
 from medusa_forge.convert.trtllm_reader import load_trtllm_checkpoint, read_tensors
 from medusa_forge.engine.generation import GenerationConfig
-from medusa_forge.engine.load import load_engine
-from medusa_forge.engine.tokenizer import Tokenizer
 from medusa_forge.errors import ForgeError
+from medusa_forge.model.forward import full_pass
+from medusa_forge.model.tokenizer import Tokenizer
 
 GEMMS = ("attention.qkv", "attention.dense", "mlp.fc", "mlp.gate", "mlp.proj")
 CALIB_TOKENS = 64
@@ -117,7 +117,7 @@ def test_scales_are_amax_over_448_of_the_weights_and_the_calibration_activations
 @pytest.fixture(scope="module")
 def bf16_greedy(model_dir, held_out_prompts):
     """64 greedy tokens of the original checkpoint on 3 odd-numbered held-out prompts (last 64 prompt tokens)."""
-    engine = load_engine(model_dir, tree="small", device="cpu", max_seq_len=160)
+    engine = open_engine(model_dir, tree="small", device="cpu", max_seq_len=160)
     gcfg = GenerationConfig(max_new_tokens=64, use_medusa=False, ignore_eos=True)
     out = []
     for p in held_out_prompts[1:7:2]:
@@ -157,9 +157,9 @@ def test_dequantized_fp8_checkpoint_keeps_98_percent_greedy_agreement_with_bf16(
 
 
 def test_fp8_checkpoint_generates_through_load_engine_and_needs_emulation_on_cpu(fp8_ckpt, bf16_greedy):
-    engine = load_engine(fp8_ckpt, tree="small", device="cpu", max_seq_len=160, fp8_emulate=True)
+    engine = open_engine(fp8_ckpt, tree="small", device="cpu", max_seq_len=160, fp8_emulate=True)
     ids, tokens = bf16_greedy[0]
     result = engine.generate_ids(ids, GenerationConfig(max_new_tokens=4, use_medusa=True, ignore_eos=True))
     assert len(result.tokens) == 4
     with pytest.raises(ForgeError, match="--fp8-emulate"):
-        load_engine(fp8_ckpt, device="cpu", fp8_emulate=False)
+        open_engine(fp8_ckpt, device="cpu", fp8_emulate=False)

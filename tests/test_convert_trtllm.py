@@ -24,13 +24,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from conftest import run_cli
+from medusa_forge.build.open import open_engine
 from medusa_forge.cli import main
 from medusa_forge.convert.trtllm_checkpoint import ConvertOptions, convert_trtllm
 from medusa_forge.convert.trtllm_config import CheckpointSpec
 from medusa_forge.convert.trtllm_names import entries, merge, shard
 from medusa_forge.convert.trtllm_reader import load_trtllm_checkpoint
 from medusa_forge.engine.generation import GenerationConfig
-from medusa_forge.engine.load import load_engine
 from medusa_forge.errors import ForgeError
 from medusa_forge.heads.checkpoint import save_heads
 from medusa_forge.heads.medusa_head import MedusaHeads, MedusaHeadsConfig
@@ -200,7 +200,7 @@ def test_reader_merges_ranks_back_into_the_exact_weights(tp, model_dir, heads_di
 @pytest.fixture(scope="module")
 def reference_tokens(model_dir, held_out_prompts):
     """Plain greedy continuations of 3 held-out prompts by the original HF checkpoint (fp32 on CPU)."""
-    engine = load_engine(model_dir, tree="small", device="cpu", max_seq_len=96)
+    engine = open_engine(model_dir, tree="small", device="cpu", max_seq_len=96)
     ids = [engine.tokenizer.encode(p["prompt"])[-48:] for p in held_out_prompts[:3]]
     gcfg = GenerationConfig(max_new_tokens=12, use_medusa=False, ignore_eos=True)
     return [(i, engine.generate_ids(i, gcfg).tokens) for i in ids]
@@ -209,7 +209,7 @@ def reference_tokens(model_dir, held_out_prompts):
 @pytest.mark.parametrize("tp", [1, 2])
 def test_converted_checkpoint_runs_in_the_native_engine_with_the_original_greedy_output(
         tp, ckpt_tp1, ckpt_tp2, reference_tokens):
-    engine = load_engine(ckpt_tp1 if tp == 1 else ckpt_tp2, tree="small", device="cpu", max_seq_len=96)
+    engine = open_engine(ckpt_tp1 if tp == 1 else ckpt_tp2, tree="small", device="cpu", max_seq_len=96)
     assert engine.heads is not None and engine.heads.config.num_heads == (4 if tp == 1 else 5)
     gcfg = GenerationConfig(max_new_tokens=12, use_medusa=True, ignore_eos=True)
     for ids, expected in reference_tokens:

@@ -1,4 +1,4 @@
-"""Spec for engine/gemm_layout.py: how a linear is made row-invariant between the plain step (M=1)
+"""Spec for model/gemm_layout.py: how a linear is made row-invariant between the plain step (M=1)
 and the tree step (M = tree nodes). The cuBLAS facts themselves are checked on the GPU
 (``bench probe``, ``python -m medusa_forge.bench.gemm_check``); here the decision and the padded
 linear's arithmetic."""
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medusa_forge.engine.gemm_layout import KN, NK, PAD_ROWS, RowPaddedLinear, linear_groups, pick_layout, rows_invariant
+from medusa_forge.model.gemm_layout import KN, NK, PAD_ROWS, RowPaddedLinear, linear_groups, pick_layout, rows_invariant
 
 
 @pytest.mark.parametrize("works, want", [

@@ -92,3 +92,31 @@ def test_bad_input_gets_one_line_and_exit_2(case, expected, model_dir, tmp_path,
     assert code == 2
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and expected in lines[0], err
+
+
+@pytest.fixture(scope="module")
+def engine_with_heads(model_dir, heads_dir, tmp_path_factory):
+    from medusa_forge.build.native import NativeBuildConfig, build_native
+
+    engine = tmp_path_factory.mktemp("generate_engine") / "engine"
+    build_native(NativeBuildConfig(model_dir=model_dir, out_dir=engine, dtype="float32", medusa_dir=heads_dir,
+                                   tree="small", verify_tokens=4))
+    return engine
+
+
+REPEATING = "zeros = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, "
+
+
+def _generate_json(engine, extra, capsys) -> dict:
+    code, out, err = run_cli(["generate", "--model", str(engine), "--device", "cpu", "--prompt", REPEATING,
+                              "--max-new-tokens", "24", "--json", *extra], capsys)
+    assert code == 0, err
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_generate_on_an_engine_dir_uses_its_heads_unless_no_medusa(engine_with_heads, capsys):
+    medusa = _generate_json(engine_with_heads, [], capsys)
+    plain = _generate_json(engine_with_heads, ["--no-medusa"], capsys)
+    assert max(medusa["accepted_per_step"]) > 1  # a step accepted draft tokens: the engine's own heads ran
+    assert set(plain["accepted_per_step"]) == {1} and plain["steps"] == len(plain["tokens"]) - 1
+    assert medusa["tokens"] == plain["tokens"]  # greedy Medusa is exact

@@ -18,8 +18,9 @@ from typing import Callable
 import numpy as np
 import pytest
 import torch
+from conftest import FIXTURE_MMLU, make_heads
+from conftest import triton_inputs as _inputs
 
-from conftest import FIXTURE_MMLU, make_heads, triton_inputs as _inputs
 from medusa_forge.cli import main
 from medusa_forge.errors import ForgeError
 from medusa_forge.heads.checkpoint import save_heads
@@ -120,7 +121,7 @@ class Ctx:
 
 
 def tokens(ctx: Ctx, text: str) -> int:
-    from medusa_forge.engine.tokenizer import Tokenizer
+    from medusa_forge.model.tokenizer import Tokenizer
 
     return len(Tokenizer(ctx.engine / "model").encode(text))
 
@@ -185,11 +186,11 @@ CASES: list[Case] = [
      lambda c: "empty prompt: give at least one token of input"),
     ("generate: max-new-tokens past the engine's cache", lambda c: ["generate", "--model", c.engine, "--prompt", "x",
                                                                    "--max-new-tokens", "2100"],
-     lambda c: "prompt (2 tokens) + max_new_tokens (2100) + tree (2) = 2104 exceeds the KV cache of 2048 tokens"),
+     lambda c: "prompt (2 tokens) + max_new_tokens (2100) + tree (16) = 2118 exceeds the KV cache of 2048 tokens"),
     ("generate: prompt past the engine's max input", lambda c: ["generate", "--model", c.engine, "--prompt", LONG_PROMPT,
                                                                "--max-new-tokens", "2"],
-     lambda c: f"prompt of {tokens(c, LONG_PROMPT)} tokens is longer than the engine's max input of 2045 tokens (it "
-               "exceeds the KV cache of 2048 tokens less 2 for the tree and 1 to generate); shorten the prompt or use a "
+     lambda c: f"prompt of {tokens(c, LONG_PROMPT)} tokens is longer than the engine's max input of 2031 tokens (it "
+               "exceeds the KV cache of 2048 tokens less 16 for the tree and 1 to generate); shorten the prompt or use a "
                "larger --max-seq-len"),
     ("build: max-seq-len 8", lambda c: ["build", "native", "--model", c.model, "--max-seq-len", "8", "--out", c.out / "e"],
      lambda c: "--max-seq-len 8 is too small (need >= 16)"),
@@ -306,7 +307,7 @@ REQUESTS = [
 
 @pytest.mark.parametrize("tensors, message", [r[1:] for r in REQUESTS], ids=[r[0] for r in REQUESTS])
 def test_bad_triton_request_gets_the_exact_error_and_the_server_keeps_serving(tensors, message, native_triton):
-    from medusa_forge.engine.tokenizer import Tokenizer
+    from medusa_forge.model.tokenizer import Tokenizer
 
     expected = message.format(n=len(Tokenizer(native_triton.engine_dir / "model").encode(LONG_PROMPT)))
     watched = (native_triton.engine_dir, native_triton.repo)

@@ -447,7 +447,7 @@ def test_fp8_model_forward_with_norm_fused_quantization_keeps_its_bits(monkeypat
     """A whole fp8 forward (2 layers, every kernel on its Triton path) gives the same hidden states
     whether the norms and SiLU*mul hand their GEMMs e4m3 rows (FP8Linear.normed_input /
     activated_input) or bf16 rows that FP8Linear quantizes itself."""
-    from medusa_forge.build import fp8
+    from medusa_forge.model import fp8_linear as fp8
     from medusa_forge.model.config import ModelConfig
     from medusa_forge.model.llama import Transformer
 
@@ -493,8 +493,8 @@ def test_row_padded_wo_takes_the_attention_output_in_its_padded_input(monkeypatc
     """With ``wo`` row padded (gemm_layout), the attention kernel writes into the first rows of
     wo's [PAD_ROWS, H*D] input (no pad fill and copy launches) and the forward keeps its bits:
     rows of garbage below them cannot reach the rows that are kept."""
-    from medusa_forge.engine.gemm_layout import PAD_ROWS, RowPaddedLinear
     from medusa_forge.model.config import ModelConfig
+    from medusa_forge.model.gemm_layout import PAD_ROWS, RowPaddedLinear
     from medusa_forge.model.llama import Transformer
 
     cfg = ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,

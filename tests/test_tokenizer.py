@@ -1,13 +1,13 @@
-"""Spec for engine/tokenizer.py: the fast path (the Rust backend, no transformers wrapping) gives
+"""Spec for model/tokenizer.py: the fast path (the Rust backend, no transformers wrapping) gives
 exactly the ids transformers' tokenizer call gives, BOS included."""
 
 from __future__ import annotations
 
 import json
 
-from medusa_forge.engine.tokenizer import Tokenizer
-
 from conftest import MODEL_DIR, PROMPTS
+
+from medusa_forge.model.tokenizer import Tokenizer
 
 
 def test_fast_encode_gives_transformers_ids_on_every_held_out_prompt():

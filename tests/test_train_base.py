@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from medusa_forge.engine import GenerationConfig, MedusaEngine
-from medusa_forge.engine.tokenizer import Tokenizer
 from medusa_forge.errors import ForgeError
 from medusa_forge.model.checkpoint import load_hf_model
+from medusa_forge.model.forward import hidden_states
 from medusa_forge.model.step_meta import StepMeta
-from medusa_forge.train.base import batched_generate, hidden_states
+from medusa_forge.model.tokenizer import Tokenizer
+from medusa_forge.train.base import batched_generate
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from medusa_forge.engine.tokenizer import Tokenizer
 from medusa_forge.errors import ForgeError
+from medusa_forge.model.tokenizer import Tokenizer
 from medusa_forge.train.data import (
     IGNORE_INDEX,
     collate,

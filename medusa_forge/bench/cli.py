@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from medusa_forge.atomic import atomic_write_json, atomic_write_text
-from medusa_forge.engine.cli import engine_options, open_engine
+from medusa_forge.engine.options import dtype_option, engine_options, medusa_option, no_medusa_option, tree_option
 from medusa_forge.tree.choice_tree import ChoiceTree
 
 
@@ -55,6 +55,7 @@ def bench_engine_cmd(model, medusa, tree, device, dtype, max_seq_len, compile_, 
                      max_prompt_tokens, out):
     """Per-topic tokens/s of plain vs Medusa greedy decoding on one engine, with output identity."""
     from medusa_forge.bench.engine_bench import bench_engine, topic_table
+    from medusa_forge.build.open import open_engine
     from medusa_forge.errors import ForgeError
     from medusa_forge.prompts import read_prompts
 
@@ -105,7 +106,7 @@ def bench_probe_cmd(model, medusa, trees, prompts, per_topic, max_new_tokens, ou
     """Bit identity of tree decoding with plain greedy decoding: tokens and every committed KV entry."""
     from medusa_forge.bench.engine_bench import truncate_prompt
     from medusa_forge.bench.identity_probe import probe
-    from medusa_forge.engine.load import load_engine
+    from medusa_forge.build.open import open_engine as load_engine
     from medusa_forge.engine.medusa_engine import MedusaEngine
     from medusa_forge.heads.medusa_head import MedusaHeads, MedusaHeadsConfig
     from medusa_forge.prompts import read_prompts
@@ -215,11 +216,10 @@ def bench_suite_cmd(model, medusa, prompts, per_topic, peer_per_topic, trees, ma
 @bench.command("serve")
 @click.option("--engine", "--model", "engine", required=True, type=click.Path(),
               help="Native engine dir, or a HF model dir (built into a native engine first, with --medusa heads).")
-@click.option("--medusa", "--medusa_model_dir", "medusa", type=click.Path(), default=None,
-              help="HF model dir only: Medusa heads to build in.")
-@click.option("--medusa-choices", "--medusa_choices", "tree", default=None, help="HF model dir only: choice tree.")
-@click.option("--dtype", default=None, help="HF model dir only: engine dtype (default: fp32 on CPU, bf16 on CUDA).")
-@click.option("--no-medusa", is_flag=True, help="Serve plain decoding of the engine (default: Medusa when it has heads).")
+@medusa_option("HF model dir only: Medusa heads to build in.")
+@tree_option("HF model dir only: choice tree.")
+@dtype_option("HF model dir only: engine dtype (default: fp32 on CPU, bf16 on CUDA).")
+@no_medusa_option("Serve plain decoding of the engine (default: Medusa when it has heads).")
 @click.option("--clients", default=32, show_default=True, help="Concurrent gRPC clients (one thread each).")
 @click.option("--requests", default=10, show_default=True, help="Requests per client.")
 @click.option("--max-tokens", "--max_tokens", "max_tokens", default=16, show_default=True,

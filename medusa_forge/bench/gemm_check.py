@@ -19,7 +19,7 @@ import click
 import torch
 
 from medusa_forge.bench.step_latency import LLAMA3_8B, copy_bandwidth_gb_s, time_graph
-from medusa_forge.engine.gemm_layout import rows_invariant
+from medusa_forge.model.gemm_layout import rows_invariant
 
 
 def linear_shapes(cfg=LLAMA3_8B) -> dict[str, tuple[int, int]]:

@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from medusa_forge.engine.cuda_graphs import capture
-from medusa_forge.engine.gemm_layout import linear_groups
 from medusa_forge.engine.generation import GenerationConfig
 from medusa_forge.engine.medusa_engine import MedusaEngine
+from medusa_forge.model.gemm_layout import linear_groups
 from medusa_forge.tree.choice_tree import TOPK
 
 

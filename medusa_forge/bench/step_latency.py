@@ -112,7 +112,7 @@ def random_engine(cfg: "ModelConfig | str", tree: str = "mc_sim_7b_63", num_head
 
     model = random_model(cfg, dtype) if isinstance(cfg, ModelConfig) else load_hf_model(cfg, dtype=dtype, device="cuda")
     if fp8:
-        from medusa_forge.build.fp8 import linear_names, swap_linears
+        from medusa_forge.model.fp8_linear import linear_names, swap_linears
 
         swap_linears(model, "scaled_mm", input_scales={name: 0.05 for name in linear_names(model)})
         torch.cuda.empty_cache()

@@ -2,8 +2,8 @@
 
 - ``native.py``      self-contained native engine directories (weights in the engine dtype, heads,
                      tokenizer, manifest), verified by loading and generating before they appear.
-- ``fp8.py``         FP8 linear layers for the native engine (``torch._scaled_mm`` on H100,
-                     explicit emulation elsewhere) and the FP8 checkpoint layout.
+- ``open.py``        open any artifact the native engine runs (engine dir, HF dir + heads, or a
+                     TensorRT-LLM checkpoint through convert): what serve, eval, bench and generate call.
 - ``tree_search.py`` the ``auto`` choice tree: path-conditional acceptance on calibration prompts,
                      tree-step latency on this device, greedy growth for tokens per second.
 - ``trtllm.py``      the ``trtllm-build`` wrapper for converted TensorRT-LLM checkpoints.

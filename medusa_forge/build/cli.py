@@ -12,6 +12,14 @@ from pathlib import Path
 
 import click
 
+from medusa_forge.engine.options import (
+    device_option,
+    dtype_option,
+    max_seq_len_option,
+    medusa_option,
+    model_option,
+    tree_option,
+)
 from medusa_forge.errors import ForgeError
 
 
@@ -33,16 +41,13 @@ def _int_list(value: str | None, flag: str = "--search-sizes", example: str = "1
 
 
 @build.command()
-@click.option("--model", "--model_dir", "model", required=True, type=click.Path(),
-              help="HF checkpoint directory of the base model (TensorRT-LLM's --model_dir).")
-@click.option("--medusa", "--medusa_model_dir", "medusa", type=click.Path(), default=None,
-              help="Medusa heads directory (FasterDecoding layout). Without it: a base-only engine.")
+@model_option("HF checkpoint directory of the base model (TensorRT-LLM's --model_dir).")
+@medusa_option("Medusa heads directory (FasterDecoding layout). Without it: a base-only engine.")
 @click.option("--out", "--output_dir", "out", required=True, type=click.Path(), help="Engine directory to write.")
-@click.option("--dtype", default="bfloat16", show_default=True,
-              help="bfloat16 | float16 | float32 | fp8 (fp8: FP8 GEMMs on H100; elsewhere needs --fp8-emulate).")
-@click.option("--medusa-choices", "--medusa_choices", "tree", default=None,
-              help="Choice tree: preset (mc_sim_7b_63, small, chain-N, topk-N), JSON file or list, or `auto` "
-                   "(searched on --calib-prompts for this device). Default: mc_sim_7b_63.")
+@dtype_option("bfloat16 | float16 | float32 | fp8 (fp8: FP8 GEMMs on H100; elsewhere needs --fp8-emulate).",
+              default="bfloat16", show_default=True)
+@tree_option("Choice tree: preset (mc_sim_7b_63, small, chain-N, topk-N), JSON file or list, or `auto` "
+             "(searched on --calib-prompts for this device). Default: mc_sim_7b_63.")
 @click.option("--calib-prompts", type=click.Path(), default=None,
               help="JSONL prompts for the auto tree, FP8 static scales and acceptance stats in the manifest.")
 @click.option("--calib-split", type=click.Choice(["all", "even", "odd"]), default="all", show_default=True,
@@ -57,9 +62,8 @@ def _int_list(value: str | None, flag: str = "--search-sizes", example: str = "1
               help="Tree depth limits tried by the auto search, e.g. 3,4,5 (default: 2 .. number of heads).")
 @click.option("--timing-prompts", default=4, show_default=True, help="Prompts decoded per timed tree size.")
 @click.option("--timing-tokens", default=64, show_default=True, help="Tokens decoded per timing prompt.")
-@click.option("--max-seq-len", "--max_seq_len", "max_seq_len", default=None, type=int,
-              help="KV cache length recorded in the manifest (default 2048, capped by the model).")
-@click.option("--device", default=None, help="Device the build computes and verifies on (default: cuda if present).")
+@max_seq_len_option("KV cache length recorded in the manifest (default 2048, capped by the model).")
+@device_option("Device the build computes and verifies on (default: cuda if present).")
 @click.option("--fp8-emulate", is_flag=True, help="Allow fp8 without FP8 tensor cores by emulating it (slow; checks).")
 @click.option("--fp8-activation", type=click.Choice(["dynamic", "static"]), default="dynamic", show_default=True,
               help="FP8 activation scales: per-token dynamic, or per-tensor calibrated on --calib-prompts.")
@@ -104,8 +108,7 @@ def native(model, medusa, out, dtype, tree, calib_prompts, calib_split, calib_li
 @click.option("--max-batch-size", "--max_batch_size", "max_batch_size", default=8, show_default=True)
 @click.option("--max-input-len", "--max_input_len", "max_input_len", default=None, type=int,
               help="Default: min(1024, max_seq_len - 1).")
-@click.option("--max-seq-len", "--max_seq_len", "max_seq_len", default=None, type=int,
-              help="Prompt + output tokens (default 2048, capped by max_position_embeddings).")
+@max_seq_len_option("Prompt + output tokens (default 2048, capped by max_position_embeddings).")
 @click.option("--max-num-tokens", "--max_num_tokens", "max_num_tokens", default=None, type=int,
               help="Default: max_input_len + max_batch_size * (max_draft_len + 1).")
 @click.option("--gemm-plugin", "--gemm_plugin", "gemm_plugin", default=None,
@@ -137,7 +140,7 @@ def trtllm(checkpoint_dir, out, tree, max_batch_size, max_input_len, max_seq_len
 @click.option("--limit", default=32, show_default=True, help="Prompts used.")
 @click.option("--max-new-tokens", default=64, show_default=True)
 @click.option("--prompt-tokens", default=256, show_default=True, help="Prompts keep their last N tokens.")
-@click.option("--device", default=None)
+@device_option()
 @click.option("--fp8-emulate", is_flag=True, help="Emulate FP8 where there are no FP8 tensor cores.")
 @click.option("--min-agreement", default=0.98, show_default=True, help="Fail (exit 2) below this greedy agreement.")
 @click.option("--timing/--no-timing", default=True, show_default=True,
@@ -172,7 +175,7 @@ def compare_fp8_cmd(reference, candidate, prompts, limit, max_new_tokens, prompt
 @click.option("--limit", default=None, type=int, help="Prompts used (default: all of the split).")
 @click.option("--max-new-tokens", default=128, show_default=True)
 @click.option("--prompt-tokens", default=512, show_default=True)
-@click.option("--device", default=None)
+@device_option()
 @click.option("--fp8-emulate", is_flag=True)
 @click.option("--out", type=click.Path(), default=None, help="JSON report (a .md table is written beside it).")
 def compare_trees_cmd(engine, trees, prompts, split, limit, max_new_tokens, prompt_tokens, device, fp8_emulate, out):

@@ -18,11 +18,13 @@ from pathlib import Path
 import torch
 
 from medusa_forge.atomic import atomic_write_json, atomic_write_text
-from medusa_forge.build.tree_search import device_name, encode_prompts, full_pass
+from medusa_forge.build.tree_search import device_name, encode_prompts
 from medusa_forge.engine.generation import GenerationConfig
 from medusa_forge.engine.load import load_engine
 from medusa_forge.engine.medusa_engine import MedusaEngine
 from medusa_forge.errors import ForgeError
+from medusa_forge.manifest import read_tree
+from medusa_forge.model.forward import full_pass
 from medusa_forge.prompts import Prompt, read_prompts
 from medusa_forge.tree.choice_tree import ChoiceTree
 
@@ -122,7 +124,7 @@ def compare_trees(engine_dir: str | Path, trees: list[str], prompts: list[Prompt
     base = [engine.generate_ids(x, base_cfg) for x in ids]
     results = {"base": _row(base, None)}
     for spec in trees:
-        tree = engine.tree if spec == "engine" else ChoiceTree.parse(spec)
+        tree = engine.tree if spec == "engine" else read_tree(spec)
         name = f"engine:{engine.tree.name}" if spec == "engine" else tree.name
         eng = MedusaEngine(engine.model, engine.heads, tree, engine.tokenizer, max_seq_len=engine.max_seq_len)
         # every prefill bucket now, as load_engine does: captured lazily, the buckets first met in

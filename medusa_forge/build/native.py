@@ -2,7 +2,7 @@
 
     medusa_forge.json   manifest: sources, sha256 of the inputs, dtype, tree (+ tree_stats), tool versions
     model/              HF-layout base model in the engine dtype (+ tokenizer files, generation config);
-                        for fp8 the FP8 layout of ``build/fp8.py``
+                        for fp8 the FP8 layout of ``model/fp8_linear.py``
     medusa/             FasterDecoding-layout heads in the compute dtype (absent for a base-only engine)
 
 Every input is validated before anything is written; the directory is assembled in a temporary
@@ -24,33 +24,25 @@ from safetensors.torch import save_file
 
 from medusa_forge import __version__
 from medusa_forge.atomic import atomic_output_dir
-from medusa_forge.build import fp8
 from medusa_forge.build.compare import split_prompts
 from medusa_forge.build.tree_search import SearchConfig, device_name, encode_prompts, search_tree, tree_report
+from medusa_forge.convert import fp8_native
 from medusa_forge.engine.generation import GenerationConfig
-from medusa_forge.engine.load import DEFAULT_TREE, load_engine, resolve_device_dtype
-from medusa_forge.engine.tokenizer import Tokenizer
+from medusa_forge.engine.load import DEFAULT_TREE, load_engine
 from medusa_forge.errors import ForgeError
 from medusa_forge.heads.checkpoint import load_heads, read_heads_config, save_heads
-from medusa_forge.manifest import EngineManifest, sha256_file
+from medusa_forge.manifest import EngineManifest, read_tree, sha256_file
+from medusa_forge.model import fp8_linear as fp8
 from medusa_forge.model.checkpoint import checkpoint_files, expected_hf_shapes, load_hf_model, read_tensor_headers
 from medusa_forge.model.config import ModelConfig
+from medusa_forge.model.dtypes import canonical_dtype, resolve_device_dtype
+from medusa_forge.model.tokenizer import Tokenizer
 from medusa_forge.prompts import read_prompts
-from medusa_forge.tree.choice_tree import ChoiceTree
 
-ENGINE_DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
-                 "float32": "float32", "fp32": "float32", "fp8": "fp8", "float8": "fp8"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja")
 SHARD_BYTES = 4 << 30
 VERIFY_PROMPT = "def main():\n"
-
-
-def engine_dtype(name: str) -> str:
-    try:
-        return ENGINE_DTYPES[name.lower()]
-    except KeyError:
-        raise ForgeError(f"unknown dtype {name!r}; choose one of bfloat16, float16, float32, fp8") from None
 
 
 @dataclass
@@ -75,7 +67,7 @@ class NativeBuildConfig:
 
 def build_native(cfg: NativeBuildConfig) -> EngineManifest:
     """Validate, build, verify and atomically publish a native engine; returns its manifest."""
-    dtype = engine_dtype(cfg.dtype)
+    dtype = canonical_dtype(cfg.dtype)
     model_cfg = ModelConfig.from_dir(cfg.model_dir)
     headers = read_tensor_headers(checkpoint_files(Path(cfg.model_dir)))
     device, work_dtype = _work_device_dtype(cfg, dtype)
@@ -95,7 +87,7 @@ def build_native(cfg: NativeBuildConfig) -> EngineManifest:
             raise ForgeError(f"{cfg.medusa_dir}: Medusa heads directory not found")
         num_heads = read_heads_config(Path(cfg.medusa_dir))["medusa_num_heads"]
         if cfg.tree != "auto":
-            tree = ChoiceTree.parse(cfg.tree or DEFAULT_TREE)
+            tree = read_tree(cfg.tree or DEFAULT_TREE)
             tree.check_heads(num_heads)
     max_seq_len = min(cfg.max_seq_len or 2048, model_cfg.max_position_embeddings)
     if max_seq_len < 16:
@@ -139,7 +131,7 @@ def _work_device_dtype(cfg: NativeBuildConfig, dtype: str) -> tuple[torch.device
     """Device and dtype the build computes in (calibration, search, verification)."""
     if dtype == "fp8":
         device, _ = resolve_device_dtype(cfg.device, None)
-        compute = engine_dtype(cfg.fp8_compute_dtype)
+        compute = canonical_dtype(cfg.fp8_compute_dtype)
         if compute == "fp8":
             raise ForgeError("--fp8-compute-dtype must be bfloat16, float16 or float32")
         # CPU emulation computes in fp32 (bf16 GEMMs on CPU are slow and add nothing to the check).
@@ -149,17 +141,17 @@ def _work_device_dtype(cfg: NativeBuildConfig, dtype: str) -> tuple[torch.device
 
 def _storage_dtype(dtype: str, cfg: NativeBuildConfig) -> str:
     """dtype of the unquantized tensors written to disk."""
-    return engine_dtype(cfg.fp8_compute_dtype) if dtype == "fp8" else dtype
+    return canonical_dtype(cfg.fp8_compute_dtype) if dtype == "fp8" else dtype
 
 
 def _quantize(model, tokenizer, texts, backend: str, cfg: NativeBuildConfig) -> dict:
     scales = None
     if cfg.fp8_activation == "static":
         ids = encode_prompts(tokenizer, texts[: cfg.search.calib_limit], cfg.search.prompt_tokens)
-        scales = fp8.calibrate_input_scales(model, ids)
+        scales = fp8_native.calibrate_input_scales(model, ids)
     swapped = fp8.swap_linears(model, backend, scales, cfg.fp8_keep)
     skipped = sorted(set(fp8.linear_names(model)) - set(swapped))
-    return {"activation_scheme": cfg.fp8_activation, "compute_dtype": engine_dtype(cfg.fp8_compute_dtype),
+    return {"activation_scheme": cfg.fp8_activation, "compute_dtype": canonical_dtype(cfg.fp8_compute_dtype),
             "weight_scaling": "per-tensor", "quantized": len(swapped), "unquantized": skipped,
             "kept_high_precision": ["embed", "lm_head", "medusa heads"]}
 
@@ -170,7 +162,7 @@ def _write_model(src: Path, dst: Path, model, headers: dict, dtype: str, cfg: Na
     storage = getattr(torch, _storage_dtype(dtype, cfg))
     replaced: dict[str, torch.Tensor] = {}
     if dtype == "fp8":
-        replaced = fp8.fp8_hf_tensors(model, expected_hf_shapes(model.config))
+        replaced = fp8_native.fp8_hf_tensors(model, expected_hf_shapes(model.config))
     tensors = dict(replaced)
     from safetensors import safe_open  # local: only this writer streams source tensors
 
@@ -187,7 +179,7 @@ def _write_model(src: Path, dst: Path, model, headers: dict, dtype: str, cfg: Na
         if key in config or key == "torch_dtype":
             config[key] = _storage_dtype(dtype, cfg)
     if dtype == "fp8":
-        config["quantization_config"] = fp8.quantization_config(cfg.fp8_activation)
+        config["quantization_config"] = fp8_native.quantization_config(cfg.fp8_activation)
     (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     for name in TOKENIZER_FILES:
         if (src / name).is_file():

@@ -35,8 +35,8 @@ from medusa_forge.engine.generation import GenerationConfig
 from medusa_forge.engine.medusa_engine import MedusaEngine
 from medusa_forge.errors import ForgeError
 from medusa_forge.heads.medusa_head import MedusaHeads
+from medusa_forge.model.forward import full_pass
 from medusa_forge.model.llama import Transformer
-from medusa_forge.model.step_meta import StepMeta
 from medusa_forge.tree.choice_tree import MAX_TREE_NODES, TOPK, ChoiceTree
 
 # 63 draft nodes: TensorRT-LLM's default max_draft_len, so an auto tree also fits a converted checkpoint.
@@ -135,14 +135,6 @@ def calibrate(model: Transformer, heads: MedusaHeads, tokenizer, prompt_ids: lis
 
 
 @torch.inference_mode()
-def full_pass(model: Transformer, seq: list[int]) -> Tensor:
-    """Final-norm hidden states [L, H] of one causal pass (needs caches of >= L slots)."""
-    dev = model.lm_head.weight.device
-    if model.max_seq_len < len(seq):
-        model.setup_caches(1, len(seq))
-    return model(torch.tensor([seq], device=dev), StepMeta.causal(len(seq), model.max_seq_len, dev))[0]
-
-
 def tree_from_nodes(nodes: list[tuple[tuple[int, ...], int]], n: int, name: str = "auto") -> ChoiceTree:
     return ChoiceTree.from_paths([list(p) for p, _ in nodes[:n]], name=name)
 

@@ -40,7 +40,7 @@ from medusa_forge.atomic import atomic_output_dir
 from medusa_forge.convert.trtllm_checkpoint import TOKENIZER_FILES
 from medusa_forge.convert.trtllm_config import TRTLLM_COMMIT, TRTLLM_VERSION, CheckpointConfig, read_config
 from medusa_forge.errors import ForgeError
-from medusa_forge.manifest import MANIFEST_NAME, EngineManifest, sha256_file
+from medusa_forge.manifest import MANIFEST_NAME, EngineManifest, read_tree, sha256_file
 from medusa_forge.tree.choice_tree import ChoiceTree
 
 GEMM_PLUGIN_CHOICES = ("auto", "float16", "bfloat16", "float32", "fp8", "disable")
@@ -141,7 +141,7 @@ def resolve_tree(spec: str | None, ckpt: CheckpointConfig) -> tuple[ChoiceTree, 
     if spec == "auto":
         raise ForgeError("--medusa-choices auto measures acceptance with the native engine: build it with "
                          "`medusa-forge build native --medusa-choices auto ...` and pass that engine's medusa_forge.json")
-    tree = ChoiceTree.parse(spec or DEFAULT_TREE)
+    tree = read_tree(spec or DEFAULT_TREE)
     tree.check_heads(ckpt.spec.num_medusa_heads)
     if len(tree.paths) > ckpt.max_draft_len:
         raise ForgeError(f"choice tree {tree.name!r} has {len(tree.paths)} draft nodes but the checkpoint's "

@@ -4,10 +4,10 @@ What TensorRT-LLM v0.11's FP8 recipe computes (``examples/quantization/quantize.
 ``FP8_DEFAULT_CFG``, "max" calibration) and what we reproduce:
 
 - per-tensor weight scale ``weights_scaling_factor = amax(|W|) / 448`` of the *unsplit* weight, the weight
-  stored as ``float8_e4m3fn(W / scale)`` (``build.fp8.quantize_tensor``, the same rounding our native FP8
+  stored as ``float8_e4m3fn(W / scale)`` (``model.fp8_linear.quantize_tensor``, the same rounding our native FP8
   engine uses);
 - per-tensor static activation scale ``activation_scaling_factor = amax(|x|) / 448``, x the linear's input,
-  maxed over the calibration prompts (``build.fp8.calibrate_input_scales``: forward pre-hooks on the block
+  maxed over the calibration prompts (``convert.fp8_native.calibrate_input_scales``: forward pre-hooks on the block
   GEMMs while each prompt runs through the native ``Transformer``). Upstream takes ``--calib_size 512``
   samples of ``--calib_max_seq_length 512`` tokens; we take the first ``--calib-size`` prompts of a JSONL file;
 - optional FP8 KV cache: ``kv_cache_scaling_factor = max(amax|k|, amax|v|) / 448`` of the k/v projection
@@ -26,8 +26,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from medusa_forge.build.fp8 import FP8_MAX, calibrate_input_scales, quantize_tensor
+from medusa_forge.convert.fp8_native import calibrate_input_scales
 from medusa_forge.errors import ForgeError
+from medusa_forge.model.fp8_linear import FP8_MAX, quantize_tensor
 from medusa_forge.model.llama import Transformer
 
 

@@ -31,8 +31,7 @@ from torch import Tensor
 from medusa_forge.atomic import atomic_output_dir
 from medusa_forge.convert import fp8 as fp8_mod
 from medusa_forge.convert.trtllm_config import DEFAULT_MAX_DRAFT_LEN, DTYPES, CheckpointSpec, spec_for, trtllm_config
-from medusa_forge.convert.trtllm_names import (SCALE_DTYPE, TORCH_DTYPES, entries, kv_scale_name, scale_names,
-                                               shard)
+from medusa_forge.convert.trtllm_names import SCALE_DTYPE, TORCH_DTYPES, entries, kv_scale_name, scale_names, shard
 from medusa_forge.errors import ForgeError
 from medusa_forge.heads.medusa_head import MedusaHeads
 from medusa_forge.model.config import ModelConfig
@@ -111,9 +110,9 @@ def plan(o: ConvertOptions) -> tuple[ModelConfig, CheckpointSpec, dict]:
 
 def convert_trtllm(o: ConvertOptions, log: Callable[[str], None] = lambda msg: None) -> ConvertResult:
     """Convert: validate, load (heads first: their size checks are cheap), calibrate if FP8, write atomically."""
-    from medusa_forge.engine.load import resolve_device_dtype
     from medusa_forge.heads.checkpoint import load_heads
     from medusa_forge.model.checkpoint import load_hf_model
+    from medusa_forge.model.dtypes import resolve_device_dtype
 
     t0 = time.perf_counter()
     cfg, spec, config = plan(o)
@@ -127,7 +126,7 @@ def convert_trtllm(o: ConvertOptions, log: Callable[[str], None] = lambda msg: N
     model = load_hf_model(o.model_dir, dtype=dtype, device=device)
     cal = None
     if spec.fp8:
-        from medusa_forge.engine.tokenizer import Tokenizer
+        from medusa_forge.model.tokenizer import Tokenizer
 
         tokens = fp8_mod.calibration_tokens(Tokenizer(o.model_dir), o.calib_prompts, o.calib_size, o.calib_max_seq_len)
         log(f"calibrating FP8 scales on {len(tokens)} prompts ({sum(map(len, tokens))} tokens)")

@@ -52,13 +52,13 @@ import torch
 from torch import Tensor
 
 from medusa_forge.convert.trtllm_config import CheckpointSpec
+from medusa_forge.model.dtypes import TORCH_DTYPES
 
 FP8_DTYPE = torch.float8_e4m3fn
 SCALE_DTYPE = torch.float32
 WEIGHT_SCALE = "weights_scaling_factor"
 ACT_SCALE = "activation_scaling_factor"
 KV_SCALE = "kv_cache_scaling_factor"
-TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 # split kinds
 NONE, COLUMN, ROW, QKV = "none", "column", "row", "qkv"

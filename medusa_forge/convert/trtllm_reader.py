@@ -5,7 +5,7 @@ dict, so a converted checkpoint — ours or one from TensorRT-LLM's own converte
 (``load_engine(DIR)``, ``medusa-forge generate --model DIR``) and can be compared with its source here, on
 CPU. The checkpoint is validated first (``trtllm_inspect.validate``, headers and scales).
 
-FP8 checkpoints run their block GEMMs as ``build.fp8.FP8Linear`` with the static activation scales: what
+FP8 checkpoints run their block GEMMs as ``model.fp8_linear.FP8Linear`` with the static activation scales: what
 TensorRT-LLM's ``FP8Linear`` computes. ``fc`` and ``gate`` are fused into our ``w_gate_up`` the way
 TensorRT-LLM's ``fuse_gate_mlp`` fuses them at build time: dequantize, requantize with the larger weight scale,
 larger activation scale. On CPU the FP8 GEMMs are emulated only when asked (``fp8_emulate`` or
@@ -25,13 +25,13 @@ import torch
 from safetensors import safe_open
 from torch import Tensor, nn
 
-from medusa_forge.build.fp8 import E4M3, FP8_MAX, FP8Linear, emulation_requested, fp8_backend
 from medusa_forge.convert.trtllm_config import ARCHITECTURE, CheckpointConfig, read_config
 from medusa_forge.convert.trtllm_inspect import validate
 from medusa_forge.convert.trtllm_names import entries, merge, scale_names
 from medusa_forge.errors import ForgeError
 from medusa_forge.heads.medusa_head import MedusaHeads, MedusaHeadsConfig
 from medusa_forge.model.checkpoint import build_model
+from medusa_forge.model.fp8_linear import E4M3, FP8_MAX, FP8Linear, emulation_requested, fp8_backend
 from medusa_forge.model.llama import Transformer
 
 
@@ -84,7 +84,7 @@ def load_trtllm_checkpoint(ckpt_dir: str | Path, device: str | None = None, dtyp
     ``dequantize``: an FP8 checkpoint's weights become ``e4m3 * weight_scale`` in the compute dtype and
     run as ordinary linears (what the weights lost to FP8, without activation quantization).
     """
-    from medusa_forge.engine.load import resolve_device_dtype
+    from medusa_forge.model.dtypes import resolve_device_dtype
 
     ckpt = read_config(ckpt_dir)
     problems = validate(ckpt, check_values=False)

@@ -24,14 +24,14 @@ import torch
 from torch import Tensor
 
 from medusa_forge.engine import kernels
-from medusa_forge.engine.cuda_graphs import capture
 from medusa_forge.engine.acceptance import commit_path, greedy_accept, sample_token, typical_accept
+from medusa_forge.engine.cuda_graphs import capture
 from medusa_forge.engine.generation import GenerationConfig, GenerationResult
 from medusa_forge.engine.logits_processing import stop_cut
 from medusa_forge.engine.processed_steps import Recorded, iter_processed_steps
-from medusa_forge.engine.gemm_layout import choose_layouts
 from medusa_forge.errors import ForgeError
 from medusa_forge.heads.medusa_head import MedusaHeads
+from medusa_forge.model.gemm_layout import choose_layouts
 from medusa_forge.model.llama import Transformer
 from medusa_forge.model.step_meta import StepMeta, causal_mask
 from medusa_forge.tree.choice_tree import TOPK, ChoiceTree, tree_buffers

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from medusa_forge.engine.options import no_medusa_option, opening_options, uses_heads, with_options
 from medusa_forge.errors import ForgeError
 
 
@@ -23,8 +24,8 @@ def _tokenizer(path: str | None):
     """A tokenizer directory, or a native engine directory (its ``model/`` holds the tokenizer)."""
     if path is None:
         return None
-    from medusa_forge.engine.tokenizer import Tokenizer
     from medusa_forge.manifest import is_engine_dir
+    from medusa_forge.model.tokenizer import Tokenizer
 
     path = Path(path)
     if is_engine_dir(path) and (path / "model").is_dir():
@@ -36,25 +37,8 @@ in_process_options = [
     click.option("--in-process", is_flag=True,
                  help="Measure native engines in this process instead of a Triton server (model names are "
                       "then engine or HF model directories). For GPU boxes without tritonserver."),
-    click.option("--medusa", "--medusa_model_dir", "medusa", type=click.Path(), default=None,
-                 help="--in-process: Medusa heads for an HF model directory (an engine dir brings its own)."),
-    click.option("--medusa-choices", "--medusa_choices", "tree", default=None,
-                 help="--in-process: choice tree (default: the engine's)."),
-    click.option("--device", default=None, help="--in-process: cuda or cpu (default: cuda when available)."),
-    click.option("--dtype", default=None, help="--in-process: float32|bfloat16|float16 (default: the engine's)."),
-    click.option("--max-seq-len", "--max_seq_len", "max_seq_len", default=None, type=int,
-                 help="--in-process: KV cache length (default: the engine's)."),
-    click.option("--compile/--no-compile", "compile_", default=False, help="--in-process: torch.compile the steps."),
+    *opening_options("--in-process: "),
 ]
-
-
-def with_options(options):
-    def deco(fn):
-        for opt in reversed(options):
-            fn = opt(fn)
-        return fn
-
-    return deco
 
 
 @click.group(name="eval")
@@ -81,7 +65,7 @@ def eval_group() -> None:
               help="Tokenizer (or native engine) dir: drop shots until the prompt fits --max-prompt-tokens (as the original does).")
 @click.option("--max-prompt-tokens", default=2048, show_default=True)
 @click.option("--timeout", default=300.0, show_default=True, help="Seconds per request.")
-@click.option("--no-medusa", is_flag=True, help="--in-process: decode with the base model only.")
+@no_medusa_option("--in-process: decode with the base model only (default: Medusa when the engine has heads).")
 @with_options(in_process_options)
 @click.option("--out", type=click.Path(), default=None, help="Results JSON (default: mmlu-<model>.json).")
 @click.option("--progress/--no-progress", default=True, show_default=True)
@@ -240,11 +224,11 @@ def _close(*backends) -> None:
 def _backend(url, model, timeout, in_process, medusa=None, tree=None, device=None, dtype=None, max_seq_len=None,
              compile_=False, use_medusa=True, temperature=0.0):
     if in_process:
+        from medusa_forge.build.open import open_engine
         from medusa_forge.eval.backends import EngineBackend
-        from medusa_forge.engine.cli import open_engine
 
-        engine = open_engine(model, medusa, tree, device, dtype, max_seq_len, compile_)
-        use = use_medusa and engine.tree is not None
+        engine = open_engine(model, medusa, tree, device, dtype, max_seq_len, compile_, with_heads=use_medusa)
+        use = uses_heads(engine, not use_medusa)
         return EngineBackend(engine, use, f"{model}{'' if use else ' (base decoding)'}")
     if not url:
         raise ForgeError("give --url HOST:PORT of the Triton gRPC endpoint (or --in-process)")
@@ -257,7 +241,7 @@ def _engine_pair(base_model, medusa_model, medusa, tree, device, dtype, max_seq_
     """Base and Medusa backends in process; one engine serves both when they name the same directory."""
     import threading
 
-    from medusa_forge.engine.cli import open_engine
+    from medusa_forge.build.open import open_engine
     from medusa_forge.eval.backends import EngineBackend
 
     med_engine = open_engine(medusa_model, medusa, tree, device, dtype, max_seq_len, compile_)

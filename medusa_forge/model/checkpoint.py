@@ -20,19 +20,8 @@ from torch import Tensor
 
 from medusa_forge.errors import ForgeError
 from medusa_forge.model.config import ModelConfig
+from medusa_forge.model.dtypes import parse_dtype
 from medusa_forge.model.llama import Transformer
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
-
-def parse_dtype(name: str | torch.dtype) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        return name
-    try:
-        return DTYPES[name]
-    except KeyError:
-        raise ForgeError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}") from None
 
 
 def checkpoint_files(model_dir: Path) -> list[Path]:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medusa_forge.model.config import ModelConfig
+from medusa_forge.model.gemm_layout import RowPaddedLinear
 from medusa_forge.model.step_meta import StepMeta, causal_mask  # noqa: F401 - causal_mask re-exported
 
 
@@ -274,4 +275,3 @@ class Transformer(nn.Module):
 # Imported last: importing medusa_forge.engine runs its package init, which imports this module's
 # Transformer; by now it is defined, whichever of the two packages was imported first.
 from medusa_forge.engine import kernels  # noqa: E402
-from medusa_forge.engine.gemm_layout import RowPaddedLinear  # noqa: E402

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from medusa_forge.engine.cli import engine_options
+from medusa_forge.engine.options import engine_options, no_medusa_option
 from medusa_forge.errors import ForgeError
 
 
@@ -28,8 +28,7 @@ from medusa_forge.errors import ForgeError
               help="Decoupled transaction policy: needed for streaming (stream=true).")
 @click.option("--instances", default=1, show_default=True,
               help="Model instances (native: one engine each; TensorRT-LLM: pre/post-processing and BLS).")
-@click.option("--no-medusa", is_flag=True,
-              help="Native: serve plain decoding of the same engine (heads not loaded): the base for `eval`.")
+@no_medusa_option("Native: serve plain decoding of the same engine (heads not loaded): the base for `eval`.")
 @click.option("--add", is_flag=True,
               help="Add this model to the existing repository --out (e.g. `--name base --no-medusa --add` beside "
                    "`--name medusa`), so one server hosts both.")

@@ -109,7 +109,7 @@ class NativeService:
     def __init__(self, settings: NativeModelSettings, device_id: int | None = None):
         import torch
 
-        from medusa_forge.engine.load import load_engine
+        from medusa_forge.build.open import open_engine
 
         if settings.torch_threads:
             torch.set_num_threads(int(settings.torch_threads))
@@ -118,7 +118,7 @@ class NativeService:
             device = f"cuda:{device_id}"
         self.settings = settings
         self.timeout_s = settings.timeout_s
-        self.engine = load_engine(settings.engine_dir, settings.medusa_dir or None, settings.medusa_choices or None,
+        self.engine = open_engine(settings.engine_dir, settings.medusa_dir or None, settings.medusa_choices or None,
                                   device=device, dtype=settings.dtype or None,
                                   max_seq_len=int(settings.max_seq_len) if settings.max_seq_len else None,
                                   compile=_true(settings.compile), with_heads=settings.wants_medusa)

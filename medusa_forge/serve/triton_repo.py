@@ -25,7 +25,7 @@ from typing import Any
 
 from medusa_forge.atomic import atomic_output_dir
 from medusa_forge.errors import ForgeError
-from medusa_forge.manifest import EngineManifest, is_engine_dir
+from medusa_forge.manifest import EngineManifest, is_engine_dir, read_tree
 from medusa_forge.serve.native_repo import NativeRepoConfig, check_model_name, write_native_model
 from medusa_forge.serve.native_service import NativeModelSettings
 from medusa_forge.tree.choice_tree import ChoiceTree
@@ -179,7 +179,7 @@ def _native_plan(req: RepoRequest, engine: Path, manifest: EngineManifest | None
                          "plain decoding")
     if req.request_timeout_s <= 0:
         raise ForgeError(f"--request-timeout must be > 0, got {req.request_timeout_s:g}")
-    tree = ChoiceTree.parse(req.tree) if req.tree and req.use_medusa else None  # fail now, not at server start
+    tree = read_tree(req.tree) if req.tree and req.use_medusa else None  # fail now, not at server start
     if req.use_medusa:
         _check_heads_fit(engine, manifest, Path(req.medusa) if req.medusa else None, tree)
     settings = NativeModelSettings(
@@ -265,7 +265,7 @@ def trtllm_params(req: RepoRequest, engine: Path, manifest: EngineManifest) -> "
     if req.tree:
         if not manifest.num_medusa_heads:
             raise ForgeError(f"--medusa-choices given but {engine} is not a Medusa engine")
-        tree = ChoiceTree.parse(req.tree)
+        tree = read_tree(req.tree)
     else:
         tree = manifest.choice_tree()
     if tree is not None:

@@ -1,8 +1,5 @@
-"""The frozen base model as training needs it: full-sequence hidden states and batched decoding.
-
-Both run on the one decoder (:class:`~medusa_forge.model.llama.Transformer`) through its static
-KV cache, sized here for a batch: a full causal forward over slots 0..T-1 is exactly a cache-free
-forward, so no second attention path exists.
+"""The frozen base model as training needs it: batched decoding (its full-sequence hidden states are
+``model.forward.hidden_states``), on the one decoder through its static KV cache sized for the batch.
 
 Batched decoding left-pads the prompts of a batch to one length, so every row shares positions and
 cache slots and each step is one [B, 1] forward. A row's padding is masked out of every other
@@ -20,28 +17,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from medusa_forge.errors import ForgeError
+from medusa_forge.model.forward import ensure_caches
 from medusa_forge.model.llama import Transformer
 from medusa_forge.model.step_meta import StepMeta
-
-
-def ensure_caches(model: Transformer, batch: int, length: int) -> None:
-    """Give the model a KV cache of exactly ``batch`` rows and at least ``length`` slots."""
-    if length > model.config.max_position_embeddings:
-        raise ForgeError(f"sequence of {length} tokens exceeds the model's max_position_embeddings "
-                         f"({model.config.max_position_embeddings})")
-    cache = model.layers[0].attn.kv_cache
-    if cache is None or cache.k.shape[0] != batch or model.max_seq_len < length:
-        model.setup_caches(batch, -(-length // 64) * 64 if length > 64 else length)
-        if model.max_seq_len < length:  # rounding hit max_position_embeddings
-            model.setup_caches(batch, length)
-
-
-@torch.no_grad()
-def hidden_states(model: Transformer, tokens: Tensor) -> Tensor:
-    """Last (final-norm) hidden states [B, T, H] of right-padded ``tokens`` [B, T] (causal, no grad)."""
-    B, T = tokens.shape
-    ensure_caches(model, B, T)
-    return model(tokens, StepMeta.causal(T, model.max_seq_len, tokens.device))
 
 
 def _pick(logits: Tensor, temperature: float, generator: torch.Generator | None) -> Tensor:

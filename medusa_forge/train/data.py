@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from medusa_forge.engine.tokenizer import Tokenizer
 from medusa_forge.errors import ForgeError
 from medusa_forge.jsonl import read_jsonl
+from medusa_forge.model.tokenizer import Tokenizer
 
 IGNORE_INDEX = -100  # transformers' LabelSmoother.ignore_index, FasterDecoding's IGNORE_TOKEN_ID
 MIN_TOKENS = 3  # the first Medusa head needs a token two places ahead

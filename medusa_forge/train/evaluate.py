@@ -22,12 +22,13 @@ import torch
 
 from medusa_forge.engine.generation import GenerationConfig
 from medusa_forge.engine.medusa_engine import MedusaEngine
-from medusa_forge.engine.tokenizer import Tokenizer
 from medusa_forge.errors import ForgeError
 from medusa_forge.heads.medusa_head import MedusaHeads
+from medusa_forge.model.forward import hidden_states
 from medusa_forge.model.llama import Transformer
+from medusa_forge.model.tokenizer import Tokenizer
 from medusa_forge.prompts import read_prompts
-from medusa_forge.train.base import batched_generate, hidden_states
+from medusa_forge.train.base import batched_generate
 from medusa_forge.train.data import IGNORE_INDEX, Example, collate, make_example
 from medusa_forge.train.loss import shifted_targets
 from medusa_forge.tree.choice_tree import ChoiceTree

@@ -16,11 +16,12 @@ from pathlib import Path
 import torch
 
 from medusa_forge.atomic import atomic_output_dir
-from medusa_forge.engine.tokenizer import Tokenizer
 from medusa_forge.errors import ForgeError
 from medusa_forge.heads.checkpoint import load_heads, save_heads
 from medusa_forge.heads.medusa_head import MedusaHeads, MedusaHeadsConfig
-from medusa_forge.model.checkpoint import DTYPES, load_hf_model
+from medusa_forge.model.checkpoint import load_hf_model
+from medusa_forge.model.dtypes import TORCH_DTYPES
+from medusa_forge.model.tokenizer import Tokenizer
 from medusa_forge.train import checkpoint as ckpt_io
 from medusa_forge.train.config import TrainConfig
 from medusa_forge.train.evaluate import acceptance_length, evaluate_heads
@@ -126,7 +127,7 @@ def train_heads(cfg: TrainConfig) -> dict:
         loop.evals.append({"step": loop.step, **evaluate()})
     train_loop(model, heads, opt, train, cfg, loop, amp=amp, pad_id=pad_id, evaluate=evaluate, save=save)
 
-    save_dtype = DTYPES.get(mc.torch_dtype, torch.float32)
+    save_dtype = TORCH_DTYPES.get(mc.torch_dtype, torch.float32)
     with atomic_output_dir(cfg.out, overwrite=cfg.overwrite) as tmp:
         save_heads(heads_as(heads, save_dtype, "cpu"), tmp)
         acceptance = None

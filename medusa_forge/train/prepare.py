@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from medusa_forge.engine.tokenizer import Tokenizer
 from medusa_forge.errors import ForgeError
 from medusa_forge.model.llama import Transformer
+from medusa_forge.model.tokenizer import Tokenizer
 from medusa_forge.prompts import read_prompts
 from medusa_forge.train.config import TrainConfig
 from medusa_forge.train.data import Example, count_targets, load_examples, split_examples

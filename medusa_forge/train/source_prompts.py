@@ -19,9 +19,9 @@ import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
-from medusa_forge.engine.tokenizer import Tokenizer
 from medusa_forge.errors import ForgeError
 from medusa_forge.jsonl import read_jsonl
+from medusa_forge.model.tokenizer import Tokenizer
 
 PREFIX_CHARS = 120  # a file that starts with a held-out prompt's first 120 characters is excluded
 MIN_OVERLAP_CHARS = 60  # a training prompt this long that starts a held-out prompt is a copy of it

@@ -19,8 +19,8 @@ import torch
 from tqdm.auto import tqdm
 
 from medusa_forge.heads.medusa_head import MedusaHeads
+from medusa_forge.model.forward import hidden_states
 from medusa_forge.model.llama import Transformer
-from medusa_forge.train.base import hidden_states
 from medusa_forge.train.config import TrainConfig
 from medusa_forge.train.data import IGNORE_INDEX, Example, collate
 from medusa_forge.train.evaluate import autocast

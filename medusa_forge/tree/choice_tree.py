@@ -55,7 +55,8 @@ class ChoiceTree:
 
     @classmethod
     def parse(cls, spec: str | Sequence[Sequence[int]], **kw) -> "ChoiceTree":
-        """A preset name, a JSON file holding a list of paths, or a JSON list literal."""
+        """A preset name, a JSON list literal, or a JSON file holding a list of paths (or an object with
+        ``medusa_choices`` or ``paths``). Not an engine manifest: ``manifest.read_tree`` reads those."""
         if not isinstance(spec, str):
             return cls.from_paths(spec, **kw)
         named = presets()
@@ -72,11 +73,12 @@ class ChoiceTree:
                 data = json.loads(path.read_text())
             except json.JSONDecodeError as e:
                 raise ForgeError(f"{path}: not valid JSON ({e})") from None
-            name = path.stem
-            if isinstance(data, dict):  # an engine manifest names its tree (e.g. "auto") in extra
-                name = (data.get("extra") or {}).get("tree_name") or name
+            if isinstance(data, dict):
+                if "kind" in data:
+                    raise ForgeError(f"{path}: an engine manifest, not a choice tree; its tree is read with "
+                                     "EngineManifest.choice_tree (manifest.read_tree)")
                 data = data.get("medusa_choices", data.get("paths"))
-            return cls.from_paths(data, name=name, **kw)
+            return cls.from_paths(data, name=path.stem, **kw)
         raise ForgeError(f"choice tree {spec!r}: not a preset ({', '.join(sorted(named))}), JSON list, or file")
 
     @property

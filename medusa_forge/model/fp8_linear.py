@@ -1,4 +1,6 @@
-"""FP8 (e4m3) linear layers for the native engine, and the FP8 checkpoint layout they load from.
+"""FP8 (e4m3) linear layers for the native engine, and opening the FP8 checkpoint layout they load from.
+
+Calibrating static scales and writing this layout: ``convert/fp8_native.py``.
 
 What is quantized: the four GEMMs of every decoder block (``attn.wqkv``, ``attn.wo``,
 ``ffn.w_gate_up``, ``ffn.w_down``), which hold nearly all of a Llama's weight bytes. The embedding,
@@ -36,9 +38,15 @@ from torch import Tensor, nn
 
 from medusa_forge.engine import kernels
 from medusa_forge.errors import ForgeError
-from medusa_forge.model.checkpoint import (checkpoint_files, expected_hf_shapes, hf_to_native, tensor_getter,
-                                           read_tensor_headers)
+from medusa_forge.model.checkpoint import (
+    checkpoint_files,
+    expected_hf_shapes,
+    hf_to_native,
+    read_tensor_headers,
+    tensor_getter,
+)
 from medusa_forge.model.config import ModelConfig
+from medusa_forge.model.dtypes import resolve_device_dtype
 from medusa_forge.model.llama import Transformer
 
 E4M3 = torch.float8_e4m3fn
@@ -220,33 +228,7 @@ def swap_linears(model: Transformer, backend: str, input_scales: dict[str, float
     return swapped
 
 
-@torch.inference_mode()
-def calibrate_input_scales(model: Transformer, token_lists: Iterable[list[int]]) -> dict[str, float]:
-    """Static activation scales: amax of each GEMM's input over full passes on calibration text / 448."""
-    amax: dict[str, float] = {}
-    hooks = []
-    for name in linear_names(model):
-        def record(module, args, name=name):
-            amax[name] = max(amax.get(name, 0.0), float(args[0].detach().abs().amax()))
-        hooks.append(model.get_submodule(name).register_forward_pre_hook(record))
-    from medusa_forge.build.tree_search import full_pass
-
-    try:
-        for ids in token_lists:
-            full_pass(model, ids)
-    finally:
-        for h in hooks:
-            h.remove()
-    if not amax:
-        raise ForgeError("FP8 calibration saw no tokens; give calibration prompts (--calib-prompts)")
-    return {k: max(v, 1e-8) / FP8_MAX for k, v in amax.items()}
-
-
 # ---------------------------------------------------------------------------------------------- layout
-def quantization_config(activation: str) -> dict:
-    return {"quant_method": "fp8", "activation_scheme": activation, "ignored_layers": ["lm_head"]}
-
-
 def native_sources(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> dict[str, list[tuple[str, int]]]:
     """native tensor -> [(HF tensor, rows)], derived from the one name map by tagging rows with ids.
 
@@ -259,25 +241,6 @@ def native_sources(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> dict
     for native, tags in tagged.items():
         ids, counts = torch.unique_consecutive(tags, return_counts=True)
         out[native] = [(names[i], int(c)) for i, c in zip(ids.tolist(), counts.tolist())]
-    return out
-
-
-def fp8_hf_tensors(model: Transformer, shapes: dict[str, tuple[int, ...]]) -> dict[str, Tensor]:
-    """HF-named tensors (weight, weight_scale, input_scale) for every FP8Linear of ``model``."""
-    sources = native_sources(model.config, shapes)
-    out: dict[str, Tensor] = {}
-    for name in linear_names(model):
-        module = model.get_submodule(name)
-        if not isinstance(module, FP8Linear):
-            continue
-        row = 0
-        for hf_name, rows in sources[name + ".weight"]:
-            stem = hf_name.removesuffix(".weight")
-            out[hf_name] = module.weight[row: row + rows].cpu().clone()
-            out[stem + ".weight_scale"] = module.weight_scale.reshape(()).cpu().clone()
-            if module.input_scale is not None:
-                out[stem + ".input_scale"] = module.input_scale.reshape(()).cpu().clone()
-            row += rows
     return out
 
 
@@ -363,8 +326,6 @@ def open_fp8_model(model_dir: str | Path, manifest_extra: dict, device: str | No
     Compute dtype: an explicit non-fp8 ``dtype``, else fp32 when emulating on CPU, else the dtype the
     engine was built for (``extra.fp8.compute_dtype``, bf16 by default).
     """
-    from medusa_forge.engine.load import resolve_device_dtype
-
     activation = read_quantization_config(Path(model_dir))["activation_scheme"]
     dev, _ = resolve_device_dtype(device, None)
     backend = fp8_backend(dev, emulation_requested(emulate), activation)

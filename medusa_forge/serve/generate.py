@@ -1,47 +1,19 @@
-"""``medusa-forge generate`` and the engine options shared by every command that loads one."""
+"""``medusa-forge generate``: text from any engine the native engine opens, Medusa when it has heads."""
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 
 import click
 
+from medusa_forge.engine.options import engine_options, no_medusa_option, uses_heads
 from medusa_forge.errors import ForgeError
-
-
-def engine_options(fn):
-    """--model/--medusa/--medusa-choices/--device/--dtype/--max-seq-len/--compile, as load_engine takes them."""
-
-    @click.option("--model", "--model_dir", "--engine", "model", required=True, type=click.Path(),
-                  help="Native engine dir (from `build`) or HF checkpoint dir (TensorRT-LLM's --model_dir).")
-    @click.option("--medusa", "--medusa_model_dir", "medusa", type=click.Path(), default=None,
-                  help="Medusa heads directory (FasterDecoding layout).")
-    @click.option("--medusa-choices", "--medusa_choices", "tree", default=None,
-                  help="Choice tree: preset name, JSON file, or JSON list (default: the engine's, else mc_sim_7b_63).")
-    @click.option("--device", default=None, help="cuda or cpu (default: cuda when available).")
-    @click.option("--dtype", default=None, help="float32|bfloat16|float16 (default: bf16 on CUDA, fp32 on CPU).")
-    @click.option("--max-seq-len", "--max_seq_len", "max_seq_len", default=None, type=int,
-                  help="KV cache length: prompt + new tokens + tree (default: the engine's, else 2048).")
-    @click.option("--compile/--no-compile", "compile_", default=False, show_default=True,
-                  help="torch.compile the decoding steps (CUDA) before graph capture.")
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        return fn(*args, **kwargs)
-
-    return wrapper
-
-
-def open_engine(model, medusa, tree, device, dtype, max_seq_len, compile_):
-    from medusa_forge.engine.load import load_engine
-
-    return load_engine(model, medusa, tree, device=device, dtype=dtype, max_seq_len=max_seq_len, compile=compile_)
 
 
 @click.command()
 @engine_options
-@click.option("--no-medusa", is_flag=True, help="Plain decoding with the base model on the same engine.")
+@no_medusa_option()
 @click.option("--prompt", default=None, help="Prompt text.")
 @click.option("--prompt-file", type=click.Path(), default=None, help="JSONL with a 'prompt' field per line.")
 @click.option("--max-new-tokens", "--max_output_len", "max_new_tokens", default=128, show_default=True)
@@ -55,7 +27,9 @@ def open_engine(model, medusa, tree, device, dtype, max_seq_len, compile_):
 @click.option("--stats", is_flag=True, help="After each text, print tokens, steps, tokens/step and tokens/s (stderr).")
 def generate(model, medusa, tree, device, dtype, max_seq_len, compile_, no_medusa, prompt, prompt_file,
              max_new_tokens, temperature, top_k, top_p, stop, seed, as_json, stats=False):
-    """Generate text with the native engine (Medusa when --medusa is given)."""
+    """Generate text with the native engine: Medusa when it has heads (an engine dir's own, or --medusa),
+    unless --no-medusa."""
+    from medusa_forge.build.open import open_engine
     from medusa_forge.engine.generation import GenerationConfig
     from medusa_forge.prompts import read_prompts
 
@@ -64,8 +38,8 @@ def generate(model, medusa, tree, device, dtype, max_seq_len, compile_, no_medus
     if prompt is not None and not prompt:
         raise ForgeError("empty prompt: give at least one token of input")
     texts = [prompt] if prompt is not None else [p.prompt for p in read_prompts(prompt_file)]
-    engine = open_engine(model, medusa, tree, device, dtype, max_seq_len, compile_)
-    gcfg = GenerationConfig(max_new_tokens=max_new_tokens, use_medusa=medusa is not None and not no_medusa,
+    engine = open_engine(model, medusa, tree, device, dtype, max_seq_len, compile_, with_heads=not no_medusa)
+    gcfg = GenerationConfig(max_new_tokens=max_new_tokens, use_medusa=uses_heads(engine, no_medusa),
                             temperature=temperature, top_k=top_k, top_p=top_p, stop_strings=tuple(stop), seed=seed)
     for text in texts:
         if as_json:
