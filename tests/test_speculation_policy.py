@@ -108,3 +108,10 @@ def test_speculation_specs_parse(spec, want):
 def test_a_bad_speculation_spec_is_one_clear_error(spec):
     with pytest.raises(ForgeError, match="expected auto, fixed or off-above:N"):
         parse_speculation(spec)
+
+
+@pytest.mark.parametrize("heads_s, want", [(0.0, 63), (1.0, 0)])
+def test_the_heads_time_of_a_tree_step_counts_against_the_tree(heads_s, want):
+    p = policy("auto", FLAT, accept=0.001)
+    p.cost.heads = heads_s  # as long as the step itself: rarely accepted drafts no longer pay for it
+    assert p.choose(4, 0, 0) == want

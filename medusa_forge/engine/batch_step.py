@@ -118,6 +118,12 @@ class BatchSlots:
         finally:
             self.lengths[:] = saved
 
+    @torch.inference_mode()
+    def probe_heads(self, slots: int) -> None:
+        """The heads' top-k over ``slots`` rows: what a tree step adds for its next drafts."""
+        hidden = torch.zeros(slots, self.model.config.hidden_size, dtype=self.kv.dtype, device=self.device)
+        self._refresh_heads(hidden, {s: s for s in range(slots)})
+
     # ------------------------------------------------------------------ the step
     @torch.inference_mode()
     def step(self, work: Work) -> dict[int, Outcome]:

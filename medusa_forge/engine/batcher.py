@@ -62,7 +62,8 @@ class InflightBatcher:
     def measure(self, tree_rows: int) -> CostModel:
         """The step-time cost model of this device, from packed steps of the batcher's own slots."""
         rows = min(MAX_PROBE_ROWS, self.max_batch_size * tree_rows)
-        return CostModel.measure(self.slots.probe, rows, self.max_batch_size, device=str(self.engine.device))
+        return CostModel.measure(self.slots.probe, rows, self.max_batch_size, device=str(self.engine.device),
+                                 heads=self.slots.probe_heads)
 
     def describe(self) -> dict:
         """What this batcher runs, for the served model's metadata or a bench record."""

@@ -65,33 +65,39 @@ class Ladder:
 @dataclass
 class CostModel:
     """Step time (s) against packed rows and slots: t = f(rows) + per_slot * slots, f piecewise
-    linear between measured row counts (extrapolated linearly past the last)."""
+    linear between measured row counts (extrapolated linearly past the last), plus ``heads`` for a
+    tree step (the drafts of the next tree: the heads' GEMMs over the speculating slots' rows)."""
 
     rows: list[int]
     seconds: list[float]
     per_slot: float
     device: str = ""
+    heads: float = 0.0
 
-    def time(self, rows: int, slots: int) -> float:
+    def time(self, rows: int, slots: int, tree: bool = False) -> float:
         r, s = np.asarray(self.rows, dtype=float), np.asarray(self.seconds)
         if rows > r[-1]:
             slope = (s[-1] - s[-2]) / (r[-1] - r[-2]) if len(r) > 1 else s[-1] / r[-1]
             base = s[-1] + slope * (rows - r[-1])
         else:
             base = float(np.interp(rows, r, s))
-        return base + self.per_slot * slots
+        return base + self.per_slot * slots + (self.heads if tree else 0.0)
 
     def to_dict(self) -> dict:
         return {"rows": self.rows, "seconds": [round(x, 6) for x in self.seconds],
-                "per_slot_s": round(self.per_slot, 6), "device": self.device}
+                "per_slot_s": round(self.per_slot, 6), "heads_s": round(self.heads, 6), "device": self.device}
 
     @classmethod
     def measure(cls, run: Callable[[int, int], None], max_rows: int, max_slots: int, device: str = "",
-                reps: int = 5) -> CostModel:
-        """``run(rows, slots)`` runs one packed step of that shape; the best of ``reps`` counts. The
-        shapes take turns, so a neighbour's burst of work slows one run of each, not all runs of one."""
+                reps: int = 5, heads: Callable[[int], None] | None = None) -> CostModel:
+        """``run(rows, slots)`` runs one packed step of that shape, ``heads(slots)`` the heads over
+        that many rows; the best of ``reps`` counts. The shapes take turns, so a neighbour's burst
+        of work slows one run of each, not all runs of one."""
         grid = sorted({1, *(r for r in (2, 4, 8, 16, 32, 64, 128, 256, 512) if r < max_rows), max_rows})
         shapes = [(r, 1) for r in grid] + ([(max_slots, max_slots)] if max_slots > 1 else [])
+        if heads is not None:
+            shapes.append((0, max_slots))
+            run = (lambda r, s, step=run: heads(s) if r == 0 else step(r, s))
         best = dict.fromkeys(shapes, float("inf"))
         for rep in range(reps + 1):  # the first round warms up
             for shape in shapes:
@@ -105,7 +111,7 @@ class CostModel:
         if max_slots > 1:
             one = float(np.interp(max_slots, grid, seconds))
             per_slot = max(0.0, (best[(max_slots, max_slots)] - one) / (max_slots - 1))
-        return cls(grid, seconds, per_slot, device)
+        return cls(grid, seconds, per_slot, device, best[(0, max_slots)] if heads is not None else 0.0)
 
 
 @dataclass
@@ -151,7 +157,7 @@ class Policy:
         best, best_rate = 0, -1.0
         for k in self.ladder.sizes:
             rows = tree_slots * (k + 1) + other_rows
-            rate = tree_slots * (1.0 + gains[k]) / self.cost.time(rows, tree_slots + other_slots)
+            rate = tree_slots * (1.0 + gains[k]) / self.cost.time(rows, tree_slots + other_slots, tree=k > 0)
             if rate > best_rate * 1.0001:  # a bigger tree must win outright
                 best, best_rate = k, rate
         return best
