@@ -5,9 +5,10 @@ with its own loop thread. Requests wait in a queue (at most ``max_queue``; 0 = u
 one of ``max_batch_size`` slots is free, then join the running batch between two steps and leave
 it as soon as they finish, fail, are cancelled or time out. Each step is ONE packed forward over
 every active slot (:mod:`~medusa_forge.engine.batch_step`): a Medusa request contributes the
-step's tree (or one token), a plain request one token, and at most one arriving request one chunk
-of its prompt (``prefill_chunk`` tokens), so an arrival never stalls the running requests for
-longer than one chunk. The step's tree follows the load (:mod:`~medusa_forge.engine.speculation`).
+step's tree (or one token), a plain request one token, and the arriving requests at most
+``prefill_chunk`` prompt tokens between them (first come, first served), so arrivals never stall
+the running requests for longer than one chunk. The step's tree follows the load
+(:mod:`~medusa_forge.engine.speculation`).
 
 Every request keeps its own settings in the shared batch: temperature, top-k/top-p and a seeded
 generator of its own, typical acceptance, EOS, stop strings and max tokens. A request's greedy
@@ -157,11 +158,13 @@ class InflightBatcher:
         if not live:
             return None
         work = Work()
-        filling = sorted((s for s in live if streams[s].prefilling), key=lambda s: streams[s].order)
-        if filling:
-            s = filling[0]
+        budget = self.prefill_chunk  # prompt tokens this step takes, first come first served
+        for s in sorted((s for s in live if streams[s].prefilling), key=lambda s: streams[s].order):
+            if budget == 0:
+                break
             st = streams[s]
-            chunk = st.prompt[st.prefilled: st.prefilled + self.prefill_chunk]
+            chunk = st.prompt[st.prefilled: st.prefilled + budget]
+            budget -= len(chunk)
             last = st.prefilled + len(chunk) == len(st.prompt)
             work.prefill.append((s, chunk, last))
             if last and st.medusa:
