@@ -19,7 +19,7 @@ how far that holds. The batcher owns its own KV cache, so the engine's batch-1 p
 from __future__ import annotations
 
 import threading
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 
 from medusa_forge.engine.batch_step import BatchSlots, Work
@@ -57,6 +57,7 @@ class InflightBatcher:
         self._admitted = 0
         self._closed = False
         self.steps = 0
+        self.tree_sizes: Counter[int] = Counter()  # steps by the tree size the policy chose (0: plain)
         self._thread = threading.Thread(target=self._loop, name="inflight-batcher", daemon=True)
         self._thread.start()
 
@@ -73,6 +74,7 @@ class InflightBatcher:
                "speculation": self.speculation}
         if self.policy is not None:
             out.update(self.policy.to_dict())
+            out["steps_by_tree_size"] = dict(sorted(self.tree_sizes.items()))
         return out
 
     # ------------------------------------------------------------------ Scheduler
@@ -185,6 +187,8 @@ class InflightBatcher:
         else:
             work.plain_slots += medusa
         self._size = size
+        if medusa:
+            self.tree_sizes[size] += 1
         return work
 
     def _deliver(self, work: Work, outcome: dict) -> None:
