@@ -213,3 +213,18 @@ def test_a_rows_gemm_bits_do_not_depend_on_what_shares_its_chunk(engine, threads
                 assert torch.equal(linear_rows(mod, others, CPU_GEMM_ROWS)[at], alone)
     finally:
         torch.set_num_threads(before)
+
+
+def test_auto_speculation_measures_this_machine_and_records_its_choices(engine, requests, batch_one):
+    picked = [i for i in batch_one if requests[i][1].use_medusa][:6]
+    batcher = InflightBatcher(engine, max_batch_size=3, speculation="auto")
+    try:
+        got = [t.result(timeout=60).tokens for t in [batcher.submit(*requests[i]) for i in picked]]
+        info = batcher.describe()
+    finally:
+        batcher.close()
+    assert got == [batch_one[i] for i in picked]
+    cost = info["cost_model"]
+    assert cost["rows"][0] == 1 and cost["rows"][-1] == 3 * 8 and cost["seconds"] == sorted(cost["seconds"])
+    assert info["speculation"] == "auto" and info["tree_sizes"] == [0, 1, 2, 4, 7]
+    assert sum(info["steps_by_tree_size"].values()) > 0
