@@ -115,6 +115,7 @@ class BatchSlots:
             meta = StepMeta(positions, cache_slots, batch_index=bidx, segments=tuple(segments), kv=self.kv,
                             gemm_rows=self.gemm_rows)
             linear_rows(self.model.lm_head, self.model(tokens[None], meta)[0], self.gemm_rows)
+            self.engine._sync()  # a CUDA step is timed when it has run, not when it was queued
         finally:
             self.lengths[:] = saved
 
@@ -123,6 +124,7 @@ class BatchSlots:
         """The heads' top-k over ``slots`` rows: what a tree step adds for its next drafts."""
         hidden = torch.zeros(slots, self.model.config.hidden_size, dtype=self.kv.dtype, device=self.device)
         self._refresh_heads(hidden, {s: s for s in range(slots)})
+        self.engine._sync()
 
     # ------------------------------------------------------------------ the step
     @torch.inference_mode()
