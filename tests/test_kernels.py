@@ -16,6 +16,7 @@ pytest.importorskip("triton")
 
 from medusa_forge.engine import kernels as K  # noqa: E402
 from medusa_forge.tree import ChoiceTree, tree_buffers  # noqa: E402
+from medusa_forge.model.step_meta import StepMeta  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16]
@@ -469,10 +470,10 @@ def test_fp8_model_forward_with_norm_fused_quantization_keeps_its_bits(monkeypat
     pos = torch.arange(5, device=DEVICE)
     zero = torch.zeros((), dtype=torch.long, device=DEVICE)
     with torch.no_grad():
-        fused = model(tokens, pos, pos, None, prefix_len=zero)
+        fused = model(tokens, StepMeta(pos, pos, prefix_len=zero))
         monkeypatch.setattr(fp8.FP8Linear, "normed_input", lambda self, norm, x, delta: None)
         monkeypatch.setattr(fp8.FP8Linear, "activated_input", lambda self, gate_up: None)
-        unfused = model(tokens, pos, pos, None, prefix_len=zero)
+        unfused = model(tokens, StepMeta(pos, pos, prefix_len=zero))
     assert len(calls) == 4  # both norms of both layers took the fused path in the first forward
     assert len(silu_calls) == 2  # and both layers' down projections
     assert torch.equal(fused, unfused)
@@ -515,9 +516,9 @@ def test_row_padded_wo_takes_the_attention_output_in_its_padded_input(monkeypatc
         return buf
     with torch.no_grad():
         monkeypatch.setattr(RowPaddedLinear, "input_buffer", lambda self, rows, like: None)
-        zero_padded = model(tokens, pos, pos, None, prefix_len=zero)  # F.pad with zeros, then the GEMM
+        zero_padded = model(tokens, StepMeta(pos, pos, prefix_len=zero))  # F.pad with zeros, then the GEMM
         monkeypatch.setattr(RowPaddedLinear, "input_buffer", garbage_buffer)
-        in_place = model(tokens, pos, pos, None, prefix_len=zero)
+        in_place = model(tokens, StepMeta(pos, pos, prefix_len=zero))
     assert len(buffers) == 2 and all(b.shape == (PAD_ROWS, 64) for b in buffers)
     assert torch.isnan(buffers[0][5:]).all()  # nothing wrote (or needed) the pad rows
     assert torch.equal(in_place, zero_padded)

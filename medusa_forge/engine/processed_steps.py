@@ -27,7 +27,7 @@ from medusa_forge.engine import kernels
 from medusa_forge.engine.acceptance import commit_path, greedy_accept, sample_token, typical_accept
 from medusa_forge.engine.generation import GenerationConfig, GenerationResult
 from medusa_forge.engine.logits_processing import LogitsSettings, process, token_log_probs
-from medusa_forge.model.llama import causal_mask
+from medusa_forge.model.step_meta import StepMeta, causal_mask
 
 
 @dataclass
@@ -94,7 +94,7 @@ class _Loop:
         e, n = self.e, len(self.prompt)
         tokens = torch.tensor([self.prompt], dtype=torch.long, device=e.device)
         slots = torch.arange(n, device=e.device)
-        hidden = e.model(tokens, slots, slots, causal_mask(0, n, e.max_seq_len, e.device), prefix_len=0)[0]
+        hidden = e.model(tokens, StepMeta(slots, slots, causal_mask(0, n, e.max_seq_len, e.device), prefix_len=0))[0]
         if self.gcfg.return_context_logits:
             self.record.context_logits = e.model.logits(hidden).cpu().numpy()
         token = self._pick(e.model.lm_head(hidden[-1:]).float())
@@ -106,8 +106,7 @@ class _Loop:
 
     def plain_step(self) -> list[int]:
         e = self.e
-        pos = e.cur_len.view(1)
-        hidden = e.model(e.root.view(1, 1), pos, pos, None, prefix_len=e.cur_len)[0]
+        hidden = e.model(e.root.view(1, 1), e._base_meta)[0]
         token = self._pick(e.model.lm_head(hidden).float())
         e.cur_len.add_(1)
         e.root.fill_(token)
@@ -117,8 +116,8 @@ class _Loop:
         e, b, g = self.e, self.e.buffers, self.gcfg
         tree_tokens, positions, slots = kernels.tree_inputs(e.root, e.head_topk, b.tree_indices, b.positions,
                                                             e.cur_len, e.node_ids)
-        hidden = e.model(tree_tokens[None], positions, slots, None, prefix_len=e.cur_len, tree_mask=b.attn_mask,
-                         tree_ancestors=b.ancestors)[0]
+        meta = StepMeta(positions, slots, prefix_len=e.cur_len, tree_mask=b.attn_mask, tree_ancestors=b.ancestors)
+        hidden = e.model(tree_tokens[None], meta)[0]
         raw = e.model.lm_head(hidden).float()
         node_tokens = tree_tokens.tolist()
         histories = [self.out + [node_tokens[m] for m in path] for path in self.paths]
