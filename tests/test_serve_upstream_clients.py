@@ -13,13 +13,16 @@ deltas (``output[0].decode()``) and reads ``context_logits`` / ``generation_logi
 response when it asked for them.
 
 Served by the session's ``native_triton`` (conftest.py): pycoder-26m, random heads, the `small`
-tree, decoupled, as ``medusa`` and ``base``. The expected answers come from the same engine in this
+tree, decoupled, as ``medusa`` and ``base``; and by ``unary_ensemble``'s server: the same engine as
+``ensemble`` (not decoupled: errors keep their status code) and ``ensemble_batched`` (in-flight
+batching, 4 slots). The expected answers come from the same engine in this
 process, with the settings built by hand from the tokenizer as the backend's preprocessing builds them.
 """
 
 from __future__ import annotations
 
 import queue
+import threading
 from functools import partial
 
 import numpy as np
@@ -107,6 +110,9 @@ def unary_ensemble(native_triton, tmp_path_factory):
     llm = NativeModelSettings(engine_dir=str(native_triton.engine_dir), contract="tensorrt_llm")
     write_native_model(NativeRepoConfig(llm, "tensorrt_llm"), root / "repo")
     write_native_model(NativeRepoConfig(llm, "tensorrt_llm_decoupled", decoupled=True), root / "repo")
+    # The ensemble on in-flight batching: requests with and without options share its steps.
+    batched = NativeModelSettings(engine_dir=str(native_triton.engine_dir))
+    write_native_model(NativeRepoConfig(batched, "ensemble_batched", max_batch_size=4, decoupled=True), root / "repo")
     with TritonServer(root / "repo", exit_timeout_s=5, log_path=root / "tritonserver.log") as server:
         yield server.grpc_url
 
@@ -233,3 +239,24 @@ def test_over_the_clients_stream_the_error_names_the_input_and_the_next_request_
 def test_the_end_to_end_client_calls_the_ensemble_by_its_default_name(unary_ensemble, engine):
     text, _, errors = e2e_run(unary_ensemble, "ensemble", e2e_inputs(PROMPT, NEW_TOKENS, False, temperature=0.0), False)
     assert not errors and text == engine.generate(PROMPT, GenerationConfig(max_new_tokens=NEW_TOKENS)).text
+
+
+def test_requests_with_and_without_options_share_a_batch_and_get_their_serial_answers(unary_ensemble, engine):
+    """Six clients at once on the batched ensemble: options are per request, in a shared batch."""
+    want = {True: expected(engine, EVERY_OPTION, True).text,
+            False: engine.generate(PROMPT, GenerationConfig(max_new_tokens=NEW_TOKENS)).text}
+    got: dict[int, tuple] = {}
+
+    def client(i: int) -> None:
+        options, streaming = (EVERY_OPTION if i % 2 == 0 else {"temperature": 0.0}), i % 3 == 0
+        got[i] = e2e_run(unary_ensemble, "ensemble_batched", e2e_inputs(PROMPT, NEW_TOKENS, streaming, **options),
+                         streaming)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert sorted(got) == list(range(6))
+    for i, (text, _, errors) in got.items():
+        assert not errors and text == want[i % 2 == 0], i
