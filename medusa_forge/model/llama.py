@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from medusa_forge.model.config import ModelConfig
 from medusa_forge.model.gemm_layout import RowPaddedLinear
-from medusa_forge.model.step_meta import StepMeta, causal_mask  # noqa: F401 - causal_mask re-exported
+from medusa_forge.model.step_meta import RowChunks, StepMeta, causal_mask  # noqa: F401 - causal_mask re-exported
 
 
 class RMSNorm(nn.Module):
@@ -164,16 +164,17 @@ class Attention(nn.Module):
         return q
 
 
-def linear_rows(mod: nn.Module, x: Tensor, rows: int | None) -> Tensor:
-    """``mod(x)``, or with ``rows`` the GEMM run in chunks of exactly that many rows (the last
-    zero padded): a row's bits then depend on the row alone, not on how many rows share the step."""
-    if rows is None:
+def linear_rows(mod: nn.Module, x: Tensor, chunks: RowChunks | None) -> Tensor:
+    """``mod(x)``, or with ``chunks`` the GEMM run in row chunks of the sizes it allows (see
+    :class:`~medusa_forge.model.step_meta.RowChunks`)."""
+    if chunks is None:
         return mod(x)
     flat = x.reshape(-1, x.shape[-1])
     m = flat.shape[0]
-    if m % rows:
-        flat = F.pad(flat, (0, 0, 0, rows - m % rows))
-    y = torch.cat([mod(chunk) for chunk in flat.split(rows)]) if flat.shape[0] > rows else mod(flat)
+    tail = m % chunks.most
+    if 0 < tail < chunks.least:
+        flat = F.pad(flat, (0, 0, 0, chunks.least - tail))
+    y = torch.cat([mod(c) for c in flat.split(chunks.most)]) if flat.shape[0] > chunks.most else mod(flat)
     return y[:m].reshape(*x.shape[:-1], y.shape[-1])
 
 
@@ -184,8 +185,8 @@ class FeedForward(nn.Module):
         self.w_gate_up = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.w_down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x: Tensor, rows: int | None = None) -> Tensor:
-        """``rows``: GEMMs in fixed-size row chunks (see :func:`linear_rows`)."""
+    def forward(self, x: Tensor, rows: RowChunks | None = None) -> Tensor:
+        """``rows``: GEMMs in row chunks (see :func:`linear_rows`)."""
         gate_up = linear_rows(self.w_gate_up, x, rows)
         if rows is not None:
             return linear_rows(self.w_down, kernels.silu_mul(gate_up), rows)
