@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from medusa_forge.engine import kernels
+from medusa_forge import kernels
 from medusa_forge.engine.acceptance import sample_token, typical_accept
 from medusa_forge.engine.batch_logits import RowLogits, node_paths
 from medusa_forge.model.llama import linear_rows

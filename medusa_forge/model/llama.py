@@ -9,7 +9,7 @@ by depth.
 QKV and gate/up projections are fused (one GEMM each) and GQA is computed by folding the query
 groups into the row dimension, so K/V are never repeated in memory.
 
-Everything between the GEMMs goes through :mod:`medusa_forge.engine.kernels`: on CUDA one
+Everything between the GEMMs goes through :mod:`medusa_forge.kernels`: on CUDA one
 row-wise batch-invariant Triton kernel each (add+RMSNorm, RoPE+cache write, SiLU*mul, and, when
 the caller passes ``prefix_len``, a flash-decoding cache attention that needs no mask), elsewhere
 the PyTorch reference ops. Each block hands back its residual stream and its MLP output unsummed,
@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from medusa_forge import kernels
 from medusa_forge.model.config import ModelConfig
 from medusa_forge.model.gemm_layout import RowPaddedLinear
 from medusa_forge.model.step_meta import RowChunks, StepMeta, causal_mask  # noqa: F401 - causal_mask re-exported
@@ -271,8 +272,3 @@ class Transformer(nn.Module):
             kernels.move_kv_triton(self.kv, src_slots, dst_slots)
         else:
             self.kv.index_copy_(4, dst_slots, self.kv.index_select(4, src_slots))
-
-
-# Imported last: importing medusa_forge.engine runs its package init, which imports this module's
-# Transformer; by now it is defined, whichever of the two packages was imported first.
-from medusa_forge.engine import kernels  # noqa: E402
