@@ -191,8 +191,8 @@ def test_requests_with_logits_processing_get_their_batch_one_tokens_and_log_prob
 @pytest.mark.parametrize("threads", [1, 2])
 def test_a_rows_gemm_bits_do_not_depend_on_what_shares_its_chunk(engine, threads):
     """What the batch's invariance rests on (docs/batching.md): every linear of the model, run by
-    linear_rows in chunks of the batch's row count, gives a row the same bits at any position and
-    beside any other rows, and whatever the total row count."""
+    linear_rows in the CPU's row chunks, gives a row the same bits at any position, beside any
+    other rows, whatever the total row count (each chunk size from least to most included)."""
     import torch
 
     from medusa_forge.engine.batch_step import CPU_GEMM_ROWS
@@ -202,15 +202,16 @@ def test_a_rows_gemm_bits_do_not_depend_on_what_shares_its_chunk(engine, threads
     torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(threads)
     layer = engine.model.layers[0]
+    most = CPU_GEMM_ROWS.most
     try:
         for mod in (layer.attn.wqkv, layer.attn.wo, layer.ffn.w_gate_up, layer.ffn.w_down, engine.model.lm_head):
             row = torch.randn(1, mod.in_features, generator=g)
             alone = linear_rows(mod, row, CPU_GEMM_ROWS)[0]
-            for total in (2, CPU_GEMM_ROWS, 3 * CPU_GEMM_ROWS + 5):
+            for total in (*range(2, most + 1), 3 * most + 1, 3 * most + 5):
                 others = torch.randn(total, mod.in_features, generator=g)
                 at = int(torch.randint(total, (1,), generator=g))
                 others[at] = row[0]
-                assert torch.equal(linear_rows(mod, others, CPU_GEMM_ROWS)[at], alone)
+                assert torch.equal(linear_rows(mod, others, CPU_GEMM_ROWS)[at], alone), (mod, total)
     finally:
         torch.set_num_threads(before)
 

@@ -7,9 +7,9 @@ each slot's committed length, pending root token and heads' top-k. A step takes 
 their rows into one sequence of R rows (tree slots first, then plain, then prefill chunks), runs
 the decoder once with a packed :class:`StepMeta`, and returns each slot's new tokens.
 
-What a row computes does not depend on its neighbours: every GEMM runs in chunks of
-``gemm_rows`` rows, attention runs per slot over that slot's own cache, and the remaining ops are
-row-wise. The per-slot bookkeeping after the forward (greedy acceptance, commit, the K/V moves,
+What a row computes does not depend on its neighbours: every GEMM runs in row chunks whose sizes
+the library treats alike (``gemm_rows``, a RowChunks), attention runs per slot over that slot's
+own cache, and the remaining ops are row-wise. The per-slot bookkeeping after the forward (greedy acceptance, commit, the K/V moves,
 the heads' top-k) is vectorised over slots; only sampled rows and typical acceptance loop.
 """
 
@@ -21,15 +21,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from medusa_forge.engine import kernels
+from medusa_forge import kernels
 from medusa_forge.engine.acceptance import sample_token, typical_accept
 from medusa_forge.engine.batch_logits import RowLogits, node_paths
 from medusa_forge.model.llama import linear_rows
-from medusa_forge.model.step_meta import Segment, StepMeta
+from medusa_forge.model.step_meta import RowChunks, Segment, StepMeta
 from medusa_forge.tree.choice_tree import TOPK, TreeBuffers
 
-CPU_GEMM_ROWS = 8  # MKL: a row's bits are the same at any position of an 8-row GEMM (tested)
-CUDA_GEMM_ROWS = 64  # the M the engine's GEMM-layout check always tests against M=1 (gemm_layout)
+# MKL (fp32): a row's bits are the same at every M from 2 to 15 (M=1 is a GEMV, M >= 16 other
+# kernels), and 8-row GEMMs cost what 2 rows do on pycoder-26m at 2 threads (tested per linear).
+CPU_GEMM_ROWS = RowChunks(most=8, least=2)
+# CUDA: the M the engine's GEMM-layout check always compares against M=1 (gemm_layout), every chunk.
+CUDA_GEMM_ROWS = RowChunks(most=64, least=64)
 
 
 @dataclass
@@ -80,7 +83,7 @@ class Outcome:
 class BatchSlots:
     """B slots' caches and decoding state on the engine's device (see the module docstring)."""
 
-    def __init__(self, engine, max_batch_size: int, gemm_rows: int | None = None):
+    def __init__(self, engine, max_batch_size: int, gemm_rows: RowChunks | None = None):
         model, cfg = engine.model, engine.cfg
         self.engine, self.model, self.heads = engine, model, engine.heads
         self.device = engine.device

@@ -28,6 +28,7 @@ from medusa_forge.engine.request_stream import RequestStream
 from medusa_forge.engine.speculation import CostModel, Ladder, Policy, parse_speculation
 from medusa_forge.engine.tickets import RequestCancelled, Ticket
 from medusa_forge.errors import ForgeError
+from medusa_forge.model.step_meta import RowChunks
 
 PREFILL_CHUNK = 64  # prompt tokens an arriving request adds to one step
 MAX_PROBE_ROWS = 512  # the cost model is measured up to this many rows, extrapolated beyond
@@ -35,7 +36,8 @@ MAX_PROBE_ROWS = 512  # the cost model is measured up to this many rows, extrapo
 
 class InflightBatcher:
     def __init__(self, engine, max_batch_size: int, max_queue: int = 0, speculation: str = "auto",
-                 prefill_chunk: int = PREFILL_CHUNK, gemm_rows: int | None = None, cost: CostModel | None = None):
+                 prefill_chunk: int = PREFILL_CHUNK, gemm_rows: RowChunks | None = None,
+                 cost: CostModel | None = None):
         if max_batch_size < 1:
             raise ForgeError(f"max batch size must be >= 1, got {max_batch_size}")
         if max_queue < 0:
@@ -70,7 +72,7 @@ class InflightBatcher:
     def describe(self) -> dict:
         """What this batcher runs, for the served model's metadata or a bench record."""
         out = {"max_batch_size": self.max_batch_size, "max_queue": self.max_queue, "kv_cache": "static slots",
-               "prefill_chunk": self.prefill_chunk, "gemm_rows": self.slots.gemm_rows,
+               "prefill_chunk": self.prefill_chunk, "gemm_rows": [self.slots.gemm_rows.least, self.slots.gemm_rows.most],
                "speculation": self.speculation}
         if self.policy is not None:
             out.update(self.policy.to_dict())

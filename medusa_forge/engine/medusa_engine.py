@@ -23,7 +23,7 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor
 
-from medusa_forge.engine import kernels
+from medusa_forge import kernels
 from medusa_forge.engine.acceptance import commit_path, greedy_accept, sample_token, typical_accept
 from medusa_forge.engine.cuda_graphs import capture
 from medusa_forge.engine.generation import GenerationConfig, GenerationResult

@@ -23,10 +23,19 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from medusa_forge.engine import kernels
-from medusa_forge.engine.acceptance import commit_path, greedy_accept, sample_token, typical_accept
+from medusa_forge import kernels
+from medusa_forge.engine.acceptance import (
+    commit_path,
+    greedy_accept,
+    sample_token,
+    typical_accept,
+)
 from medusa_forge.engine.generation import GenerationConfig, GenerationResult
-from medusa_forge.engine.logits_processing import LogitsSettings, process, token_log_probs
+from medusa_forge.engine.logits_processing import (
+    LogitsSettings,
+    process,
+    token_log_probs,
+)
 from medusa_forge.model.step_meta import StepMeta, causal_mask
 
 

@@ -9,7 +9,7 @@ by depth.
 QKV and gate/up projections are fused (one GEMM each) and GQA is computed by folding the query
 groups into the row dimension, so K/V are never repeated in memory.
 
-Everything between the GEMMs goes through :mod:`medusa_forge.engine.kernels`: on CUDA one
+Everything between the GEMMs goes through :mod:`medusa_forge.kernels`: on CUDA one
 row-wise batch-invariant Triton kernel each (add+RMSNorm, RoPE+cache write, SiLU*mul, and, when
 the caller passes ``prefix_len``, a flash-decoding cache attention that needs no mask), elsewhere
 the PyTorch reference ops. Each block hands back its residual stream and its MLP output unsummed,
@@ -24,9 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from medusa_forge import kernels
 from medusa_forge.model.config import ModelConfig
 from medusa_forge.model.gemm_layout import RowPaddedLinear
-from medusa_forge.model.step_meta import StepMeta, causal_mask  # noqa: F401 - causal_mask re-exported
+from medusa_forge.model.step_meta import RowChunks, StepMeta, causal_mask  # noqa: F401 - causal_mask re-exported
 
 
 class RMSNorm(nn.Module):
@@ -164,16 +165,17 @@ class Attention(nn.Module):
         return q
 
 
-def linear_rows(mod: nn.Module, x: Tensor, rows: int | None) -> Tensor:
-    """``mod(x)``, or with ``rows`` the GEMM run in chunks of exactly that many rows (the last
-    zero padded): a row's bits then depend on the row alone, not on how many rows share the step."""
-    if rows is None:
+def linear_rows(mod: nn.Module, x: Tensor, chunks: RowChunks | None) -> Tensor:
+    """``mod(x)``, or with ``chunks`` the GEMM run in row chunks of the sizes it allows (see
+    :class:`~medusa_forge.model.step_meta.RowChunks`)."""
+    if chunks is None:
         return mod(x)
     flat = x.reshape(-1, x.shape[-1])
     m = flat.shape[0]
-    if m % rows:
-        flat = F.pad(flat, (0, 0, 0, rows - m % rows))
-    y = torch.cat([mod(chunk) for chunk in flat.split(rows)]) if flat.shape[0] > rows else mod(flat)
+    tail = m % chunks.most
+    if 0 < tail < chunks.least:
+        flat = F.pad(flat, (0, 0, 0, chunks.least - tail))
+    y = torch.cat([mod(c) for c in flat.split(chunks.most)]) if flat.shape[0] > chunks.most else mod(flat)
     return y[:m].reshape(*x.shape[:-1], y.shape[-1])
 
 
@@ -184,8 +186,8 @@ class FeedForward(nn.Module):
         self.w_gate_up = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.w_down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x: Tensor, rows: int | None = None) -> Tensor:
-        """``rows``: GEMMs in fixed-size row chunks (see :func:`linear_rows`)."""
+    def forward(self, x: Tensor, rows: RowChunks | None = None) -> Tensor:
+        """``rows``: GEMMs in row chunks (see :func:`linear_rows`)."""
         gate_up = linear_rows(self.w_gate_up, x, rows)
         if rows is not None:
             return linear_rows(self.w_down, kernels.silu_mul(gate_up), rows)
@@ -270,8 +272,3 @@ class Transformer(nn.Module):
             kernels.move_kv_triton(self.kv, src_slots, dst_slots)
         else:
             self.kv.index_copy_(4, dst_slots, self.kv.index_select(4, src_slots))
-
-
-# Imported last: importing medusa_forge.engine runs its package init, which imports this module's
-# Transformer; by now it is defined, whichever of the two packages was imported first.
-from medusa_forge.engine import kernels  # noqa: E402

@@ -9,8 +9,9 @@ Two layouts of the new tokens:
   either ``mask`` [B|1, 1, T, S] or ``prefix_len`` (+ ``tree_mask`` / ``tree_ancestors``);
 - packed rows of several sequences (in-flight batching): tokens [1, R]; ``positions``, ``slots``
   and ``batch_index`` [R] per row; ``segments`` say which rows belong to which cache row and what
-  they see; ``kv`` is the batch's own cache; ``gemm_rows`` runs every GEMM in chunks of that many
-  rows, so a row's bits do not depend on how many rows share the step (see docs/batching.md).
+  they see; ``kv`` is the batch's own cache; ``gemm_rows`` runs every GEMM in row chunks whose
+  sizes the library treats alike, so a row's bits do not depend on how many rows share the step
+  (see docs/batching.md).
 """
 
 from __future__ import annotations
@@ -19,6 +20,17 @@ from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
+
+
+@dataclass(frozen=True)
+class RowChunks:
+    """GEMMs in chunks of at most ``most`` rows, a short last chunk zero padded to ``least`` rows.
+
+    For a BLAS that gives a row the same bits at every M in [least, most] (checked for the model's
+    linears by tests/test_batcher_identity.py), a row's bits then depend on the row alone."""
+
+    most: int
+    least: int
 
 
 @dataclass(frozen=True)
@@ -62,7 +74,7 @@ class StepMeta:
     batch_index: Tensor | None = None
     segments: tuple[Segment, ...] = ()
     kv: Tensor | None = None
-    gemm_rows: int | None = None
+    gemm_rows: RowChunks | None = None
 
     def __post_init__(self):
         if self.prefix_len is not None and not isinstance(self.prefix_len, Tensor):
