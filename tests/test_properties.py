@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import MODEL_DIR
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from conftest import MODEL_DIR
 from medusa_forge.contract import INPUTS
 from medusa_forge.engine.generation import GenerationConfig
-from medusa_forge.model.tokenizer import Tokenizer
 from medusa_forge.errors import ForgeError
+from medusa_forge.model.tokenizer import Tokenizer
 from medusa_forge.serve.request import parse_request
 from medusa_forge.tree.choice_tree import MAX_TREE_NODES, TOPK, ChoiceTree, tree_buffers
 

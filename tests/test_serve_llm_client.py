@@ -20,12 +20,12 @@ from functools import partial
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from test_llm_request import client_inputs
+from test_serve_upstream_clients import engine, unary_ensemble  # noqa: F401 - the fixtures
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from medusa_forge.engine.generation import GenerationConfig
 from medusa_forge.engine.logits_processing import LogitsSettings
-from test_llm_request import client_inputs
-from test_serve_upstream_clients import engine, unary_ensemble  # noqa: F401 - the fixtures
 
 TEXT = "def fibonacci(n):\n    "
 

@@ -98,11 +98,10 @@ def e2e_run(url: str, model: str, inputs: list, streaming: bool) -> tuple[str, l
 def unary_ensemble(native_triton, tmp_path_factory):
     """The same engine as a non-decoupled model named ``ensemble`` (the clients' default name) in a
     server of its own: unary gRPC answers carry the error's status code, which a stream's do not."""
-    from medusa_forge.serve.triton_repo import RepoRequest, write_triton_repo
-    from medusa_forge.serve.tritonserver import TritonServer
-
     from medusa_forge.serve.native_repo import NativeRepoConfig, write_native_model
     from medusa_forge.serve.native_service import NativeModelSettings
+    from medusa_forge.serve.triton_repo import RepoRequest, write_triton_repo
+    from medusa_forge.serve.tritonserver import TritonServer
 
     root = tmp_path_factory.mktemp("unary_ensemble")
     write_triton_repo(RepoRequest(engine=native_triton.engine_dir, out=root / "repo", name="ensemble"))

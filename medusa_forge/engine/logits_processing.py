@@ -29,8 +29,8 @@ plain decoding would process the same position, and greedy acceptance stays exac
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch

@@ -24,7 +24,6 @@ from medusa_forge.engine.generation import GenerationConfig
 from medusa_forge.engine.logits_processing import LogitsSettings
 from medusa_forge.errors import ForgeError
 
-
 REFUSED = {
     "prompt_embedding_table": "prompt tuning (prompt_embedding_table / prompt_vocab_size) is not supported by the "
                               "native engine; leave both inputs out",
