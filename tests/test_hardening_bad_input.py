@@ -300,8 +300,8 @@ REQUESTS = [
      "less 2 for the tree and 1 to generate); shorten the prompt or use a larger --max-seq-len"),
     ("batch of 2", dict(text_input=np.array([[b"a"], [b"b"]], np.object_), max_tokens=np.array([[1], [1]], np.int32)),
      "[request id: <id_unknown>] inference request batch-size must be <= 1 for 'base'"),
-    ("unknown input", dict(text_input=PROMPT, max_tokens=FOUR, beam_width=np.array([[2]], np.int32)),
-     "unexpected inference input 'beam_width' for model 'base'"),
+    ("unknown input", dict(text_input=PROMPT, max_tokens=FOUR, beam_widths=np.array([[2]], np.int32)),
+     "unexpected inference input 'beam_widths' for model 'base'"),
 ]
 
 

@@ -17,6 +17,7 @@ sub-directories): per model the kind, the engine, whether it decodes with Medusa
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -98,6 +99,8 @@ class RepoRequest:
     torch_threads: int | None = None
     compile: bool = False
     request_timeout_s: float = 600.0
+    max_queue: int = 0  # requests that may wait beyond the running batch (0 = unbounded)
+    speculation: str = "auto"  # the in-flight batcher's tree policy: auto | fixed | off-above:N
     # tensorrt_llm only
     tokenizer_dir: Path | None = None
     tensorrtllm_backend: Path | None = None
@@ -187,13 +190,31 @@ def _native_plan(req: RepoRequest, engine: Path, manifest: EngineManifest | None
         medusa_choices=json.dumps(tree.to_list()) if tree else "", device=req.device or "", dtype=req.dtype or "",
         max_seq_len=str(req.max_seq_len or ""), use_medusa="true" if req.use_medusa else "false",
         torch_threads=str(req.torch_threads or ""), compile="true" if req.compile else "false",
-        request_timeout_s=f"{req.request_timeout_s:g}")
+        request_timeout_s=f"{req.request_timeout_s:g}", max_queue=str(req.max_queue), speculation=req.speculation)
     batch = req.max_batch_size or (manifest.max_batch_size if manifest else 1)
+    _check_batching(batch, req.max_queue, req.speculation)
     cfg = NativeRepoConfig(settings, req.name, batch, req.decoupled, req.instances)
     model = ServedModel(req.name, "native", str(engine), req.use_medusa, req.decoupled, batch,
                         directories=[req.name],
-                        details={"instances": req.instances, "parameters": settings.to_parameters()})
+                        details={"instances": req.instances, "max_queue": req.max_queue,
+                                 "parameters": settings.to_parameters() | {"max_batch_size": str(batch)}})
     return cfg, model
+
+
+def _check_batching(batch: int, max_queue: int, speculation: str) -> None:
+    """Bounds and policy of the instance's scheduler, refused here rather than when the server loads it."""
+    if max_queue < 0:
+        raise ForgeError(f"--max-queue must be >= 0 (0 = unbounded), got {max_queue}")
+    if batch == 1:
+        if speculation != "auto":
+            raise ForgeError(f"--speculation {speculation} steers the in-flight batcher; it needs --max-batch-size > 1")
+        return
+    if importlib.util.find_spec("medusa_forge.engine.batcher") is None:
+        raise ForgeError(f"--max-batch-size {batch} needs the in-flight batcher (medusa_forge/engine/batcher.py), "
+                         "which this install lacks; use --max-batch-size 1")
+    from medusa_forge.engine.speculation import parse_speculation
+
+    parse_speculation(speculation)
 
 
 def _check_heads_fit(engine: Path, manifest: EngineManifest | None, medusa: Path | None,
@@ -221,6 +242,9 @@ def _trtllm_plan(req: RepoRequest, engine: Path, manifest: EngineManifest, exist
     if req.medusa or req.device or req.dtype or req.max_seq_len or req.torch_threads or req.compile:
         raise ForgeError("--medusa/--device/--dtype/--max-seq-len/--torch-threads/--compile apply to native engines; a "
                          "TensorRT-LLM engine fixed them at build time")
+    if req.max_queue or req.speculation != "auto":
+        raise ForgeError("--max-queue/--speculation apply to native engines; TensorRT-LLM's batch manager queues and "
+                         "schedules its own requests")
     if not req.use_medusa and manifest.num_medusa_heads:
         raise ForgeError("--no-medusa: a TensorRT-LLM Medusa engine always decodes with its heads; build a base "
                          "engine (`medusa-forge build` without --medusa) and --add that one")
