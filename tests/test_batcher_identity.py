@@ -32,14 +32,14 @@ def engine(model_dir, heads_dir, one_thread):
 
 @pytest.fixture(scope="module")
 def requests(engine, held_out_prompts):
-    """(prompt ids, config) pairs: prompts of 3..90 tokens (several prefill chunks), 1..18 new tokens."""
+    """(prompt ids, config) pairs: prompts of 3..72 tokens (up to 3 prefill chunks), 1..14 new tokens."""
     rng = random.Random(20)
     out = []
     for i in range(REQUESTS):
         ids = engine.tokenizer.encode(held_out_prompts[i % len(held_out_prompts)]["prompt"])
-        ids = ids[-rng.randint(3, 90):]
+        ids = ids[-rng.randint(3, 72):]
         sampled = i % 3 == 2
-        cfg = GenerationConfig(max_new_tokens=rng.randint(1, 18), use_medusa=rng.random() < 0.6, ignore_eos=i % 4 != 0,
+        cfg = GenerationConfig(max_new_tokens=rng.randint(1, 14), use_medusa=rng.random() < 0.6, ignore_eos=i % 4 != 0,
                                temperature=0.8 if sampled else 0.0, top_k=20 if sampled else 0, seed=i)
         out.append((ids, cfg))
     return out

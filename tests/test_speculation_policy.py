@@ -112,6 +112,13 @@ def test_a_bad_speculation_spec_is_one_clear_error(spec):
 
 @pytest.mark.parametrize("heads_s, want", [(0.0, 63), (1.0, 0)])
 def test_the_heads_time_of_a_tree_step_counts_against_the_tree(heads_s, want):
-    p = policy("auto", FLAT, accept=0.001)
-    p.cost.heads = heads_s  # as long as the step itself: rarely accepted drafts no longer pay for it
+    p = policy("auto", FLAT, accept=0.01)
+    p.cost.heads = heads_s  # as long as the step itself: drafts accepted 1.6 times a step no longer pay
     assert p.choose(4, 0, 0) == want
+
+
+def test_a_tree_that_barely_beats_plain_decoding_on_paper_is_not_taken():
+    p = policy("auto", FLAT, accept=0.0015)  # the whole tree promises 1.09x plain decoding's rate
+    assert p.choose(1, 0, 0) == 0
+    p = policy("auto", FLAT, accept=0.002)  # 1.13x
+    assert p.choose(1, 0, 0) == 63

@@ -59,6 +59,7 @@ class InflightBatcher:
         self._admitted = 0
         self._closed = False
         self.steps = 0
+        self._size = self.policy.ladder.sizes[-1] if self.policy is not None else 0  # the last step's tree
         self.tree_sizes: Counter[int] = Counter()  # steps by the tree size the policy chose (0: plain)
         self._thread = threading.Thread(target=self._loop, name="inflight-batcher", daemon=True)
         self._thread.start()
@@ -171,7 +172,7 @@ class InflightBatcher:
             budget -= len(chunk)
             last = st.prefilled + len(chunk) == len(st.prompt)
             work.prefill.append((s, chunk, last))
-            if last and st.medusa:
+            if last and st.medusa and self._size:  # drafts now only while trees run; else refreshed later
                 work.heads.add(s)
         decoding = [s for s in live if not streams[s].prefilling]
         medusa = [s for s in decoding if streams[s].medusa]
@@ -188,8 +189,8 @@ class InflightBatcher:
             work.heads.update(medusa)
         else:
             work.plain_slots += medusa
-        self._size = size
-        if medusa:
+        if medusa:  # the policy's last choice, kept while no request speculates
+            self._size = size
             self.tree_sizes[size] += 1
         return work
 

@@ -13,7 +13,8 @@ paths by rank (top-1 chains first, see :func:`ranked_paths`), down to plain deco
   1 + sum(p_i) tokens per slot and step: nodes at one depth are disjoint events (at most one
   token matches the greedy continuation).
 - The policy (``speculation``): ``auto`` picks the k with the most tokens per second for the
-  slots running now (k = 0 included: speculation is never chosen where the model says it loses);
+  slots running now (k = 0 included: a tree must promise 10% more than plain decoding, so
+  speculation is not chosen where the model says it loses or barely wins);
   ``fixed`` always verifies the engine's whole tree; ``off-above:N`` the whole tree up to N active
   slots, plain decoding above.
 """
@@ -31,6 +32,8 @@ from medusa_forge.tree.choice_tree import ChoiceTree, TreeBuffers, tree_buffers
 
 PRIOR_ACCEPT = 0.5  # prior chance that an untried node at depth 1 is accepted (squared at depth 2, ...)
 PRIOR_WEIGHT = 4.0  # the prior counts as this many observed steps
+TREE_MARGIN = 1.1  # a tree must promise 10% more tokens per second than plain decoding: the cost
+# model is measured once, on a machine that may be busy, and an error there must not make speculation a loss
 
 
 def ranked_paths(tree: ChoiceTree) -> list[tuple[int, ...]]:
@@ -154,11 +157,12 @@ class Policy:
             return full if tree_slots + other_slots <= self.limit else 0
         p = self.acceptance.probs()
         gains = np.concatenate([[0.0], np.cumsum(p[1:])])
-        best, best_rate = 0, -1.0
+        best, best_rate, plain = 0, -1.0, 0.0
         for k in self.ladder.sizes:
             rows = tree_slots * (k + 1) + other_rows
             rate = tree_slots * (1.0 + gains[k]) / self.cost.time(rows, tree_slots + other_slots, tree=k > 0)
-            if rate > best_rate * 1.0001:  # a bigger tree must win outright
+            plain = plain or rate
+            if rate > best_rate * 1.0001 and rate >= plain * (TREE_MARGIN if k else 1.0):  # bigger must win outright
                 best, best_rate = k, rate
         return best
 
