@@ -19,8 +19,8 @@ import time
 
 import numpy as np
 import pytest
-
 from conftest import triton_inputs as _inputs
+
 from medusa_forge.errors import ForgeError
 from medusa_forge.serve.client import TritonLLMClient
 

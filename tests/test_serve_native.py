@@ -14,10 +14,9 @@ import time
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-
 from click.testing import CliRunner
-
 from conftest import triton_inputs as _inputs
+
 from medusa_forge.cli import cli
 from medusa_forge.engine.generation import GenerationConfig
 from medusa_forge.errors import ForgeError

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from typing import Callable
+from collections.abc import Callable
 
 from medusa_forge.engine.generation import GenerationConfig
 from medusa_forge.engine.tickets import RequestCancelled, Ticket

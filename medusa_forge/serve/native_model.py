@@ -31,17 +31,17 @@ import threading
 import triton_python_backend_utils as pb_utils
 
 from medusa_forge.errors import ForgeError
-from medusa_forge.serve.native_service import NativeModelSettings, NativeService, Pending, RequestCancelled
 from medusa_forge.serve.contracts import ServedContract, served_contract
+from medusa_forge.serve.native_service import NativeModelSettings, NativeService, Pending, RequestCancelled
 from medusa_forge.serve.replies import stack_rows
 
 
-def _error(message: str, invalid_argument: bool) -> "pb_utils.TritonError":
+def _error(message: str, invalid_argument: bool) -> pb_utils.TritonError:
     code = getattr(pb_utils.TritonError, "INVALID_ARG" if invalid_argument else "INTERNAL", None)
     return pb_utils.TritonError(message, code) if code is not None else pb_utils.TritonError(message)
 
 
-def _describe(exc: Exception) -> "pb_utils.TritonError":
+def _describe(exc: Exception) -> pb_utils.TritonError:
     if isinstance(exc, RequestCancelled):
         return _error("request cancelled", invalid_argument=False)
     if isinstance(exc, ForgeError):
@@ -49,11 +49,11 @@ def _describe(exc: Exception) -> "pb_utils.TritonError":
     return _error(f"internal error: {type(exc).__name__}: {exc}", invalid_argument=False)
 
 
-def _response(tensors) -> "pb_utils.InferenceResponse":
+def _response(tensors) -> pb_utils.InferenceResponse:
     return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in tensors.items()])
 
 
-def _failed(exc: Exception) -> "pb_utils.InferenceResponse":
+def _failed(exc: Exception) -> pb_utils.InferenceResponse:
     return pb_utils.InferenceResponse(output_tensors=[], error=_describe(exc))
 
 

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
-from typing import Callable
 
 import numpy as np
 
@@ -68,7 +68,7 @@ class NativeModelSettings:
         return {k: str(v) for k, v in asdict(self).items()}
 
     @classmethod
-    def from_parameters(cls, params: dict[str, str]) -> "NativeModelSettings":
+    def from_parameters(cls, params: dict[str, str]) -> NativeModelSettings:
         known = {f.name for f in fields(cls)}
         if not params.get("engine_dir"):
             raise ForgeError("model config has no 'engine_dir' parameter; regenerate it with `medusa-forge triton-repo`")
@@ -204,7 +204,7 @@ class _Outbox:
 class Pending:
     """The rows of one request, submitted: :meth:`wait` gives their replies or raises the first error."""
 
-    def __init__(self, service: "NativeService", tickets: list[Ticket]):
+    def __init__(self, service: NativeService, tickets: list[Ticket]):
         self.service = service
         self.tickets = tickets
         self.send_final: Callable[[Reply], None] | None = None  # streaming: the closing response

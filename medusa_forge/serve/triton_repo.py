@@ -66,7 +66,7 @@ class RepoInfo:
         (repo / REPO_INFO).write_text(json.dumps(asdict(self), indent=2) + "\n")
 
     @classmethod
-    def load(cls, repo: str | Path) -> "RepoInfo | None":
+    def load(cls, repo: str | Path) -> RepoInfo | None:
         path = Path(repo) / REPO_INFO
         if not path.is_file():
             return None
@@ -236,8 +236,13 @@ def _check_heads_fit(engine: Path, manifest: EngineManifest | None, medusa: Path
 
 
 def _trtllm_plan(req: RepoRequest, engine: Path, manifest: EngineManifest, existing: RepoInfo):
-    from medusa_forge.serve.trtllm_repo import (BACKEND_COMMIT, BACKEND_VERSION, TrtllmNames, find_backend_checkout,
-                                                write_trtllm_models)
+    from medusa_forge.serve.trtllm_repo import (
+        BACKEND_COMMIT,
+        BACKEND_VERSION,
+        TrtllmNames,
+        find_backend_checkout,
+        write_trtllm_models,
+    )
 
     if req.medusa or req.device or req.dtype or req.max_seq_len or req.torch_threads or req.compile:
         raise ForgeError("--medusa/--device/--dtype/--max-seq-len/--torch-threads/--compile apply to native engines; a "
@@ -281,7 +286,7 @@ def _check_shareable(first, params, world: int) -> None:
                          f"--max-batch-size {first.max_batch_size}")
 
 
-def trtllm_params(req: RepoRequest, engine: Path, manifest: EngineManifest) -> "TrtllmRepoParams":  # noqa: F821
+def trtllm_params(req: RepoRequest, engine: Path, manifest: EngineManifest) -> TrtllmRepoParams:  # noqa: F821
     """The fill values for a TensorRT-LLM engine, from its manifest and the flags."""
     from medusa_forge.serve.trtllm_repo import TrtllmRepoParams
 
