@@ -8,8 +8,9 @@
 #   make engine MODEL=/models/base MEDUSA=/models/heads DTYPE=fp16|bf16|fp8 TREE=mc_sim_7b_63 TP=1
 #   make engine-dry-run ... | make test | make lint | make docker
 #
-# `engine` runs convert trtllm -> build trtllm -> triton-repo (TensorRT-LLM 0.11: the NGC container of the
-# Dockerfile and a GPU). TREE=auto there takes the tree searched by `make native-engine TREE=auto`.
+# `engine` runs convert trtllm -> build trtllm -> triton-repo for TensorRT-LLM $(TRTLLM) (1.2: 1.2.1 in Triton 26.07,
+# or 0.11: 0.11.0 in 24.07; the NGC container of the Dockerfile and a GPU). TREE=auto there takes the tree
+# searched by `make native-engine TREE=auto`.
 
 PYTHON      ?= python3
 MF          ?= $(PYTHON) -m medusa_forge.cli
@@ -26,7 +27,8 @@ MAX_BATCH   ?= 8
 OUT         ?= out
 RESULTS     ?= bench/results
 PROMPT      ?= def fibonacci(n):
-TRITON_TAG  ?= 24.07
+TRTLLM      ?= $(or $(MEDUSA_FORGE_TRTLLM),1.2)
+TRITON_TAG  ?= $(if $(filter 0.11,$(TRTLLM)),24.07,26.07)
 IMAGE       ?= medusa-forge:$(TRITON_TAG)
 CONVERT_ARGS ?=
 BUILD_ARGS   ?=
@@ -38,15 +40,13 @@ CUDA = $(eval CUDA := $(shell $(PYTHON) -c 'import torch; print(int(torch.cuda.i
 # ---------------------------------------------------------------------------------------- TensorRT-LLM
 ENGINE_DTYPE   = $(or $(DTYPE),fp16)
 CONVERT_DTYPE  = $(if $(filter bf16 bfloat16,$(ENGINE_DTYPE)),bfloat16,float16)
-CONVERT_QUANT  = $(if $(filter fp8,$(ENGINE_DTYPE)),--quantization fp8 --calib-prompts $(or $(CALIB),$(PROMPTS)))
+# FP8 calibrates on CALIB when given, else on the prompts shipped in the package (the image has no ../shared).
+CONVERT_QUANT  = $(if $(filter fp8,$(ENGINE_DTYPE)),--quantization fp8 $(if $(CALIB),--calib-prompts $(CALIB)))
 CKPT           = $(OUT)/trtllm-ckpt-$(ENGINE_DTYPE)-tp$(TP)
 ENGINE         = $(OUT)/trtllm-engine-$(ENGINE_DTYPE)-tp$(TP)
 REPO           = $(OUT)/triton-repo-trtllm-$(ENGINE_DTYPE)
 # TREE=auto: the tree the native engine searched on this GPU (its manifest is a tree file).
 TRT_TREE       = $(if $(filter auto,$(TREE)),$(OUT)/native-engine-$(NATIVE_DTYPE)/medusa_forge.json,$(TREE))
-# convert writes max_draft_len into the checkpoint and trtllm-build 0.11 takes it from there: the tree's node count.
-MAX_DRAFT_LEN  = $(shell $(PYTHON) -c 'from medusa_forge.tree.choice_tree import ChoiceTree; \
-                   print(len(ChoiceTree.parse("$(TRT_TREE)").paths))')
 
 # ---------------------------------------------------------------------------------------- native
 NATIVE_DTYPE  = $(or $(DTYPE),$(if $(filter 1,$(CUDA)),bf16,fp32))
@@ -75,7 +75,8 @@ check-medusa:
 engine: check-medusa
 	$(if $(filter-out fp16 float16 bf16 bfloat16 fp8,$(ENGINE_DTYPE)),$(error DTYPE=$(ENGINE_DTYPE): make engine takes fp16, bf16 or fp8))
 	$(MF) convert trtllm --model $(MODEL) --medusa $(MEDUSA) --out $(CKPT) --dtype $(CONVERT_DTYPE) \
-		--tp-size $(TP) --max-draft-len $(MAX_DRAFT_LEN) $(CONVERT_QUANT) --overwrite $(CONVERT_ARGS)
+		--tp-size $(TP) --trtllm-version $(TRTLLM) --medusa-choices $(TRT_TREE) $(CONVERT_QUANT) --overwrite \
+		$(CONVERT_ARGS)
 	$(MF) build trtllm --checkpoint-dir $(CKPT) --out $(ENGINE) --medusa-choices $(TRT_TREE) \
 		--max-batch-size $(MAX_BATCH) --overwrite $(BUILD_ARGS)
 	$(MF) triton-repo --engine $(ENGINE) --out $(REPO) --overwrite $(REPO_ARGS)
@@ -120,4 +121,4 @@ lint:
 	hadolint --config .hadolint.yaml Dockerfile
 
 docker:
-	docker build --build-arg TRITON_TAG=$(TRITON_TAG) -t $(IMAGE) .
+	docker build --build-arg TRTLLM=$(TRTLLM) --build-arg TRITON_TAG=$(TRITON_TAG) -t $(IMAGE) .

@@ -25,6 +25,7 @@ from kernels_fixtures import (  # noqa: E402
 )
 
 from medusa_forge import kernels as K  # noqa: E402
+from medusa_forge.model.step_meta import StepMeta  # noqa: E402
 from medusa_forge.tree import ChoiceTree, tree_buffers  # noqa: E402
 
 
@@ -192,9 +193,9 @@ def test_row_padded_wo_takes_the_attention_output_in_its_padded_input(monkeypatc
         return buf
     with torch.no_grad():
         monkeypatch.setattr(RowPaddedLinear, "input_buffer", lambda self, rows, like: None)
-        zero_padded = model(tokens, pos, pos, None, prefix_len=zero)  # F.pad with zeros, then the GEMM
+        zero_padded = model(tokens, StepMeta(pos, pos, prefix_len=zero))  # F.pad with zeros, then the GEMM
         monkeypatch.setattr(RowPaddedLinear, "input_buffer", garbage_buffer)
-        in_place = model(tokens, pos, pos, None, prefix_len=zero)
+        in_place = model(tokens, StepMeta(pos, pos, prefix_len=zero))
     assert len(buffers) == 2 and all(b.shape == (PAD_ROWS, 64) for b in buffers)
     assert torch.isnan(buffers[0][5:]).all()  # nothing wrote (or needed) the pad rows
     assert torch.equal(in_place, zero_padded)

@@ -17,6 +17,7 @@ from kernels_fixtures import (  # noqa: E402
 )
 
 from medusa_forge import kernels as K  # noqa: E402
+from medusa_forge.model.step_meta import StepMeta  # noqa: E402
 
 
 @pytest.mark.parametrize("dynamic", [False, True])
@@ -83,10 +84,10 @@ def test_fp8_model_forward_with_norm_fused_quantization_keeps_its_bits(monkeypat
     pos = torch.arange(5, device=DEVICE)
     zero = torch.zeros((), dtype=torch.long, device=DEVICE)
     with torch.no_grad():
-        fused = model(tokens, pos, pos, None, prefix_len=zero)
+        fused = model(tokens, StepMeta(pos, pos, prefix_len=zero))
         monkeypatch.setattr(fp8.FP8Linear, "normed_input", lambda self, norm, x, delta: None)
         monkeypatch.setattr(fp8.FP8Linear, "activated_input", lambda self, gate_up: None)
-        unfused = model(tokens, pos, pos, None, prefix_len=zero)
+        unfused = model(tokens, StepMeta(pos, pos, prefix_len=zero))
     assert len(calls) == 4  # both norms of both layers took the fused path in the first forward
     assert len(silu_calls) == 2  # and both layers' down projections
     assert torch.equal(fused, unfused)
