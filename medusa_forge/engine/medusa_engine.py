@@ -17,8 +17,8 @@ One Medusa step (FasterDecoding's algorithm, batch 1):
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -45,7 +45,7 @@ class _PrefillGraph:
     too: a graph holds no Python references, so they must live as long as it does (or their memory
     is reused by the next capture while the graph still reads it)."""
 
-    graph: "torch.cuda.CUDAGraph"
+    graph: torch.cuda.CUDAGraph
     tokens: Tensor
     length: Tensor
     slots: Tensor
@@ -57,7 +57,7 @@ class _StepGraph:
     """A step function and, on CUDA, its captured graph."""
 
     fn: Callable[[], None]
-    graph: "torch.cuda.CUDAGraph | None" = None
+    graph: torch.cuda.CUDAGraph | None = None
 
     def __call__(self) -> None:
         if self.graph is not None:
@@ -96,7 +96,7 @@ class MedusaEngine:
         self._steps: dict[str, _StepGraph] = {}
         self._prefill_graphs: dict[int, _PrefillGraph] = {}  # by bucket
         self._ids_host: Tensor | None = None  # pinned staging of a prompt's ids (CUDA graphs)
-        self._ids_copied: "torch.cuda.Event | None" = None
+        self._ids_copied: torch.cuda.Event | None = None
 
     # ------------------------------------------------------------------ state
     def _init_state(self) -> None:
@@ -271,7 +271,7 @@ class MedusaEngine:
         self._steps[key] = step
         return step
 
-    def _capture(self, fn: Callable[[], None]) -> "torch.cuda.CUDAGraph":
+    def _capture(self, fn: Callable[[], None]) -> torch.cuda.CUDAGraph:
         """Warm up on a side stream, then record ``fn``; the state it scribbles is reset by prefill."""
         self.cur_len.zero_()
         return capture(fn)
@@ -321,7 +321,7 @@ class MedusaEngine:
             generator = torch.Generator(device=self.device)
             generator.manual_seed(gcfg.seed if gcfg.seed is not None else int(time.time_ns() % 2**31))
 
-        def launch(buf: Tensor) -> "torch.cuda.Event | None":
+        def launch(buf: Tensor) -> torch.cuda.Event | None:
             step()
             if sampling:
                 self.root.copy_(sample_token(self.last_logits, gcfg.temperature, gcfg.top_k, gcfg.top_p, generator))

@@ -99,8 +99,14 @@ class CostModel:
         grid = sorted({1, *(r for r in (2, 4, 8, 16, 32, 64, 128, 256, 512) if r < max_rows), max_rows})
         shapes = [(r, 1) for r in grid] + ([(max_slots, max_slots)] if max_slots > 1 else [])
         if heads is not None:
-            shapes.append((0, max_slots))
-            run = (lambda r, s, step=run: heads(s) if r == 0 else step(r, s))
+            shapes.append((0, max_slots))  # rows 0: the heads alone
+        step = run
+
+        def run(rows: int, slots: int) -> None:
+            if rows == 0:
+                heads(slots)
+            else:
+                step(rows, slots)
         best = dict.fromkeys(shapes, float("inf"))
         for rep in range(reps + 1):  # the first round warms up
             for shape in shapes:
