@@ -23,11 +23,21 @@ from __future__ import annotations
 
 import numpy as np
 
-from medusa_forge.contract import LLM_INPUT_BY_NAME, LLM_INPUTS
+from medusa_forge.contract import LLM_INPUTS
 from medusa_forge.engine.generation import GenerationConfig
 from medusa_forge.engine.logits_processing import LogitsSettings
 from medusa_forge.errors import ForgeError
-from medusa_forge.serve.request import RowRequest, _bool, _float, _int, _optional, _rows, penalties, sampling
+from medusa_forge.serve.request import (
+    RowRequest,
+    _bool,
+    _float,
+    _int,
+    _optional,
+    _rows,
+    check_names,
+    penalties,
+    sampling,
+)
 
 REFUSED = {
     "draft_input_ids": "draft-model speculative decoding is not supported (the native engine drafts with Medusa heads)",
@@ -47,16 +57,7 @@ REFUSED = {
 def parse_llm_request(inputs: dict[str, np.ndarray], use_medusa: bool, max_batch_size: int,
                       decoupled: bool) -> list[RowRequest]:
     """One :class:`RowRequest` (with ``prompt_ids``) per batch row of the tensorrt_llm model's inputs."""
-    not_arrays = sorted(name for name, value in inputs.items() if not isinstance(value, np.ndarray))
-    if not_arrays:
-        raise ForgeError(f"input(s) {', '.join(not_arrays)} must be arrays with a batch dimension")
-    unknown = sorted(set(inputs) - set(LLM_INPUT_BY_NAME))
-    if unknown:
-        raise ForgeError(f"unknown input(s) {', '.join(unknown)}; this model takes "
-                         f"{', '.join(t.name for t in LLM_INPUTS)}")
-    for spec in LLM_INPUTS:
-        if not spec.optional and spec.name not in inputs:
-            raise ForgeError(f"missing required input '{spec.name}'")
+    check_names(inputs, LLM_INPUTS)
     ids = inputs["input_ids"]
     batch = ids.shape[0] if ids.ndim > 0 else 0
     if batch < 1:

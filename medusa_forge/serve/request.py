@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from medusa_forge.contract import INPUT_BY_NAME, INPUTS
+from medusa_forge.contract import INPUTS
 from medusa_forge.engine.generation import GenerationConfig
 from medusa_forge.engine.logits_processing import LogitsSettings
 from medusa_forge.errors import ForgeError
@@ -39,6 +39,20 @@ class RowRequest:
     stream: bool
     pad_id: int = -1  # pads this row's output_tokens in a batch of ragged rows
     prompt_ids: tuple[int, ...] | None = None  # token ids instead of text (the tensorrt_llm model's input_ids)
+
+
+def check_names(inputs: dict[str, np.ndarray], specs) -> None:
+    """Every input an array, known to the model's contract ``specs``, and every required one there."""
+    not_arrays = sorted(name for name, value in inputs.items() if not isinstance(value, np.ndarray))
+    if not_arrays:
+        raise ForgeError(f"input(s) {', '.join(not_arrays)} must be arrays with a batch dimension")
+    unknown = sorted(set(inputs) - {spec.name for spec in specs})
+    if unknown:
+        raise ForgeError(f"unknown input(s) {', '.join(unknown)}; this model takes "
+                         f"{', '.join(spec.name for spec in specs)}")
+    for spec in specs:
+        if not spec.optional and spec.name not in inputs:
+            raise ForgeError(f"missing required input '{spec.name}'")
 
 
 def _rows(name: str, array: np.ndarray, batch: int) -> np.ndarray:
@@ -102,16 +116,7 @@ def parse_request(inputs: dict[str, np.ndarray], use_medusa: bool, max_batch_siz
 
     ``tokenizer`` (the engine's) turns bad / stop / embedding-bias words into ids; a request with
     words and no tokenizer is refused."""
-    not_arrays = sorted(name for name, value in inputs.items() if not isinstance(value, np.ndarray))
-    if not_arrays:
-        raise ForgeError(f"input(s) {', '.join(not_arrays)} must be arrays with a batch dimension")
-    unknown = sorted(set(inputs) - set(INPUT_BY_NAME))
-    if unknown:
-        raise ForgeError(f"unknown input(s) {', '.join(unknown)}; this model takes "
-                         f"{', '.join(t.name for t in INPUTS)}")
-    for spec in INPUTS:
-        if not spec.optional and spec.name not in inputs:
-            raise ForgeError(f"missing required input '{spec.name}'")
+    check_names(inputs, INPUTS)
     for name, why in REFUSED.items():
         if name in inputs:
             raise ForgeError(f"input '{name}': {why}")
