@@ -1,6 +1,6 @@
 # medusa-forge pipeline targets. Every knob is a variable (docs/build.md has the details):
 #
-#   make demo                                                 # CPU-friendly tour: heads -> engine -> generate -> repo
+#   make demo                                                 # the whole job on CPU: engines, Triton, eval, promote
 #   make native-engine MEDUSA=heads/ DTYPE=bf16 TREE=small    # native engine (+ smoke generate + Triton repo)
 #   make native-engine MEDUSA=heads/ DTYPE=fp8                # FP8 GEMMs on an H100 (FP8_EMULATE=1 elsewhere)
 #   make native-engine MEDUSA=heads/ TREE=auto                # tree searched on this device (CALIB prompts)
@@ -8,8 +8,9 @@
 #   make engine MODEL=/models/base MEDUSA=/models/heads DTYPE=fp16|bf16|fp8 TREE=mc_sim_7b_63 TP=1
 #   make engine-dry-run ... | make test | make lint | make docker
 #
-# `engine` runs convert trtllm -> build trtllm -> triton-repo (TensorRT-LLM 0.11: the NGC container of the
-# Dockerfile and a GPU). TREE=auto there takes the tree searched by `make native-engine TREE=auto`.
+# `engine` runs convert trtllm -> build trtllm -> triton-repo for TensorRT-LLM $(TRTLLM) (1.2: 1.2.1 in Triton 26.07,
+# or 0.11: 0.11.0 in 24.07; the NGC container of the Dockerfile and a GPU). TREE=auto there takes the tree
+# searched by `make native-engine TREE=auto`.
 
 PYTHON      ?= python3
 MF          ?= $(PYTHON) -m medusa_forge.cli
@@ -23,10 +24,11 @@ CALIB       ?= $(if $(filter auto,$(TREE)),$(PROMPTS))
 CALIB_SPLIT ?= even
 FP8_EMULATE ?=
 MAX_BATCH   ?= 8
-OUT         ?= build
+OUT         ?= out
 RESULTS     ?= bench/results
 PROMPT      ?= def fibonacci(n):
-TRITON_TAG  ?= 24.07
+TRTLLM      ?= $(or $(MEDUSA_FORGE_TRTLLM),1.2)
+TRITON_TAG  ?= $(if $(filter 0.11,$(TRTLLM)),24.07,26.07)
 IMAGE       ?= medusa-forge:$(TRITON_TAG)
 CONVERT_ARGS ?=
 BUILD_ARGS   ?=
@@ -38,15 +40,13 @@ CUDA = $(eval CUDA := $(shell $(PYTHON) -c 'import torch; print(int(torch.cuda.i
 # ---------------------------------------------------------------------------------------- TensorRT-LLM
 ENGINE_DTYPE   = $(or $(DTYPE),fp16)
 CONVERT_DTYPE  = $(if $(filter bf16 bfloat16,$(ENGINE_DTYPE)),bfloat16,float16)
-CONVERT_QUANT  = $(if $(filter fp8,$(ENGINE_DTYPE)),--quantization fp8 --calib-prompts $(or $(CALIB),$(PROMPTS)))
+# FP8 calibrates on CALIB when given, else on the prompts shipped in the package (the image has no ../shared).
+CONVERT_QUANT  = $(if $(filter fp8,$(ENGINE_DTYPE)),--quantization fp8 $(if $(CALIB),--calib-prompts $(CALIB)))
 CKPT           = $(OUT)/trtllm-ckpt-$(ENGINE_DTYPE)-tp$(TP)
 ENGINE         = $(OUT)/trtllm-engine-$(ENGINE_DTYPE)-tp$(TP)
 REPO           = $(OUT)/triton-repo-trtllm-$(ENGINE_DTYPE)
 # TREE=auto: the tree the native engine searched on this GPU (its manifest is a tree file).
 TRT_TREE       = $(if $(filter auto,$(TREE)),$(OUT)/native-engine-$(NATIVE_DTYPE)/medusa_forge.json,$(TREE))
-# convert writes max_draft_len into the checkpoint and trtllm-build 0.11 takes it from there: the tree's node count.
-MAX_DRAFT_LEN  = $(shell $(PYTHON) -c 'from medusa_forge.tree.choice_tree import ChoiceTree; \
-                   print(len(ChoiceTree.parse("$(TRT_TREE)").paths))')
 
 # ---------------------------------------------------------------------------------------- native
 NATIVE_DTYPE  = $(or $(DTYPE),$(if $(filter 1,$(CUDA)),bf16,fp32))
@@ -57,13 +57,12 @@ CALIB_ARGS    = $(if $(CALIB),--calib-prompts $(CALIB) --calib-split $(CALIB_SPL
 EMULATE       = $(if $(FP8_EMULATE),--fp8-emulate)
 
 # ---------------------------------------------------------------------------------------- demo
-DEMO_DIR           ?= $(OUT)/demo
-DEMO_DEVICE        ?= $(if $(filter 1,$(CUDA)),cuda,cpu)
-DEMO_TRAIN_PROMPTS ?= 256
-DEMO_HEADS_N       ?= 4
-DEMO_TREE          ?= auto
-DEMO_PROMPT_LINES  ?= 4p;8p
-DEMO_NEW_TOKENS    ?= 64
+DEMO_DIR        ?= $(OUT)/demo
+DEMO_HEADS      ?=
+DEMO_TREE       ?=
+DEMO_PER_TOPIC  ?= 2
+DEMO_NEW_TOKENS ?= 64
+DEMO_ARGS       ?=
 
 .PHONY: help demo engine engine-dry-run native-engine fp8-check tree-check test lint docker check-medusa
 
@@ -76,7 +75,8 @@ check-medusa:
 engine: check-medusa
 	$(if $(filter-out fp16 float16 bf16 bfloat16 fp8,$(ENGINE_DTYPE)),$(error DTYPE=$(ENGINE_DTYPE): make engine takes fp16, bf16 or fp8))
 	$(MF) convert trtllm --model $(MODEL) --medusa $(MEDUSA) --out $(CKPT) --dtype $(CONVERT_DTYPE) \
-		--tp-size $(TP) --max-draft-len $(MAX_DRAFT_LEN) $(CONVERT_QUANT) --overwrite $(CONVERT_ARGS)
+		--tp-size $(TP) --trtllm-version $(TRTLLM) --medusa-choices $(TRT_TREE) $(CONVERT_QUANT) --overwrite \
+		$(CONVERT_ARGS)
 	$(MF) build trtllm --checkpoint-dir $(CKPT) --out $(ENGINE) --medusa-choices $(TRT_TREE) \
 		--max-batch-size $(MAX_BATCH) --overwrite $(BUILD_ARGS)
 	$(MF) triton-repo --engine $(ENGINE) --out $(REPO) --overwrite $(REPO_ARGS)
@@ -106,24 +106,13 @@ tree-check: check-medusa
 	$(MF) build compare-trees --engine $(NATIVE_ENGINE) --trees engine,mc_sim_7b_63,chain-5 \
 		--prompts $(PROMPTS) --split odd $(EMULATE) --out $(RESULTS)/trees_auto_vs_presets.json
 
-# The README's first run: self-distilled heads on the shipped model, a native engine with a searched
-# tree, two held-out prompts with tokens/step, and a Triton repository. A few minutes on 2 CPU cores.
+# The README's first run: the shipped heads (or DEMO_HEADS) -> a base and a Medusa native engine -> one
+# tritonserver hosting both -> a streamed gRPC query -> eval mmlu / speed / report -> promote (the
+# candidate passes, a degraded one is rejected) -> a summary table. A few minutes on 2 CPU cores.
 demo:
-	mkdir -p $(DEMO_DIR)
-	$(MF) train-heads --model $(MODEL) --out $(DEMO_DIR)/heads --self-distill \
-		--prompts-from-python-sources $(DEMO_TRAIN_PROMPTS) --distill-new-tokens 64 --exclude-sources $(PROMPTS) \
-		--num-heads $(DEMO_HEADS_N) --num-layers 1 --max-seq-len 128 --batch-size 16 --epochs 1 --lr 3e-3 \
-		--eval-every 8 --device $(DEMO_DEVICE) --no-progress --overwrite
-	$(MF) build native --model $(MODEL) --medusa $(DEMO_DIR)/heads --out $(DEMO_DIR)/engine \
-		--medusa-choices $(DEMO_TREE) --calib-prompts $(PROMPTS) --calib-split even --calib-limit 8 \
-		--calib-prompt-tokens 128 --calib-new-tokens 48 --search-sizes 1,2,4,8,16 --max-tree-nodes 16 \
-		--timing-prompts 2 --timing-tokens 32 --max-seq-len 512 --device $(DEMO_DEVICE) --overwrite
-	sed -n '$(DEMO_PROMPT_LINES)' $(PROMPTS) > $(DEMO_DIR)/prompts.jsonl
-	$(MF) generate --model $(DEMO_DIR)/engine --medusa $(DEMO_DIR)/engine/medusa \
-		--prompt-file $(DEMO_DIR)/prompts.jsonl --max-new-tokens $(DEMO_NEW_TOKENS) --stats
-	$(MF) triton-repo --engine $(DEMO_DIR)/engine --out $(DEMO_DIR)/triton-repo --overwrite
-	@echo "demo done: heads $(DEMO_DIR)/heads, engine $(DEMO_DIR)/engine, Triton repo $(DEMO_DIR)/triton-repo" \
-		"(serve it: $(MF) serve --repo $(DEMO_DIR)/triton-repo)"
+	$(MF) demo --model $(MODEL) --prompts $(PROMPTS) --out $(DEMO_DIR) $(if $(DEMO_HEADS),--heads $(DEMO_HEADS)) \
+		$(if $(DEMO_TREE),--medusa-choices $(DEMO_TREE)) --per-topic $(DEMO_PER_TOPIC) \
+		--max-tokens $(DEMO_NEW_TOKENS) $(DEMO_ARGS)
 
 test:
 	$(PYTHON) -m pytest -q
@@ -132,4 +121,4 @@ lint:
 	hadolint --config .hadolint.yaml Dockerfile
 
 docker:
-	docker build --build-arg TRITON_TAG=$(TRITON_TAG) -t $(IMAGE) .
+	docker build --build-arg TRTLLM=$(TRTLLM) --build-arg TRITON_TAG=$(TRITON_TAG) -t $(IMAGE) .

@@ -30,6 +30,7 @@ COMMANDS: dict[str, str] = {
     "eval": "medusa_forge.eval.cli:eval_group",
     "promote": "medusa_forge.eval.cli:promote",
     "bench": "medusa_forge.bench.cli:bench",
+    "demo": "medusa_forge.demo.cli:demo",
 }
 
 

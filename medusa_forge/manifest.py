@@ -34,8 +34,8 @@ def read_tree(spec: "str | ChoiceTree") -> "ChoiceTree":
 
     if isinstance(spec, ChoiceTree):
         return spec
-    if not isinstance(spec, str):
-        return ChoiceTree.parse(spec)
+    if not isinstance(spec, str) or spec.lstrip().startswith(("[", "{")):
+        return ChoiceTree.parse(spec)  # a JSON tree, never a path (a long one is no valid file name)
     path = Path(spec)
     engine_dir = path.parent if path.name == MANIFEST_NAME and path.is_file() else path
     if not is_engine_dir(engine_dir):

@@ -1,4 +1,4 @@
-"""`medusa-forge build trtllm`: the exact trtllm-build command, pinned to TensorRT-LLM 0.11.0.
+"""`medusa-forge build trtllm`: the exact trtllm-build command of the checkpoint's release (1.2.1 or 0.11.0).
 
 The checkpoints are real: `medusa-forge convert trtllm` writes them from pycoder-26m and the random
 heads fixture (fp16, and fp8 calibrated on two prompts). trtllm-build itself cannot run here (it needs
@@ -13,6 +13,12 @@ nvcr.io/nvidia/tritonserver:24.07-trtllm-python-py3 that the Dockerfile uses):
 - tensorrt_llm/commands/build.py: --max_input_len --max_seq_len --max_num_tokens --max_draft_len --workers
   and `--speculative_decoding_mode` choices {draft_tokens_external, lookahead_decoding, medusa};
 - tensorrt_llm/plugin/plugin.py: --paged_kv_cache / --remove_input_padding take enable|disable.
+
+For TensorRT-LLM 1.2.1 (nvcr.io/nvidia/tritonserver:26.07-trtllm-python-py3), tensorrt_llm/commands/build.py
+(stored copy @008b2b8d23af95e4e19fa6f354f9c5f6349b2bfc): ``--kv_cache_type {continuous,paged,disabled}`` with
+``--paged_kv_cache`` marked "Deprecated", the same sizes, ``--workers``, ``--max_draft_len`` and
+``--speculative_decoding_mode`` choices {draft_tokens_external, lookahead_decoding, medusa, explicit_draft_tokens,
+eagle}; the plugin flags come from ``add_plugin_argument`` as before.
 """
 
 from __future__ import annotations
@@ -32,6 +38,10 @@ TRTLLM_011_FLAGS = {"--checkpoint_dir", "--output_dir", "--speculative_decoding_
                     "--max_batch_size", "--max_input_len", "--max_seq_len", "--max_num_tokens", "--workers"}
 
 
+# Every flag trtllm-build 1.2.1 accepts that we emit: no deprecated --paged_kv_cache.
+TRTLLM_12_FLAGS = TRTLLM_011_FLAGS - {"--paged_kv_cache"} | {"--kv_cache_type"}
+
+
 def convert(argv: list[str]) -> None:
     main(["convert", "trtllm", *argv])
 
@@ -47,7 +57,15 @@ def calib_file(tmp_path_factory, held_out_prompts):
 def fp16_ckpt(model_dir, heads_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("trt") / "ckpt-fp16"
     convert(["--model", str(model_dir), "--medusa", str(heads_dir), "--out", str(out), "--dtype", "float16",
-             "--max-draft-len", "7"])
+             "--max-draft-len", "7", "--trtllm-version", "0.11"])
+    return out
+
+
+@pytest.fixture(scope="session")
+def fp16_ckpt_12(model_dir, heads_dir, tmp_path_factory):
+    """The default profile (TensorRT-LLM 1.2.1), max_draft_len from the `small` tree."""
+    out = tmp_path_factory.mktemp("trt") / "ckpt-fp16-1.2"
+    convert(["--model", str(model_dir), "--medusa", str(heads_dir), "--out", str(out), "--medusa-choices", "small"])
     return out
 
 
@@ -56,7 +74,7 @@ def fp8_ckpt(model_dir, heads_dir, calib_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("trt") / "ckpt-fp8"
     convert(["--model", str(model_dir), "--medusa", str(heads_dir), "--out", str(out), "--dtype", "float16",
              "--quantization", "fp8", "--calib-prompts", str(calib_file), "--calib-size", "2",
-             "--calib-max-seq-len", "32", "--device", "cpu"])
+             "--calib-max-seq-len", "32", "--device", "cpu", "--trtllm-version", "0.11"])
     return out
 
 
@@ -78,6 +96,18 @@ def test_fp16_dry_run_is_the_medusa_example_command_with_every_size_explicit(fp1
                    "--max_num_tokens", str(1024 + 8 * (7 + 1)), "--workers", "1"]
     assert {a for a in cmd if a.startswith("--")} <= TRTLLM_011_FLAGS
     assert not out.exists()  # a dry run writes nothing
+
+
+def test_a_1_2_checkpoint_gets_the_1_2_flags(fp16_ckpt_12, tmp_path, capsys):
+    out = tmp_path / "engine"
+    cmd = dry_run(fp16_ckpt_12, out, "--medusa-choices", "small", capsys=capsys)
+    assert cmd == ["trtllm-build", "--checkpoint_dir", str(fp16_ckpt_12), "--output_dir", str(out),
+                   "--speculative_decoding_mode", "medusa", "--max_draft_len", "7",
+                   "--gemm_plugin", "float16", "--gpt_attention_plugin", "float16",
+                   "--kv_cache_type", "paged", "--remove_input_padding", "enable",
+                   "--max_batch_size", "8", "--max_input_len", "1024", "--max_seq_len", "2048",
+                   "--max_num_tokens", str(1024 + 8 * (7 + 1)), "--workers", "1"]
+    assert {a for a in cmd if a.startswith("--")} <= TRTLLM_12_FLAGS
 
 
 def test_fp8_dry_run_keeps_the_gemm_plugin_in_the_activation_dtype(fp8_ckpt, tmp_path, capsys):
@@ -189,3 +219,15 @@ def test_a_native_engine_manifest_carries_its_searched_tree_and_stats(fp16_ckpt,
     assert m.medusa_choices == [[0], [1], [0, 0]]
     assert m.tree_stats["expected_acceptance_length"] == 1.9 and m.tree_stats["from_engine"] == str(native.resolve())
     assert os.path.samefile(m.sources["checkpoint"], fp16_ckpt)
+
+
+def test_fp8_without_calib_prompts_calibrates_on_the_set_shipped_in_the_package(model_dir, heads_dir, tmp_path):
+    """Inside the image there is no ../shared: `make engine DTYPE=fp8` leaves CALIB unset and must still work."""
+    from medusa_forge.convert.trtllm_checkpoint import CALIB_PROMPTS, ConvertOptions, convert_trtllm
+    from medusa_forge.prompts import read_prompts
+
+    assert CALIB_PROMPTS.is_file() and len(read_prompts(CALIB_PROMPTS)) >= 16
+    assert '"**/*.jsonl"' in (CALIB_PROMPTS.parents[3] / "pyproject.toml").read_text()  # shipped as package data
+    result = convert_trtllm(ConvertOptions(model_dir, heads_dir, tmp_path / "fp8", quantization="fp8", calib_size=2,
+                                           calib_max_seq_len=16, device="cpu"))
+    assert result.calibration["sequences"] == 2 and result.config["quantization"]["quant_algo"] == "FP8"

@@ -116,3 +116,10 @@ def test_buffers_are_consistent_for_every_valid_tree(paths):
         for parent, child in zip(nodes, nodes[1:]):
             assert b.parents[child].item() == parent
         assert sorted_paths[nodes[-1]] in leaves
+
+
+def test_read_tree_takes_a_json_list_too_long_to_be_a_file_name():
+    paths = [[i] for i in range(8)] + [[i, j] for i in range(4) for j in range(8)] + [[0, 0, k] for k in range(8)]
+    spec = json.dumps(paths, indent=4)
+    assert len(spec) > 255
+    assert read_tree(spec) == ChoiceTree.parse(spec)

@@ -1,4 +1,5 @@
-"""`medusa-forge convert trtllm` / `convert inspect` and the reader, on the real pycoder-26m checkpoint.
+"""`medusa-forge convert trtllm` / `convert inspect` and the reader, on the real pycoder-26m checkpoint, for the
+TensorRT-LLM 0.11 profile (the 1.2 profile and the model families: test_convert_trtllm_families.py).
 
 The schema is pinned to TensorRT-LLM v0.11.0 (commit 05316d3313360012536ace46c781518f5afae75e), written here
 from its source rather than from our own tables:
@@ -20,10 +21,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import run_cli
 from medusa_forge.build.open import open_engine
 from medusa_forge.cli import main
 from medusa_forge.convert.trtllm_checkpoint import ConvertOptions, convert_trtllm
@@ -63,8 +64,9 @@ def v2_heads(model_dir, work) -> Path:
 
 @pytest.fixture(scope="module")
 def ckpt_tp1(model_dir, heads_dir, work) -> Path:
-    """float16, tp 1, v1 heads (Python API)."""
-    convert_trtllm(ConvertOptions(model_dir, heads_dir, work / "tp1", dtype="float16", tp_size=1))
+    """float16, tp 1, v1 heads (Python API), TensorRT-LLM 0.11 profile."""
+    convert_trtllm(ConvertOptions(model_dir, heads_dir, work / "tp1", dtype="float16", tp_size=1,
+                                  trtllm_version="0.11"))
     return work / "tp1"
 
 
@@ -75,7 +77,7 @@ def ckpt_tp2(model_dir, v2_heads, work) -> Path:
     code = None
     try:
         main(["convert", "trtllm", "--model", str(model_dir), "--medusa", str(v2_heads), "--out", str(out),
-              "--dtype", "bfloat16", "--tp_size", "2", "--max_medusa_token_len", "31"])
+              "--dtype", "bfloat16", "--tp_size", "2", "--max_medusa_token_len", "31", "--trtllm-version", "0.11"])
     except SystemExit as e:
         code = e.code
     assert code in (None, 0)
@@ -271,11 +273,11 @@ def test_bad_inputs_fail_with_one_line(model_dir, heads_dir, work):
         return str(exc.value)
 
     assert "tp_size 3 does not divide num_attention_heads 8" in convert(tp_size=3)
-    assert "--quantization fp8 needs --calib-prompts" in convert(quantization="fp8")
+    assert "set CALIB=FILE" in convert(quantization="fp8", calib_prompts=work / "no-such.jsonl")
     assert "--dtype 'float32'" in convert(dtype="float32")
-    small = CheckpointSpec(vocab_size=8191, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=2,
+    small = CheckpointSpec(vocab_size=8, hidden_size=9, intermediate_size=8, num_layers=1, num_heads=2,
                            num_kv_heads=2, head_size=4, num_medusa_heads=1, num_medusa_layers=1, tp_size=2)
-    with pytest.raises(ForgeError, match="tp_size 2 does not divide vocab_size 8191"):
+    with pytest.raises(ForgeError, match="tp_size 2 does not divide hidden_size"):
         small.check("model")
     gpt2 = work / "gpt2"
     gpt2.mkdir()

@@ -197,11 +197,11 @@ CASES: list[Case] = [
     # ---- model config and tokenizer
     ("build: unknown architecture", lambda c: ["build", "native", "--model", c.bad["gpt2"], "--out", c.out / "e"],
      lambda c: f"{c.bad['gpt2']}/config.json: unsupported architecture 'GPT2LMHeadModel'; supported: LlamaForCausalLM, "
-               "MistralForCausalLM"),
+               "MistralForCausalLM, Qwen2ForCausalLM"),
     ("train-heads: unknown architecture", lambda c: ["train-heads", "--model", c.bad["gpt2"], "--out", c.out / "h",
                                                      "--data", c.bad["data"]],
      lambda c: f"{c.bad['gpt2']}/config.json: unsupported architecture 'GPT2LMHeadModel'; supported: LlamaForCausalLM, "
-               "MistralForCausalLM"),
+               "MistralForCausalLM, Qwen2ForCausalLM"),
     ("generate: tokenizer bigger than the vocab", lambda c: ["generate", "--model", c.bad["big_tokenizer"], "--prompt", "x"],
      lambda c: f"{c.bad['big_tokenizer']}: tokenizer has 8193 tokens but the model's vocab_size is 8192 (config.json); "
                "use the tokenizer the model was trained with"),
@@ -300,8 +300,8 @@ REQUESTS = [
      "less 2 for the tree and 1 to generate); shorten the prompt or use a larger --max-seq-len"),
     ("batch of 2", dict(text_input=np.array([[b"a"], [b"b"]], np.object_), max_tokens=np.array([[1], [1]], np.int32)),
      "[request id: <id_unknown>] inference request batch-size must be <= 1 for 'base'"),
-    ("unknown input", dict(text_input=PROMPT, max_tokens=FOUR, beam_width=np.array([[2]], np.int32)),
-     "unexpected inference input 'beam_width' for model 'base'"),
+    ("unknown input", dict(text_input=PROMPT, max_tokens=FOUR, beam_widths=np.array([[2]], np.int32)),
+     "unexpected inference input 'beam_widths' for model 'base'"),
 ]
 
 

@@ -1,9 +1,9 @@
-"""Spec for engine/kernels_check.py's report (the GPU check itself needs CUDA): every section's
+"""Spec for bench/kernels_check.py's report (the GPU check itself needs CUDA): every section's
 rows render, a failed required check flips the verdict, and the sweep rows name their tiles."""
 
 from __future__ import annotations
 
-from medusa_forge.engine import kernels_check as KC
+from medusa_forge.bench import kernels_check as KC
 
 
 def test_report_renders_every_section_and_the_verdict():

@@ -14,10 +14,9 @@ import time
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-
 from click.testing import CliRunner
-
 from conftest import triton_inputs as _inputs
+
 from medusa_forge.cli import cli
 from medusa_forge.engine.generation import GenerationConfig
 from medusa_forge.errors import ForgeError
@@ -126,11 +125,11 @@ BAD_REQUESTS = [
     ("empty prompt", dict(text_input=np.array([[b""]], dtype=np.object_), max_tokens=FOUR),
      "input 'text_input' is an empty prompt; give at least one token of input"),
     ("top_p above 1", dict(text_input=PROMPT, max_tokens=FOUR, top_p=np.array([[1.5]], dtype=np.float32)),
-     "input 'top_p' must be in (0, 1], got 1.5"),
+     "input 'top_p' must be in [0, 1] (0: off), got 1.5"),
     ("negative temperature", dict(text_input=PROMPT, max_tokens=FOUR, temperature=np.array([[-1.0]], dtype=np.float32)),
      "input 'temperature' must be a finite number >= 0, got -1.0"),
-    ("bad_words", dict(text_input=PROMPT, max_tokens=FOUR, bad_words=np.array([[b"import"]], dtype=np.object_)),
-     "input 'bad_words' is not supported by the native engine; send it empty or leave it out"),
+    ("beam_width 4", dict(text_input=PROMPT, max_tokens=FOUR, beam_width=np.array([[4]], dtype=np.int32)),
+     "input 'beam_width' must be 1 (the native engine decodes a single beam), got 4"),
     ("prompt past the KV cache", dict(text_input=PROMPT, max_tokens=np.array([[5000]], dtype=np.int32)),
      "exceeds the KV cache of 2048 tokens"),
 ]

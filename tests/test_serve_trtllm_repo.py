@@ -87,7 +87,7 @@ def engines(model_dir, heads_dir, tmp_path_factory) -> dict[str, Path]:
     exe.write_text(STAND_IN)
     exe.chmod(exe.stat().st_mode | stat.S_IEXEC)
     run(["convert", "trtllm", "--model", model_dir, "--medusa", heads_dir, "--out", root / "ckpt-medusa",
-         "--dtype", "float16", "--max-draft-len", "7"])
+         "--dtype", "float16", "--max-draft-len", "7", "--trtllm-version", "0.11"])
     run(["build", "trtllm", "--checkpoint-dir", root / "ckpt-medusa", "--out", root / "engine-medusa",
          "--medusa-choices", "small", "--max-batch-size", "8", "--trtllm-build", exe])
     # A base engine (TensorRT-LLM's own examples/llama convert + trtllm-build; `convert trtllm` only
@@ -242,7 +242,7 @@ def test_first_engine_configs_are_the_upstream_templates_filled(repo, engines, m
         assert cfg.model_transaction_policy.decoupled is True
         assert list(cfg.dynamic_batching.preferred_batch_size) == [4]
         assert cfg.dynamic_batching.max_queue_delay_microseconds == 100
-        assert p["gpt_model_path"] == str(engines["medusa"].absolute())
+        assert p["gpt_model_path"] == "../engine-medusa"  # relative to the repository: relocatable
         assert p["gpt_model_type"] == "inflight_fused_batching"
         assert p["batch_scheduler_policy"] == "max_utilization"
         assert float(p["kv_cache_free_gpu_mem_fraction"]) == 0.5
@@ -255,7 +255,8 @@ def test_first_engine_configs_are_the_upstream_templates_filled(repo, engines, m
         assert p["FORCE_CPU_ONLY_INPUT_TENSORS"] == "no"  # literal upstream values untouched
         assert p["executor_worker_path"] == "/opt/tritonserver/backends/tensorrtllm/trtllmExecutorWorker"
     elif model in ("preprocessing", "postprocessing"):
-        assert p["tokenizer_dir"] == str(model_dir.absolute())  # --tokenizer-dir
+        assert (repo / p["tokenizer_dir"]).resolve() == model_dir.resolve()  # --tokenizer-dir, relative
+        assert not Path(p["tokenizer_dir"]).is_absolute()
         assert (model_dir / "tokenizer.json").is_file()
         assert [g.count for g in cfg.instance_group] == [2]
         assert p.get("add_special_tokens", p.get("skip_special_tokens")) == "True"
@@ -276,7 +277,7 @@ def test_an_added_base_engine_gets_its_own_llm_and_bls_models_and_shares_the_tok
     assert [s.model_name for s in ens.ensemble_scheduling.step] == ["preprocessing", "base_tensorrt_llm",
                                                                    "postprocessing"]
     llm = params(parse((repo / "base_tensorrt_llm" / "config.pbtxt").read_text()))
-    assert llm["gpt_model_path"] == str(engines["base"].absolute())
+    assert llm["gpt_model_path"] == "../engine-base"
     assert llm["decoding_mode"] == "top_k_top_p" and llm["medusa_choices"] == ""  # a base engine: no tree
     bls = params(parse((repo / "base_tensorrt_llm_bls" / "config.pbtxt").read_text()))
     assert bls["tensorrt_llm_model_name"] == "base_tensorrt_llm"
@@ -327,7 +328,7 @@ def test_without_tokenizer_dir_the_manifests_sources_name_it(engines, checkout, 
     sources = EngineManifest.load(engines["medusa"]).sources
     for model in ("preprocessing", "postprocessing"):
         cfg = parse((out / model / "config.pbtxt").read_text())
-        assert params(cfg)["tokenizer_dir"] == str(Path(sources["checkpoint"]).absolute())
+        assert (out / params(cfg)["tokenizer_dir"]).resolve() == Path(sources["checkpoint"]).resolve()
         assert cfg.max_batch_size == 8  # the engine's, when --max-batch-size is not given
     assert (Path(sources["checkpoint"]) / "tokenizer.json").is_file()
     llm = parse((out / "tensorrt_llm" / "config.pbtxt").read_text())

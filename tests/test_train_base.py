@@ -9,7 +9,7 @@ from medusa_forge.engine import GenerationConfig, MedusaEngine
 from medusa_forge.errors import ForgeError
 from medusa_forge.model.checkpoint import load_hf_model
 from medusa_forge.model.forward import hidden_states
-from medusa_forge.model.llama import causal_mask
+from medusa_forge.model.step_meta import StepMeta
 from medusa_forge.model.tokenizer import Tokenizer
 from medusa_forge.train.base import batched_generate
 
@@ -62,8 +62,7 @@ def test_hidden_states_ignore_right_padding(model, prompts):
     assert torch.allclose(alone[0], padded[0, : len(p)], atol=1e-5)
     # and they are the decoder's own prefill states
     model.setup_caches(1, 64)
-    pos = torch.arange(len(p))
-    ref = model(torch.tensor([p]), pos, pos, causal_mask(0, len(p), 64, "cpu"))
+    ref = model(torch.tensor([p]), StepMeta.causal(len(p), 64, "cpu"))
     assert torch.allclose(alone, ref, atol=1e-5)
 
 

@@ -31,20 +31,19 @@ import json
 import shlex
 import shutil
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from medusa_forge import __version__
 from medusa_forge.atomic import atomic_output_dir
 from medusa_forge.convert.trtllm_checkpoint import TOKENIZER_FILES
-from medusa_forge.convert.trtllm_config import TRTLLM_COMMIT, TRTLLM_VERSION, CheckpointConfig, read_config
+from medusa_forge.convert.trtllm_config import DEFAULT_TREE, CheckpointConfig, read_config
 from medusa_forge.errors import ForgeError
 from medusa_forge.manifest import MANIFEST_NAME, EngineManifest, read_tree, sha256_file
 from medusa_forge.tree.choice_tree import ChoiceTree
 
 GEMM_PLUGIN_CHOICES = ("auto", "float16", "bfloat16", "float32", "fp8", "disable")
-DEFAULT_TREE = "mc_sim_7b_63"
 DEFAULT_MAX_SEQ_LEN = 2048
 DEFAULT_MAX_INPUT_LEN = 1024
 
@@ -88,20 +87,27 @@ class TrtllmPlan:
         return "fp8" if self.checkpoint.spec.fp8 else self.dtype
 
     def command(self, output_dir: str | Path, trtllm_build: str = "trtllm-build") -> list[str]:
-        return [trtllm_build,
-                "--checkpoint_dir", str(self.checkpoint.directory),
-                "--output_dir", str(output_dir),
-                "--speculative_decoding_mode", "medusa",
-                "--max_draft_len", str(self.checkpoint.max_draft_len),
-                "--gemm_plugin", self.gemm_plugin,
-                "--gpt_attention_plugin", self.dtype,
-                "--paged_kv_cache", "enable",
-                "--remove_input_padding", "enable",
-                "--max_batch_size", str(self.max_batch_size),
-                "--max_input_len", str(self.max_input_len),
-                "--max_seq_len", str(self.max_seq_len),
-                "--max_num_tokens", str(self.max_num_tokens),
-                "--workers", str(self.checkpoint.spec.tp_size)]
+        """The checkpoint's release's flags (its profile): 1.2 asks for the paged KV cache with
+        ``--kv_cache_type paged`` (``--paged_kv_cache`` is deprecated there), 0.11 with ``--paged_kv_cache``."""
+        profile = self.checkpoint.profile
+        cmd = [trtllm_build,
+               "--checkpoint_dir", str(self.checkpoint.directory),
+               "--output_dir", str(output_dir),
+               "--speculative_decoding_mode", "medusa",
+               "--max_draft_len", str(self.checkpoint.max_draft_len),
+               "--gemm_plugin", self.gemm_plugin,
+               "--gpt_attention_plugin", self.dtype,
+               *profile.kv_cache_flag,
+               "--remove_input_padding", "enable",
+               "--max_batch_size", str(self.max_batch_size),
+               "--max_input_len", str(self.max_input_len),
+               "--max_seq_len", str(self.max_seq_len),
+               "--max_num_tokens", str(self.max_num_tokens),
+               "--workers", str(self.checkpoint.spec.tp_size)]
+        unknown = [a for a in cmd[1::2] if a not in profile.build_flags]
+        if unknown:  # a bug: every flag must be one that release's trtllm-build takes
+            raise RuntimeError(f"flags {unknown} are not accepted by trtllm-build {profile.version}")
+        return cmd
 
 
 def plan_build(cfg: TrtllmBuildConfig) -> TrtllmPlan:
@@ -190,11 +196,12 @@ def _manifest(plan: TrtllmPlan, cmd: list[str], exe: str) -> EngineManifest:
         num_medusa_heads=ckpt.spec.num_medusa_heads,
         sources={"checkpoint": str(ckpt.directory.resolve())}, sha256=digests,
         tool_versions={"medusa_forge": __version__, "tensorrt_llm": tensorrt_llm_version(),
-                       "tensorrt_llm_pinned": f"{TRTLLM_VERSION} ({TRTLLM_COMMIT})", "trtllm_build": exe},
+                       "tensorrt_llm_pinned": f"{ckpt.profile.version} ({ckpt.profile.commit})",
+                       "trtllm_build": exe},
         tree_stats=plan.tree_stats,
         extra={"command": shlex.join(cmd), "max_draft_len": ckpt.max_draft_len, "max_input_len": plan.max_input_len,
                "max_num_tokens": plan.max_num_tokens, "gemm_plugin": plan.gemm_plugin,
-               "tp_size": ckpt.spec.tp_size, "quant_algo": ckpt.spec.quant_algo,
+               "tp_size": ckpt.spec.tp_size, "quant_algo": ckpt.spec.quant_algo, "trtllm_profile": ckpt.profile.name,
                "kv_cache_quant_algo": ckpt.spec.kv_cache_quant_algo, "tree_name": plan.tree.name,
                "medusa_choices_trtllm": plan.tree.to_trtllm()})
 

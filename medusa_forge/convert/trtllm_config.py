@@ -1,6 +1,10 @@
 """The TensorRT-LLM Medusa checkpoint's ``config.json``: what we write, and the spec the other modules read.
 
-Pinned to TensorRT-LLM **v0.11.0** — commit 05316d3313360012536ace46c781518f5afae75e (``tensorrt_llm/version.py``
+Two releases are written (``trtllm_profiles``). For **1.2.1** the keys are those of its
+``examples/medusa/convert_checkpoint.py`` (@b93e14ca): the 0.11 keys below without ``share_embedding_table``,
+plus ``model_type`` (the HF config's: llama, mistral, qwen2) and ``qwen_type: qwen2`` for Qwen2, which
+``MedusaConfig`` uses to wrap a ``QWenConfig`` (q/k/v biases) instead of a ``LLaMAConfig``; ``rotary_scaling``
+may be llama3 there. For **0.11**, pinned to TensorRT-LLM v0.11.0 — commit 05316d3313360012536ace46c781518f5afae75e (``tensorrt_llm/version.py``
 says ``0.11.0``), the release in ``nvcr.io/nvidia/tritonserver:24.07-trtllm-python-py3`` whose backend templates
 ``serve/trtllm_repo.py`` pins (tensorrtllm_backend v0.11.0). Sources read (NVIDIA/TensorRT-LLM):
 
@@ -33,19 +37,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from medusa_forge.convert.trtllm_profiles import TrtllmProfile, profile_of_config
 from medusa_forge.errors import ForgeError
 from medusa_forge.jsonl import read_json_object
 from medusa_forge.model.config import ModelConfig
 
-TRTLLM_VERSION = "0.11.0"
-TRTLLM_COMMIT = "05316d3313360012536ace46c781518f5afae75e"
 ARCHITECTURE = "MedusaForCausalLM"
 DTYPES = ("float16", "bfloat16")
 QUANT_FP8 = "FP8"
 # quantize_by_modelopt.combine_medusa_weight: modules an FP8 Medusa checkpoint leaves unquantized.
 FP8_EXCLUDE_MODULES = ("lm_head", "*router", "*vocab_embedding", "*position_embedding", "*block_embedding",
                        "*medusa_heads*")
-DEFAULT_MAX_DRAFT_LEN = 63
+DEFAULT_MAX_DRAFT_LEN = 63  # what a config.json without max_draft_len means (upstream default)
+DEFAULT_TREE = "mc_sim_7b_63"  # the serving tree when none is named: 63 nodes, so max_draft_len 63
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,13 @@ class CheckpointSpec:
     dtype: str = "float16"
     quant_algo: str | None = None  # None | "FP8"
     kv_cache_quant_algo: str | None = None  # None | "FP8"
+    qkv_bias: bool = False  # Qwen2: attention.qkv.bias
+
+    @property
+    def vocab_padded(self) -> int:
+        """lm_head rows: the vocabulary padded to a multiple of tp (``pad_vocab_size``); padded logits are never
+        sampled (the runtime reads the first vocab_size), and the reader drops those rows."""
+        return -(-self.vocab_size // self.tp_size) * self.tp_size
 
     @property
     def fp8(self) -> bool:
@@ -81,12 +92,9 @@ class CheckpointSpec:
         if tp < 1:
             raise ForgeError(f"{where}: tp_size must be >= 1, got {tp}")
         for name, size in (("num_attention_heads", self.num_heads), ("intermediate_size", self.intermediate_size),
-                           ("hidden_size (Medusa ResBlocks are split on their output)", self.hidden_size),
-                           ("vocab_size", self.vocab_size)):
+                           ("hidden_size (Medusa ResBlocks are split on their output)", self.hidden_size)):
             if size % tp:
-                extra = (" (TensorRT-LLM pads the vocabulary to a multiple of tp, but its Medusa converter does not "
-                         "pad the weights: pad the model's vocabulary first)") if name == "vocab_size" else ""
-                raise ForgeError(f"{where}: tp_size {tp} does not divide {name} {size}{extra}")
+                raise ForgeError(f"{where}: tp_size {tp} does not divide {name} {size}")
         kv = self.num_kv_heads
         if (kv >= tp and kv % tp) or (kv < tp and tp % kv):
             raise ForgeError(f"{where}: tp_size {tp} and num_key_value_heads {kv}: one must divide the other "
@@ -106,24 +114,38 @@ def spec_for(cfg: ModelConfig, num_medusa_heads: int, num_medusa_layers: int, tp
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
         num_layers=cfg.num_layers, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_size=cfg.head_dim,
         num_medusa_heads=num_medusa_heads, num_medusa_layers=num_medusa_layers, tp_size=tp_size, dtype=dtype,
-        quant_algo=QUANT_FP8 if fp8 else None, kv_cache_quant_algo=QUANT_FP8 if fp8_kv_cache else None)
+        quant_algo=QUANT_FP8 if fp8 else None, kv_cache_quant_algo=QUANT_FP8 if fp8_kv_cache else None,
+        qkv_bias=cfg.qkv_bias)
 
 
-def rotary_scaling(cfg: ModelConfig, source: str) -> dict | None:
-    """HF ``rope_scaling`` as TensorRT-LLM 0.11 takes it: ``{"type": "linear", "factor": f}`` or None."""
-    if not cfg.rope_scaling:
+MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def rope_type(cfg: ModelConfig) -> str | None:
+    return cfg.rope_scaling.get("rope_type", cfg.rope_scaling.get("type")) if cfg.rope_scaling else None
+
+
+def rotary_scaling(cfg: ModelConfig) -> dict | None:
+    """HF ``rope_scaling`` as TensorRT-LLM takes it: ``{"type": "linear", "factor": f}``, or for llama3 every
+    field its RoPE needs (upstream's 1.x converter keeps only ``type`` and so loses the factors)."""
+    kind = rope_type(cfg)
+    if kind is None:
         return None
-    kind = cfg.rope_scaling.get("rope_type", cfg.rope_scaling.get("type"))
-    if kind != "linear":
-        raise ForgeError(f"{source}: rope scaling {kind!r} cannot be converted: TensorRT-LLM {TRTLLM_VERSION}'s Llama "
-                         "takes linear or dynamic scaling, and only linear is converted (the native decoder runs it)")
-    return {"type": "linear", "factor": float(cfg.rope_scaling["factor"])}
+    if kind == "linear":
+        return {"type": "linear", "factor": float(cfg.rope_scaling["factor"])}
+    out = {"type": kind, "rope_type": kind}
+    out.update({k: cfg.rope_scaling[k] for k in LLAMA3_KEYS})
+    return out
 
 
-def trtllm_config(cfg: ModelConfig, spec: CheckpointSpec, max_draft_len: int, source: str) -> dict[str, Any]:
-    """config.json with examples/medusa/convert_checkpoint.py's keys, in its order (``head_size`` only if needed)."""
+def trtllm_config(cfg: ModelConfig, spec: CheckpointSpec, max_draft_len: int, source: str,
+                  profile: TrtllmProfile) -> dict[str, Any]:
+    """config.json with that release's examples/medusa/convert_checkpoint.py keys, in its order
+    (``head_size`` only if needed)."""
     if max_draft_len < 1:
         raise ForgeError(f"--max-draft-len must be >= 1, got {max_draft_len}")
+    profile.check_model(cfg.architecture, rope_type(cfg), source)
     quant: dict[str, Any] = {"quant_algo": spec.quant_algo, "kv_cache_quant_algo": spec.kv_cache_quant_algo}
     if spec.fp8:
         quant["exclude_modules"] = list(FP8_EXCLUDE_MODULES)
@@ -141,7 +163,7 @@ def trtllm_config(cfg: ModelConfig, spec: CheckpointSpec, max_draft_len: int, so
         "max_position_embeddings": cfg.max_position_embeddings,
         "hidden_act": "silu",  # Llama/Mistral; TensorRT-LLM's Medusa ResBlocks use it too (medusa/model.py)
         "rotary_base": float(cfg.rope_theta),
-        "rotary_scaling": rotary_scaling(cfg, source),
+        "rotary_scaling": rotary_scaling(cfg),
         "norm_epsilon": float(cfg.rms_norm_eps),
         "quantization": quant,
         "mapping": {"world_size": spec.tp_size, "tp_size": spec.tp_size, "pp_size": 1},
@@ -152,6 +174,12 @@ def trtllm_config(cfg: ModelConfig, spec: CheckpointSpec, max_draft_len: int, so
         "num_medusa_heads": spec.num_medusa_heads,
         "num_medusa_layers": spec.num_medusa_layers,
     }
+    if not profile.share_embedding_table_field:
+        del config["share_embedding_table"]
+    if profile.model_type_field:
+        config["model_type"] = MODEL_TYPES[cfg.architecture]
+        if config["model_type"] == "qwen2":
+            config["qwen_type"] = "qwen2"
     if cfg.head_dim != cfg.hidden_size // cfg.num_heads:
         config["head_size"] = cfg.head_dim
     return config
@@ -167,6 +195,10 @@ class CheckpointConfig:
     spec: CheckpointSpec
     max_draft_len: int
 
+    @property
+    def profile(self) -> TrtllmProfile:
+        return profile_of_config(self.raw)
+
     def rank_file(self, rank: int) -> Path:
         return self.directory / f"rank{rank}.safetensors"
 
@@ -174,13 +206,17 @@ class CheckpointConfig:
         """The native decoder's config for these weights (RoPE and norm fields as TensorRT-LLM names them)."""
         d, s = self.raw, self.spec
         scaling = d.get("rotary_scaling")
+        if scaling and scaling.get("type") == "llama3":
+            rope = {"rope_type": "llama3", **{k: scaling[k] for k in LLAMA3_KEYS}}
+        else:
+            rope = {"rope_type": "linear", "factor": float(scaling["factor"])} if scaling else None
         return ModelConfig(
             vocab_size=s.vocab_size, hidden_size=s.hidden_size, intermediate_size=s.intermediate_size,
             num_layers=s.num_layers, num_heads=s.num_heads, num_kv_heads=s.num_kv_heads, head_dim=s.head_size,
             rms_norm_eps=float(d.get("norm_epsilon", 1e-5)), rope_theta=float(d.get("rotary_base", 10000.0)),
-            rope_scaling={"rope_type": "linear", "factor": float(scaling["factor"])} if scaling else None,
-            max_position_embeddings=int(d.get("max_position_embeddings") or 2048),
-            bos_token_id=bos_token_id, eos_token_ids=eos_token_ids, torch_dtype=s.dtype)
+            rope_scaling=rope, max_position_embeddings=int(d.get("max_position_embeddings") or 2048),
+            bos_token_id=bos_token_id, eos_token_ids=eos_token_ids, torch_dtype=s.dtype, qkv_bias=s.qkv_bias,
+            architecture="Qwen2ForCausalLM" if s.qkv_bias else "LlamaForCausalLM")
 
 
 def _int(d: dict, key: str, where: Path, default: int | None = None) -> int:
@@ -205,8 +241,10 @@ def read_config(ckpt_dir: str | Path) -> CheckpointConfig:
     if d.get("hidden_act", "silu") != "silu":
         raise ForgeError(f"{path}: hidden_act {d['hidden_act']!r}: only silu (Llama/Mistral) is read")
     scaling = d.get("rotary_scaling")
-    if scaling and scaling.get("type") != "linear":
-        raise ForgeError(f"{path}: rotary_scaling {scaling!r}: only linear scaling is read")
+    if scaling and scaling.get("type") not in ("linear", "llama3"):
+        raise ForgeError(f"{path}: rotary_scaling {scaling!r}: only linear and llama3 scaling are read")
+    if scaling and scaling.get("type") == "llama3" and not all(k in scaling for k in LLAMA3_KEYS):
+        raise ForgeError(f"{path}: llama3 rotary_scaling lacks {', '.join(k for k in LLAMA3_KEYS if k not in scaling)}")
     if d.get("use_parallel_embedding") or d.get("share_embedding_table"):
         raise ForgeError(f"{path}: use_parallel_embedding/share_embedding_table checkpoints are not read")
     mapping = d.get("mapping") or {}
@@ -226,7 +264,7 @@ def read_config(ckpt_dir: str | Path) -> CheckpointConfig:
         head_size=_int(d, "head_size", path, hidden // heads),
         num_medusa_heads=_int(d, "num_medusa_heads", path), num_medusa_layers=_int(d, "num_medusa_layers", path),
         tp_size=tp, dtype=str(d.get("dtype")), quant_algo=quant.get("quant_algo"),
-        kv_cache_quant_algo=quant.get("kv_cache_quant_algo"))
+        kv_cache_quant_algo=quant.get("kv_cache_quant_algo"), qkv_bias="qwen" in str(d.get("model_type", "")))
     if spec.num_medusa_heads < 1:
         raise ForgeError(f"{path}: num_medusa_heads must be >= 1")
     spec.check(str(path))

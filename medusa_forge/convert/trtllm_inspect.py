@@ -19,8 +19,16 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from medusa_forge.convert.trtllm_config import CheckpointConfig, read_config
-from medusa_forge.convert.trtllm_names import (FP8_DTYPE, QKV, SCALE_DTYPE, Entry, entries, expected_tensors,
-                                               rank_qkv_parts, replica_groups)
+from medusa_forge.convert.trtllm_names import (
+    FP8_DTYPE,
+    QKV,
+    SCALE_DTYPE,
+    Entry,
+    entries,
+    expected_tensors,
+    rank_qkv_parts,
+    replica_groups,
+)
 
 # safetensors header dtype strings
 ST_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", FP8_DTYPE: "F8_E4M3"}
@@ -39,6 +47,10 @@ class Inspection:
     def ok(self) -> bool:
         return not self.problems
 
+    @property
+    def profile(self) -> str:
+        return self.config.profile.version
+
     def summary_lines(self) -> list[str]:
         s, d = self.config.spec, self.config.raw
         quant = s.quant_algo or "none"
@@ -47,7 +59,8 @@ class Inspection:
         total = sum(self.params.values())
         return [
             f"checkpoint    {self.config.directory}",
-            f"architecture  {d['architecture']}  (TensorRT-LLM {d.get('dtype')} checkpoint, quantization: {quant})",
+            f"architecture  {d['architecture']}  (TensorRT-LLM {self.profile} {d.get('dtype')} checkpoint, "
+            f"{d.get('model_type', 'llama')}, quantization: {quant})",
             f"model         {s.num_layers} layers, hidden {s.hidden_size}, {s.num_heads} heads / {s.num_kv_heads} KV "
             f"heads (head_size {s.head_size}), intermediate {s.intermediate_size}, vocab {s.vocab_size}",
             f"medusa        {s.num_medusa_heads} heads x {s.num_medusa_layers} layer(s), max_draft_len "

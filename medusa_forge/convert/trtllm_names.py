@@ -75,6 +75,7 @@ class Entry:
     index: tuple[int, ...] = ()  # head/block index into a stacked heads tensor
     rows: tuple[int, int] | None = None  # row range of a fused native tensor (fc/gate of w_gate_up)
     quantized: bool = False
+    vocab_rows: int = 0  # > 0: an lm_head whose source rows are zero-padded to shape[0] (vocab not divisible by tp)
 
     @property
     def module(self) -> str:
@@ -83,15 +84,17 @@ class Entry:
 
 def entries(spec: CheckpointSpec) -> list[Entry]:
     """Every weight tensor, base model first, in the order the writer emits them."""
-    H, I, V, D = spec.hidden_size, spec.intermediate_size, spec.vocab_size, spec.head_size
+    H, I, V, D = spec.hidden_size, spec.intermediate_size, spec.vocab_padded, spec.head_size
+    pad = spec.vocab_size if V != spec.vocab_size else 0
     q, kv = spec.num_heads * D, spec.num_kv_heads * D
     fp8 = spec.fp8
-    out = [Entry("transformer.vocab_embedding.weight", (V, H), NONE, "embed.weight")]
+    out = [Entry("transformer.vocab_embedding.weight", (spec.vocab_size, H), NONE, "embed.weight")]
     for i in range(spec.num_layers):
         p, n = f"transformer.layers.{i}.", f"layers.{i}."
         out += [
             Entry(p + "input_layernorm.weight", (H,), NONE, n + "attn_norm.weight"),
             Entry(p + "attention.qkv.weight", (q + 2 * kv, H), QKV, n + "attn.wqkv.weight", quantized=fp8),
+            *([Entry(p + "attention.qkv.bias", (q + 2 * kv,), QKV, n + "attn.wqkv.bias")] if spec.qkv_bias else []),
             Entry(p + "attention.dense.weight", (H, q), ROW, n + "attn.wo.weight", quantized=fp8),
             Entry(p + "post_layernorm.weight", (H,), NONE, n + "ffn_norm.weight"),
             Entry(p + "mlp.fc.weight", (I, H), COLUMN, n + "ffn.w_gate_up.weight", rows=(0, I), quantized=fp8),
@@ -99,13 +102,13 @@ def entries(spec: CheckpointSpec) -> list[Entry]:
             Entry(p + "mlp.proj.weight", (H, I), ROW, n + "ffn.w_down.weight", quantized=fp8),
         ]
     out += [Entry("transformer.ln_f.weight", (H,), NONE, "norm.weight"),
-            Entry("lm_head.weight", (V, H), COLUMN, "lm_head.weight")]
+            Entry("lm_head.weight", (V, H), COLUMN, "lm_head.weight", vocab_rows=pad)]
     for k in range(spec.num_medusa_heads):
         p = f"medusa_heads.{k}."
         for j in range(spec.num_medusa_layers):
             out += [Entry(p + f"medusa_layers.{j}.linear.weight", (H, H), COLUMN, "heads.res_weight", (k, j)),
                     Entry(p + f"medusa_layers.{j}.linear.bias", (H,), COLUMN, "heads.res_bias", (k, j))]
-        out.append(Entry(p + "lm_head.weight", (V, H), COLUMN, "heads.proj_weight", (k,)))
+        out.append(Entry(p + "lm_head.weight", (V, H), COLUMN, "heads.proj_weight", (k,), vocab_rows=pad))
     return out
 
 
@@ -123,7 +126,7 @@ def rank_shape(e: Entry, spec: CheckpointSpec) -> tuple[int, ...]:
     if e.split == NONE:
         return e.shape
     if e.split == QKV:
-        return ((spec.num_heads // tp + 2 * spec.kv_heads_per_rank) * spec.head_size, e.shape[1])
+        return ((spec.num_heads // tp + 2 * spec.kv_heads_per_rank) * spec.head_size, *e.shape[1:])
     dim = 0 if e.split == COLUMN else 1
     return tuple(s // tp if d == dim else s for d, s in enumerate(e.shape))
 
@@ -156,8 +159,19 @@ def _qkv_parts(t: Tensor, spec: CheckpointSpec, kv_rows: int) -> tuple[Tensor, T
 def _dup_kv(t: Tensor, spec: CheckpointSpec) -> Tensor:
     """convert_utils.dup_kv_weight: each KV head repeated tp // kv times, consecutively."""
     reps = spec.tp_size // spec.num_kv_heads
-    heads = t.reshape(spec.num_kv_heads, spec.head_size, -1)
-    return heads.repeat_interleave(reps, dim=0).reshape(-1, t.shape[-1])
+    heads = t.reshape(spec.num_kv_heads, spec.head_size, *t.shape[1:])
+    return heads.repeat_interleave(reps, dim=0).reshape(-1, *t.shape[1:])
+
+
+def pad_vocab(e: Entry, t: Tensor) -> Tensor:
+    """An lm_head with zero rows appended up to the padded vocabulary (convert_hf_llama's np.pad)."""
+    if not e.vocab_rows or t.shape[0] == e.shape[0]:
+        return t
+    return torch.cat([t, t.new_zeros(e.shape[0] - t.shape[0], *t.shape[1:])])
+
+
+def unpad_vocab(e: Entry, t: Tensor) -> Tensor:
+    return t[:e.vocab_rows] if e.vocab_rows else t
 
 
 def shard(e: Entry, t: Tensor, spec: CheckpointSpec, rank: int) -> Tensor:

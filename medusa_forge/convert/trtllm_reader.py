@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from medusa_forge.convert.trtllm_config import ARCHITECTURE, CheckpointConfig, read_config
 from medusa_forge.convert.trtllm_inspect import validate
-from medusa_forge.convert.trtllm_names import entries, merge, scale_names
+from medusa_forge.convert.trtllm_names import entries, merge, scale_names, unpad_vocab
 from medusa_forge.errors import ForgeError
 from medusa_forge.heads.medusa_head import MedusaHeads, MedusaHeadsConfig
 from medusa_forge.model.checkpoint import build_model
@@ -66,11 +66,12 @@ def _token_ids(ckpt_dir: Path) -> tuple[tuple[int, ...], int | None]:
 
 
 def read_tensors(ckpt: CheckpointConfig) -> dict[str, Tensor]:
-    """TensorRT-LLM name -> unsplit tensor, every rank merged (scales: rank 0's, validate checked they agree)."""
+    """TensorRT-LLM name -> unsplit tensor, every rank merged (scales: rank 0's, validate checked they agree);
+    lm_heads lose the rows that pad the vocabulary to a multiple of tp."""
     files = [safe_open(str(ckpt.rank_file(r)), framework="pt") for r in range(ckpt.spec.tp_size)]
     out = {}
     for e in entries(ckpt.spec):
-        out[e.name] = merge(e, [f.get_tensor(e.name) for f in files], ckpt.spec)
+        out[e.name] = unpad_vocab(e, merge(e, [f.get_tensor(e.name) for f in files], ckpt.spec))
         if e.quantized:
             out.update({n: files[0].get_tensor(n) for n in scale_names(e)})
     return out
@@ -131,6 +132,9 @@ def _swap_fp8(model: Transformer, name: str, parts, dtype: torch.dtype, backend:
     parent = model.get_submodule(parent_name)
     if not isinstance(getattr(parent, attr), nn.Linear):
         raise ForgeError(f"{name}: expected a linear layer to hold FP8 weights")
+    if getattr(parent, attr).bias is not None:  # Qwen2's qkv: the native FP8 GEMM has no bias term
+        raise ForgeError(f"{name}: an FP8 GEMM with a bias (Qwen2 q/k/v) does not run natively; load the "
+                         "checkpoint with dequantize=True")
     dev = model.lm_head.weight.device
     setattr(parent, attr, FP8Linear(w8.to(dev), torch.tensor(w_scale), torch.tensor(a_scale), dtype, backend))
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import gc
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 
-def capture(fn: Callable[[], object], warmup: int = 3, reps: int = 1) -> "torch.cuda.CUDAGraph":
+def capture(fn: Callable[[], object], warmup: int = 3, reps: int = 1) -> torch.cuda.CUDAGraph:
     """Run ``fn`` ``warmup`` times on a side stream (the allocator, cuBLAS and Triton settle their
     workspaces and autotuning there, outside the graph), then record ``reps`` calls of it."""
     stream = torch.cuda.Stream()

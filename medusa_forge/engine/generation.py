@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
+from medusa_forge.engine.logits_processing import LogitsSettings
+
 
 @dataclass(frozen=True)
 class GenerationConfig:
@@ -26,6 +30,20 @@ class GenerationConfig:
     eos_token_ids: tuple[int, ...] | None = None  # None: the model's own
     ignore_eos: bool = False
     seed: int | None = None
+    # TensorRT-LLM's request options (see logits_processing.py): penalties, bias, bad words and
+    # min_length change the logits every token is chosen from; stop words end the sequence once it
+    # ends with one of these id sequences (kept in the output).
+    logits_settings: LogitsSettings | None = None
+    stop_words: tuple[tuple[int, ...], ...] = ()
+    return_log_probs: bool = False  # GenerationResult.log_probs: log_softmax of the processed logits
+    return_context_logits: bool = False  # the prompt's logits [T, V]
+    return_generation_logits: bool = False  # the raw logits each output token was chosen from [n, V]
+
+    @property
+    def needs_logits(self) -> bool:
+        """Whether the host must see logits (processing them or returning them) at every step."""
+        return bool((self.logits_settings is not None and self.logits_settings.active) or self.return_log_probs
+                    or self.return_context_logits or self.return_generation_logits)
 
 
 @dataclass
@@ -38,6 +56,13 @@ class GenerationResult:
     finish_reason: str = "length"  # "eos" | "length" | "stop"
     ttft_s: float = 0.0
     total_s: float = 0.0
+    log_probs: list[float] | None = None  # one per output token (return_log_probs)
+    context_logits: np.ndarray | None = None  # float32 [prompt_tokens, V] (return_context_logits)
+    generation_logits: np.ndarray | None = None  # float32 [len(tokens), V] (return_generation_logits)
+
+    @property
+    def cum_log_prob(self) -> float | None:
+        return float(sum(self.log_probs)) if self.log_probs is not None else None
 
     @property
     def tokens_per_s(self) -> float:
@@ -60,4 +85,5 @@ class GenerationResult:
             "ttft_s": round(self.ttft_s, 6),
             "total_s": round(self.total_s, 6),
             "tokens_per_s": round(self.tokens_per_s, 3),
+            **({"log_probs": self.log_probs} if self.log_probs is not None else {}),
         }

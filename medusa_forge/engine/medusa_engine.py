@@ -17,20 +17,23 @@ One Medusa step (FasterDecoding's algorithm, batch 1):
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
 
-from medusa_forge.engine import kernels
+from medusa_forge import kernels
 from medusa_forge.engine.acceptance import commit_path, greedy_accept, sample_token, typical_accept
 from medusa_forge.engine.cuda_graphs import capture
 from medusa_forge.engine.generation import GenerationConfig, GenerationResult
+from medusa_forge.engine.logits_processing import stop_cut
+from medusa_forge.engine.processed_steps import Recorded, iter_processed_steps
 from medusa_forge.errors import ForgeError
 from medusa_forge.heads.medusa_head import MedusaHeads
 from medusa_forge.model.gemm_layout import choose_layouts
-from medusa_forge.model.llama import Transformer, causal_mask
+from medusa_forge.model.llama import Transformer
+from medusa_forge.model.step_meta import StepMeta, causal_mask
 from medusa_forge.tree.choice_tree import TOPK, ChoiceTree, tree_buffers
 
 PREFILL_MIN_BUCKET = 16  # prompts are padded to a power of two >= this on CUDA (one graph per bucket)
@@ -42,7 +45,7 @@ class _PrefillGraph:
     too: a graph holds no Python references, so they must live as long as it does (or their memory
     is reused by the next capture while the graph still reads it)."""
 
-    graph: "torch.cuda.CUDAGraph"
+    graph: torch.cuda.CUDAGraph
     tokens: Tensor
     length: Tensor
     slots: Tensor
@@ -54,7 +57,7 @@ class _StepGraph:
     """A step function and, on CUDA, its captured graph."""
 
     fn: Callable[[], None]
-    graph: "torch.cuda.CUDAGraph | None" = None
+    graph: torch.cuda.CUDAGraph | None = None
 
     def __call__(self) -> None:
         if self.graph is not None:
@@ -93,7 +96,7 @@ class MedusaEngine:
         self._steps: dict[str, _StepGraph] = {}
         self._prefill_graphs: dict[int, _PrefillGraph] = {}  # by bucket
         self._ids_host: Tensor | None = None  # pinned staging of a prompt's ids (CUDA graphs)
-        self._ids_copied: "torch.cuda.Event | None" = None
+        self._ids_copied: torch.cuda.Event | None = None
 
     # ------------------------------------------------------------------ state
     def _init_state(self) -> None:
@@ -102,6 +105,8 @@ class MedusaEngine:
         self.cur_len = torch.zeros((), **long)  # tokens committed to the KV cache
         self.root = torch.zeros(1, **long)  # the pending next token (greedy choice of the base model)
         self.last_logits = torch.zeros(1, self.cfg.vocab_size, dtype=torch.float32, device=dev)
+        pos = self.cur_len.view(1)  # a view: the plain step's metadata is built once and follows cur_len
+        self._base_meta = StepMeta(pos, pos, prefix_len=self.cur_len)
         if self.tree is not None:
             self.buffers = tree_buffers(self.tree, device=dev)
             n, d = self.tree.num_nodes, self.tree.depth
@@ -161,7 +166,8 @@ class MedusaEngine:
             return
         tokens = torch.tensor([ids], dtype=torch.long, device=self.device)
         slots = torch.arange(T, device=self.device)
-        hidden = self.model(tokens, slots, slots, causal_mask(0, T, self.max_seq_len, self.device), prefix_len=0)[0, -1:]
+        meta = StepMeta(slots, slots, causal_mask(0, T, self.max_seq_len, self.device), prefix_len=0)
+        hidden = self.model(tokens, meta)[0, -1:]
         self._finish_prefill(hidden, torch.tensor(T, device=self.device))
 
     def _finish_prefill(self, hidden: Tensor, length: Tensor) -> None:
@@ -186,9 +192,10 @@ class MedusaEngine:
         length = torch.ones((), dtype=torch.long, device=dev)
         slots = torch.arange(bucket, device=dev)
         zero = torch.zeros((), dtype=torch.long, device=dev)
+        meta = StepMeta(slots, slots, prefix_len=zero)
 
         def fn() -> None:
-            hidden = self.model(tokens, slots, slots, None, prefix_len=zero)[0]
+            hidden = self.model(tokens, meta)[0]
             self._finish_prefill(hidden.index_select(0, (length - 1).view(1)), length)
 
         self._prefill_graphs[bucket] = _PrefillGraph(capture(torch.inference_mode()(fn)), tokens, length, slots, zero)
@@ -213,8 +220,7 @@ class MedusaEngine:
     def _base_step(self, keep_logits: bool = False) -> None:
         """One plain decoding step; ``keep_logits`` (sampled decoding, which draws from them) also
         stores the logits in last_logits, which greedy decoding never reads."""
-        pos = self.cur_len.view(1)
-        hidden = self.model(self.root.view(1, 1), pos, pos, None, prefix_len=self.cur_len)[0]
+        hidden = self.model(self.root.view(1, 1), self._base_meta)[0]
         logits = self.model.lm_head(hidden)
         if keep_logits:
             self.last_logits.copy_(logits)
@@ -227,8 +233,8 @@ class MedusaEngine:
                                                             self.cur_len, self.node_ids)
         # The CUDA attention kernel reads prefix_len + the tree (no mask); the reference path builds
         # its mask from them, once per layer.
-        hidden = self.model(tree_tokens[None], positions, slots, None,
-                            prefix_len=self.cur_len, tree_mask=b.attn_mask, tree_ancestors=b.ancestors)[0]
+        meta = StepMeta(positions, slots, prefix_len=self.cur_len, tree_mask=b.attn_mask, tree_ancestors=b.ancestors)
+        hidden = self.model(tree_tokens[None], meta)[0]
         state = (self.cur_len, self.step_out, self.root, self.last, self.kv_src, self.kv_dst)
         if accept is greedy_accept and kernels.use_triton(hidden):
             # argmax straight from the bf16 logits, as the base step takes it
@@ -265,7 +271,7 @@ class MedusaEngine:
         self._steps[key] = step
         return step
 
-    def _capture(self, fn: Callable[[], None]) -> "torch.cuda.CUDAGraph":
+    def _capture(self, fn: Callable[[], None]) -> torch.cuda.CUDAGraph:
         """Warm up on a side stream, then record ``fn``; the state it scribbles is reset by prefill."""
         self.cur_len.zero_()
         return capture(fn)
@@ -315,7 +321,7 @@ class MedusaEngine:
             generator = torch.Generator(device=self.device)
             generator.manual_seed(gcfg.seed if gcfg.seed is not None else int(time.time_ns() % 2**31))
 
-        def launch(buf: Tensor) -> "torch.cuda.Event | None":
+        def launch(buf: Tensor) -> torch.cuda.Event | None:
             step()
             if sampling:
                 self.root.copy_(sample_token(self.last_logits, gcfg.temperature, gcfg.top_k, gcfg.top_p, generator))
@@ -373,9 +379,13 @@ class MedusaEngine:
         tokens: list[int] = []
         accepted: list[int] = []
         reason, ttft = "length", 0.0
+        # Logits to process or to return: the eager loop that reads every step's logits.
+        record = Recorded() if gcfg.needs_logits else None
+        steps = (iter_processed_steps(self, prompt_ids, gcfg, record) if record is not None
+                 else self.iter_steps(prompt_ids, gcfg))
         self._sync()
         t0 = time.perf_counter()
-        for i, new in enumerate(self.iter_steps(prompt_ids, gcfg)):
+        for i, new in enumerate(steps):
             if i == 0:
                 ttft = time.perf_counter() - t0
             else:
@@ -385,6 +395,10 @@ class MedusaEngine:
             if hit is not None:
                 new, reason = new[: hit + 1], "eos"
             tokens.extend(new)
+            cut = stop_cut(prompt_ids, tokens, len(new), gcfg.stop_words)
+            if cut is not None:
+                new, reason = new[: len(new) - (len(tokens) - cut)], "stop"
+                del tokens[cut:]
             if gcfg.stop_strings:
                 cut = self._stop_cut(tokens, gcfg.stop_strings)
                 if cut is not None:
@@ -399,7 +413,10 @@ class MedusaEngine:
         text = self.tokenizer.decode(tokens) if self.tokenizer is not None else ""
         if reason == "stop":
             text = min((text.split(s)[0] for s in gcfg.stop_strings if s in text), key=len, default=text)
-        return GenerationResult(len(prompt_ids), tokens, text, len(accepted), accepted, reason, ttft, total)
+        result = GenerationResult(len(prompt_ids), tokens, text, len(accepted), accepted, reason, ttft, total)
+        if record is not None:
+            record.attach(result, gcfg)
+        return result
 
     def generate(self, prompt: str, gcfg: GenerationConfig | None = None,
                  on_tokens: Callable[[list[int]], None] | None = None) -> GenerationResult:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 from medusa_forge.engine.generation import GenerationConfig, GenerationResult
 from medusa_forge.errors import ForgeError

@@ -78,6 +78,9 @@ def expected_hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
             p + "mlp.up_proj.weight": (cfg.intermediate_size, h),
             p + "mlp.down_proj.weight": (h, cfg.intermediate_size),
         })
+        if cfg.qkv_bias:
+            shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
+                           p + "self_attn.v_proj.bias": (kv,)})
     return shapes
 
 
@@ -90,6 +93,8 @@ def hf_to_native(cfg: ModelConfig, get: "callable[[str], Tensor]") -> dict[str, 
         sd[n + "attn_norm.weight"] = get(p + "input_layernorm.weight")
         sd[n + "ffn_norm.weight"] = get(p + "post_attention_layernorm.weight")
         sd[n + "attn.wqkv.weight"] = torch.cat([get(p + f"self_attn.{x}_proj.weight") for x in "qkv"])
+        if cfg.qkv_bias:
+            sd[n + "attn.wqkv.bias"] = torch.cat([get(p + f"self_attn.{x}_proj.bias") for x in "qkv"])
         sd[n + "attn.wo.weight"] = get(p + "self_attn.o_proj.weight")
         sd[n + "ffn.w_gate_up.weight"] = torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")])
         sd[n + "ffn.w_down.weight"] = get(p + "mlp.down_proj.weight")
@@ -107,12 +112,13 @@ def build_model(cfg: ModelConfig, state_dict: dict[str, Tensor], dtype: torch.dt
     return model.eval().requires_grad_(False)
 
 
-def load_hf_model(model_dir: str | Path, dtype: str | torch.dtype = "float32", device="cpu") -> Transformer:
-    """Load and validate a HF checkpoint directory into our decoder."""
+def load_hf_model(model_dir: str | Path, dtype: str | torch.dtype = "float32", device="cpu",
+                  cfg: ModelConfig | None = None) -> Transformer:
+    """Load and validate a HF checkpoint directory into our decoder (``cfg``: its config.json, already read)."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise ForgeError(f"{model_dir}: model directory not found")
-    cfg = ModelConfig.from_dir(model_dir)
+    cfg = cfg or ModelConfig.from_dir(model_dir)
     headers = read_tensor_headers(checkpoint_files(model_dir))
     for name, shape in expected_hf_shapes(cfg).items():
         if name not in headers:

@@ -9,7 +9,8 @@ from typing import Any
 from medusa_forge.errors import ForgeError
 from medusa_forge.jsonl import read_json_object
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+# Qwen2 is a Llama decoder with q/k/v projection biases (and a larger rope_theta).
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class ModelConfig:
     architecture: str = "LlamaForCausalLM"
     torch_dtype: str = "bfloat16"
     sliding_window: int | None = None
+    qkv_bias: bool = False  # Qwen2: q_proj, k_proj, v_proj carry biases
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @classmethod
@@ -46,6 +48,8 @@ class ModelConfig:
                 raise ForgeError(f"{source}: missing required field {key!r}")
         if d.get("attention_bias") or d.get("mlp_bias"):
             raise ForgeError(f"{source}: attention_bias/mlp_bias=true is not supported by the Llama decoder")
+        if d.get("use_sliding_window"):
+            raise ForgeError(f"{source}: use_sliding_window=true is not supported (full attention only)")
         num_heads = int(d["num_attention_heads"])
         hidden = int(d["hidden_size"])
         # RoPE: transformers<5 keeps rope_theta/rope_scaling at top level, transformers>=5 under rope_parameters.
@@ -79,7 +83,8 @@ class ModelConfig:
             eos_token_ids=eos_ids,
             architecture=arch,
             torch_dtype=str(d.get("torch_dtype") or d.get("dtype") or "bfloat16"),
-            sliding_window=d.get("sliding_window"),
+            sliding_window=d.get("sliding_window") if arch != "Qwen2ForCausalLM" else None,
+            qkv_bias=arch == "Qwen2ForCausalLM",
             extra={k: v for k, v in d.items() if k.startswith("medusa_")},
         )
 
@@ -104,5 +109,5 @@ class ModelConfig:
         h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
         q = self.num_heads * self.head_dim
         kv = self.num_kv_heads * self.head_dim
-        layer = h * (q + 2 * kv) + q * h + 3 * h * i + 2 * h
+        layer = h * (q + 2 * kv) + q * h + 3 * h * i + 2 * h + (q + 2 * kv) * self.qkv_bias
         return v * h * (1 if self.tie_word_embeddings else 2) + self.num_layers * layer + h

@@ -12,7 +12,8 @@ import torch
 from torch import Tensor
 
 from medusa_forge.errors import ForgeError
-from medusa_forge.model.llama import Transformer, causal_mask
+from medusa_forge.model.llama import Transformer
+from medusa_forge.model.step_meta import StepMeta
 
 
 def ensure_caches(model: Transformer, batch: int, length: int) -> None:
@@ -32,8 +33,7 @@ def hidden_states(model: Transformer, tokens: Tensor) -> Tensor:
     """Last (final-norm) hidden states [B, T, H] of right-padded ``tokens`` [B, T] (causal, no grad)."""
     B, T = tokens.shape
     ensure_caches(model, B, T)
-    pos = torch.arange(T, device=tokens.device)
-    return model(tokens, pos, pos, causal_mask(0, T, model.max_seq_len, tokens.device))
+    return model(tokens, StepMeta.causal(T, model.max_seq_len, tokens.device))
 
 
 def full_pass(model: Transformer, seq: Sequence[int]) -> Tensor:

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from medusa_forge.engine import kernels
+from medusa_forge import kernels
 from medusa_forge.errors import ForgeError
 from medusa_forge.model.checkpoint import (
     checkpoint_files,

@@ -1,14 +1,15 @@
 """A compact Llama/Mistral decoder with a static KV cache (after gpt-fast's ``model.py``).
 
 One forward serves prefill, single-token decode and Medusa tree verification: callers pass the
-tokens, their RoPE positions, the cache slots their K/V go to, and a boolean attention mask over
-the whole cache. Positions and slots differ only in tree verification, where the nodes of the
-candidate tree occupy consecutive slots but share positions by depth.
+tokens and a :class:`~medusa_forge.model.step_meta.StepMeta` (their RoPE positions, the cache
+slots their K/V go to, and what each token sees). Positions and slots differ only in tree
+verification, where the nodes of the candidate tree occupy consecutive slots but share positions
+by depth.
 
 QKV and gate/up projections are fused (one GEMM each) and GQA is computed by folding the query
 groups into the row dimension, so K/V are never repeated in memory.
 
-Everything between the GEMMs goes through :mod:`medusa_forge.engine.kernels`: on CUDA one
+Everything between the GEMMs goes through :mod:`medusa_forge.kernels`: on CUDA one
 row-wise batch-invariant Triton kernel each (add+RMSNorm, RoPE+cache write, SiLU*mul, and, when
 the caller passes ``prefix_len``, a flash-decoding cache attention that needs no mask), elsewhere
 the PyTorch reference ops. Each block hands back its residual stream and its MLP output unsummed,
@@ -20,10 +21,13 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from medusa_forge import kernels
 from medusa_forge.model.config import ModelConfig
 from medusa_forge.model.gemm_layout import RowPaddedLinear
+from medusa_forge.model.step_meta import RowChunks, StepMeta, causal_mask  # noqa: F401 - causal_mask re-exported
 
 
 class RMSNorm(nn.Module):
@@ -91,34 +95,88 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        self.wqkv = nn.Linear(cfg.hidden_size, q + 2 * kv, bias=False)
+        self.wqkv = nn.Linear(cfg.hidden_size, q + 2 * kv, bias=cfg.qkv_bias)
         self.wo = nn.Linear(q, cfg.hidden_size, bias=False)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: Tensor, rope: Tensor, positions: Tensor, slots: Tensor, mask: Tensor | None,
-                prefix_len: Tensor | None = None, tree_mask: Tensor | None = None,
-                tree_ancestors: Tensor | None = None) -> Tensor:
-        """rope [2, S, D]: cos/sin tables in x's dtype, read at ``positions`` [T]. Either ``mask``
-        [B|1, 1, T, S] or ``prefix_len`` (+ ``tree_mask``, see
-        :func:`~medusa_forge.engine.kernels.cache_attention`) says what each token sees; with
-        prefix_len a batch-1 CUDA forward runs the cache attention kernel and ignores the mask."""
+    def forward(self, x: Tensor, meta: StepMeta) -> Tensor:
+        """x [B, T, hidden]; ``meta`` says where the tokens go and what they see (with
+        ``meta.prefix_len`` a batch-1 CUDA forward runs the cache attention kernel, no mask)."""
+        if meta.packed:
+            return self._packed(x, meta)
         B, T, _ = x.shape
         cache = self.kv_cache
-        q = kernels.rope_qkv_to_cache(self.wqkv(x), rope[0], rope[1], cache.k, cache.v, slots,
-                                      self.n_heads, self.n_kv, self.head_dim, positions)  # [B, T, H, D]
-        if prefix_len is not None and B == 1 and kernels.use_triton(q):
+        rope = meta.rope
+        q = kernels.rope_qkv_to_cache(self.wqkv(x), rope[0], rope[1], cache.k, cache.v, meta.slots,
+                                      self.n_heads, self.n_kv, self.head_dim, meta.positions)  # [B, T, H, D]
+        if meta.prefix_len is not None and B == 1 and kernels.use_triton(q):
             # A row-padded wo (see gemm_layout) gets the attention output written into its padded input.
             buf = self.wo.input_buffer(T, q) if isinstance(self.wo, RowPaddedLinear) else None
             out = buf[:T].view(T, self.n_heads, self.head_dim) if buf is not None else None
-            y = kernels.cache_attention(q[0], cache.k[0], cache.v[0], prefix_len, tree_mask, tree_ancestors, out=out)
+            y = kernels.cache_attention(q[0], cache.k[0], cache.v[0], meta.prefix_len, meta.tree_mask,
+                                        meta.tree_ancestors, out=out)
             if buf is not None:
                 return self.wo.forward_buffer(buf, T)[None]
             y = y[None]
         else:
+            mask = meta.mask
             if mask is None:
-                mask = kernels.cache_mask(prefix_len, tree_mask, T, cache.k.shape[2])
+                mask = kernels.cache_mask(meta.prefix_len, meta.tree_mask, T, cache.k.shape[2])
             y = kernels.masked_attention(q, cache.k, cache.v, mask)
         return self.wo(y.reshape(B, T, self.n_heads * self.head_dim))
+
+    def _packed(self, x: Tensor, meta: StepMeta) -> Tensor:
+        """Packed rows of several sequences [1, R, hidden]: each segment attends over its own
+        cache row only, through the same kernel a batch-1 step of its shape runs."""
+        R = x.shape[1]
+        qkv = linear_rows(self.wqkv, x, meta.gemm_rows)
+        k_all, v_all = meta.kv[self.layer_index]
+        out = qkv.new_empty(R, self.n_heads, self.head_dim)
+        if kernels.use_triton(qkv):
+            for seg in meta.segments:
+                rows = slice(seg.start, seg.stop)
+                q = kernels.rope_qkv_to_cache(qkv[:, rows], meta.rope[0], meta.rope[1], k_all[seg.row: seg.row + 1],
+                                              v_all[seg.row: seg.row + 1], meta.slots[rows], self.n_heads, self.n_kv,
+                                              self.head_dim, meta.positions[rows])
+                kernels.cache_attention(q[0], k_all[seg.row], v_all[seg.row], seg.prefix, seg.tree_mask,
+                                        seg.tree_ancestors, out=out[rows])
+        else:
+            q = self._rope_rows(qkv[0], meta, k_all, v_all)
+            g = self.n_heads // self.n_kv
+            for seg in meta.segments:
+                # kernels.masked_attention's SDPA call, its GQA mask repeated once per step, not per layer
+                T, seen = seg.stop - seg.start, seg.mask.shape[-1]  # the slot's prefix and new rows
+                qh = q[seg.start: seg.stop].transpose(0, 1).reshape(1, self.n_kv, g * T, self.head_dim)
+                y = F.scaled_dot_product_attention(qh, k_all[seg.row: seg.row + 1, :, :seen],
+                                                   v_all[seg.row: seg.row + 1, :, :seen], attn_mask=seg.mask)
+                out[seg.start: seg.stop] = y.reshape(self.n_heads, T, self.head_dim).transpose(0, 1)
+        return linear_rows(self.wo, out.view(1, R, -1), meta.gemm_rows)
+
+    def _rope_rows(self, qkv: Tensor, meta: StepMeta, k_all: Tensor, v_all: Tensor) -> Tensor:
+        """The reference RoPE + cache write for all packed rows at once (elementwise, so each
+        row's bits are those of its own sequence's batch-1 call): q [R, H, D]."""
+        R = qkv.shape[0]
+        q, k, v = qkv.split([self.n_heads * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim], -1)
+        cos, sin = meta.rope[0][meta.positions][:, None], meta.rope[1][meta.positions][:, None]
+        q = kernels.apply_rope(q.view(R, self.n_heads, self.head_dim), cos, sin)
+        k = kernels.apply_rope(k.view(R, self.n_kv, self.head_dim), cos, sin)
+        k_all[meta.batch_index, :, meta.slots] = k
+        v_all[meta.batch_index, :, meta.slots] = v.view(R, self.n_kv, self.head_dim)
+        return q
+
+
+def linear_rows(mod: nn.Module, x: Tensor, chunks: RowChunks | None) -> Tensor:
+    """``mod(x)``, or with ``chunks`` the GEMM run in row chunks of the sizes it allows (see
+    :class:`~medusa_forge.model.step_meta.RowChunks`)."""
+    if chunks is None:
+        return mod(x)
+    flat = x.reshape(-1, x.shape[-1])
+    m = flat.shape[0]
+    tail = m % chunks.most
+    if 0 < tail < chunks.least:
+        flat = F.pad(flat, (0, 0, 0, chunks.least - tail))
+    y = torch.cat([mod(c) for c in flat.split(chunks.most)]) if flat.shape[0] > chunks.most else mod(flat)
+    return y[:m].reshape(*x.shape[:-1], y.shape[-1])
 
 
 class FeedForward(nn.Module):
@@ -128,8 +186,11 @@ class FeedForward(nn.Module):
         self.w_gate_up = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.w_down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x) -> Tensor:
-        gate_up = self.w_gate_up(x)
+    def forward(self, x: Tensor, rows: RowChunks | None = None) -> Tensor:
+        """``rows``: GEMMs in row chunks (see :func:`linear_rows`)."""
+        gate_up = linear_rows(self.w_gate_up, x, rows)
+        if rows is not None:
+            return linear_rows(self.w_down, kernels.silu_mul(gate_up), rows)
         # An FP8 w_down may take silu(gate) * up quantized straight from the activation's launch.
         fused = getattr(self.w_down, "activated_input", None)
         act = fused(gate_up) if fused is not None else None
@@ -144,17 +205,15 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.ffn = FeedForward(cfg)
 
-    def forward(self, x: Tensor, rope: Tensor, positions: Tensor, slots: Tensor, mask: Tensor | None,
-                delta: Tensor | None = None, prefix_len: Tensor | None = None,
-                tree_mask: Tensor | None = None, tree_ancestors: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, meta: StepMeta, delta: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Input x + delta (the previous block's unsummed output); returns (residual, MLP output)."""
-        h, x = _normed(self.attn_norm, self.attn.wqkv, x, delta)
-        h, x = _normed(self.ffn_norm, self.ffn.w_gate_up, x,
-                       self.attn(h, rope, positions, slots, mask, prefix_len, tree_mask, tree_ancestors))
-        return x, self.ffn(h)
+        chunked = meta.gemm_rows is not None  # the GEMMs take plain rows: no fused FP8 input
+        h, x = _normed(self.attn_norm, None if chunked else self.attn.wqkv, x, delta)
+        h, x = _normed(self.ffn_norm, None if chunked else self.ffn.w_gate_up, x, self.attn(h, meta))
+        return x, self.ffn(h, meta.gemm_rows)
 
 
-def _normed(norm: RMSNorm, consumer: nn.Module, x: Tensor, delta: Tensor | None):
+def _normed(norm: RMSNorm, consumer: nn.Module | None, x: Tensor, delta: Tensor | None):
     """(norm(x [+ delta]) as ``consumer``'s input, x [+ delta]). A consumer with ``normed_input``
     (an FP8 GEMM) may take it quantized straight from the norm's launch; it returns None where not."""
     fused = getattr(consumer, "normed_input", None)
@@ -171,6 +230,8 @@ class Transformer(nn.Module):
         self.config = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        for i, layer in enumerate(self.layers):
+            layer.attn.layer_index = i  # a packed step reads its own cache, meta.kv[i]
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
@@ -193,26 +254,13 @@ class Transformer(nn.Module):
         self.rope = rope_cache(cfg, max_seq_len).to(device=p.device, dtype=self.embed.weight.dtype)
         self.max_seq_len = max_seq_len
 
-    def forward(self, tokens: Tensor, positions: Tensor, slots: Tensor, mask: Tensor | None = None, *,
-                prefix_len: int | Tensor | None = None, tree_mask: Tensor | None = None,
-                tree_ancestors: Tensor | None = None) -> Tensor:
-        """Return final-norm hidden states [B, T, H].
-
-        tokens [B, T]; positions [T] RoPE positions; slots [T] cache slots to write;
-        mask [B or 1, 1, T, max_seq_len] bool, True where a token may attend.
-        Batch-1 callers whose new tokens sit at slots prefix_len..prefix_len+T-1 may also pass
-        ``prefix_len`` (0-d device tensor, or an int outside CUDA graphs) and ``tree_mask`` [T, T]
-        (which new tokens each new token sees; causal when None): the same visibility as ``mask``,
-        which lets CUDA run the mask-free cache attention kernel. ``mask`` may then be None.
-        ``tree_ancestors`` (TreeBuffers.ancestors) spares the kernel deriving them from tree_mask.
-        """
+    def forward(self, tokens: Tensor, meta: StepMeta) -> Tensor:
+        """Final-norm hidden states [B, T, H] of tokens [B, T] placed as ``meta`` says."""
         x = self.embed(tokens)
-        rope = self.rope if self.rope.dtype == x.dtype else self.rope.to(x.dtype)
-        if prefix_len is not None and not isinstance(prefix_len, Tensor):
-            prefix_len = torch.tensor(prefix_len, device=x.device)
+        meta = meta.bind(self.rope if self.rope.dtype == x.dtype else self.rope.to(x.dtype))
         delta = None
         for layer in self.layers:
-            x, delta = layer(x, rope, positions, slots, mask, delta, prefix_len, tree_mask, tree_ancestors)
+            x, delta = layer(x, meta, delta)
         return self.norm(x) if delta is None else self.norm.add_forward(x, delta)[0]
 
     def logits(self, hidden: Tensor) -> Tensor:
@@ -224,15 +272,3 @@ class Transformer(nn.Module):
             kernels.move_kv_triton(self.kv, src_slots, dst_slots)
         else:
             self.kv.index_copy_(4, dst_slots, self.kv.index_select(4, src_slots))
-
-
-def causal_mask(start: int | Tensor, length: int, max_seq_len: int, device) -> Tensor:
-    """Mask for ``length`` new tokens at slots start.. that see everything before them and themselves."""
-    rows = torch.arange(length, device=device)[:, None] + start
-    cols = torch.arange(max_seq_len, device=device)[None, :]
-    return (cols <= rows)[None, None]
-
-
-# Imported last: importing medusa_forge.engine runs its package init, which imports this module's
-# Transformer; by now it is defined, whichever of the two packages was imported first.
-from medusa_forge.engine import kernels  # noqa: E402

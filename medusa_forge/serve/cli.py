@@ -23,7 +23,15 @@ from medusa_forge.errors import ForgeError
 @click.option("--out", "--model_repo", "out", required=True, type=click.Path(), help="Model repository to write.")
 @click.option("--name", default="ensemble", show_default=True, help="Model name clients call.")
 @click.option("--max-batch-size", "--max_batch_size", "--triton_max_batch_size", "max_batch_size", type=int,
-              default=None, help="Triton max_batch_size (default: the engine's).")
+              default=None, help="Triton max_batch_size (default: the engine's). Native: requests decoded together, "
+                                 "1 = one at a time, N = in-flight batching over N slots per instance.")
+@click.option("--max-queue", "max_queue", type=int, default=0, show_default=True,
+              help="Native: requests that may wait beyond the running batch, per instance (0 = unbounded); "
+                   "past it a request gets an error at once.")
+@click.option("--speculation", default="auto", show_default=True,
+              help="Native, --max-batch-size > 1: the batcher's tree per step under load: auto (from a cost model "
+                   "measured at load), fixed (the engine's tree always), off-above:N (plain decoding above N "
+                   "active requests).")
 @click.option("--decoupled", "--decoupled_mode", "decoupled", is_flag=True,
               help="Decoupled transaction policy: needed for streaming (stream=true).")
 @click.option("--instances", default=1, show_default=True,
@@ -49,9 +57,9 @@ from medusa_forge.errors import ForgeError
 @click.option("--max-queue-delay-microseconds", "--max_queue_delay_microseconds", "max_queue_delay", default=0,
               show_default=True, help="TensorRT-LLM: dynamic batcher queue delay.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing non-empty --out.")
-def triton_repo(model, medusa, tree, device, dtype, max_seq_len, compile_, out, name, max_batch_size, decoupled,
-                instances, no_medusa, add, request_timeout, torch_threads, tokenizer_dir, tensorrtllm_backend,
-                kv_fraction, batching_strategy, batch_scheduler_policy, max_queue_delay, overwrite):
+def triton_repo(model, medusa, tree, device, dtype, max_seq_len, compile_, out, name, max_batch_size, max_queue,
+                speculation, decoupled, instances, no_medusa, add, request_timeout, torch_threads, tokenizer_dir,
+                tensorrtllm_backend, kv_fraction, batching_strategy, batch_scheduler_policy, max_queue_delay, overwrite):
     """Write a Triton model repository for an engine (native or TensorRT-LLM, from its manifest).
 
     Both kinds expose the same contract under --name (default `ensemble`): tensorrtllm_backend's
@@ -63,7 +71,8 @@ def triton_repo(model, medusa, tree, device, dtype, max_seq_len, compile_, out, 
     trtllm = {"kv_cache_free_gpu_mem_fraction": kv_fraction, "batching_strategy": batching_strategy,
               "batch_scheduler_policy": batch_scheduler_policy, "max_queue_delay_microseconds": max_queue_delay}
     served = write_triton_repo(RepoRequest(
-        engine=Path(model), out=Path(out), name=name, max_batch_size=max_batch_size, decoupled=decoupled,
+        engine=Path(model), out=Path(out), name=name, max_batch_size=max_batch_size, max_queue=max_queue,
+        speculation=speculation, decoupled=decoupled,
         instances=instances, overwrite=overwrite, add=add, use_medusa=not no_medusa,
         medusa=Path(medusa) if medusa else None, tree=tree, device=device, dtype=dtype, max_seq_len=max_seq_len,
         torch_threads=torch_threads, compile=compile_, request_timeout_s=request_timeout,

@@ -145,6 +145,8 @@ class TritonLLMClient:
         }
         if stop_words:
             values["stop_words"] = np.array([[s.encode("utf-8") for s in stop_words]], dtype=np.object_)
+        if temperature and top_k is None and top_p is None:
+            top_p = 1.0  # sample from the whole distribution: top_k = top_p = 0 would be greedy (TensorRT-LLM's rule)
         scalars = {"temperature": (temperature, np.float32), "top_k": (top_k, np.int32), "top_p": (top_p, np.float32),
                    "end_id": (end_id, np.int32), "random_seed": (random_seed, np.uint64)}
         for name, (value, dtype) in scalars.items():

@@ -6,6 +6,11 @@ is importable and testable without Triton. Behaviour:
 - ``initialize`` loads the engine named by the config's ``parameters`` and generates a couple of
   tokens; any failure raises, so Triton marks the model UNAVAILABLE (not READY, with the reason in
   the repository index) and tritonserver, with its default ``--exit-on-error``, refuses to start.
+- ``execute`` parses each request, hands it to the instance's scheduler and returns at once; a
+  thread per request waits for its outcome and answers through the request's response sender. So
+  a request never waits for another one's ``execute``: with ``max_batch_size`` > 1 it joins the
+  running batch at the next step. The Python backend lets any model, decoupled or not, answer
+  through the sender after ``execute`` returned None (exactly one final response when not decoupled).
 - Non-decoupled: one response per request. Decoupled (``--decoupled``): with ``stream=true`` one
   response per decoding step carrying the new text and token ids, then a final one with the rest of
   the text and the statistics; with ``stream=false`` a single final response.
@@ -14,28 +19,29 @@ is importable and testable without Triton. Behaviour:
   generating within one decoding step; so does one past the model's ``request_timeout_s``. When
   even its error response cannot be sent (the client is gone), that is logged and the instance
   goes on with the next request.
-- One request executes at a time per instance (see native_service.py for the concurrency model).
+- Concurrency per instance: see native_service.py.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import threading
 
 import triton_python_backend_utils as pb_utils
 
-from medusa_forge.contract import INPUTS
 from medusa_forge.errors import ForgeError
-from medusa_forge.serve.native_service import (NativeModelSettings, NativeService, RequestCancelled, reply_tensors,
-                                               stack_rows)
-from medusa_forge.serve.request import parse_request
+from medusa_forge.serve.contracts import ServedContract, served_contract
+from medusa_forge.serve.native_service import NativeModelSettings, NativeService, Pending, RequestCancelled
+from medusa_forge.serve.replies import stack_rows
 
 
-def _error(message: str, invalid_argument: bool) -> "pb_utils.TritonError":
+def _error(message: str, invalid_argument: bool) -> pb_utils.TritonError:
     code = getattr(pb_utils.TritonError, "INVALID_ARG" if invalid_argument else "INTERNAL", None)
     return pb_utils.TritonError(message, code) if code is not None else pb_utils.TritonError(message)
 
 
-def _describe(exc: Exception) -> "pb_utils.TritonError":
+def _describe(exc: Exception) -> pb_utils.TritonError:
     if isinstance(exc, RequestCancelled):
         return _error("request cancelled", invalid_argument=False)
     if isinstance(exc, ForgeError):
@@ -43,11 +49,11 @@ def _describe(exc: Exception) -> "pb_utils.TritonError":
     return _error(f"internal error: {type(exc).__name__}: {exc}", invalid_argument=False)
 
 
-def _response(tensors) -> "pb_utils.InferenceResponse":
+def _response(tensors) -> pb_utils.InferenceResponse:
     return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in tensors.items()])
 
 
-def _failed(exc: Exception) -> "pb_utils.InferenceResponse":
+def _failed(exc: Exception) -> pb_utils.InferenceResponse:
     return pb_utils.InferenceResponse(output_tensors=[], error=_describe(exc))
 
 
@@ -63,55 +69,64 @@ class TritonPythonModel:
         params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
         self.max_batch_size = int(config.get("max_batch_size", 0))
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(config)
+        settings = NativeModelSettings.from_parameters(params)
+        if settings.batch_size != max(1, self.max_batch_size):
+            raise ForgeError(f"config max_batch_size {self.max_batch_size} differs from parameter max_batch_size "
+                             f"{settings.batch_size}; regenerate the repository with `medusa-forge triton-repo`")
         device_id = args.get("model_instance_device_id")
-        self.service = NativeService(NativeModelSettings.from_parameters(params),
-                                     device_id=int(device_id) if device_id not in (None, "") else None)
+        self.service = NativeService(settings, device_id=int(device_id) if device_id not in (None, "") else None)
+        self.contract = served_contract(settings.contract)
 
     def _rows(self, request):
         inputs = {}
-        for spec in INPUTS:
+        for spec in self.contract.inputs:
             tensor = pb_utils.get_input_tensor_by_name(request, spec.name)
             if tensor is not None:
                 inputs[spec.name] = tensor.as_numpy()
-        return parse_request(inputs, self.service.use_medusa, self.max_batch_size, self.decoupled)
-
-    def _complete(self, rows, cancelled) -> dict:
-        per_row = []
-        for row in rows:
-            reply = self.service.run(row, cancelled=cancelled)
-            per_row.append(reply_tensors(reply, reply.text, reply.tokens, final=True))
-        return stack_rows(per_row)
+        return self.contract.parse(inputs, self.service.use_medusa, self.max_batch_size, self.decoupled,
+                                   self.service.engine.tokenizer)
 
     def execute(self, requests):
-        if self.decoupled:
-            for request in requests:
-                self._execute_decoupled(request)
-            return None
-        responses = []
         for request in requests:
+            sender = request.get_response_sender()
             try:
-                responses.append(_response(self._complete(self._rows(request), request.is_cancelled)))
-            except Exception as e:  # noqa: BLE001 - every failure becomes this request's error response
-                responses.append(_failed(e))
-        return responses
+                rows = self._rows(request)  # the request's tensors are freed once execute returns
+                if rows[0].stream:
+                    def send(tensors, last: bool, sender=sender) -> None:
+                        sender.send(_response(tensors), flags=_FINAL if last else 0)
 
-    def _execute_decoupled(self, request) -> None:
-        sender = request.get_response_sender()
-        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-        try:
-            rows = self._rows(request)
-            if rows[0].stream:
-                def send(tensors, last: bool) -> None:
-                    sender.send(_response(tensors), flags=final if last else 0)
-
-                self.service.run_streaming(rows[0], send, cancelled=sender.is_cancelled)
-            else:
-                sender.send(_response(self._complete(rows, sender.is_cancelled)), flags=final)
-        except Exception as e:  # noqa: BLE001 - cancelled, timed out, bad request or engine failure
-            try:
-                sender.send(_failed(e), flags=final)
-            except Exception as send_error:  # noqa: BLE001 - nobody left to tell; never stop serving
-                _log_warning(f"could not send the error response ({e}) of a request: {send_error}")
+                    pending = self.service.submit_streaming(rows[0], send, cancelled=sender.is_cancelled)
+                else:
+                    pending = self.service.submit(rows, cancelled=sender.is_cancelled)
+            except Exception as e:  # noqa: BLE001 - bad request, full queue, caller gone: its error response
+                _send_error(sender, e)
+                continue
+            threading.Thread(target=_answer, args=(pending, sender, rows[0].stream, rows[0].pad_id, self.contract),
+                             daemon=True,
+                             name="native-reply").start()
 
     def finalize(self) -> None:
-        self.service = None
+        service, self.service = getattr(self, "service", None), None
+        if service is not None:  # None when initialize failed
+            service.close()  # what is queued or running gets "request cancelled"
+
+
+_FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+def _answer(pending: Pending, sender, stream: bool, pad_id: int, contract: ServedContract) -> None:
+    """Wait for one request's outcome and send it (a streamed one has sent its chunks already)."""
+    try:
+        replies = pending.wait()
+        if not stream:
+            tensors = stack_rows([contract.reply(r, r.text, r.tokens, True) for r in replies], pad_id)
+            sender.send(_response(tensors), flags=_FINAL)
+    except Exception as e:  # noqa: BLE001 - cancelled, timed out, or engine failure
+        pending.respond(functools.partial(_send_error, sender, e))  # after any chunk already streamed
+
+
+def _send_error(sender, exc: Exception) -> None:
+    try:
+        sender.send(_failed(exc), flags=_FINAL)
+    except Exception as send_error:  # noqa: BLE001 - nobody left to tell; never stop serving
+        _log_warning(f"could not send the error response ({exc}) of a request: {send_error}")

@@ -17,6 +17,7 @@ sub-directories): per model the kind, the engine, whether it decodes with Medusa
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -65,7 +66,7 @@ class RepoInfo:
         (repo / REPO_INFO).write_text(json.dumps(asdict(self), indent=2) + "\n")
 
     @classmethod
-    def load(cls, repo: str | Path) -> "RepoInfo | None":
+    def load(cls, repo: str | Path) -> RepoInfo | None:
         path = Path(repo) / REPO_INFO
         if not path.is_file():
             return None
@@ -98,6 +99,8 @@ class RepoRequest:
     torch_threads: int | None = None
     compile: bool = False
     request_timeout_s: float = 600.0
+    max_queue: int = 0  # requests that may wait beyond the running batch (0 = unbounded)
+    speculation: str = "auto"  # the in-flight batcher's tree policy: auto | fixed | off-above:N
     # tensorrt_llm only
     tokenizer_dir: Path | None = None
     tensorrtllm_backend: Path | None = None
@@ -187,13 +190,31 @@ def _native_plan(req: RepoRequest, engine: Path, manifest: EngineManifest | None
         medusa_choices=json.dumps(tree.to_list()) if tree else "", device=req.device or "", dtype=req.dtype or "",
         max_seq_len=str(req.max_seq_len or ""), use_medusa="true" if req.use_medusa else "false",
         torch_threads=str(req.torch_threads or ""), compile="true" if req.compile else "false",
-        request_timeout_s=f"{req.request_timeout_s:g}")
+        request_timeout_s=f"{req.request_timeout_s:g}", max_queue=str(req.max_queue), speculation=req.speculation)
     batch = req.max_batch_size or (manifest.max_batch_size if manifest else 1)
+    _check_batching(batch, req.max_queue, req.speculation)
     cfg = NativeRepoConfig(settings, req.name, batch, req.decoupled, req.instances)
     model = ServedModel(req.name, "native", str(engine), req.use_medusa, req.decoupled, batch,
                         directories=[req.name],
-                        details={"instances": req.instances, "parameters": settings.to_parameters()})
+                        details={"instances": req.instances, "max_queue": req.max_queue,
+                                 "parameters": settings.to_parameters() | {"max_batch_size": str(batch)}})
     return cfg, model
+
+
+def _check_batching(batch: int, max_queue: int, speculation: str) -> None:
+    """Bounds and policy of the instance's scheduler, refused here rather than when the server loads it."""
+    if max_queue < 0:
+        raise ForgeError(f"--max-queue must be >= 0 (0 = unbounded), got {max_queue}")
+    if batch == 1:
+        if speculation != "auto":
+            raise ForgeError(f"--speculation {speculation} steers the in-flight batcher; it needs --max-batch-size > 1")
+        return
+    if importlib.util.find_spec("medusa_forge.engine.batcher") is None:
+        raise ForgeError(f"--max-batch-size {batch} needs the in-flight batcher (medusa_forge/engine/batcher.py), "
+                         "which this install lacks; use --max-batch-size 1")
+    from medusa_forge.engine.speculation import parse_speculation
+
+    parse_speculation(speculation)
 
 
 def _check_heads_fit(engine: Path, manifest: EngineManifest | None, medusa: Path | None,
@@ -215,12 +236,20 @@ def _check_heads_fit(engine: Path, manifest: EngineManifest | None, medusa: Path
 
 
 def _trtllm_plan(req: RepoRequest, engine: Path, manifest: EngineManifest, existing: RepoInfo):
-    from medusa_forge.serve.trtllm_repo import (BACKEND_COMMIT, BACKEND_VERSION, TrtllmNames, find_backend_checkout,
-                                                write_trtllm_models)
+    from medusa_forge.serve.trtllm_repo import (
+        BACKEND_COMMIT,
+        BACKEND_VERSION,
+        TrtllmNames,
+        find_backend_checkout,
+        write_trtllm_models,
+    )
 
     if req.medusa or req.device or req.dtype or req.max_seq_len or req.torch_threads or req.compile:
         raise ForgeError("--medusa/--device/--dtype/--max-seq-len/--torch-threads/--compile apply to native engines; a "
                          "TensorRT-LLM engine fixed them at build time")
+    if req.max_queue or req.speculation != "auto":
+        raise ForgeError("--max-queue/--speculation apply to native engines; TensorRT-LLM's batch manager queues and "
+                         "schedules its own requests")
     if not req.use_medusa and manifest.num_medusa_heads:
         raise ForgeError("--no-medusa: a TensorRT-LLM Medusa engine always decodes with its heads; build a base "
                          "engine (`medusa-forge build` without --medusa) and --add that one")
@@ -257,7 +286,7 @@ def _check_shareable(first, params, world: int) -> None:
                          f"--max-batch-size {first.max_batch_size}")
 
 
-def trtllm_params(req: RepoRequest, engine: Path, manifest: EngineManifest) -> "TrtllmRepoParams":  # noqa: F821
+def trtllm_params(req: RepoRequest, engine: Path, manifest: EngineManifest) -> TrtllmRepoParams:  # noqa: F821
     """The fill values for a TensorRT-LLM engine, from its manifest and the flags."""
     from medusa_forge.serve.trtllm_repo import TrtllmRepoParams
 
@@ -279,7 +308,8 @@ def trtllm_params(req: RepoRequest, engine: Path, manifest: EngineManifest) -> "
         raise ForgeError(f"--max-batch-size {batch} exceeds the engine's max_batch_size {manifest.max_batch_size}")
     return TrtllmRepoParams(engine_dir=engine, tokenizer_dir=_tokenizer_dir(req, engine, manifest),
                             triton_max_batch_size=batch, decoupled=req.decoupled,
-                            medusa_choices=tree.to_trtllm() if tree else None, instances=req.instances, **req.trtllm)
+                            medusa_choices=tree.to_trtllm() if tree else None, instances=req.instances,
+                            repo_dir=Path(req.out).absolute(), dtype=manifest.dtype, **req.trtllm)
 
 
 def _tokenizer_dir(req: RepoRequest, engine: Path, manifest: EngineManifest) -> Path:

@@ -172,7 +172,7 @@ def server_command(install: TritonInstall, cfg: ServerConfig, shm_prefix: str = 
     """tritonserver's argv; for world_size > 1 the mpirun line of tensorrtllm_backend v0.11.0's
     scripts/launch_triton_server.py (rank 0 loads every model, other ranks only the TensorRT-LLM ones)."""
     def rank_args(rank: int) -> list[str]:
-        args = [str(install.binary), f"--model-repository={cfg.repo}"]
+        args = [str(install.binary), f"--model-repository={Path(cfg.repo).absolute()}"]
         if install.backend_dir is not None:
             args.append(f"--backend-directory={install.backend_dir}")
         if rank > 0:
@@ -264,7 +264,9 @@ class TritonServer:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             self._log = out = open(self.log_path, "ab")
         prefix = f"mf{os.getpid()}x{next(_serial)}"
+        # In the repository: TensorRT-LLM repositories hold paths relative to it (relocatable).
         self.proc = subprocess.Popen(server_command(self.install, self.cfg, prefix), env=self.install.environ(),
+                                     cwd=Path(self.cfg.repo).absolute(),
                                      stdout=out, stderr=subprocess.STDOUT if out else None, stdin=subprocess.DEVNULL,
                                      start_new_session=True, preexec_fn=_die_with_parent)
         return self

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from medusa_forge.errors import ForgeError
 from medusa_forge.model.forward import ensure_caches
 from medusa_forge.model.llama import Transformer
+from medusa_forge.model.step_meta import StepMeta
 
 
 def _pick(logits: Tensor, temperature: float, generator: torch.Generator | None) -> Tensor:
@@ -45,7 +46,7 @@ def _generate_batch(model: Transformer, prompts: Sequence[Sequence[int]], max_ne
     rows = torch.arange(P, device=dev)
     own = cols[None, :] == rows[:, None]
     mask = (cols[None, :] <= rows[:, None])[None] & (valid[:, None, :] | own[None])
-    hidden = model(tokens, rows, rows, mask[:, None])[:, -1]
+    hidden = model(tokens, StepMeta(rows, rows, mask[:, None]))[:, -1]
     eos = torch.tensor(sorted(set(eos_ids)) or [-1], device=dev)
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     out = []
@@ -59,7 +60,7 @@ def _generate_batch(model: Transformer, prompts: Sequence[Sequence[int]], max_ne
         pos = torch.full((1,), P + step, dtype=torch.long, device=dev)
         valid[:, P + step] = True
         step_mask = (valid & (cols <= P + step))[:, None, None, :]
-        hidden = model(nxt[:, None], pos, pos, step_mask)[:, -1]
+        hidden = model(nxt[:, None], StepMeta(pos, pos, step_mask))[:, -1]
     gen = torch.stack(out, dim=1).tolist()
     eos_set = set(eos_ids)
     result = []

@@ -1,6 +1,6 @@
 """GPU check of the decoder's Triton kernels at the Llama-3-8B shape: accuracy, batch invariance, speed.
 
-    python -m medusa_forge.engine.kernels_check [--context 1024] [--tree mc_sim_7b_63] [--sweep] [--json FILE]
+    python -m medusa_forge.bench.kernels_check [--context 1024] [--tree mc_sim_7b_63] [--sweep] [--json FILE]
 
 1. accuracy: every kernel against its PyTorch reference (max abs error; "exact" when bit-identical),
    at T=1 (decode) and T=64 (tree), attention also for a 1024-token prefill, against an fp32 reference;
@@ -27,7 +27,7 @@ import click
 import torch
 import torch.nn.functional as F
 
-from medusa_forge.engine import kernels as K
+from medusa_forge import kernels as K
 from medusa_forge.engine.cuda_graphs import capture
 from medusa_forge.model.config import ModelConfig
 from medusa_forge.model.llama import rope_cache
@@ -219,7 +219,7 @@ SWEEP_SHAPES = {  # name -> (shape, committed tokens): the 8B shape and pycoder-
 
 def sweep(chk: Check, tree: str) -> None:
     """Attention time per tile choice, decode (T=1) and tree step, at each of SWEEP_SHAPES: the data
-    :func:`~medusa_forge.engine.kernels.attention_config`'s table comes from."""
+    :func:`~medusa_forge.kernels.attention_config`'s table comes from."""
     g = torch.Generator(device="cuda").manual_seed(9)
     mask = tree_buffers(ChoiceTree.parse(tree)).attn_mask.cuda()
     for name, (sh, context) in SWEEP_SHAPES.items():
@@ -292,6 +292,7 @@ def report(chk: Check) -> str:
 def main(context: int, tree: str, do_sweep: bool, json_path: Path | None) -> None:
     if not torch.cuda.is_available() or not K.HAVE_TRITON:
         raise click.ClickException("kernels_check needs CUDA and triton")
+    import triton
     sh = Shape()
     chk = Check()
     with torch.inference_mode():
@@ -300,7 +301,7 @@ def main(context: int, tree: str, do_sweep: bool, json_path: Path | None) -> Non
         check_gemm(chk, sh)
         if do_sweep:
             sweep(chk, tree)
-    print(f"{torch.cuda.get_device_name()}  triton {K.triton.__version__}  torch {torch.__version__}  "
+    print(f"{torch.cuda.get_device_name()}  triton {triton.__version__}  torch {torch.__version__}  "
           f"attention {K.attention_config(sh.heads // sh.kv_heads, sh.head_dim)}")
     print(report(chk))
     if json_path is not None:

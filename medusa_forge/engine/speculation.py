@@ -1,0 +1,190 @@
+"""Speculation under load: which tree a batched step verifies, from a cost model of this device.
+
+A Medusa tree pays when the tokens it adds per step outweigh the rows it adds to the step. With
+one request a 64-node tree is nearly free (the step reads the weights once either way); with 32
+requests it multiplies the step's GEMM rows by 64. So the batcher picks, at every step, one tree
+for all speculating slots from a ladder of nested trees, the engine's tree cut to its first k
+paths by rank (top-1 chains first, see :func:`ranked_paths`), down to plain decoding (k = 0).
+
+- The cost model (:class:`CostModel`) is measured on this device when the batcher starts: the
+  time of a packed step against its row count and slot count, interpolated between measured points.
+- The gain is each tree node's chance of being accepted, counted from the steps served (a prior
+  that halves with every depth until a node has been tried). A tree of k nodes yields
+  1 + sum(p_i) tokens per slot and step: nodes at one depth are disjoint events (at most one
+  token matches the greedy continuation).
+- The policy (``speculation``): ``auto`` picks the k with the most tokens per second for the
+  slots running now (k = 0 included: a tree must promise 10% more than plain decoding, so
+  speculation is not chosen where the model says it loses or barely wins);
+  ``fixed`` always verifies the engine's whole tree; ``off-above:N`` the whole tree up to N active
+  slots, plain decoding above.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from medusa_forge.errors import ForgeError
+from medusa_forge.tree.choice_tree import ChoiceTree, TreeBuffers, tree_buffers
+
+PRIOR_ACCEPT = 0.5  # prior chance that an untried node at depth 1 is accepted (squared at depth 2, ...)
+PRIOR_WEIGHT = 4.0  # the prior counts as this many observed steps
+TREE_MARGIN = 1.1  # a tree must promise 10% more tokens per second than plain decoding: the cost
+# model is measured once, on a machine that may be busy, and an error there must not make speculation a loss
+
+
+def ranked_paths(tree: ChoiceTree) -> list[tuple[int, ...]]:
+    """The tree's paths by rank: lowest sum of top-k ranks first, then shallower. Every prefix of
+    this list is a valid tree (a path's parent has a lower or equal sum and is shorter)."""
+    return sorted(tree.paths, key=lambda p: (sum(p), len(p), p))
+
+
+@dataclass
+class Ladder:
+    """Nested trees of the engine's tree: ``sizes[i]`` draft nodes, plain decoding for size 0."""
+
+    paths: list[tuple[int, ...]]
+    sizes: list[int]
+    buffers: dict[int, TreeBuffers]
+    path_ranks: dict[int, list[list[int]]]  # size -> that tree's node -> rank positions (1-based) root..node
+
+    @classmethod
+    def of(cls, tree: ChoiceTree, device) -> Ladder:
+        paths = ranked_paths(tree)
+        n = len(paths)
+        sizes = sorted({0, n, *(k for k in (1, 2, 4, 8, 16, 32) if k < n)})
+        buffers, path_ranks = {}, {}
+        for k in sizes[1:]:
+            sub = ChoiceTree.from_paths([list(p) for p in paths[:k]], name=f"{tree.name}[:{k}]")
+            buffers[k] = tree_buffers(sub, device=device)
+            rank = {p: i + 1 for i, p in enumerate(paths[:k])}
+            path_ranks[k] = [[]] + [[rank[p[:d]] for d in range(1, len(p) + 1)] for p in sub.paths]
+        return cls(paths, sizes, buffers, path_ranks)
+
+
+@dataclass
+class CostModel:
+    """Step time (s) against packed rows and slots: t = f(rows) + per_slot * slots, f piecewise
+    linear between measured row counts (extrapolated linearly past the last), plus ``heads`` for a
+    tree step (the drafts of the next tree: the heads' GEMMs over the speculating slots' rows)."""
+
+    rows: list[int]
+    seconds: list[float]
+    per_slot: float
+    device: str = ""
+    heads: float = 0.0
+
+    def time(self, rows: int, slots: int, tree: bool = False) -> float:
+        r, s = np.asarray(self.rows, dtype=float), np.asarray(self.seconds)
+        if rows > r[-1]:
+            slope = (s[-1] - s[-2]) / (r[-1] - r[-2]) if len(r) > 1 else s[-1] / r[-1]
+            base = s[-1] + slope * (rows - r[-1])
+        else:
+            base = float(np.interp(rows, r, s))
+        return base + self.per_slot * slots + (self.heads if tree else 0.0)
+
+    def to_dict(self) -> dict:
+        return {"rows": self.rows, "seconds": [round(x, 6) for x in self.seconds],
+                "per_slot_s": round(self.per_slot, 6), "heads_s": round(self.heads, 6), "device": self.device}
+
+    @classmethod
+    def measure(cls, run: Callable[[int, int], None], max_rows: int, max_slots: int, device: str = "",
+                reps: int = 5, heads: Callable[[int], None] | None = None) -> CostModel:
+        """``run(rows, slots)`` runs one packed step of that shape, ``heads(slots)`` the heads over
+        that many rows; the best of ``reps`` counts. The shapes take turns, so a neighbour's burst
+        of work slows one run of each, not all runs of one."""
+        grid = sorted({1, *(r for r in (2, 4, 8, 16, 32, 64, 128, 256, 512) if r < max_rows), max_rows})
+        shapes = [(r, 1) for r in grid] + ([(max_slots, max_slots)] if max_slots > 1 else [])
+        if heads is not None:
+            shapes.append((0, max_slots))  # rows 0: the heads alone
+        step = run
+
+        def run(rows: int, slots: int) -> None:
+            if rows == 0:
+                heads(slots)
+            else:
+                step(rows, slots)
+        best = dict.fromkeys(shapes, float("inf"))
+        for rep in range(reps + 1):  # the first round warms up
+            for shape in shapes:
+                t0 = time.perf_counter()
+                run(*shape)
+                if rep:
+                    best[shape] = min(best[shape], time.perf_counter() - t0)
+        # More rows never cost less: a point measured slower than a bigger one was disturbed.
+        seconds = np.minimum.accumulate([best[(r, 1)] for r in grid][::-1])[::-1].tolist()
+        per_slot = 0.0
+        if max_slots > 1:
+            one = float(np.interp(max_slots, grid, seconds))
+            per_slot = max(0.0, (best[(max_slots, max_slots)] - one) / (max_slots - 1))
+        return cls(grid, seconds, per_slot, device, best[(0, max_slots)] if heads is not None else 0.0)
+
+
+@dataclass
+class Acceptance:
+    """Per ranked node: steps whose tree held it, and steps that accepted it."""
+
+    depth_of: list[int]
+    tried: np.ndarray = field(init=False)
+    hits: np.ndarray = field(init=False)
+
+    def __post_init__(self):
+        self.tried = np.zeros(len(self.depth_of) + 1)
+        self.hits = np.zeros(len(self.depth_of) + 1)
+
+    def record(self, size: int, accepted_ranks: list[int]) -> None:
+        """One slot's tree step: a tree of ``size`` ranked nodes, these ranks on the accepted path."""
+        self.tried[1: size + 1] += 1
+        self.hits[accepted_ranks] += 1
+
+    def probs(self) -> np.ndarray:
+        prior = PRIOR_ACCEPT ** np.asarray([0, *self.depth_of], dtype=float)
+        return (self.hits + PRIOR_WEIGHT * prior) / (self.tried + PRIOR_WEIGHT)
+
+
+class Policy:
+    """Chooses each step's tree size (0 = plain decoding) from the ladder (module docstring)."""
+
+    def __init__(self, spec: str, ladder: Ladder, cost: CostModel | None):
+        self.spec = spec
+        self.mode, self.limit = parse_speculation(spec)
+        self.ladder, self.cost = ladder, cost
+        self.acceptance = Acceptance([len(p) for p in ladder.paths])
+
+    def choose(self, tree_slots: int, other_rows: int, other_slots: int) -> int:
+        """The tree size for ``tree_slots`` speculating slots beside ``other_rows`` other rows."""
+        full = self.ladder.sizes[-1]
+        if tree_slots == 0 or full == 0 or self.mode == "fixed":
+            return full
+        if self.mode == "off-above":
+            return full if tree_slots + other_slots <= self.limit else 0
+        p = self.acceptance.probs()
+        gains = np.concatenate([[0.0], np.cumsum(p[1:])])
+        best, best_rate, plain = 0, -1.0, 0.0
+        for k in self.ladder.sizes:
+            rows = tree_slots * (k + 1) + other_rows
+            rate = tree_slots * (1.0 + gains[k]) / self.cost.time(rows, tree_slots + other_slots, tree=k > 0)
+            plain = plain or rate
+            if rate > best_rate * 1.0001 and rate >= plain * (TREE_MARGIN if k else 1.0):  # bigger must win outright
+                best, best_rate = k, rate
+        return best
+
+    def to_dict(self) -> dict:
+        out = {"speculation": self.spec, "tree_sizes": self.ladder.sizes}
+        if self.cost is not None:
+            out["cost_model"] = self.cost.to_dict()
+        return out
+
+
+def parse_speculation(spec: str) -> tuple[str, int]:
+    """``auto`` | ``fixed`` | ``off-above:N`` -> (mode, N)."""
+    if spec in ("auto", "fixed"):
+        return spec, 0
+    if spec.startswith("off-above:"):
+        n = spec.split(":", 1)[1]
+        if n.isdigit() and int(n) >= 1:
+            return "off-above", int(n)
+    raise ForgeError(f"speculation {spec!r}: expected auto, fixed or off-above:N (N >= 1 active requests)")
