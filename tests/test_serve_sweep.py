@@ -35,3 +35,28 @@ def test_a_sweep_of_two_client_counts_writes_json_markdown_and_a_plot(model_dir,
     assert md.startswith("# Serve sweep: clients x modes (PASSED)") and "| medusa-batched | 2 |" in md
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "plain-serial x1" in stdout
+
+
+def test_the_soak_compares_batched_with_serial_in_one_run(model_dir, heads_dir, prompts_path, tmp_path):
+    """`--compare-serial`: the same soak against `medusa-serial`/`base-serial` after the batched
+    models, on one server; both phases pass and each phase's TTFT p50 is reported."""
+    import subprocess
+    import sys
+
+    from medusa_forge.build.native import NativeBuildConfig, build_native
+
+    engine = tmp_path / "engine"
+    build_native(NativeBuildConfig(model_dir, engine, dtype="float32", medusa_dir=heads_dir, tree="small",
+                                   verify_tokens=4))
+    out = tmp_path / "soak"
+    cmd = [sys.executable, "-m", "medusa_forge.bench.soak", "--engine", str(engine), "--max-batch-size", "2",
+           "--compare-serial", "--prompts", str(prompts_path), "--num-prompts", "2", "--max-tokens", "2",
+           "--clients", "4", "--duration", "4", "--warmup", "1", "--disconnect-one-in", "0", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    doc = json.loads((out / "soak.json").read_text())
+    assert doc["passed"] and doc["checks"]["serial_phase_passed"]
+    assert doc["models"] == ["medusa", "base"] and doc["serial"]["models"] == ["medusa-serial", "base-serial"]
+    assert doc["ttft_ms"]["p50"] > 0 and doc["serial"]["ttft_ms"]["p50"] > 0
+    assert doc["ttft_p50_serial_over_batched"] == round(doc["serial"]["ttft_ms"]["p50"] / doc["ttft_ms"]["p50"], 3)
+    assert "serial phase (medusa-serial, base-serial" in (out / "soak.md").read_text()

@@ -304,6 +304,12 @@ def summary_lines(doc: dict[str, Any]) -> list[str]:
                      f"{rss['bound_mb']:g}), slope {s['slope_mb_per_min']:+.2f} MiB/min")
     lines.append(f"machine: {doc['cpus']} CPUs, load average (1/5/15 min) {doc['load_average']['before']} before, "
                  f"{doc['load_average']['after']} after (clients, server and anything else on the machine)")
+    if "serial" in doc:
+        s = doc["serial"]
+        lines.append(f"serial phase ({', '.join(s['models'])}, --max-batch-size 1): {s['requests']['completed']} "
+                     f"completed, {s['requests']['errors']} errors, {s['requests']['mismatches']} mismatches; TTFT "
+                     f"p50 {s['ttft_ms']['p50']:.0f} ms vs {doc['ttft_ms']['p50']:.0f} ms "
+                     f"({doc['ttft_p50_serial_over_batched']}x)")
     lines.append("checks: " + ", ".join(f"{k} {'ok' if v else 'FAILED'}" for k, v in doc["checks"].items()))
     return lines
 
@@ -317,12 +323,22 @@ def markdown(doc: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- serving
-def _served_models(engine: Path) -> list[ServedModel]:
+def _served_models(engine: Path, max_batch_size: int | None, suffix: str = "") -> list[ServedModel]:
     """`medusa` (when the engine has heads) and `base`: the same weights, Medusa and plain decoding."""
     from medusa_forge.manifest import EngineManifest
 
     names = (["medusa"] if EngineManifest.load(engine).medusa_choices else []) + ["base"]
-    return [ServedModel(n, n == "medusa") for n in names]
+    return [ServedModel(n + suffix, n == "medusa", max_batch_size) for n in names]
+
+
+def fold_serial_phase(doc: dict[str, Any], serial: dict[str, Any]) -> None:
+    """Fold the serial phase into ``doc``: its figures, its checks, and TTFT p50 serial / this run's."""
+    keep = ("models", "requests", "throughput", "latency_ms", "ttft_ms", "rss", "checks", "passed", "wall_s")
+    doc["serial"] = {k: serial[k] for k in keep}
+    ttft = doc["ttft_ms"]["p50"]
+    doc["ttft_p50_serial_over_batched"] = round(serial["ttft_ms"]["p50"] / ttft, 3) if ttft else None
+    doc["checks"]["serial_phase_passed"] = serial["passed"]
+    doc["passed"] = all(doc["checks"].values())
 
 
 @click.command(context_settings={"max_content_width": 110})
@@ -343,11 +359,17 @@ def _served_models(engine: Path) -> list[ServedModel]:
 @click.option("--sample-every", "sample_every_s", default=0.5, show_default=True, help="Seconds between RSS samples.")
 @click.option("--timeout", "timeout_s", default=300.0, show_default=True, help="Seconds per request, queueing included.")
 @click.option("--torch-threads", type=int, default=1, show_default=True, help="Intra-op threads per served model.")
+@click.option("--max-batch-size", type=int, default=None,
+              help="With --engine: request slots each served model decodes together (1: serial; default: the engine's).")
+@click.option("--compare-serial", is_flag=True,
+              help="With --engine: then soak `medusa-serial`/`base-serial` (--max-batch-size 1) the same way in the "
+                   "same run; reports the TTFT p50 of each phase.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--workdir", type=click.Path(), default=None, help="Keep the repository and tritonserver.log here.")
 @click.option("--out", type=click.Path(), default=None, help="Directory for soak.json and soak.md.")
 def soak(engine, url, server_pid, models, prompts, num_prompts, max_prompt_chars, clients, duration_s, warmup_s,
-         disconnect_one_in, max_tokens, rss_bound_mb, sample_every_s, timeout_s, torch_threads, seed, workdir, out):
+         disconnect_one_in, max_tokens, rss_bound_mb, sample_every_s, timeout_s, torch_threads, max_batch_size, compare_serial,
+         seed, workdir, out):
     """Many streaming clients, some walking away mid-stream, for a while: zero errors, every answer the
     sequential one, bounded server memory (exit 1 when a check fails)."""
     from medusa_forge.atomic import atomic_write_json, atomic_write_text
@@ -359,6 +381,8 @@ def soak(engine, url, server_pid, models, prompts, num_prompts, max_prompt_chars
         raise ForgeError("give --engine DIR (start a server for it) or --url HOST:PORT of a running one")
     if url is not None and server_pid is None:
         raise ForgeError("--url needs --server-pid: the tritonserver process whose memory the soak watches")
+    if url is not None and (compare_serial or max_batch_size is not None):
+        raise ForgeError("--compare-serial and --max-batch-size apply with --engine (the soak writes the models)")
     shared = Path(os.environ.get("MEDUSA_FORGE_SHARED", Path(__file__).resolve().parents[2].parent / "shared"))
     path = Path(prompts) if prompts else shared / "data" / "code_prompts.jsonl"
     items = read_prompts(path)
@@ -373,12 +397,16 @@ def soak(engine, url, server_pid, models, prompts, num_prompts, max_prompt_chars
         if engine is not None:
             work = Path(workdir) if workdir else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="soak-")))
             work.mkdir(parents=True, exist_ok=True)
-            served = _served_models(Path(engine))
-            live = stack.enter_context(serving(Path(engine), work, served, torch_threads, exit_timeout_s=10,
+            served = _served_models(Path(engine), max_batch_size)
+            serial = _served_models(Path(engine), 1, "-serial") if compare_serial else []
+            live = stack.enter_context(serving(Path(engine), work, served + serial, torch_threads, exit_timeout_s=10,
                                                progress=say))
             server, names = live.server, [m.name for m in served]
             url, server_pid = live.url, server.proc.pid
         doc = run_soak(url, names, texts, server_pid, cfg, say)
+        if compare_serial:
+            say("serial phase: the same soak against " + ", ".join(m.name for m in serial))
+            fold_serial_phase(doc, run_soak(url, [m.name for m in serial], texts, server_pid, cfg, say))
         if server is not None:
             server.check_alive("during the soak")
     doc["meta"] = run_metadata()
