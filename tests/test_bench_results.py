@@ -23,25 +23,17 @@ def _files() -> list[Path]:
 
 def test_bench_results_stays_under_one_megabyte():
     total = sum(p.stat().st_size for p in _files())
-    assert total < LIMIT_BYTES, (
-        f"bench/results holds {total} bytes (limit {LIMIT_BYTES})"
-    )
+    assert total < LIMIT_BYTES, f"bench/results holds {total} bytes (limit {LIMIT_BYTES})"
 
 
 def test_every_run_folder_is_cited_by_a_doc():
     text = _docs_text()
-    uncited = [
-        d.name
-        for d in RESULTS.iterdir()
-        if d.is_dir() and f"bench/results/{d.name}" not in text
-    ]
+    uncited = [d.name for d in RESULTS.iterdir() if d.is_dir() and f"bench/results/{d.name}" not in text]
     assert not uncited, f"run folders no doc cites: {uncited}"
 
 
 def test_only_markdown_json_and_plots_are_kept():
-    others = [
-        str(p.relative_to(RESULTS)) for p in _files() if p.suffix not in KEPT_SUFFIXES
-    ]
+    others = [str(p.relative_to(RESULTS)) for p in _files() if p.suffix not in KEPT_SUFFIXES]
     assert not others, f"not Markdown, JSON or PNG: {others}"
 
 
@@ -51,8 +43,6 @@ def test_no_two_kept_files_are_byte_identical():
     for p in sorted(_files()):
         data = p.read_bytes()
         if data in seen:
-            twins.append(
-                (str(seen[data].relative_to(RESULTS)), str(p.relative_to(RESULTS)))
-            )
+            twins.append((str(seen[data].relative_to(RESULTS)), str(p.relative_to(RESULTS))))
         seen.setdefault(data, p)
     assert not twins, f"byte-identical files: {twins}"

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import run_cli
 
 CLIENTS, REQUESTS, TOKENS = 32, 10, 4

@@ -15,17 +15,51 @@ from conftest import run_cli
 
 def test_a_sweep_of_two_client_counts_writes_json_markdown_and_a_plot(model_dir, heads_dir, tmp_path, capsys):
     out = tmp_path / "sweep.json"
-    code, stdout, err = run_cli(["bench", "serve", "--engine", model_dir, "--medusa", heads_dir,
-                                 "--medusa-choices", "small", "--dtype", "float32", "--clients", "1,2",
-                                 "--modes", "plain-serial,medusa-batched", "--max-batch-size", 2,
-                                 "--requests", 1, "--max-tokens", 2, "--num-prompts", 2, "--timeout", 120,
-                                 "--time-limit", 120, "--torch-threads", 1, "--out", out], capsys)
+    code, stdout, err = run_cli(
+        [
+            "bench",
+            "serve",
+            "--engine",
+            model_dir,
+            "--medusa",
+            heads_dir,
+            "--medusa-choices",
+            "small",
+            "--dtype",
+            "float32",
+            "--clients",
+            "1,2",
+            "--modes",
+            "plain-serial,medusa-batched",
+            "--max-batch-size",
+            2,
+            "--requests",
+            1,
+            "--max-tokens",
+            2,
+            "--num-prompts",
+            2,
+            "--timeout",
+            120,
+            "--time-limit",
+            120,
+            "--torch-threads",
+            1,
+            "--out",
+            out,
+        ],
+        capsys,
+    )
     assert code == 0, err
     doc = json.loads(out.read_text())
     assert doc["kind"] == "serve_sweep" and doc["passed"], doc["checks"]
     assert doc["checks"] == {"zero_errors": True, "answers_identical_to_sequential": True, "modes_agree": True}
     assert [(r["mode"], r["clients"], r["max_batch_size"]) for r in doc["rows"]] == [
-        ("plain-serial", 1, 1), ("medusa-batched", 1, 2), ("plain-serial", 2, 1), ("medusa-batched", 2, 2)]
+        ("plain-serial", 1, 1),
+        ("medusa-batched", 1, 2),
+        ("plain-serial", 2, 1),
+        ("medusa-batched", 2, 2),
+    ]
     for r in doc["rows"]:
         assert r["completed"] == r["identical_to_sequential"] == r["requests"] == r["clients"]
         assert r["tokens_per_s"] > 0 and 0 < r["ttft_ms"]["p50"] <= r["latency_ms"]["p50"] + 1e-3
@@ -46,12 +80,36 @@ def test_the_soak_compares_batched_with_serial_in_one_run(model_dir, heads_dir, 
     from medusa_forge.build.native import NativeBuildConfig, build_native
 
     engine = tmp_path / "engine"
-    build_native(NativeBuildConfig(model_dir, engine, dtype="float32", medusa_dir=heads_dir, tree="small",
-                                   verify_tokens=4))
+    build_native(
+        NativeBuildConfig(model_dir, engine, dtype="float32", medusa_dir=heads_dir, tree="small", verify_tokens=4)
+    )
     out = tmp_path / "soak"
-    cmd = [sys.executable, "-m", "medusa_forge.bench.soak", "--engine", str(engine), "--max-batch-size", "2",
-           "--compare-serial", "--prompts", str(prompts_path), "--num-prompts", "2", "--max-tokens", "2",
-           "--clients", "4", "--duration", "4", "--warmup", "1", "--disconnect-one-in", "0", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "medusa_forge.bench.soak",
+        "--engine",
+        str(engine),
+        "--max-batch-size",
+        "2",
+        "--compare-serial",
+        "--prompts",
+        str(prompts_path),
+        "--num-prompts",
+        "2",
+        "--max-tokens",
+        "2",
+        "--clients",
+        "4",
+        "--duration",
+        "4",
+        "--warmup",
+        "1",
+        "--disconnect-one-in",
+        "0",
+        "--out",
+        str(out),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     doc = json.loads((out / "soak.json").read_text())

@@ -36,38 +36,63 @@ class Serving:
 
 
 @contextmanager
-def serving(engine: Path, work: Path, models: list[ServedModel], torch_threads: int | None,
-            request_timeout_s: float = 600.0, exit_timeout_s: float = 5.0,
-            progress: Callable[[str], None] = print) -> Iterator[Serving]:
+def serving(
+    engine: Path,
+    work: Path,
+    models: list[ServedModel],
+    torch_threads: int | None,
+    request_timeout_s: float = 600.0,
+    exit_timeout_s: float = 5.0,
+    progress: Callable[[str], None] = print,
+) -> Iterator[Serving]:
     """Write ``work/repo`` with ``models`` and run tritonserver on it (log: ``work/tritonserver.log``)."""
     from medusa_forge.serve.triton_repo import RepoRequest, write_triton_repo
     from medusa_forge.serve.tritonserver import TritonServer
 
     repo = work / "repo"
     served = [
-        write_triton_repo(RepoRequest(
-            engine=engine, out=repo, name=m.name, decoupled=True, use_medusa=m.use_medusa,
-            max_batch_size=m.max_batch_size, instances=m.instances, torch_threads=torch_threads,
-            request_timeout_s=request_timeout_s, add=k > 0, overwrite=k == 0))
+        write_triton_repo(
+            RepoRequest(
+                engine=engine,
+                out=repo,
+                name=m.name,
+                decoupled=True,
+                use_medusa=m.use_medusa,
+                max_batch_size=m.max_batch_size,
+                instances=m.instances,
+                torch_threads=torch_threads,
+                request_timeout_s=request_timeout_s,
+                add=k > 0,
+                overwrite=k == 0,
+            )
+        )
         for k, m in enumerate(models)
     ]
-    progress(f"repository {repo} ({', '.join(m.name for m in models)}); starting tritonserver "
-             f"(log: {work / 'tritonserver.log'})")
+    progress(
+        f"repository {repo} ({', '.join(m.name for m in models)}); starting tritonserver "
+        f"(log: {work / 'tritonserver.log'})"
+    )
     with TritonServer(repo, exit_timeout_s=exit_timeout_s, log_path=work / "tritonserver.log") as server:
         yield Serving(server, served)
 
 
-def request(client, prompt: str, max_tokens: int, stream: bool,
-            on_text: Callable[[str], None] | None = None) -> dict[str, Any]:
+def request(
+    client, prompt: str, max_tokens: int, stream: bool, on_text: Callable[[str], None] | None = None
+) -> dict[str, Any]:
     """One greedy request (EOS ignored): its tokens, text, latency and time to first text (ms), as
     the caller sees them, queueing included (without streaming the first text is the last)."""
     reply = client.generate(prompt, max_tokens, stream=stream, end_id=-1, on_text=on_text)
-    return {"tokens": reply.output_tokens, "text": reply.text,
-            "latency_ms": 1e3 * reply.total_s, "ttft_ms": 1e3 * reply.ttft_s}
+    return {
+        "tokens": reply.output_tokens,
+        "text": reply.text,
+        "latency_ms": 1e3 * reply.total_s,
+        "ttft_ms": 1e3 * reply.ttft_s,
+    }
 
 
-def sequential_answers(url: str, models: list[str], prompts: list[str], max_tokens: int, timeout_s: float,
-                       stream: bool = True) -> dict[tuple[str, int], dict[str, Any]]:
+def sequential_answers(
+    url: str, models: list[str], prompts: list[str], max_tokens: int, timeout_s: float, stream: bool = True
+) -> dict[tuple[str, int], dict[str, Any]]:
     """What one client alone gets for every (model, prompt): the reference for every answer under load."""
     from medusa_forge.serve.client import TritonLLMClient
 
@@ -88,8 +113,9 @@ class ClientRun:
     hung: list[str] = field(default_factory=list)
 
 
-def run_clients(clients: int, body: Callable[[int, list], None], join_s: Callable[[], float],
-                name: str = "bench-client") -> ClientRun:
+def run_clients(
+    clients: int, body: Callable[[int, list], None], join_s: Callable[[], float], name: str = "bench-client"
+) -> ClientRun:
     """``clients`` threads released together, each running ``body(i, records)``, which appends its
     records to the list it is given (kept even when ``body`` raises). ``join_s()`` is how long the
     caller still waits for each thread; the wall time runs from the release to the last join."""
@@ -144,8 +170,13 @@ def server_stats(client) -> dict[str, int]:
     def ns(key: str) -> int:
         return int(inf.get(key, {}).get("ns", 0))
 
-    return {"success": int(inf.get("success", {}).get("count", 0)), "fail": int(inf.get("fail", {}).get("count", 0)),
-            "queue_ns": ns("queue"), "compute_infer_ns": ns("compute_infer"), "success_ns": ns("success")}
+    return {
+        "success": int(inf.get("success", {}).get("count", 0)),
+        "fail": int(inf.get("fail", {}).get("count", 0)),
+        "queue_ns": ns("queue"),
+        "compute_infer_ns": ns("compute_infer"),
+        "success_ns": ns("success"),
+    }
 
 
 def settled_stats(client, requests: int, timeout_s: float = 2.0) -> dict[str, int]:

@@ -16,13 +16,16 @@ def source_commit() -> str:
     that differs from its HEAD says so ("<sha>-dirty") instead of passing for that commit."""
     commit = os.environ.get("MEDUSA_FORGE_COMMIT", "")
     try:
-        commit = commit or subprocess.run(
-            ["git", "describe", "--always", "--dirty", "--abbrev=7"],
-            capture_output=True,
-            text=True,
-            check=False,
-            cwd=Path(__file__).resolve().parent,
-        ).stdout.strip()
+        commit = (
+            commit
+            or subprocess.run(
+                ["git", "describe", "--always", "--dirty", "--abbrev=7"],
+                capture_output=True,
+                text=True,
+                check=False,
+                cwd=Path(__file__).resolve().parent,
+            ).stdout.strip()
+        )
     except OSError:
         pass
     return commit or "unknown"

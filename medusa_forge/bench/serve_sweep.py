@@ -46,12 +46,12 @@ def parse_modes(text: str) -> list[str]:
 
 
 def served_models(modes: list[str], max_batch_size: int, instances: int) -> list[ServedModel]:
-    return [ServedModel(m, m.startswith("medusa"), 1 if m.endswith("serial") else max_batch_size, instances)
-            for m in modes]
+    return [
+        ServedModel(m, m.startswith("medusa"), 1 if m.endswith("serial") else max_batch_size, instances) for m in modes
+    ]
 
 
-def run_serve_sweep(cfg: ServeBenchConfig, clients: list[int], modes: list[str],
-                    progress=print) -> dict[str, Any]:
+def run_serve_sweep(cfg: ServeBenchConfig, clients: list[int], modes: list[str], progress=print) -> dict[str, Any]:
     """Run the sweep; returns the result document (``passed``: no error, every answer the sequential one)."""
     import torch
 
@@ -72,38 +72,79 @@ def run_serve_sweep(cfg: ServeBenchConfig, clients: list[int], modes: list[str],
         if not modes:
             raise ForgeError("no mode left to run: the Medusa modes need an engine with heads (and no --no-medusa)")
         models = served_models(modes, batch, cfg.instances)
-        live = stack.enter_context(serving(engine, work, models, threads, max(cfg.timeout_s, cfg.time_limit_s),
-                                           progress=progress))
+        live = stack.enter_context(
+            serving(engine, work, models, threads, max(cfg.timeout_s, cfg.time_limit_s), progress=progress)
+        )
         progress(f"tritonserver ready at {live.url}; sequential answers for {len(modes)} mode(s)")
         reference = sequential_answers(live.url, modes, cfg.prompts, cfg.max_tokens, cfg.timeout_s)
         rows = []
         for n in clients:
             for mode in modes:  # interleaved, so a drift of the machine's speed touches every mode alike
                 progress(f"{mode}: {n} client(s) x {cfg.requests} request(s), {cfg.max_tokens} tokens each")
-                run = load_phase(live.url, mode, cfg.prompts, n, cfg.requests, cfg.max_tokens, True, False,
-                                 cfg.timeout_s, cfg.time_limit_s)
-                rows.append(_row(mode, n, cfg.requests, run, reference,
-                                 next(m.max_batch_size for m in models if m.name == mode)))
+                run = load_phase(
+                    live.url,
+                    mode,
+                    cfg.prompts,
+                    n,
+                    cfg.requests,
+                    cfg.max_tokens,
+                    True,
+                    False,
+                    cfg.timeout_s,
+                    cfg.time_limit_s,
+                )
+                rows.append(
+                    _row(
+                        mode, n, cfg.requests, run, reference, next(m.max_batch_size for m in models if m.name == mode)
+                    )
+                )
         live.server.check_alive("during the sweep")
         server = {"binary": str(live.server.install.binary), "source": live.server.install.source}
     agree = _modes_agree(reference, modes, len(cfg.prompts))
-    checks = {"zero_errors": all(r["errors"] == 0 for r in rows),
-              "answers_identical_to_sequential": all(r["mismatches"] == 0 for r in rows),
-              "modes_agree": agree}
-    config = {**{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()
-                 if k not in ("prompts", "workdir", "clients", "overhead_trials", "goal_overhead_ms", "stream",
-                              "keep_stream")},
-              "clients": clients, "modes": modes, "max_batch_size": batch, "num_prompts": len(cfg.prompts),
-              "engine_built": built, "engine_dtype": manifest.dtype, "torch_threads": threads,
-              "tree_nodes": len(manifest.medusa_choices or []), "stream": True}
-    return {"kind": "serve_sweep", "passed": all(checks.values()), "checks": checks, "config": config,
-            "machine": machine(), "server": server, "rows": rows, "ratios": ratios(rows),
-            "elapsed_s": round(time.perf_counter() - t_start, 3)}
+    checks = {
+        "zero_errors": all(r["errors"] == 0 for r in rows),
+        "answers_identical_to_sequential": all(r["mismatches"] == 0 for r in rows),
+        "modes_agree": agree,
+    }
+    config = {
+        **{
+            k: (str(v) if isinstance(v, Path) else v)
+            for k, v in asdict(cfg).items()
+            if k
+            not in ("prompts", "workdir", "clients", "overhead_trials", "goal_overhead_ms", "stream", "keep_stream")
+        },
+        "clients": clients,
+        "modes": modes,
+        "max_batch_size": batch,
+        "num_prompts": len(cfg.prompts),
+        "engine_built": built,
+        "engine_dtype": manifest.dtype,
+        "torch_threads": threads,
+        "tree_nodes": len(manifest.medusa_choices or []),
+        "stream": True,
+    }
+    return {
+        "kind": "serve_sweep",
+        "passed": all(checks.values()),
+        "checks": checks,
+        "config": config,
+        "machine": machine(),
+        "server": server,
+        "rows": rows,
+        "ratios": ratios(rows),
+        "elapsed_s": round(time.perf_counter() - t_start, 3),
+    }
 
 
 def _row(mode: str, clients: int, requests: int, run, reference: dict, max_batch_size: int) -> dict[str, Any]:
-    row = {"mode": mode, "decoding": mode.split("-")[0], "batching": mode.split("-")[1],
-           "max_batch_size": max_batch_size, "clients": clients, "requests": clients * requests}
+    row = {
+        "mode": mode,
+        "decoding": mode.split("-")[0],
+        "batching": mode.split("-")[1],
+        "max_batch_size": max_batch_size,
+        "clients": clients,
+        "requests": clients * requests,
+    }
     row |= tally(run, clients * requests, lambda r: reference[mode, r["prompt"]]["tokens"])
     row["ttft_ms"] = percentiles([r["ttft_ms"] for r in run.records if "error" not in r])
     return row
@@ -132,33 +173,46 @@ def _compare(a: dict, b: dict) -> dict[str, float | None]:
     def div(x: float, y: float) -> float | None:
         return round(x / y, 3) if y else None
 
-    return {"tokens_per_s": div(a["tokens_per_s"], b["tokens_per_s"]),
-            "latency_p50": div(a["latency_ms"]["p50"], b["latency_ms"]["p50"]),
-            "ttft_p50": div(a["ttft_ms"]["p50"], b["ttft_ms"]["p50"])}
+    return {
+        "tokens_per_s": div(a["tokens_per_s"], b["tokens_per_s"]),
+        "latency_p50": div(a["latency_ms"]["p50"], b["latency_ms"]["p50"]),
+        "ttft_p50": div(a["ttft_ms"]["p50"], b["ttft_ms"]["p50"]),
+    }
 
 
 def markdown(doc: dict[str, Any]) -> str:
     c, m = doc["config"], doc["machine"]
-    lines = [f"# Serve sweep: clients x modes ({'PASSED' if doc['passed'] else 'FAILED'})", "",
-             f"- machine: {m['cpu']}, {m['usable_cores']} usable core(s), torch threads {c['torch_threads']}"
-             f"{', ' + m['cuda'] if m['cuda'] else ''}; tritonserver on 127.0.0.1, gRPC, streaming",
-             f"- engine: native {c['engine_dtype']}, Medusa tree of {c['tree_nodes']} nodes; batched modes "
-             f"`--max-batch-size {c['max_batch_size']}`, serial `1`; {c['instances']} instance(s) each",
-             f"- {c['requests']} request(s) per client, {c['max_tokens']} new tokens each (EOS ignored), "
-             f"{c['num_prompts']} prompt(s)",
-             "- checks: " + ", ".join(f"{k} {'ok' if v else 'FAILED'}" for k, v in doc["checks"].items()), "",
-             "| mode | clients | tok/s | req/s | p50 ms | p99 ms | TTFT p50 ms | TTFT p99 ms | errors | identical |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"# Serve sweep: clients x modes ({'PASSED' if doc['passed'] else 'FAILED'})",
+        "",
+        f"- machine: {m['cpu']}, {m['usable_cores']} usable core(s), torch threads {c['torch_threads']}"
+        f"{', ' + m['cuda'] if m['cuda'] else ''}; tritonserver on 127.0.0.1, gRPC, streaming",
+        f"- engine: native {c['engine_dtype']}, Medusa tree of {c['tree_nodes']} nodes; batched modes "
+        f"`--max-batch-size {c['max_batch_size']}`, serial `1`; {c['instances']} instance(s) each",
+        f"- {c['requests']} request(s) per client, {c['max_tokens']} new tokens each (EOS ignored), "
+        f"{c['num_prompts']} prompt(s)",
+        "- checks: " + ", ".join(f"{k} {'ok' if v else 'FAILED'}" for k, v in doc["checks"].items()),
+        "",
+        "| mode | clients | tok/s | req/s | p50 ms | p99 ms | TTFT p50 ms | TTFT p99 ms | errors | identical |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in doc["rows"]:
         lat, ttft = r["latency_ms"], r["ttft_ms"]
-        lines.append(f"| {r['mode']} | {r['clients']} | {r['tokens_per_s']:.1f} | {r['requests_per_s']:.2f} | "
-                     f"{lat['p50']:.0f} | {lat['p99']:.0f} | {ttft['p50']:.0f} | {ttft['p99']:.0f} | "
-                     f"{r['errors']} | {r['identical_to_sequential']}/{r['completed']} |")
+        lines.append(
+            f"| {r['mode']} | {r['clients']} | {r['tokens_per_s']:.1f} | {r['requests_per_s']:.2f} | "
+            f"{lat['p50']:.0f} | {lat['p99']:.0f} | {ttft['p50']:.0f} | {ttft['p99']:.0f} | "
+            f"{r['errors']} | {r['identical_to_sequential']}/{r['completed']} |"
+        )
     bvs = doc["ratios"]["batched_vs_serial"]
     if bvs:
-        lines += ["", "Batched / serial at the same client count (tok/s: higher is better; p50 latency and "
-                  "TTFT: lower is better):", "",
-                  "| decoding | clients | tok/s | p50 latency | TTFT p50 |", "|---|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            "Batched / serial at the same client count (tok/s: higher is better; p50 latency and "
+            "TTFT: lower is better):",
+            "",
+            "| decoding | clients | tok/s | p50 latency | TTFT p50 |",
+            "|---|---:|---:|---:|---:|",
+        ]
         for dec, by_n in bvs.items():
             for n, v in by_n.items():
                 lines.append(f"| {dec} | {n} | {v['tokens_per_s']} | {v['latency_p50']} | {v['ttft_p50']} |")
@@ -173,9 +227,11 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
-    panels = (("tokens/s (aggregate)", lambda r: r["tokens_per_s"]),
-              ("p50 latency (ms)", lambda r: r["latency_ms"]["p50"]),
-              ("p50 time to first token (ms)", lambda r: r["ttft_ms"]["p50"]))
+    panels = (
+        ("tokens/s (aggregate)", lambda r: r["tokens_per_s"]),
+        ("p50 latency (ms)", lambda r: r["latency_ms"]["p50"]),
+        ("p50 time to first token (ms)", lambda r: r["ttft_ms"]["p50"]),
+    )
     for ax, (label, value) in zip(axes, panels):
         for mode in doc["config"]["modes"]:
             rows = [r for r in doc["rows"] if r["mode"] == mode]
@@ -194,6 +250,9 @@ def plot(doc: dict[str, Any], path: Path) -> None:
 
 
 def summary_lines(doc: dict[str, Any]) -> list[str]:
-    return [f"{r['mode']:>15} x{r['clients']:<3} {r['tokens_per_s']:8.1f} tok/s  p50 {r['latency_ms']['p50']:8.0f} ms"
-            f"  p99 {r['latency_ms']['p99']:8.0f} ms  TTFT p50 {r['ttft_ms']['p50']:8.0f} ms  errors {r['errors']}"
-            f"  identical {r['identical_to_sequential']}/{r['completed']}" for r in doc["rows"]]
+    return [
+        f"{r['mode']:>15} x{r['clients']:<3} {r['tokens_per_s']:8.1f} tok/s  p50 {r['latency_ms']['p50']:8.0f} ms"
+        f"  p99 {r['latency_ms']['p99']:8.0f} ms  TTFT p50 {r['ttft_ms']['p50']:8.0f} ms  errors {r['errors']}"
+        f"  identical {r['identical_to_sequential']}/{r['completed']}"
+        for r in doc["rows"]
+    ]

@@ -99,7 +99,7 @@ def time_graph(fn, reset, iters: int = 50) -> float:
     return times[len(times) // 2]
 
 
-def random_engine(cfg: "ModelConfig | str", tree: str = "mc_sim_7b_63", num_heads: int = 5, max_seq_len: int = 2048,
+def random_engine(cfg: ModelConfig | str, tree: str = "mc_sim_7b_63", num_heads: int = 5, max_seq_len: int = 2048,
                   dtype=torch.bfloat16, compile: bool = False, fp8: bool = False):
     """A CUDA engine with random weights at ``cfg``'s shape (or a HF model dir's real weights) and
     random shared-lm_head heads: what the step benchmarks time. ``fp8``: the block GEMMs as FP8
@@ -149,7 +149,8 @@ def measure(cfg: ModelConfig = LLAMA3_8B, tree: str = "mc_sim_7b_63", num_heads:
     single = engine._step("base", gcfg)
     tree_step = engine._step("greedy", gcfg)
     hidden = torch.randn(1, cfg.hidden_size, device="cuda", dtype=dtype)
-    heads_graph = capture(lambda: engine._heads_topk(hidden, engine.row0))
+    heads_topk, row0 = engine._heads_topk, engine.row0  # not engine itself: it is deleted below
+    heads_graph = capture(lambda: heads_topk(hidden, row0))
     bw = copy_bandwidth_gb_s()
     nbytes = step_weight_bytes(model)
     result = StepTimes(

@@ -8,7 +8,7 @@ per kernel name, divided by the number of replays.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch.profiler import ProfilerActivity, profile
