@@ -149,7 +149,7 @@ def measure(cfg: ModelConfig = LLAMA3_8B, tree: str = "mc_sim_7b_63", num_heads:
     single = engine._step("base", gcfg)
     tree_step = engine._step("greedy", gcfg)
     hidden = torch.randn(1, cfg.hidden_size, device="cuda", dtype=dtype)
-    heads_topk, row0 = engine._heads_topk, engine.row0  # not engine itself: it is deleted below
+    heads_topk, row0 = engine._heads_topk, engine.row0  # freed with the engine below
     heads_graph = capture(lambda: heads_topk(hidden, row0))
     bw = copy_bandwidth_gb_s()
     nbytes = step_weight_bytes(model)
@@ -157,6 +157,6 @@ def measure(cfg: ModelConfig = LLAMA3_8B, tree: str = "mc_sim_7b_63", num_heads:
         single_ms=time_graph(single, reset), tree_ms=time_graph(tree_step, reset),
         heads_ms=time_graph(heads_graph.replay, lambda: None), floor_ms=nbytes / (bw * 1e9) * 1e3,
         weight_gb=nbytes / 1e9, copy_gb_s=bw, tree_nodes=engine.tree.num_nodes)
-    del engine, model, heads
+    del engine, model, heads, heads_topk, heads_graph
     torch.cuda.empty_cache()
     return result
