@@ -149,14 +149,14 @@ def measure(cfg: ModelConfig = LLAMA3_8B, tree: str = "mc_sim_7b_63", num_heads:
     single = engine._step("base", gcfg)
     tree_step = engine._step("greedy", gcfg)
     hidden = torch.randn(1, cfg.hidden_size, device="cuda", dtype=dtype)
-    heads_topk, row0 = engine._heads_topk, engine.row0  # freed with the engine below
-    heads_graph = capture(lambda: heads_topk(hidden, row0))
+    # defaults, not a closure over engine: the del below must be able to drop it
+    heads_graph = capture(lambda f=engine._heads_topk, r=engine.row0: f(hidden, r))
     bw = copy_bandwidth_gb_s()
     nbytes = step_weight_bytes(model)
     result = StepTimes(
         single_ms=time_graph(single, reset), tree_ms=time_graph(tree_step, reset),
         heads_ms=time_graph(heads_graph.replay, lambda: None), floor_ms=nbytes / (bw * 1e9) * 1e3,
         weight_gb=nbytes / 1e9, copy_gb_s=bw, tree_nodes=engine.tree.num_nodes)
-    del engine, model, heads, heads_topk, heads_graph
+    del engine, model, heads, heads_graph
     torch.cuda.empty_cache()
     return result
