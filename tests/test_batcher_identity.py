@@ -19,7 +19,7 @@ from medusa_forge.engine.batcher import InflightBatcher
 from medusa_forge.engine.generation import GenerationConfig
 from medusa_forge.engine.load import load_engine
 from medusa_forge.engine.logits_processing import LogitsSettings
-from medusa_forge.engine.tickets import RequestCancelled, RequestTimedOut
+from medusa_forge.engine.tickets import QueueFull, RequestCancelled, RequestTimedOut
 from medusa_forge.errors import ForgeError
 
 REQUESTS = 64
@@ -127,7 +127,7 @@ def test_a_full_queue_refuses_and_close_cancels_what_waits(engine, requests):
     running = batcher.submit(ids, long, on_tokens=lambda new: started.set())
     assert started.wait(30)
     queued = batcher.submit(ids, long)
-    with pytest.raises(ForgeError, match="queue is full"):
+    with pytest.raises(QueueFull, match="queue is full"):
         batcher.submit(ids, long)
     batcher.close()
     for t in (running, queued):

@@ -9,7 +9,7 @@ import pytest
 
 from medusa_forge.engine.generation import GenerationConfig
 from medusa_forge.engine.serial import SerialScheduler
-from medusa_forge.engine.tickets import RequestCancelled, RequestTimedOut
+from medusa_forge.engine.tickets import QueueFull, RequestCancelled, RequestTimedOut
 from medusa_forge.errors import ForgeError
 
 PROMPTS = ["def add(a, b):", "class Stack:\n    def push(self, item):", "import os\n\ndef walk(root):"]
@@ -83,7 +83,7 @@ def test_a_full_queue_refuses_a_request_naming_the_bound(engine):
     first = scheduler.submit(ids(engine, PROMPTS[0]), greedy(1500), on_tokens=lambda new: running.set())
     assert running.wait(30)
     queued = [scheduler.submit(ids(engine, p), greedy(2)) for p in PROMPTS[1:]]
-    with pytest.raises(ForgeError, match=r"request queue is full \(2 waiting for a slot of 1\); retry later"):
+    with pytest.raises(QueueFull, match=r"request queue is full \(2 waiting for a slot of 1\); retry later"):
         scheduler.submit(ids(engine, PROMPTS[0]), greedy(2))
     first.cancel()
     assert [len(t.result(timeout=30).tokens) for t in queued] == [2, 2]

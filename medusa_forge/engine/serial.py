@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import Callable
 
 from medusa_forge.engine.generation import GenerationConfig
-from medusa_forge.engine.tickets import RequestCancelled, Ticket
+from medusa_forge.engine.tickets import QueueFull, RequestCancelled, Ticket
 from medusa_forge.errors import ForgeError
 
 
@@ -41,7 +41,7 @@ class SerialScheduler:
             if self._closed:
                 raise ForgeError("the scheduler is closed; the model is unloading")
             if self.max_queue and len(self._queue) >= self.max_queue:
-                raise ForgeError(f"request queue is full ({self.max_queue} waiting for a slot of 1); retry later "
+                raise QueueFull(f"request queue is full ({self.max_queue} waiting for a slot of 1); retry later "
                                  "or raise --max-queue")
             self._queue.append(ticket)
             self._wake.notify()

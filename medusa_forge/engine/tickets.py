@@ -25,6 +25,11 @@ class RequestTimedOut(ForgeError):
     """The request ran past its time limit."""
 
 
+class QueueFull(ForgeError):
+    """Every slot is busy and the wait queue is at its bound: the caller should retry later
+    (Triton's UNAVAILABLE, not a bad request)."""
+
+
 class Ticket:
     """One submitted request: its inputs, a cancel switch, and its outcome once the loop ends it."""
 
