@@ -205,7 +205,7 @@ class InflightBatcher:
             if oc.tree_step:
                 self.policy.acceptance.record(self._size, self.policy.ladder.path_ranks[self._size][oc.last_node])
             try:
-                done = st.take(oc.tokens)
+                done = st.take(oc.tokens, work.tree.tree_indices.shape[0] - 1 if oc.tree_step else 0)
             except Exception as e:  # noqa: BLE001 - the caller's on_tokens failed: that request only
                 self._end(s, error=e)
                 continue
