@@ -95,6 +95,14 @@ def test_a_bad_request_is_refused_at_submit(engine, scheduler):
         scheduler.submit(ids(engine, PROMPTS[0]), greedy(100_000))
 
 
+def test_describe_names_the_serial_policy_and_the_queue_bound(engine):
+    scheduler = SerialScheduler(engine, max_queue=3)
+    try:
+        assert scheduler.describe() == {"max_batch_size": 1, "max_queue": 3, "speculation": "serial"}
+    finally:
+        scheduler.close()
+
+
 def test_close_fails_the_running_and_the_queued_tickets(engine):
     scheduler = SerialScheduler(engine)
     running = threading.Event()

@@ -33,6 +33,10 @@ class SerialScheduler:
         self._thread = threading.Thread(target=self._loop, name="serial-scheduler", daemon=True)
         self._thread.start()
 
+    def describe(self) -> dict:
+        """What this loop runs: one request at a time, each with the engine's whole tree (or none)."""
+        return {"max_batch_size": 1, "max_queue": self.max_queue, "speculation": "serial"}
+
     def submit(self, prompt_ids: list[int], gcfg: GenerationConfig,
                on_tokens: Callable[[list[int]], None] | None = None, timeout_s: float | None = None) -> Ticket:
         self.engine.check_request(prompt_ids, gcfg)  # a bad request fails here, not in the loop

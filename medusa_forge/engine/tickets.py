@@ -95,3 +95,6 @@ class Scheduler(Protocol):
 
     def close(self) -> None:
         """Fail every queued and running ticket with RequestCancelled and stop the loop's thread."""
+
+    def describe(self) -> dict:
+        """What this loop runs (slots, queue bound, speculation policy and its cost model), for logs."""

@@ -67,6 +67,12 @@ def _log_warning(message: str) -> None:
         logger.log_warn(message)
 
 
+def _log_info(message: str) -> None:
+    logger = getattr(pb_utils, "Logger", None)
+    if logger is not None:
+        logger.log_info(message)
+
+
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         config = json.loads(args["model_config"])
@@ -80,6 +86,9 @@ class TritonPythonModel:
         device_id = args.get("model_instance_device_id")
         self.service = NativeService(settings, device_id=int(device_id) if device_id not in (None, "") else None)
         self.contract = served_contract(settings.contract)
+        # The speculation policy and the cost model it measured decide every step's tree: say which.
+        _log_info(f"medusa-forge scheduler of {args.get('model_name', 'this model')}: "
+                  f"{json.dumps(self.service.scheduler.describe(), sort_keys=True)}")
 
     def _rows(self, request):
         inputs = {}
