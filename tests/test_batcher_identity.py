@@ -19,8 +19,9 @@ from medusa_forge.engine.batcher import InflightBatcher
 from medusa_forge.engine.generation import GenerationConfig
 from medusa_forge.engine.load import load_engine
 from medusa_forge.engine.logits_processing import LogitsSettings
-from medusa_forge.engine.tickets import RequestCancelled, RequestTimedOut
+from medusa_forge.engine.tickets import QueueFull, RequestCancelled, RequestTimedOut
 from medusa_forge.errors import ForgeError
+from medusa_forge.serve.replies import Reply
 
 REQUESTS = 64
 
@@ -127,7 +128,7 @@ def test_a_full_queue_refuses_and_close_cancels_what_waits(engine, requests):
     running = batcher.submit(ids, long, on_tokens=lambda new: started.set())
     assert started.wait(30)
     queued = batcher.submit(ids, long)
-    with pytest.raises(ForgeError, match="queue is full"):
+    with pytest.raises(QueueFull, match="queue is full"):
         batcher.submit(ids, long)
     batcher.close()
     for t in (running, queued):
@@ -229,3 +230,26 @@ def test_auto_speculation_measures_this_machine_and_records_its_choices(engine, 
     assert cost["rows"][0] == 1 and cost["rows"][-1] == 3 * 8 and cost["seconds"] == sorted(cost["seconds"])
     assert info["speculation"] == "auto" and info["tree_sizes"] == [0, 1, 2, 4, 7]
     assert sum(info["steps_by_tree_size"].values()) > 0
+
+
+def test_each_steps_draft_count_is_the_tree_that_step_verified_and_zero_for_a_plain_step(engine, requests):
+    """off-above:1 decodes plainly while both requests run and verifies a tree while one runs alone."""
+    ids = requests[0][0][:12]
+    cfgs = [GenerationConfig(max_new_tokens=n, use_medusa=True, ignore_eos=True) for n in (6, 24)]
+    batcher = InflightBatcher(engine, max_batch_size=2, speculation="off-above:1")
+    try:
+        results = [t.result(timeout=120) for t in [batcher.submit(ids, c) for c in cfgs]]
+    finally:
+        batcher.close()
+    trees = {k: batcher.policy.ladder.buffers[k].tree_indices.shape[0] - 1 for k in batcher.policy.ladder.sizes[1:]}
+    for r in results:
+        assert len(r.drafts_per_step) == len(r.accepted_per_step)
+        assert set(r.drafts_per_step) <= {0, *trees.values()}
+        assert all(d > 0 for d, n in zip(r.drafts_per_step, r.accepted_per_step) if n > 1)
+        assert Reply.from_result(r).total_draft_tokens == sum(r.drafts_per_step)
+    assert 0 in results[0].drafts_per_step  # its steps shared with the other request ran plainly
+    assert any(results[1].drafts_per_step)  # the longer one, alone at the end, verified trees
+    serial = engine.generate_ids(ids, cfgs[0])
+    assert serial.drafts_per_step == [engine.tree.num_nodes - 1] * serial.steps
+    plain = engine.generate_ids(ids, GenerationConfig(max_new_tokens=6, use_medusa=False, ignore_eos=True))
+    assert plain.drafts_per_step == [0] * plain.steps and Reply.from_result(plain).acceptance_rate == 0.0

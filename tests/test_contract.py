@@ -54,9 +54,9 @@ def test_the_native_repository_declares_the_whole_contract():
 
 
 def test_log_probs_and_logits_come_back_only_when_asked_with_the_ensembles_shapes():
-    plain = Reply("ab", [5, 6], [1], 0)
+    plain = Reply("ab", [5, 6], [1], [0])
     assert set(reply_tensors(plain, "ab", [5, 6], final=True)) & set(ENSEMBLE_OUTPUTS[1:]) == set()
-    asked = Reply("ab", [5, 6], [1], 0, [-0.5, -0.25], np.zeros((3, 8), np.float32), np.ones((2, 8), np.float32))
+    asked = Reply("ab", [5, 6], [1], [0], [-0.5, -0.25], np.zeros((3, 8), np.float32), np.ones((2, 8), np.float32))
     out = reply_tensors(asked, "ab", [5, 6], final=True)
     assert {k: (v.shape, v.dtype) for k, v in out.items() if k in ENSEMBLE_OUTPUTS} == {
         "text_output": ((1,), np.object_), "cum_log_probs": ((1, 1), np.float32),
@@ -70,8 +70,8 @@ def test_log_probs_and_logits_come_back_only_when_asked_with_the_ensembles_shape
 
 
 def test_ragged_rows_are_padded_in_every_dimension_with_the_pad_id_or_zero():
-    rows = [reply_tensors(Reply("a", [1], [], 0, [-1.0], np.ones((2, 3), np.float32)), "a", [1], True),
-            reply_tensors(Reply("bc", [2, 3], [1], 0, [-1.0, -2.0], np.ones((4, 3), np.float32)), "bc", [2, 3], True)]
+    rows = [reply_tensors(Reply("a", [1], [], [], [-1.0], np.ones((2, 3), np.float32)), "a", [1], True),
+            reply_tensors(Reply("bc", [2, 3], [1], [0], [-1.0, -2.0], np.ones((4, 3), np.float32)), "bc", [2, 3], True)]
     out = stack_rows(rows, pad_id=7)
     assert out["output_tokens"].tolist() == [[1, 7], [2, 3]]
     assert out["output_log_probs"].tolist() == [[[-1.0, 0.0]], [[-1.0, -2.0]]]

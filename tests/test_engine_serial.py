@@ -9,7 +9,7 @@ import pytest
 
 from medusa_forge.engine.generation import GenerationConfig
 from medusa_forge.engine.serial import SerialScheduler
-from medusa_forge.engine.tickets import RequestCancelled, RequestTimedOut
+from medusa_forge.engine.tickets import QueueFull, RequestCancelled, RequestTimedOut
 from medusa_forge.errors import ForgeError
 
 PROMPTS = ["def add(a, b):", "class Stack:\n    def push(self, item):", "import os\n\ndef walk(root):"]
@@ -83,7 +83,7 @@ def test_a_full_queue_refuses_a_request_naming_the_bound(engine):
     first = scheduler.submit(ids(engine, PROMPTS[0]), greedy(1500), on_tokens=lambda new: running.set())
     assert running.wait(30)
     queued = [scheduler.submit(ids(engine, p), greedy(2)) for p in PROMPTS[1:]]
-    with pytest.raises(ForgeError, match=r"request queue is full \(2 waiting for a slot of 1\); retry later"):
+    with pytest.raises(QueueFull, match=r"request queue is full \(2 waiting for a slot of 1\); retry later"):
         scheduler.submit(ids(engine, PROMPTS[0]), greedy(2))
     first.cancel()
     assert [len(t.result(timeout=30).tokens) for t in queued] == [2, 2]
@@ -93,6 +93,14 @@ def test_a_full_queue_refuses_a_request_naming_the_bound(engine):
 def test_a_bad_request_is_refused_at_submit(engine, scheduler):
     with pytest.raises(ForgeError, match="exceeds the KV cache"):
         scheduler.submit(ids(engine, PROMPTS[0]), greedy(100_000))
+
+
+def test_describe_names_the_serial_policy_and_the_queue_bound(engine):
+    scheduler = SerialScheduler(engine, max_queue=3)
+    try:
+        assert scheduler.describe() == {"max_batch_size": 1, "max_queue": 3, "speculation": "serial"}
+    finally:
+        scheduler.close()
 
 
 def test_close_fails_the_running_and_the_queued_tickets(engine):

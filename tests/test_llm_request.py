@@ -118,7 +118,7 @@ def test_bad_values_get_one_line_naming_the_input(change, message):
 
 
 def test_replies_carry_the_new_ids_and_their_length():
-    out = llm_reply_tensors(Reply("", [7, 8, 9], [2], 7, [-0.5, -0.5, -1.0]), [7, 8, 9], final=True)
+    out = llm_reply_tensors(Reply("", [7, 8, 9], [2], [7], [-0.5, -0.5, -1.0]), [7, 8, 9], final=True)
     assert out["output_ids"].tolist() == [[[7, 8, 9]]] and out["sequence_length"].tolist() == [[3]]
     assert out["cum_log_probs"].tolist() == [[-2.0]] and "text_output" not in out
     assert llm_reply_tensors(None, [], final=False)["sequence_length"].tolist() == [[0]]

@@ -12,6 +12,7 @@ gives under load must equal the serial model's answer to the same request made a
 from __future__ import annotations
 
 import importlib.util
+import json
 import random
 import re
 import threading
@@ -227,6 +228,21 @@ def test_a_bad_request_gets_an_error_naming_it_and_the_model_keeps_serving(serve
             c.send(_inputs(text_input=prompt, max_tokens=np.array([[4]], dtype=np.int32),
                            beam_width=np.array([[4]], dtype=np.int32)))
         assert len(c.generate("def add(a, b):", 3, end_id=-1).output_tokens) == 3
+
+
+def test_each_model_logs_its_scheduler_the_speculation_policy_and_its_cost_model_at_load(server):
+    lines = {name: next((ln for ln in server.log_text().splitlines() if f"medusa-forge scheduler of {name}:" in ln), "")
+             for name in MODELS}
+    # Triton may quote a backend's log message (escaping its quotes): read the JSON object inside.
+    info = {name: json.loads(line[line.index("{"): line.rindex("}") + 1].replace('\\"', '"'))
+            for name, line in lines.items()}
+    assert info["serial"] == {"max_batch_size": 1, "max_queue": 0, "speculation": "serial"}
+    if BATCH > 1:
+        batched = info["batched"]
+        assert batched["speculation"] == "auto" and batched["max_batch_size"] == BATCH
+        assert batched["cost_model"]["rows"][0] == 1 and len(batched["cost_model"]["seconds"]) == len(
+            batched["cost_model"]["rows"])
+        assert info["tiny_queue"]["max_queue"] == 1
 
 
 def test_triton_repo_records_the_batch_and_queue_bounds_in_the_models_parameters(model_dir, tmp_path):

@@ -26,7 +26,7 @@ from medusa_forge.engine.batch_step import BatchSlots, Work
 from medusa_forge.engine.generation import GenerationConfig
 from medusa_forge.engine.request_stream import RequestStream
 from medusa_forge.engine.speculation import CostModel, Ladder, Policy, parse_speculation
-from medusa_forge.engine.tickets import RequestCancelled, Ticket
+from medusa_forge.engine.tickets import QueueFull, RequestCancelled, Ticket
 from medusa_forge.errors import ForgeError
 from medusa_forge.model.step_meta import RowChunks
 
@@ -91,7 +91,7 @@ class InflightBatcher:
             if self._closed:
                 raise ForgeError("the batcher is closed; no new requests")
             if self.max_queue and len(self._waiting) >= self.max_queue:
-                raise ForgeError(f"request queue is full ({self.max_queue} waiting for a slot of "
+                raise QueueFull(f"request queue is full ({self.max_queue} waiting for a slot of "
                                  f"{self.max_batch_size}); retry later or raise --max-queue")
             self._waiting.append(ticket)
             self._cond.notify()
@@ -205,7 +205,7 @@ class InflightBatcher:
             if oc.tree_step:
                 self.policy.acceptance.record(self._size, self.policy.ladder.path_ranks[self._size][oc.last_node])
             try:
-                done = st.take(oc.tokens)
+                done = st.take(oc.tokens, work.tree.tree_indices.shape[0] - 1 if oc.tree_step else 0)
             except Exception as e:  # noqa: BLE001 - the caller's on_tokens failed: that request only
                 self._end(s, error=e)
                 continue

@@ -59,6 +59,9 @@ class GenerationResult:
     log_probs: list[float] | None = None  # one per output token (return_log_probs)
     context_logits: np.ndarray | None = None  # float32 [prompt_tokens, V] (return_context_logits)
     generation_logits: np.ndarray | None = None  # float32 [len(tokens), V] (return_generation_logits)
+    # Draft tokens each decoding step verified (its tree's nodes less the root; 0 for a plain step):
+    # under batching the tree changes from step to step, so one number per request would be wrong.
+    drafts_per_step: list[int] = field(default_factory=list)
 
     @property
     def cum_log_prob(self) -> float | None:
@@ -80,6 +83,7 @@ class GenerationResult:
             "prompt_tokens": self.prompt_tokens,
             "steps": self.steps,
             "accepted_per_step": self.accepted_per_step,
+            "drafts_per_step": self.drafts_per_step,
             "mean_accepted": round(self.mean_accepted, 4),
             "finish_reason": self.finish_reason,
             "ttft_s": round(self.ttft_s, 6),

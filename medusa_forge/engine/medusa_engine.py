@@ -413,7 +413,9 @@ class MedusaEngine:
         text = self.tokenizer.decode(tokens) if self.tokenizer is not None else ""
         if reason == "stop":
             text = min((text.split(s)[0] for s in gcfg.stop_strings if s in text), key=len, default=text)
-        result = GenerationResult(len(prompt_ids), tokens, text, len(accepted), accepted, reason, ttft, total)
+        drafts = self.tree.num_nodes - 1 if gcfg.use_medusa and self.tree is not None else 0  # every step alike
+        result = GenerationResult(len(prompt_ids), tokens, text, len(accepted), accepted, reason, ttft, total,
+                                  drafts_per_step=[drafts] * len(accepted))
         if record is not None:
             record.attach(result, gcfg)
         return result

@@ -30,6 +30,7 @@ class RequestStream:
         self.prefilled = 0  # prompt tokens already in the slot's cache
         self.tokens: list[int] = []
         self.accepted: list[int] = []
+        self.drafts: list[int] = []  # draft tokens each step verified: its tree's size less the root
         self.reason = "length"
         self.order = order  # admission order: prefills run first come, first served
         # Timed from submission, as a client sees it (a queued request waits for a slot).
@@ -55,13 +56,15 @@ class RequestStream:
         return Sampling(g.temperature, g.top_k, g.top_p, generator, g.use_medusa, g.posterior_threshold,
                         g.posterior_alpha, self.logits)
 
-    def take(self, new: list[int]) -> bool:
-        """Add one step's tokens (the first call is the prefill's token); stream them; True when done."""
+    def take(self, new: list[int], drafts: int = 0) -> bool:
+        """Add one step's tokens (the first call is the prefill's token) and the number of draft
+        tokens it verified; stream them; True when done."""
         g = self.gcfg
         if self.ttft is None:
             self.ttft = time.perf_counter() - self.started
         else:
             self.accepted.append(len(new))
+            self.drafts.append(drafts)
         new = new[: g.max_new_tokens - len(self.tokens)]
         hit = next((j for j, t in enumerate(new) if t in self.eos), None)
         if hit is not None:
@@ -87,7 +90,7 @@ class RequestStream:
         if self.reason == "stop":
             text = min((text.split(s)[0] for s in self.gcfg.stop_strings if s in text), key=len, default=text)
         result = GenerationResult(len(self.prompt), self.tokens, text, len(self.accepted), self.accepted,
-                                  self.reason, self.ttft or 0.0, total)
+                                  self.reason, self.ttft or 0.0, total, drafts_per_step=self.drafts)
         if self.logits is not None:
             self.logits.attach(result)
         return result

@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import Callable
 
 from medusa_forge.engine.generation import GenerationConfig
-from medusa_forge.engine.tickets import RequestCancelled, Ticket
+from medusa_forge.engine.tickets import QueueFull, RequestCancelled, Ticket
 from medusa_forge.errors import ForgeError
 
 
@@ -33,6 +33,10 @@ class SerialScheduler:
         self._thread = threading.Thread(target=self._loop, name="serial-scheduler", daemon=True)
         self._thread.start()
 
+    def describe(self) -> dict:
+        """What this loop runs: one request at a time, each with the engine's whole tree (or none)."""
+        return {"max_batch_size": 1, "max_queue": self.max_queue, "speculation": "serial"}
+
     def submit(self, prompt_ids: list[int], gcfg: GenerationConfig,
                on_tokens: Callable[[list[int]], None] | None = None, timeout_s: float | None = None) -> Ticket:
         self.engine.check_request(prompt_ids, gcfg)  # a bad request fails here, not in the loop
@@ -41,7 +45,7 @@ class SerialScheduler:
             if self._closed:
                 raise ForgeError("the scheduler is closed; the model is unloading")
             if self.max_queue and len(self._queue) >= self.max_queue:
-                raise ForgeError(f"request queue is full ({self.max_queue} waiting for a slot of 1); retry later "
+                raise QueueFull(f"request queue is full ({self.max_queue} waiting for a slot of 1); retry later "
                                  "or raise --max-queue")
             self._queue.append(ticket)
             self._wake.notify()

@@ -25,6 +25,11 @@ class RequestTimedOut(ForgeError):
     """The request ran past its time limit."""
 
 
+class QueueFull(ForgeError):
+    """Every slot is busy and the wait queue is at its bound: the caller should retry later
+    (Triton's UNAVAILABLE, not a bad request)."""
+
+
 class Ticket:
     """One submitted request: its inputs, a cancel switch, and its outcome once the loop ends it."""
 
@@ -90,3 +95,6 @@ class Scheduler(Protocol):
 
     def close(self) -> None:
         """Fail every queued and running ticket with RequestCancelled and stop the loop's thread."""
+
+    def describe(self) -> dict:
+        """What this loop runs (slots, queue bound, speculation policy and its cost model), for logs."""

@@ -138,7 +138,7 @@ class EngineBackend:
             t1 = time.perf_counter()
         ttft = (first[0] - t0) if first else t1 - t0
         accepted = sum(n - 1 for n in r.accepted_per_step) if self.use_medusa else None
-        drafts = r.steps * (self.engine.tree.num_nodes - 1) if self.use_medusa else None  # tree minus root
+        drafts = sum(r.drafts_per_step) if self.use_medusa else None  # each step's tree less its root
         return Completion(r.text, ttft, t1 - t0, list(r.tokens), list(r.accepted_per_step), accepted, drafts)
 
 

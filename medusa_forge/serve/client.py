@@ -233,7 +233,8 @@ class TritonLLMClient:
         """One line naming the server and what went wrong: nothing listens there, the connection was
         lost (a crashed or killed server), or the model's own error for this request."""
         detail = _message(error)
-        if _status(error) == "StatusCode.UNAVAILABLE" or "Socket closed" in detail or "Stream removed" in detail:
+        busy = "retry later" in detail  # the model's own UNAVAILABLE (a full queue), not a lost server
+        if (_status(error) == "StatusCode.UNAVAILABLE" and not busy) or "Socket closed" in detail or "Stream removed" in detail:
             if responses == 0 and any(k in detail.lower() for k in _NO_CONNECTION):
                 return ForgeError(f"Triton server at {self.url} is unreachable ({detail}); is it running? "
                                   "(check --url)")

@@ -15,6 +15,7 @@ is importable and testable without Triton. Behaviour:
   response per decoding step carrying the new text and token ids, then a final one with the rest of
   the text and the statistics; with ``stream=false`` a single final response.
 - A bad request gets an error response naming the problem (``INVALID_ARG``); the instance keeps serving.
+  A full request queue answers ``UNAVAILABLE`` (retry later).
 - A cancelled request (client gone, stream closed, ``stop_stream(cancel_requests=True)``) stops
   generating within one decoding step; so does one past the model's ``request_timeout_s``. When
   even its error response cannot be sent (the client is gone), that is logged and the instance
@@ -30,23 +31,26 @@ import threading
 
 import triton_python_backend_utils as pb_utils
 
+from medusa_forge.engine.tickets import QueueFull
 from medusa_forge.errors import ForgeError
 from medusa_forge.serve.contracts import ServedContract, served_contract
 from medusa_forge.serve.native_service import NativeModelSettings, NativeService, Pending, RequestCancelled
 from medusa_forge.serve.replies import stack_rows
 
 
-def _error(message: str, invalid_argument: bool) -> pb_utils.TritonError:
-    code = getattr(pb_utils.TritonError, "INVALID_ARG" if invalid_argument else "INTERNAL", None)
+def _error(message: str, code_name: str) -> pb_utils.TritonError:
+    code = getattr(pb_utils.TritonError, code_name, None)  # older pb_utils have no codes
     return pb_utils.TritonError(message, code) if code is not None else pb_utils.TritonError(message)
 
 
 def _describe(exc: Exception) -> pb_utils.TritonError:
     if isinstance(exc, RequestCancelled):
-        return _error("request cancelled", invalid_argument=False)
+        return _error("request cancelled", "INTERNAL")
+    if isinstance(exc, QueueFull):  # busy, not wrong: the client may retry the same request
+        return _error(str(exc), "UNAVAILABLE")
     if isinstance(exc, ForgeError):
-        return _error(str(exc), invalid_argument=True)
-    return _error(f"internal error: {type(exc).__name__}: {exc}", invalid_argument=False)
+        return _error(str(exc), "INVALID_ARG")
+    return _error(f"internal error: {type(exc).__name__}: {exc}", "INTERNAL")
 
 
 def _response(tensors) -> pb_utils.InferenceResponse:
@@ -63,6 +67,12 @@ def _log_warning(message: str) -> None:
         logger.log_warn(message)
 
 
+def _log_info(message: str) -> None:
+    logger = getattr(pb_utils, "Logger", None)
+    if logger is not None:
+        logger.log_info(message)
+
+
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         config = json.loads(args["model_config"])
@@ -76,6 +86,9 @@ class TritonPythonModel:
         device_id = args.get("model_instance_device_id")
         self.service = NativeService(settings, device_id=int(device_id) if device_id not in (None, "") else None)
         self.contract = served_contract(settings.contract)
+        # The speculation policy and the cost model it measured decide every step's tree: say which.
+        _log_info(f"medusa-forge scheduler of {args.get('model_name', 'this model')}: "
+                  f"{json.dumps(self.service.scheduler.describe(), sort_keys=True)}")
 
     def _rows(self, request):
         inputs = {}

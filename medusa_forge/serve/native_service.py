@@ -269,12 +269,8 @@ class NativeService:
     def max_batch_size(self) -> int:
         return self.scheduler.max_batch_size
 
-    @property
-    def drafts_per_step(self) -> int:
-        return self.engine.tree.num_nodes - 1 if self.use_medusa else 0
-
     def reply(self, result) -> Reply:
-        return Reply.from_result(result, self.drafts_per_step)
+        return Reply.from_result(result)
 
     def submit(self, rows: list[RowRequest], on_tokens: Callable[[list[int]], None] | None = None,
                cancelled: Callable[[], bool] | None = None) -> Pending:

@@ -35,23 +35,23 @@ class Reply:
     text: str
     tokens: list[int]
     accepted_per_step: list[int]
-    drafts_per_step: int  # draft tokens verified per step (tree nodes minus the root); 0 without Medusa
+    drafts_per_step: list[int]  # draft tokens each step verified (its tree's nodes less the root; 0: plain)
     log_probs: list[float] | None = None
     context_logits: np.ndarray | None = None
     generation_logits: np.ndarray | None = None
 
     @classmethod
-    def from_result(cls, result: GenerationResult, drafts_per_step: int) -> Reply:
-        return cls(result.text, list(result.tokens), list(result.accepted_per_step), drafts_per_step,
+    def from_result(cls, result: GenerationResult) -> Reply:
+        return cls(result.text, list(result.tokens), list(result.accepted_per_step), list(result.drafts_per_step),
                    result.log_probs, result.context_logits, result.generation_logits)
 
     @property
     def total_accepted_draft_tokens(self) -> int:
-        return sum(n - 1 for n in self.accepted_per_step) if self.drafts_per_step else 0
+        return sum(n - 1 for n, d in zip(self.accepted_per_step, self.drafts_per_step) if d)
 
     @property
     def total_draft_tokens(self) -> int:
-        return len(self.accepted_per_step) * self.drafts_per_step
+        return sum(self.drafts_per_step)
 
     @property
     def acceptance_rate(self) -> float:
