@@ -4,6 +4,8 @@
 #   bash bench/device_run.sh train    # self-distilled heads -> runs/heads (skipped when present), GPU tests
 #   bash bench/device_run.sh suite    # every engine side by side + Llama-3-8B-shape step latencies
 #   bash bench/device_run.sh checks   # auto tree vs presets, fp8 vs bf16, eval speed + MMLU
+#   bash bench/device_run.sh serve    # batched serving: bench serve sweep (plain/Medusa x serial/batched)
+#                                     # and batch invariance of 256 requests on the GPU (needs train's heads)
 #   bash bench/device_run.sh probe    # bit identity (tokens + KV), kernel profiles (no heads needed;
 #                                     # FULL_PROBE=1 adds fp8 + GEMM rows, SWEEP=1 attention tiles)
 # A phase after `train` needs the heads it left in runs/ (the device machine keeps ignored paths
@@ -87,7 +89,7 @@ if [ "$PHASE" = train ]; then
     cp "$HEADS"/train_report.* "$HEADS"/*.png "$HEADS"/config.json "$RESULTS"/ 2>/dev/null
   fi
   [ -n "${SKIP_TESTS:-}" ] && exit 0  # e.g. a rerun of a commit whose GPU tests already passed
-  step gpu_kernel_tests 150 python3 -m pytest -q tests/test_kernels.py -p no:cacheprovider
+  step gpu_kernel_tests 150 python3 -m pytest -q tests/test_kernels_*.py -p no:cacheprovider
   step gpu_tests 150 python3 -m pytest -q -m gpu tests/test_build_native.py tests/test_train_heads.py tests/test_engine_exact.py \
     -p no:cacheprovider
   exit 0
@@ -99,12 +101,12 @@ if [ "$PHASE" = probe ]; then
     $([ -n "${SMOKE:-}" ] && echo "--per-topic 1 --max-new-tokens 16") \
     --out "$RESULTS/identity_probe.json"
   [ -n "${SMOKE:-}" ] && exit 0
-  step gpu_kernel_tests 150 python3 -m pytest -q tests/test_kernels.py -p no:cacheprovider
+  step gpu_kernel_tests 150 python3 -m pytest -q tests/test_kernels_*.py -p no:cacheprovider
   step gpu_engine_tests 120 python3 -m pytest -q -m gpu tests/test_engine_exact.py -p no:cacheprovider
   step profile_26m 60 $MF bench profile --model "$MODEL" --context 256 --out "$RESULTS/profile_26m.json"
   step profile_8b 90 $MF bench profile --context 1024 --out "$RESULTS/profile_8b.json"
   # SWEEP=1: attention tile choices at both model shapes (the data of kernels.ATTENTION_BY_SHAPE)
-  [ -n "${SWEEP:-}" ] && step attention_sweep 150 python3 -m medusa_forge.engine.kernels_check --sweep \
+  [ -n "${SWEEP:-}" ] && step attention_sweep 150 python3 -m medusa_forge.bench.kernels_check --sweep \
     --json "$RESULTS/kernels_check.json"
   if [ -n "${FULL_PROBE:-}" ]; then
     step profile_8b_fp8 90 $MF bench profile --context 1024 --fp8 --out "$RESULTS/profile_8b_fp8.json"
@@ -114,6 +116,18 @@ if [ "$PHASE" = probe ]; then
 fi
 
 [ -f "$HEADS/medusa_lm_head.safetensors" ] || { echo "no heads in $HEADS: run the train phase first"; exit 2; }
+if [ "$PHASE" = serve ]; then
+  # Issue 24: aggregate tok/s, p50/p99 latency and TTFT per client count, batched against serial, one run;
+  # then every greedy output of 256 randomly arriving requests against its batch-1 output, bf16 on the GPU.
+  CLIENTS=1,4,16,32,64 IDENTITY=256 SWEEP_TOKENS=128
+  [ -n "${SMOKE:-}" ] && CLIENTS=1,2 IDENTITY=8 SWEEP_TOKENS=8
+  step serve_sweep 420 $MF bench serve --engine "$MODEL" --medusa "$HEADS" --medusa-choices mc_sim_7b_63 \
+    --dtype $([ $DEVICE = cuda ] && echo bf16 || echo fp32) --clients $CLIENTS --max-batch-size 64 \
+    --max-tokens $SWEEP_TOKENS --requests 4 --prompts "$PROMPTS" --out "$RESULTS/serve_sweep.json"
+  step batch_identity 300 env MEDUSA_FORGE_IDENTITY_REQUESTS=$IDENTITY MEDUSA_FORGE_IDENTITY_DEVICE=$DEVICE \
+    python3 -m pytest -q tests/test_batcher_identity.py -k "every_greedy or cancelling" -p no:cacheprovider
+  exit 0
+fi
 E=$RUNS/engines
 AUTO_TREE=$E/auto/native-engine-bf16/medusa_forge.json
 if [ "$PHASE" = suite ]; then

@@ -8,6 +8,7 @@ ladder (full tree to plain decoding), so every request meets many trees and neig
 
 from __future__ import annotations
 
+import os
 import random
 import threading
 import time
@@ -23,12 +24,14 @@ from medusa_forge.engine.tickets import QueueFull, RequestCancelled, RequestTime
 from medusa_forge.errors import ForgeError
 from medusa_forge.serve.replies import Reply
 
-REQUESTS = 64
+# bench/device_run.sh's serve phase runs the identity tests with 256 requests on the GPU.
+REQUESTS = int(os.environ.get("MEDUSA_FORGE_IDENTITY_REQUESTS", "64"))
+DEVICE = os.environ.get("MEDUSA_FORGE_IDENTITY_DEVICE", "cpu")
 
 
 @pytest.fixture(scope="module")
 def engine(model_dir, heads_dir, one_thread):
-    return load_engine(model_dir, heads_dir, tree="small", device="cpu", max_seq_len=160)
+    return load_engine(model_dir, heads_dir, tree="small", device=DEVICE, max_seq_len=160)
 
 
 @pytest.fixture(scope="module")
@@ -38,10 +41,16 @@ def requests(engine, held_out_prompts):
     out = []
     for i in range(REQUESTS):
         ids = engine.tokenizer.encode(held_out_prompts[i % len(held_out_prompts)]["prompt"])
-        ids = ids[-rng.randint(3, 72):]
+        ids = ids[-rng.randint(3, 72) :]
         sampled = i % 3 == 2
-        cfg = GenerationConfig(max_new_tokens=rng.randint(1, 14), use_medusa=rng.random() < 0.6, ignore_eos=i % 4 != 0,
-                               temperature=0.8 if sampled else 0.0, top_k=20 if sampled else 0, seed=i)
+        cfg = GenerationConfig(
+            max_new_tokens=rng.randint(1, 14),
+            use_medusa=rng.random() < 0.6,
+            ignore_eos=i % 4 != 0,
+            temperature=0.8 if sampled else 0.0,
+            top_k=20 if sampled else 0,
+            seed=i,
+        )
         out.append((ids, cfg))
     return out
 
@@ -49,8 +58,11 @@ def requests(engine, held_out_prompts):
 @pytest.fixture(scope="module")
 def batch_one(engine, requests):
     """Each greedy (and seeded plain sampled) request's output from the serial engine, alone."""
-    return {i: engine.generate_ids(ids, cfg).tokens for i, (ids, cfg) in enumerate(requests)
-            if cfg.temperature == 0 or not cfg.use_medusa}
+    return {
+        i: engine.generate_ids(ids, cfg).tokens
+        for i, (ids, cfg) in enumerate(requests)
+        if cfg.temperature == 0 or not cfg.use_medusa
+    }
 
 
 def random_trees(batcher: InflightBatcher, seed: int) -> None:
@@ -91,11 +103,15 @@ def test_cancelling_or_timing_out_a_request_mid_batch_changes_no_other_output(en
     try:
         tickets = [batcher.submit(*requests[i]) for i in greedy]
         holder: list = []
-        victim = batcher.submit(requests[greedy[0]][0], GenerationConfig(max_new_tokens=40, ignore_eos=True),
-                                on_tokens=lambda new: holder[0].cancel())
+        victim = batcher.submit(
+            requests[greedy[0]][0],
+            GenerationConfig(max_new_tokens=40, ignore_eos=True),
+            on_tokens=lambda new: holder[0].cancel(),
+        )
         holder.append(victim)
-        slow = batcher.submit(requests[greedy[1]][0], GenerationConfig(max_new_tokens=40, ignore_eos=True),
-                              timeout_s=0.05)
+        slow = batcher.submit(
+            requests[greedy[1]][0], GenerationConfig(max_new_tokens=40, ignore_eos=True), timeout_s=0.05
+        )
         with pytest.raises(RequestCancelled):
             victim.result(timeout=60)
         with pytest.raises(RequestTimedOut, match="timeout"):
@@ -109,8 +125,10 @@ def test_a_failing_stream_callback_fails_only_its_own_request(engine, requests, 
     i, j = list(batch_one)[:2]
     batcher = InflightBatcher(engine, max_batch_size=2, speculation="fixed")
     try:
+
         def boom(new):
             raise ValueError("client went away")
+
         bad = batcher.submit(*requests[i], on_tokens=boom)
         good = batcher.submit(*requests[j])
         with pytest.raises(ValueError, match="client went away"):
@@ -164,15 +182,24 @@ def test_the_batch_has_its_own_cache_so_the_serial_engine_still_runs_beside_it(e
 
 def test_requests_with_logits_processing_get_their_batch_one_tokens_and_log_probs(engine, requests):
     paren = engine.tokenizer.hf.encode("(", add_special_tokens=False)[0]
-    settings = [LogitsSettings(repetition_penalty=1.4), LogitsSettings(presence_penalty=0.6, frequency_penalty=0.3),
-                LogitsSettings(embedding_bias=((paren, -6.0),), bad_words=((paren,),)),
-                LogitsSettings(min_length=12, end_ids=(2,))]
+    settings = [
+        LogitsSettings(repetition_penalty=1.4),
+        LogitsSettings(presence_penalty=0.6, frequency_penalty=0.3),
+        LogitsSettings(embedding_bias=((paren, -6.0),), bad_words=((paren,),)),
+        LogitsSettings(min_length=12, end_ids=(2,)),
+    ]
     chosen = []
     for k in range(8):
         ids = requests[k][0][-40:]
-        cfg = GenerationConfig(max_new_tokens=12, use_medusa=k % 2 == 0, logits_settings=settings[k % 4],
-                               return_log_probs=True, return_generation_logits=k == 1, return_context_logits=k == 2,
-                               stop_words=((paren,),) if k == 5 else ())
+        cfg = GenerationConfig(
+            max_new_tokens=12,
+            use_medusa=k % 2 == 0,
+            logits_settings=settings[k % 4],
+            return_log_probs=True,
+            return_generation_logits=k == 1,
+            return_context_logits=k == 2,
+            stop_words=((paren,),) if k == 5 else (),
+        )
         chosen.append((ids, cfg))
     alone = [engine.generate_ids(ids, cfg) for ids, cfg in chosen]
     batcher = InflightBatcher(engine, max_batch_size=4, speculation="fixed", prefill_chunk=16)
