@@ -118,6 +118,9 @@ test:
 	$(PYTHON) -m pytest -q
 
 lint:
+	$(PYTHON) -m ruff check medusa_forge tests
+	$(PYTHON) -m ruff format --check medusa_forge tests
+	lint-imports
 	hadolint --config .hadolint.yaml Dockerfile
 
 docker:
