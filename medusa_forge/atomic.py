@@ -23,8 +23,9 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from medusa_forge.errors import ForgeError
 
@@ -70,7 +71,7 @@ def _temp_prefix(out: Path) -> str:
 
 def _owner(stale: Path, out: Path) -> int | None:
     """The pid in a temporary sibling's name (``.<name>.tmp-<pid>-...`` / ``.<name>.tmp-old-<pid>``)."""
-    m = re.match(r"(?:old-)?(\d+)(?:-|$)", stale.name[len(_temp_prefix(out)):])
+    m = re.match(r"(?:old-)?(\d+)(?:-|$)", stale.name[len(_temp_prefix(out)) :])
     return int(m.group(1)) if m else None
 
 

@@ -81,8 +81,10 @@ def interrupted_message(signum: int, command: str | None) -> str:
     how = "re-run the same command"
     if command == "train-heads":
         how += " with --resume to continue from its last checkpoint (<out>.ckpt), if it saved one"
-    return (f"interrupted by {signal.Signals(signum).name}: no output was published (outputs appear only when "
-            f"complete, so any previous output is intact); {how}")
+    return (
+        f"interrupted by {signal.Signals(signum).name}: no output was published (outputs appear only when "
+        f"complete, so any previous output is intact); {how}"
+    )
 
 
 def _interrupt_signum(exc: BaseException) -> int:

@@ -27,7 +27,7 @@ MANIFEST_NAME = "medusa_forge.json"
 KINDS = ("native", "tensorrt_llm")
 
 
-def read_tree(spec: "str | ChoiceTree") -> "ChoiceTree":
+def read_tree(spec: str | ChoiceTree) -> ChoiceTree:
     """A tree spec (``ChoiceTree.parse``), or an engine directory or its manifest file: the tree that
     engine was built with (how an ``auto`` tree searched for a native engine reaches other engines)."""
     from medusa_forge.tree.choice_tree import ChoiceTree
@@ -63,7 +63,7 @@ class EngineManifest:
     def save(self, engine_dir: str | Path) -> None:
         Path(engine_dir, MANIFEST_NAME).write_text(json.dumps(asdict(self), indent=2) + "\n")
 
-    def choice_tree(self) -> "ChoiceTree | None":
+    def choice_tree(self) -> ChoiceTree | None:
         """The engine's own choice tree (None for a base-only engine), named as it was at build
         time (``auto``, a preset, a file's stem) so reports say which tree an engine runs."""
         from medusa_forge.tree.choice_tree import ChoiceTree
@@ -73,10 +73,12 @@ class EngineManifest:
         return ChoiceTree.from_paths(self.medusa_choices, name=(self.extra or {}).get("tree_name") or "engine")
 
     @classmethod
-    def load(cls, engine_dir: str | Path) -> "EngineManifest":
+    def load(cls, engine_dir: str | Path) -> EngineManifest:
         path = Path(engine_dir) / MANIFEST_NAME
         if not path.is_file():
-            raise ForgeError(f"{engine_dir}: not an engine directory (no {MANIFEST_NAME}); run `medusa-forge build` first")
+            raise ForgeError(
+                f"{engine_dir}: not an engine directory (no {MANIFEST_NAME}); run `medusa-forge build` first"
+            )
         try:
             data = json.loads(path.read_text())
             manifest = cls(**data)

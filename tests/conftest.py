@@ -48,8 +48,9 @@ def held_out_prompts() -> list[dict]:
     return [json.loads(line) for line in PROMPTS.read_text().splitlines() if line.strip()]
 
 
-def make_heads(model_dir: Path, out_dir: Path, num_heads: int = 4, num_layers: int = 1, seed: int = 0,
-               noise: float = 0.02) -> Path:
+def make_heads(
+    model_dir: Path, out_dir: Path, num_heads: int = 4, num_layers: int = 1, seed: int = 0, noise: float = 0.02
+) -> Path:
     """Medusa-1 initialisation (projections from lm_head) plus random ResBlock weights: "random heads"."""
     from medusa_forge.heads.checkpoint import save_heads
     from medusa_forge.heads.medusa_head import MedusaHeads, MedusaHeadsConfig
@@ -58,8 +59,11 @@ def make_heads(model_dir: Path, out_dir: Path, num_heads: int = 4, num_layers: i
     model = load_hf_model(model_dir)
     cfg = model.config
     heads = MedusaHeads.from_lm_head(
-        MedusaHeadsConfig(num_heads, num_layers, cfg.hidden_size, cfg.vocab_size, base_model_name_or_path=str(model_dir)),
-        model.lm_head.weight)
+        MedusaHeadsConfig(
+            num_heads, num_layers, cfg.hidden_size, cfg.vocab_size, base_model_name_or_path=str(model_dir)
+        ),
+        model.lm_head.weight,
+    )
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         heads.res_weight.normal_(0, noise, generator=g)
@@ -84,7 +88,7 @@ class NativeTriton:
     base_model: str  # Triton model name: plain greedy decoding of the same weights
     engine_dir: Path  # the native engine both models serve (load_engine(engine_dir) for in-process runs)
     repo: Path
-    server: "TritonServer"  # noqa: F821 - medusa_forge.serve.tritonserver.TritonServer
+    server: TritonServer  # noqa: F821 - medusa_forge.serve.tritonserver.TritonServer
 
 
 @pytest.fixture(scope="session")
@@ -97,8 +101,11 @@ def native_triton(model_dir, heads_dir, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("native_triton")
     engine = root / "engine"
-    build_native(NativeBuildConfig(model_dir=model_dir, out_dir=engine, dtype="float32", medusa_dir=heads_dir,
-                                   tree="small", verify_tokens=4))
+    build_native(
+        NativeBuildConfig(
+            model_dir=model_dir, out_dir=engine, dtype="float32", medusa_dir=heads_dir, tree="small", verify_tokens=4
+        )
+    )
     repo = root / "repo"
     write_triton_repo(RepoRequest(engine=engine, out=repo, name="medusa", decoupled=True))
     write_triton_repo(RepoRequest(engine=engine, out=repo, name="base", decoupled=True, use_medusa=False, add=True))
@@ -111,8 +118,12 @@ def triton_inputs(**tensors) -> list:
     import numpy as np
     import tritonclient.grpc as grpcclient
 
-    dtypes = {np.dtype(np.object_): "BYTES", np.dtype(np.int32): "INT32", np.dtype(np.float32): "FP32",
-              np.dtype(bool): "BOOL"}
+    dtypes = {
+        np.dtype(np.object_): "BYTES",
+        np.dtype(np.int32): "INT32",
+        np.dtype(np.float32): "FP32",
+        np.dtype(bool): "BOOL",
+    }
     out = []
     for name, array in tensors.items():
         t = grpcclient.InferInput(name, list(array.shape), dtypes[array.dtype])

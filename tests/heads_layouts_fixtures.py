@@ -12,8 +12,13 @@ from medusa_forge.heads.layouts.base import BaseModel
 from medusa_forge.heads.medusa_head import MedusaHeads, MedusaHeadsConfig
 
 H, V, K, L = 512, 8192, 4, 1
-TARGET_LAYOUT = {"fasterdecoding": "fasterdecoding", "tgi": "fasterdecoding", "trtllm-medusa-dir": "fasterdecoding",
-                 "vllm": "vllm", "axolotl": "axolotl"}
+TARGET_LAYOUT = {
+    "fasterdecoding": "fasterdecoding",
+    "tgi": "fasterdecoding",
+    "trtllm-medusa-dir": "fasterdecoding",
+    "vllm": "vllm",
+    "axolotl": "axolotl",
+}
 
 
 # ----------------------------------------------------------------------------------------- fixtures
@@ -27,8 +32,9 @@ def v2_dir(heads_dir, tmp_path_factory):
     """The fixture heads' ResBlocks as "version 2" heads (no projections, the base lm_head instead), stored in
     bfloat16 like pycoder-26m itself, so every layout must also keep the stored dtype."""
     v1 = load_heads(heads_dir, H, V)
-    v2 = MedusaHeads(MedusaHeadsConfig(K, L, H, V, shared_lm_head=True,
-                                       base_model_name_or_path=v1.config.base_model_name_or_path))
+    v2 = MedusaHeads(
+        MedusaHeadsConfig(K, L, H, V, shared_lm_head=True, base_model_name_or_path=v1.config.base_model_name_or_path)
+    )
     with torch.no_grad():
         v2.res_weight.copy_(v1.res_weight)
         v2.res_bias.copy_(v1.res_bias)
@@ -46,11 +52,14 @@ def sources(heads_dir, v2_dir):
 def exported(sources, model_dir, tmp_path_factory):
     """Every variant in every target layout, written by ``heads export`` with the base model."""
     root = tmp_path_factory.mktemp("exported")
-    return {(variant, target): export_heads(src, target, root / f"{variant}-{target}", base_model=model_dir) and
-            root / f"{variant}-{target}" for variant, src in sources.items() for target in TARGETS}
+    return {
+        (variant, target): export_heads(src, target, root / f"{variant}-{target}", base_model=model_dir)
+        and root / f"{variant}-{target}"
+        for variant, src in sources.items()
+        for target in TARGETS
+    }
 
 
 def tensors_of(directory):
     _, ckpt = read(directory)
     return ckpt
-

@@ -22,8 +22,9 @@ def test_a_git_checkout_reports_its_head_and_whether_it_is_dirty(monkeypatch):
     monkeypatch.delenv("MEDUSA_FORGE_COMMIT", raising=False)
     if not (REPO / ".git").exists():
         pytest.skip("an exported tree without .git: the environment names its commit")
-    head = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], capture_output=True, text=True, cwd=REPO,
-                          check=True).stdout.strip()
+    head = subprocess.run(
+        ["git", "rev-parse", "--short=7", "HEAD"], capture_output=True, text=True, cwd=REPO, check=True
+    ).stdout.strip()
     dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=REPO).returncode != 0
     got = cli.source_commit()
     assert got.startswith(head[:7])

@@ -6,16 +6,34 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import run_cli
 
 
-def test_bench_engine_reports_every_topic_with_identical_outputs(model_dir, heads_dir, prompts_path, tmp_path,
-                                                                 capsys):
+def test_bench_engine_reports_every_topic_with_identical_outputs(model_dir, heads_dir, prompts_path, tmp_path, capsys):
     out = tmp_path / "engine.json"
-    code, text, err = run_cli(["bench", "engine", "--model", model_dir, "--medusa", heads_dir, "--medusa-choices",
-                               "small", "--prompts", prompts_path, "--per-topic", 1, "--max-new-tokens", 8,
-                               "--max-prompt-tokens", 64, "--out", out], capsys)
+    code, text, err = run_cli(
+        [
+            "bench",
+            "engine",
+            "--model",
+            model_dir,
+            "--medusa",
+            heads_dir,
+            "--medusa-choices",
+            "small",
+            "--prompts",
+            prompts_path,
+            "--per-topic",
+            1,
+            "--max-new-tokens",
+            8,
+            "--max-prompt-tokens",
+            64,
+            "--out",
+            out,
+        ],
+        capsys,
+    )
     assert code == 0, err
     result = json.loads(out.read_text())
     topics = {json.loads(line)["topic"] for line in prompts_path.read_text().splitlines() if line.strip()}
@@ -29,6 +47,7 @@ def test_bench_engine_reports_every_topic_with_identical_outputs(model_dir, head
 
 
 def test_bench_engine_without_heads_is_one_line(model_dir, prompts_path, capsys):
-    code, _, err = run_cli(["bench", "engine", "--model", model_dir, "--prompts", prompts_path, "--per-topic", 1],
-                           capsys)
+    code, _, err = run_cli(
+        ["bench", "engine", "--model", model_dir, "--prompts", prompts_path, "--per-topic", 1], capsys
+    )
     assert code == 2 and err.count("\n") == 1 and "give --medusa heads" in err, err

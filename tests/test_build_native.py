@@ -39,18 +39,63 @@ def calib_prompts(tmp_path_factory, held_out_prompts):
 @pytest.fixture(scope="session")
 def fp32_engine(model_dir, heads_dir, calib_prompts, tmp_path_factory):
     out = tmp_path_factory.mktemp("engines") / "fp32"
-    build(["--model", str(model_dir), "--medusa", str(heads_dir), "--out", str(out), "--dtype", "fp32",
-           "--medusa-choices", "auto", "--calib-prompts", str(calib_prompts), "--calib-prompt-tokens", "32",
-           "--calib-new-tokens", "12", "--search-sizes", "1,3", "--max-tree-nodes", "4", "--timing-prompts", "1",
-           "--timing-tokens", "6", "--max-seq-len", "320", "--verify-tokens", "8"])
+    build(
+        [
+            "--model",
+            str(model_dir),
+            "--medusa",
+            str(heads_dir),
+            "--out",
+            str(out),
+            "--dtype",
+            "fp32",
+            "--medusa-choices",
+            "auto",
+            "--calib-prompts",
+            str(calib_prompts),
+            "--calib-prompt-tokens",
+            "32",
+            "--calib-new-tokens",
+            "12",
+            "--search-sizes",
+            "1,3",
+            "--max-tree-nodes",
+            "4",
+            "--timing-prompts",
+            "1",
+            "--timing-tokens",
+            "6",
+            "--max-seq-len",
+            "320",
+            "--verify-tokens",
+            "8",
+        ]
+    )
     return out
 
 
 @pytest.fixture(scope="session")
 def fp8_engine(model_dir, heads_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("engines") / "fp8"
-    build(["--model", str(model_dir), "--medusa", str(heads_dir), "--out", str(out), "--dtype", "fp8",
-           "--fp8-emulate", "--medusa-choices", "small", "--max-seq-len", "320", "--verify-tokens", "8"])
+    build(
+        [
+            "--model",
+            str(model_dir),
+            "--medusa",
+            str(heads_dir),
+            "--out",
+            str(out),
+            "--dtype",
+            "fp8",
+            "--fp8-emulate",
+            "--medusa-choices",
+            "small",
+            "--max-seq-len",
+            "320",
+            "--verify-tokens",
+            "8",
+        ]
+    )
     return out
 
 
@@ -80,9 +125,12 @@ def test_auto_tree_is_written_with_expected_and_measured_acceptance(fp32_engine)
     assert s["nodes"] == len(paths) and s["calib_prompts"] == 2 and s["calib_positions"] > 0
     assert s["expected_acceptance_length"] >= 1.0 and s["measured_acceptance_length"] >= 1.0
     assert [c["nodes"] for c in s["latency_curve"]] == sorted(c["nodes"] for c in s["latency_curve"])
-    assert s["depth_limit"] in (2, 3, 4) and s["depth"] <= s["depth_limit"] and set(s["depth_curves"]) == {"2", "3", "4"}
+    assert (
+        s["depth_limit"] in (2, 3, 4) and s["depth"] <= s["depth_limit"] and set(s["depth_curves"]) == {"2", "3", "4"}
+    )
     assert 1 <= len(s["finalists"]) <= 3 and s["measured_decode_tokens_per_s"] == max(
-        f["measured_decode_tokens_per_s"] for f in s["finalists"])
+        f["measured_decode_tokens_per_s"] for f in s["finalists"]
+    )
     assert all(c["step_ms"] > 0 for c in s["latency_curve"])
 
 
@@ -100,13 +148,23 @@ def test_fp8_engine_stores_e4m3_gemms_with_shared_scales_and_keeps_the_rest_bf16
     m = EngineManifest.load(fp8_engine)
     assert m.dtype == "fp8" and m.extra["fp8"]["quantized"] == 24 and m.medusa_choices == SMALL
     config = json.loads((fp8_engine / "model" / "config.json").read_text())
-    assert config["quantization_config"] == {"quant_method": "fp8", "activation_scheme": "dynamic",
-                                             "ignored_layers": ["lm_head"]}
+    assert config["quantization_config"] == {
+        "quant_method": "fp8",
+        "activation_scheme": "dynamic",
+        "ignored_layers": ["lm_head"],
+    }
     with safe_open(str(fp8_engine / "model" / "model.safetensors"), "pt") as f:
         dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
         p = "model.layers.3."
-        for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
+        for name in (
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        ):
             assert dtypes[p + name + ".weight"] == "F8_E4M3"
         qkv = {f.get_tensor(p + f"self_attn.{x}_proj.weight_scale").item() for x in "qkv"}
         gate_up = {f.get_tensor(p + f"mlp.{x}_proj.weight_scale").item() for x in ("gate", "up")}
@@ -136,8 +194,16 @@ def test_fp8_keeps_98_percent_greedy_agreement_with_fp32(fp32_engine, fp8_engine
     The same check the lead runs on the H100 against the bf16 engine (`build compare-fp8`).
     """
     prompts = read_prompts(prompts_path, limit=24)
-    report = compare_fp8(fp32_engine, fp8_engine, prompts, new_tokens=64, prompt_tokens=128,
-                         fp8_emulate=True, free_running=False, timing=False)
+    report = compare_fp8(
+        fp32_engine,
+        fp8_engine,
+        prompts,
+        new_tokens=64,
+        prompt_tokens=128,
+        fp8_emulate=True,
+        free_running=False,
+        timing=False,
+    )
     assert report["positions"] == 24 * 64
     assert report["greedy_agreement"] >= 0.98, report["greedy_agreement"]
 
@@ -181,12 +247,15 @@ def test_fp8_scaled_mm_matches_emulation_on_cuda():
     torch.testing.assert_close(fast(x), slow(x), rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--dtype", "int4"], "unknown dtype 'int4'"),
-    (["--dtype", "fp8"], "fp8 needs a CUDA GPU"),
-    (["--medusa-choices", "chain-5"], "depth 5 but the model has only 4 Medusa heads"),
-    (["--medusa-choices", "auto"], "needs calibration prompts"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--dtype", "int4"], "unknown dtype 'int4'"),
+        (["--dtype", "fp8"], "fp8 needs a CUDA GPU"),
+        (["--medusa-choices", "chain-5"], "depth 5 but the model has only 4 Medusa heads"),
+        (["--medusa-choices", "auto"], "needs calibration prompts"),
+    ],
+)
 def test_bad_input_is_one_line_and_writes_nothing(argv, message, model_dir, heads_dir, tmp_path, capsys):
     out = tmp_path / "engine"
     with pytest.raises(SystemExit) as exc:

@@ -33,9 +33,21 @@ from medusa_forge.cli import main
 from medusa_forge.manifest import EngineManifest, sha256_file
 
 # Every flag trtllm-build 0.11.0 accepts that we emit (tensorrt_llm/commands/build.py, plugin/plugin.py).
-TRTLLM_011_FLAGS = {"--checkpoint_dir", "--output_dir", "--speculative_decoding_mode", "--max_draft_len",
-                    "--gemm_plugin", "--gpt_attention_plugin", "--paged_kv_cache", "--remove_input_padding",
-                    "--max_batch_size", "--max_input_len", "--max_seq_len", "--max_num_tokens", "--workers"}
+TRTLLM_011_FLAGS = {
+    "--checkpoint_dir",
+    "--output_dir",
+    "--speculative_decoding_mode",
+    "--max_draft_len",
+    "--gemm_plugin",
+    "--gpt_attention_plugin",
+    "--paged_kv_cache",
+    "--remove_input_padding",
+    "--max_batch_size",
+    "--max_input_len",
+    "--max_seq_len",
+    "--max_num_tokens",
+    "--workers",
+}
 
 
 # Every flag trtllm-build 1.2.1 accepts that we emit: no deprecated --paged_kv_cache.
@@ -56,8 +68,22 @@ def calib_file(tmp_path_factory, held_out_prompts):
 @pytest.fixture(scope="session")
 def fp16_ckpt(model_dir, heads_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("trt") / "ckpt-fp16"
-    convert(["--model", str(model_dir), "--medusa", str(heads_dir), "--out", str(out), "--dtype", "float16",
-             "--max-draft-len", "7", "--trtllm-version", "0.11"])
+    convert(
+        [
+            "--model",
+            str(model_dir),
+            "--medusa",
+            str(heads_dir),
+            "--out",
+            str(out),
+            "--dtype",
+            "float16",
+            "--max-draft-len",
+            "7",
+            "--trtllm-version",
+            "0.11",
+        ]
+    )
     return out
 
 
@@ -72,9 +98,30 @@ def fp16_ckpt_12(model_dir, heads_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def fp8_ckpt(model_dir, heads_dir, calib_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("trt") / "ckpt-fp8"
-    convert(["--model", str(model_dir), "--medusa", str(heads_dir), "--out", str(out), "--dtype", "float16",
-             "--quantization", "fp8", "--calib-prompts", str(calib_file), "--calib-size", "2",
-             "--calib-max-seq-len", "32", "--device", "cpu", "--trtllm-version", "0.11"])
+    convert(
+        [
+            "--model",
+            str(model_dir),
+            "--medusa",
+            str(heads_dir),
+            "--out",
+            str(out),
+            "--dtype",
+            "float16",
+            "--quantization",
+            "fp8",
+            "--calib-prompts",
+            str(calib_file),
+            "--calib-size",
+            "2",
+            "--calib-max-seq-len",
+            "32",
+            "--device",
+            "cpu",
+            "--trtllm-version",
+            "0.11",
+        ]
+    )
     return out
 
 
@@ -88,12 +135,35 @@ def dry_run(ckpt, out, *extra, capsys) -> list[str]:
 def test_fp16_dry_run_is_the_medusa_example_command_with_every_size_explicit(fp16_ckpt, tmp_path, capsys):
     out = tmp_path / "engine"
     cmd = dry_run(fp16_ckpt, out, "--medusa-choices", "small", capsys=capsys)
-    assert cmd == ["trtllm-build", "--checkpoint_dir", str(fp16_ckpt), "--output_dir", str(out),
-                   "--speculative_decoding_mode", "medusa", "--max_draft_len", "7",
-                   "--gemm_plugin", "float16", "--gpt_attention_plugin", "float16",
-                   "--paged_kv_cache", "enable", "--remove_input_padding", "enable",
-                   "--max_batch_size", "8", "--max_input_len", "1024", "--max_seq_len", "2048",
-                   "--max_num_tokens", str(1024 + 8 * (7 + 1)), "--workers", "1"]
+    assert cmd == [
+        "trtllm-build",
+        "--checkpoint_dir",
+        str(fp16_ckpt),
+        "--output_dir",
+        str(out),
+        "--speculative_decoding_mode",
+        "medusa",
+        "--max_draft_len",
+        "7",
+        "--gemm_plugin",
+        "float16",
+        "--gpt_attention_plugin",
+        "float16",
+        "--paged_kv_cache",
+        "enable",
+        "--remove_input_padding",
+        "enable",
+        "--max_batch_size",
+        "8",
+        "--max_input_len",
+        "1024",
+        "--max_seq_len",
+        "2048",
+        "--max_num_tokens",
+        str(1024 + 8 * (7 + 1)),
+        "--workers",
+        "1",
+    ]
     assert {a for a in cmd if a.startswith("--")} <= TRTLLM_011_FLAGS
     assert not out.exists()  # a dry run writes nothing
 
@@ -101,45 +171,107 @@ def test_fp16_dry_run_is_the_medusa_example_command_with_every_size_explicit(fp1
 def test_a_1_2_checkpoint_gets_the_1_2_flags(fp16_ckpt_12, tmp_path, capsys):
     out = tmp_path / "engine"
     cmd = dry_run(fp16_ckpt_12, out, "--medusa-choices", "small", capsys=capsys)
-    assert cmd == ["trtllm-build", "--checkpoint_dir", str(fp16_ckpt_12), "--output_dir", str(out),
-                   "--speculative_decoding_mode", "medusa", "--max_draft_len", "7",
-                   "--gemm_plugin", "float16", "--gpt_attention_plugin", "float16",
-                   "--kv_cache_type", "paged", "--remove_input_padding", "enable",
-                   "--max_batch_size", "8", "--max_input_len", "1024", "--max_seq_len", "2048",
-                   "--max_num_tokens", str(1024 + 8 * (7 + 1)), "--workers", "1"]
+    assert cmd == [
+        "trtllm-build",
+        "--checkpoint_dir",
+        str(fp16_ckpt_12),
+        "--output_dir",
+        str(out),
+        "--speculative_decoding_mode",
+        "medusa",
+        "--max_draft_len",
+        "7",
+        "--gemm_plugin",
+        "float16",
+        "--gpt_attention_plugin",
+        "float16",
+        "--kv_cache_type",
+        "paged",
+        "--remove_input_padding",
+        "enable",
+        "--max_batch_size",
+        "8",
+        "--max_input_len",
+        "1024",
+        "--max_seq_len",
+        "2048",
+        "--max_num_tokens",
+        str(1024 + 8 * (7 + 1)),
+        "--workers",
+        "1",
+    ]
     assert {a for a in cmd if a.startswith("--")} <= TRTLLM_12_FLAGS
 
 
 def test_fp8_dry_run_keeps_the_gemm_plugin_in_the_activation_dtype(fp8_ckpt, tmp_path, capsys):
     out = tmp_path / "engine"
-    cmd = dry_run(fp8_ckpt, out, "--max-batch-size", "4", "--max-seq-len", "1024", "--max-input-len", "512",
-                  capsys=capsys)
-    assert cmd == ["trtllm-build", "--checkpoint_dir", str(fp8_ckpt), "--output_dir", str(out),
-                   "--speculative_decoding_mode", "medusa", "--max_draft_len", "63",
-                   "--gemm_plugin", "float16", "--gpt_attention_plugin", "float16",
-                   "--paged_kv_cache", "enable", "--remove_input_padding", "enable",
-                   "--max_batch_size", "4", "--max_input_len", "512", "--max_seq_len", "1024",
-                   "--max_num_tokens", str(512 + 4 * 64), "--workers", "1"]
+    cmd = dry_run(
+        fp8_ckpt, out, "--max-batch-size", "4", "--max-seq-len", "1024", "--max-input-len", "512", capsys=capsys
+    )
+    assert cmd == [
+        "trtllm-build",
+        "--checkpoint_dir",
+        str(fp8_ckpt),
+        "--output_dir",
+        str(out),
+        "--speculative_decoding_mode",
+        "medusa",
+        "--max_draft_len",
+        "63",
+        "--gemm_plugin",
+        "float16",
+        "--gpt_attention_plugin",
+        "float16",
+        "--paged_kv_cache",
+        "enable",
+        "--remove_input_padding",
+        "enable",
+        "--max_batch_size",
+        "4",
+        "--max_input_len",
+        "512",
+        "--max_seq_len",
+        "1024",
+        "--max_num_tokens",
+        str(512 + 4 * 64),
+        "--workers",
+        "1",
+    ]
 
 
 def test_without_trtllm_build_the_build_fails_clearly_and_writes_nothing(fp16_ckpt, tmp_path, capsys):
     out = tmp_path / "engine"
     with pytest.raises(SystemExit) as exc:
-        main(["build", "trtllm", "--checkpoint-dir", str(fp16_ckpt), "--out", str(out), "--medusa-choices", "small",
-              "--trtllm-build", "trtllm-build-not-installed"])
+        main(
+            [
+                "build",
+                "trtllm",
+                "--checkpoint-dir",
+                str(fp16_ckpt),
+                "--out",
+                str(out),
+                "--medusa-choices",
+                "small",
+                "--trtllm-build",
+                "trtllm-build-not-installed",
+            ]
+        )
     err = capsys.readouterr().err
     assert exc.value.code == 2 and err.count("\n") == 1
     assert "trtllm-build-not-installed not found on PATH" in err and "--dry-run" in err
     assert not out.exists()
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--medusa-choices", "mc_sim_7b_63"], "has 63 draft nodes but the checkpoint's max_draft_len is 7"),
-    (["--medusa-choices", "chain-5"], "depth 5 but the model has only 4 Medusa heads"),
-    (["--medusa-choices", "auto"], "build it with `medusa-forge build native --medusa-choices auto"),
-    (["--medusa-choices", "small", "--max-seq-len", "9000"], "exceeds the model's max_position_embeddings"),
-    (["--medusa-choices", "small", "--max-input-len", "4096"], "must be >= 1 and below --max_seq_len"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--medusa-choices", "mc_sim_7b_63"], "has 63 draft nodes but the checkpoint's max_draft_len is 7"),
+        (["--medusa-choices", "chain-5"], "depth 5 but the model has only 4 Medusa heads"),
+        (["--medusa-choices", "auto"], "build it with `medusa-forge build native --medusa-choices auto"),
+        (["--medusa-choices", "small", "--max-seq-len", "9000"], "exceeds the model's max_position_embeddings"),
+        (["--medusa-choices", "small", "--max-input-len", "4096"], "must be >= 1 and below --max_seq_len"),
+    ],
+)
 def test_trees_and_sizes_that_the_engine_cannot_serve_are_refused(fp16_ckpt, tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as exc:
         main(["build", "trtllm", "--checkpoint-dir", str(fp16_ckpt), "--out", str(tmp_path / "e"), "--dry-run", *argv])
@@ -181,13 +313,31 @@ def stand_in(tmp_path, monkeypatch):
 
 def test_a_build_writes_the_engine_with_our_manifest_beside_it(fp16_ckpt, stand_in, tmp_path, capsys):
     out = tmp_path / "engine"
-    main(["build", "trtllm", "--checkpoint-dir", str(fp16_ckpt), "--out", str(out), "--medusa-choices", "small",
-          "--trtllm-build", str(stand_in)])
+    main(
+        [
+            "build",
+            "trtllm",
+            "--checkpoint-dir",
+            str(fp16_ckpt),
+            "--out",
+            str(out),
+            "--medusa-choices",
+            "small",
+            "--trtllm-build",
+            str(stand_in),
+        ]
+    )
     argv = json.loads((tmp_path / "argv.json").read_text())
     assert argv[argv.index("--checkpoint_dir") + 1] == str(fp16_ckpt)
     assert argv[argv.index("--output_dir") + 1] != str(out.absolute())  # built in a temporary sibling
     m = EngineManifest.load(out)
-    assert (m.kind, m.dtype, m.num_medusa_heads, m.max_batch_size, m.max_seq_len) == ("tensorrt_llm", "float16", 4, 8, 2048)
+    assert (m.kind, m.dtype, m.num_medusa_heads, m.max_batch_size, m.max_seq_len) == (
+        "tensorrt_llm",
+        "float16",
+        4,
+        8,
+        2048,
+    )
     assert m.medusa_choices == [[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 0, 0, 0]]
     assert m.extra["medusa_choices_trtllm"].startswith("{0}, {1}, {0, 0}")
     assert m.extra["command"].split(" ")[4] == str(out.absolute())  # the command as if run in place
@@ -201,8 +351,20 @@ def test_a_failed_build_leaves_nothing_behind(fp16_ckpt, stand_in, tmp_path, mon
     monkeypatch.setenv("STAND_IN_FAIL", "1")
     out = tmp_path / "engine"
     with pytest.raises(SystemExit):
-        main(["build", "trtllm", "--checkpoint-dir", str(fp16_ckpt), "--out", str(out), "--medusa-choices", "small",
-              "--trtllm-build", str(stand_in)])
+        main(
+            [
+                "build",
+                "trtllm",
+                "--checkpoint-dir",
+                str(fp16_ckpt),
+                "--out",
+                str(out),
+                "--medusa-choices",
+                "small",
+                "--trtllm-build",
+                str(stand_in),
+            ]
+        )
     assert "trtllm-build failed with exit code 3" in capsys.readouterr().err
     assert not out.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".engine")] == []
 
@@ -213,8 +375,20 @@ def test_a_native_engine_manifest_carries_its_searched_tree_and_stats(fp16_ckpt,
     stats = {"method": "auto", "expected_acceptance_length": 1.9, "measured_acceptance_length": 1.8}
     EngineManifest(kind="native", dtype="bfloat16", medusa_choices=[[0], [0, 0], [1]], tree_stats=stats).save(native)
     out = tmp_path / "engine"
-    main(["build", "trtllm", "--checkpoint-dir", str(fp16_ckpt), "--out", str(out),
-          "--medusa-choices", str(native / "medusa_forge.json"), "--trtllm-build", str(stand_in)])
+    main(
+        [
+            "build",
+            "trtllm",
+            "--checkpoint-dir",
+            str(fp16_ckpt),
+            "--out",
+            str(out),
+            "--medusa-choices",
+            str(native / "medusa_forge.json"),
+            "--trtllm-build",
+            str(stand_in),
+        ]
+    )
     m = EngineManifest.load(out)
     assert m.medusa_choices == [[0], [1], [0, 0]]
     assert m.tree_stats["expected_acceptance_length"] == 1.9 and m.tree_stats["from_engine"] == str(native.resolve())
@@ -228,6 +402,9 @@ def test_fp8_without_calib_prompts_calibrates_on_the_set_shipped_in_the_package(
 
     assert CALIB_PROMPTS.is_file() and len(read_prompts(CALIB_PROMPTS)) >= 16
     assert '"**/*.jsonl"' in (CALIB_PROMPTS.parents[3] / "pyproject.toml").read_text()  # shipped as package data
-    result = convert_trtllm(ConvertOptions(model_dir, heads_dir, tmp_path / "fp8", quantization="fp8", calib_size=2,
-                                           calib_max_seq_len=16, device="cpu"))
+    result = convert_trtllm(
+        ConvertOptions(
+            model_dir, heads_dir, tmp_path / "fp8", quantization="fp8", calib_size=2, calib_max_seq_len=16, device="cpu"
+        )
+    )
     assert result.calibration["sequences"] == 2 and result.config["quantization"]["quant_algo"] == "FP8"

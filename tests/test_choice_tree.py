@@ -39,8 +39,13 @@ def test_tree_from_json_file(tmp_path):
 
 @pytest.fixture
 def auto_engine_dir(tmp_path):
-    EngineManifest(kind="native", dtype="float32", medusa_choices=[[0], [1], [0, 0]], num_medusa_heads=2,
-                   extra={"tree_name": "auto"}).save(tmp_path)
+    EngineManifest(
+        kind="native",
+        dtype="float32",
+        medusa_choices=[[0], [1], [0, 0]],
+        num_medusa_heads=2,
+        extra={"tree_name": "auto"},
+    ).save(tmp_path)
     return tmp_path
 
 
@@ -54,14 +59,17 @@ def test_parse_refuses_an_engine_manifest_and_read_tree_reads_it(auto_engine_dir
     assert read_tree("small") == ChoiceTree.parse("small")
 
 
-@pytest.mark.parametrize("paths, message", [
-    ([[0, 0]], "has no parent [0]"),
-    ([[0], [0]], "appears twice"),
-    ([[0], [10]], "rank outside 0..9"),
-    ([], "non-empty list of paths"),
-    ([[0], "x"], "is not a non-empty list of integers"),
-    ([[i] for i in range(10)] + [[i, j] for i in range(10) for j in range(6)], "exceed the limit of 64"),
-])
+@pytest.mark.parametrize(
+    "paths, message",
+    [
+        ([[0, 0]], "has no parent [0]"),
+        ([[0], [0]], "appears twice"),
+        ([[0], [10]], "rank outside 0..9"),
+        ([], "non-empty list of paths"),
+        ([[0], "x"], "is not a non-empty list of integers"),
+        ([[i] for i in range(10)] + [[i, j] for i in range(10) for j in range(6)], "exceed the limit of 64"),
+    ],
+)
 def test_invalid_trees_are_refused(paths, message):
     with pytest.raises(ForgeError, match=message.replace("[", r"\[").replace("]", r"\]").replace(".", r"\.")):
         ChoiceTree.from_paths(paths)

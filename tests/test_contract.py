@@ -21,8 +21,10 @@ from medusa_forge.serve.trtllm_repo import TEMPLATE_DIR
 
 
 def tensors(config: model_config_pb2.ModelConfig, which: str) -> list[tuple]:
-    return [(t.name, model_config_pb2.DataType.Name(t.data_type), tuple(t.dims), getattr(t, "optional", False))
-            for t in getattr(config, which)]
+    return [
+        (t.name, model_config_pb2.DataType.Name(t.data_type), tuple(t.dims), getattr(t, "optional", False))
+        for t in getattr(config, which)
+    ]
 
 
 def parse(path) -> model_config_pb2.ModelConfig:
@@ -47,8 +49,9 @@ def test_every_input_says_what_the_native_engine_does_with_it():
 
 
 def test_the_native_repository_declares_the_whole_contract():
-    cfg = text_format.Parse(native_config_pbtxt(NativeRepoConfig(NativeModelSettings(engine_dir="/e"))),
-                            model_config_pb2.ModelConfig())
+    cfg = text_format.Parse(
+        native_config_pbtxt(NativeRepoConfig(NativeModelSettings(engine_dir="/e"))), model_config_pb2.ModelConfig()
+    )
     assert tensors(cfg, "input") == [(t.name, t.data_type, t.dims, t.optional) for t in INPUTS]
     assert [t[:3] for t in tensors(cfg, "output")] == [(t.name, t.data_type, t.dims) for t in OUTPUTS]
 
@@ -59,19 +62,27 @@ def test_log_probs_and_logits_come_back_only_when_asked_with_the_ensembles_shape
     asked = Reply("ab", [5, 6], [1], [0], [-0.5, -0.25], np.zeros((3, 8), np.float32), np.ones((2, 8), np.float32))
     out = reply_tensors(asked, "ab", [5, 6], final=True)
     assert {k: (v.shape, v.dtype) for k, v in out.items() if k in ENSEMBLE_OUTPUTS} == {
-        "text_output": ((1,), np.object_), "cum_log_probs": ((1, 1), np.float32),
-        "output_log_probs": ((1, 1, 2), np.float32), "context_logits": ((1, 3, 8), np.float32),
-        "generation_logits": ((1, 1, 2, 8), np.float32)}
+        "text_output": ((1,), np.object_),
+        "cum_log_probs": ((1, 1), np.float32),
+        "output_log_probs": ((1, 1, 2), np.float32),
+        "context_logits": ((1, 3, 8), np.float32),
+        "generation_logits": ((1, 1, 2, 8), np.float32),
+    }
     assert out["cum_log_probs"][0, 0] == -0.75
     assert set(reply_tensors(asked, "a", [5], final=False)) == {"text_output", "output_tokens"}
     chunk = reply_tensors(None, "a", [5], final=False, gcfg=GenerationConfig(return_context_logits=True))
-    assert {k: v.shape for k, v in chunk.items()} == {"text_output": (1,), "output_tokens": (1, 1),
-                                                      "context_logits": (1, 1, 1)}
+    assert {k: v.shape for k, v in chunk.items()} == {
+        "text_output": (1,),
+        "output_tokens": (1, 1),
+        "context_logits": (1, 1, 1),
+    }
 
 
 def test_ragged_rows_are_padded_in_every_dimension_with_the_pad_id_or_zero():
-    rows = [reply_tensors(Reply("a", [1], [], [], [-1.0], np.ones((2, 3), np.float32)), "a", [1], True),
-            reply_tensors(Reply("bc", [2, 3], [1], [0], [-1.0, -2.0], np.ones((4, 3), np.float32)), "bc", [2, 3], True)]
+    rows = [
+        reply_tensors(Reply("a", [1], [], [], [-1.0], np.ones((2, 3), np.float32)), "a", [1], True),
+        reply_tensors(Reply("bc", [2, 3], [1], [0], [-1.0, -2.0], np.ones((4, 3), np.float32)), "bc", [2, 3], True),
+    ]
     out = stack_rows(rows, pad_id=7)
     assert out["output_tokens"].tolist() == [[1, 7], [2, 3]]
     assert out["output_log_probs"].tolist() == [[[-1.0, 0.0]], [[-1.0, -2.0]]]

@@ -48,9 +48,21 @@ def calib(prompts_path, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def fp8_ckpt(model_dir, heads_dir, calib, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("fp8") / "ckpt"
-    convert_trtllm(ConvertOptions(model_dir, heads_dir, out, dtype="bfloat16", tp_size=2, quantization="fp8",
-                                  kv_cache_dtype="fp8", calib_prompts=calib, calib_size=3,
-                                  calib_max_seq_len=CALIB_TOKENS, device="cpu"))
+    convert_trtllm(
+        ConvertOptions(
+            model_dir,
+            heads_dir,
+            out,
+            dtype="bfloat16",
+            tp_size=2,
+            quantization="fp8",
+            kv_cache_dtype="fp8",
+            calib_prompts=calib,
+            calib_size=3,
+            calib_max_seq_len=CALIB_TOKENS,
+            device="cpu",
+        )
+    )
     return out
 
 
@@ -58,9 +70,17 @@ def test_config_declares_fp8_with_the_modelopt_medusa_exclusions(fp8_ckpt):
     config = json.loads((fp8_ckpt / "config.json").read_text())
     assert config["architecture"] == "MedusaForCausalLM" and config["dtype"] == "bfloat16"
     assert config["quantization"] == {
-        "quant_algo": "FP8", "kv_cache_quant_algo": "FP8",
-        "exclude_modules": ["lm_head", "*router", "*vocab_embedding", "*position_embedding", "*block_embedding",
-                            "*medusa_heads*"]}
+        "quant_algo": "FP8",
+        "kv_cache_quant_algo": "FP8",
+        "exclude_modules": [
+            "lm_head",
+            "*router",
+            "*vocab_embedding",
+            "*position_embedding",
+            "*block_embedding",
+            "*medusa_heads*",
+        ],
+    }
 
 
 def test_every_block_gemm_has_fp8_weights_and_float32_scales_on_every_rank(fp8_ckpt):
@@ -82,8 +102,13 @@ def test_every_block_gemm_has_fp8_weights_and_float32_scales_on_every_rank(fp8_c
         kv = p + "attention.kv_cache_scaling_factor"
         assert ranks[0][kv] == ("F32", [1]) and float(rank0[kv][0]) > 0
     # excluded modules stay in the checkpoint dtype and carry no scales
-    for name in ("lm_head.weight", "transformer.vocab_embedding.weight", "medusa_heads.0.lm_head.weight",
-                 "medusa_heads.0.medusa_layers.0.linear.weight", "transformer.layers.0.input_layernorm.weight"):
+    for name in (
+        "lm_head.weight",
+        "transformer.vocab_embedding.weight",
+        "medusa_heads.0.lm_head.weight",
+        "medusa_heads.0.medusa_layers.0.linear.weight",
+        "transformer.layers.0.input_layernorm.weight",
+    ):
         assert ranks[0][name][0] == "BF16"
     assert not [n for n in ranks[0] if "scaling_factor" in n and not n.startswith("transformer.layers.")]
     assert len(ranks[0]) == len(ranks[1]) == 6 * (7 + 2 * 5 + 1) + 3 + 4 * 3
@@ -111,7 +136,7 @@ def test_scales_are_amax_over_448_of_the_weights_and_the_calibration_activations
     assert a_scale == pytest.approx(amax / 448, rel=1e-4)
     # the fp8 weights, ranks merged, dequantize to the originals within e4m3 rounding (3 mantissa bits)
     merged = read_tensors(read_config(fp8_ckpt))["transformer.layers.0.attention.qkv.weight"].float() * w_scale
-    assert bool(((merged - qkv).abs() <= qkv.abs() / 16 + w_scale * 2 ** -9).all())
+    assert bool(((merged - qkv).abs() <= qkv.abs() / 16 + w_scale * 2**-9).all())
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +160,7 @@ def test_fp8_checkpoint_keeps_greedy_agreement_with_bf16(fp8_ckpt, bf16_greedy):
     with torch.inference_mode():
         for ids, tokens in bf16_greedy:
             seq = ids + tokens
-            pred = model.logits(full_pass(model, seq)[len(ids) - 1:-1]).argmax(-1).tolist()
+            pred = model.logits(full_pass(model, seq)[len(ids) - 1 : -1]).argmax(-1).tolist()
             agree += sum(a == b for a, b in zip(pred, tokens))
             total += len(tokens)
     print(f"fp8 greedy agreement {agree}/{total} = {agree / total:.4f}")
@@ -149,7 +174,7 @@ def test_dequantized_fp8_checkpoint_keeps_98_percent_greedy_agreement_with_bf16(
     agree = total = 0
     with torch.inference_mode():
         for ids, tokens in bf16_greedy:
-            pred = model.logits(full_pass(model, ids + tokens)[len(ids) - 1:-1]).argmax(-1).tolist()
+            pred = model.logits(full_pass(model, ids + tokens)[len(ids) - 1 : -1]).argmax(-1).tolist()
             agree += sum(a == b for a, b in zip(pred, tokens))
             total += len(tokens)
     print(f"dequantized fp8 greedy agreement {agree}/{total} = {agree / total:.4f}")

@@ -65,8 +65,9 @@ def v2_heads(model_dir, work) -> Path:
 @pytest.fixture(scope="module")
 def ckpt_tp1(model_dir, heads_dir, work) -> Path:
     """float16, tp 1, v1 heads (Python API), TensorRT-LLM 0.11 profile."""
-    convert_trtllm(ConvertOptions(model_dir, heads_dir, work / "tp1", dtype="float16", tp_size=1,
-                                  trtllm_version="0.11"))
+    convert_trtllm(
+        ConvertOptions(model_dir, heads_dir, work / "tp1", dtype="float16", tp_size=1, trtllm_version="0.11")
+    )
     return work / "tp1"
 
 
@@ -76,8 +77,26 @@ def ckpt_tp2(model_dir, v2_heads, work) -> Path:
     out = work / "tp2"
     code = None
     try:
-        main(["convert", "trtllm", "--model", str(model_dir), "--medusa", str(v2_heads), "--out", str(out),
-              "--dtype", "bfloat16", "--tp_size", "2", "--max_medusa_token_len", "31", "--trtllm-version", "0.11"])
+        main(
+            [
+                "convert",
+                "trtllm",
+                "--model",
+                str(model_dir),
+                "--medusa",
+                str(v2_heads),
+                "--out",
+                str(out),
+                "--dtype",
+                "bfloat16",
+                "--tp_size",
+                "2",
+                "--max_medusa_token_len",
+                "31",
+                "--trtllm-version",
+                "0.11",
+            ]
+        )
     except SystemExit as e:
         code = e.code
     assert code in (None, 0)
@@ -94,21 +113,50 @@ def golden_schema(tp: int, num_heads: int, dtype: str) -> dict[str, tuple[list[i
     s = {"transformer.vocab_embedding.weight": [V, H], "transformer.ln_f.weight": [H], "lm_head.weight": [V // tp, H]}
     for layer in range(6):
         p = f"transformer.layers.{layer}."
-        s |= {p + "input_layernorm.weight": [H], p + "post_layernorm.weight": [H],
-              p + "attention.qkv.weight": [(Q + 2 * KV) // tp, H], p + "attention.dense.weight": [H, Q // tp],
-              p + "mlp.fc.weight": [I // tp, H], p + "mlp.gate.weight": [I // tp, H], p + "mlp.proj.weight": [H, I // tp]}
+        s |= {
+            p + "input_layernorm.weight": [H],
+            p + "post_layernorm.weight": [H],
+            p + "attention.qkv.weight": [(Q + 2 * KV) // tp, H],
+            p + "attention.dense.weight": [H, Q // tp],
+            p + "mlp.fc.weight": [I // tp, H],
+            p + "mlp.gate.weight": [I // tp, H],
+            p + "mlp.proj.weight": [H, I // tp],
+        }
     for k in range(num_heads):
         p = f"medusa_heads.{k}."
-        s |= {p + "medusa_layers.0.linear.weight": [H // tp, H], p + "medusa_layers.0.linear.bias": [H // tp],
-              p + "lm_head.weight": [V // tp, H]}
+        s |= {
+            p + "medusa_layers.0.linear.weight": [H // tp, H],
+            p + "medusa_layers.0.linear.bias": [H // tp],
+            p + "lm_head.weight": [V // tp, H],
+        }
     return {n: (shape, dtype) for n, shape in s.items()}
 
 
-UPSTREAM_KEYS = ["architecture", "dtype", "logits_dtype", "num_hidden_layers", "num_attention_heads", "hidden_size",
-                 "intermediate_size", "num_key_value_heads", "vocab_size", "position_embedding_type",
-                 "max_position_embeddings", "hidden_act", "rotary_base", "rotary_scaling", "norm_epsilon",
-                 "quantization", "mapping", "use_parallel_embedding", "embedding_sharding_dim",
-                 "share_embedding_table", "max_draft_len", "num_medusa_heads", "num_medusa_layers"]
+UPSTREAM_KEYS = [
+    "architecture",
+    "dtype",
+    "logits_dtype",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "hidden_size",
+    "intermediate_size",
+    "num_key_value_heads",
+    "vocab_size",
+    "position_embedding_type",
+    "max_position_embeddings",
+    "hidden_act",
+    "rotary_base",
+    "rotary_scaling",
+    "norm_epsilon",
+    "quantization",
+    "mapping",
+    "use_parallel_embedding",
+    "embedding_sharding_dim",
+    "share_embedding_table",
+    "max_draft_len",
+    "num_medusa_heads",
+    "num_medusa_layers",
+]
 
 
 # ---------------------------------------------------------------------------------------------- schema
@@ -116,14 +164,30 @@ def test_config_json_matches_the_medusa_example_for_tp1(ckpt_tp1):
     config = json.loads((ckpt_tp1 / "config.json").read_text())
     assert list(config) == UPSTREAM_KEYS  # the example's keys, in its order; head_size only when non-default
     assert config == {
-        "architecture": "MedusaForCausalLM", "dtype": "float16", "logits_dtype": "float32",
-        "num_hidden_layers": 6, "num_attention_heads": 8, "hidden_size": 512, "intermediate_size": 1408,
-        "num_key_value_heads": 4, "vocab_size": 8192, "position_embedding_type": "rope_gpt_neox",
-        "max_position_embeddings": 2048, "hidden_act": "silu", "rotary_base": 10000.0, "rotary_scaling": None,
-        "norm_epsilon": 1e-05, "quantization": {"quant_algo": None, "kv_cache_quant_algo": None},
-        "mapping": {"world_size": 1, "tp_size": 1, "pp_size": 1}, "use_parallel_embedding": False,
-        "embedding_sharding_dim": 0, "share_embedding_table": False, "max_draft_len": 63,
-        "num_medusa_heads": 4, "num_medusa_layers": 1}  # heads' own config (4), not a flag default
+        "architecture": "MedusaForCausalLM",
+        "dtype": "float16",
+        "logits_dtype": "float32",
+        "num_hidden_layers": 6,
+        "num_attention_heads": 8,
+        "hidden_size": 512,
+        "intermediate_size": 1408,
+        "num_key_value_heads": 4,
+        "vocab_size": 8192,
+        "position_embedding_type": "rope_gpt_neox",
+        "max_position_embeddings": 2048,
+        "hidden_act": "silu",
+        "rotary_base": 10000.0,
+        "rotary_scaling": None,
+        "norm_epsilon": 1e-05,
+        "quantization": {"quant_algo": None, "kv_cache_quant_algo": None},
+        "mapping": {"world_size": 1, "tp_size": 1, "pp_size": 1},
+        "use_parallel_embedding": False,
+        "embedding_sharding_dim": 0,
+        "share_embedding_table": False,
+        "max_draft_len": 63,
+        "num_medusa_heads": 4,
+        "num_medusa_layers": 1,
+    }  # heads' own config (4), not a flag default
 
 
 def test_config_json_for_tp2_takes_mapping_heads_and_draft_len(ckpt_tp2):
@@ -149,15 +213,22 @@ def test_tp2_splits_are_the_ones_tensorrt_llm_makes(model_dir, ckpt_tp2):
         p, t = f"model.layers.{layer}.", f"transformer.layers.{layer}."
         for r, w in enumerate(ranks):
             q, k, v = (hf[p + f"self_attn.{x}_proj.weight"] for x in "qkv")
-            expect_qkv = torch.cat([q[r * Q // 2:(r + 1) * Q // 2], k[r * KV // 2:(r + 1) * KV // 2],
-                                    v[r * KV // 2:(r + 1) * KV // 2]])
+            expect_qkv = torch.cat(
+                [
+                    q[r * Q // 2 : (r + 1) * Q // 2],
+                    k[r * KV // 2 : (r + 1) * KV // 2],
+                    v[r * KV // 2 : (r + 1) * KV // 2],
+                ]
+            )
             assert torch.equal(w[t + "attention.qkv.weight"], expect_qkv)
-            assert torch.equal(w[t + "attention.dense.weight"], hf[p + "self_attn.o_proj.weight"][:, r * 256:(r + 1) * 256])
-            assert torch.equal(w[t + "mlp.fc.weight"], hf[p + "mlp.gate_proj.weight"][r * 704:(r + 1) * 704])
-            assert torch.equal(w[t + "mlp.gate.weight"], hf[p + "mlp.up_proj.weight"][r * 704:(r + 1) * 704])
-            assert torch.equal(w[t + "mlp.proj.weight"], hf[p + "mlp.down_proj.weight"][:, r * 704:(r + 1) * 704])
+            assert torch.equal(
+                w[t + "attention.dense.weight"], hf[p + "self_attn.o_proj.weight"][:, r * 256 : (r + 1) * 256]
+            )
+            assert torch.equal(w[t + "mlp.fc.weight"], hf[p + "mlp.gate_proj.weight"][r * 704 : (r + 1) * 704])
+            assert torch.equal(w[t + "mlp.gate.weight"], hf[p + "mlp.up_proj.weight"][r * 704 : (r + 1) * 704])
+            assert torch.equal(w[t + "mlp.proj.weight"], hf[p + "mlp.down_proj.weight"][:, r * 704 : (r + 1) * 704])
     for r, w in enumerate(ranks):
-        assert torch.equal(w["lm_head.weight"], hf["lm_head.weight"][r * 4096:(r + 1) * 4096])
+        assert torch.equal(w["lm_head.weight"], hf["lm_head.weight"][r * 4096 : (r + 1) * 4096])
         assert torch.equal(w["transformer.vocab_embedding.weight"], hf["model.embed_tokens.weight"])
         # version-2 heads: every head gets the base lm_head as its own (TensorRT-LLM's MedusaHead has one)
         assert torch.equal(w["medusa_heads.2.lm_head.weight"], w["lm_head.weight"])
@@ -165,15 +236,29 @@ def test_tp2_splits_are_the_ones_tensorrt_llm_makes(model_dir, ckpt_tp2):
 
 def test_fewer_kv_heads_than_ranks_are_duplicated_like_dup_kv_weight():
     """tp 4 over 2 KV heads: rank r holds KV head r // 2 (convert_utils.dup_kv_weight); merge undoes it."""
-    spec = CheckpointSpec(vocab_size=16, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=4,
-                          num_kv_heads=2, head_size=2, num_medusa_heads=1, num_medusa_layers=1, tp_size=4)
+    spec = CheckpointSpec(
+        vocab_size=16,
+        hidden_size=8,
+        intermediate_size=8,
+        num_layers=1,
+        num_heads=4,
+        num_kv_heads=2,
+        head_size=2,
+        num_medusa_heads=1,
+        num_medusa_layers=1,
+        tp_size=4,
+    )
     qkv = next(e for e in entries(spec) if e.name.endswith("attention.qkv.weight"))
     w = torch.arange(16 * 8, dtype=torch.float32).reshape(16, 8)  # q: 8 rows (4 heads), k: 4 rows, v: 4 rows
     parts = [shard(qkv, w, spec, r) for r in range(4)]
     for r, part in enumerate(parts):
         kv_head = r // 2
-        assert torch.equal(part, torch.cat([w[2 * r:2 * r + 2], w[8 + 2 * kv_head:10 + 2 * kv_head],
-                                            w[12 + 2 * kv_head:14 + 2 * kv_head]]))
+        assert torch.equal(
+            part,
+            torch.cat(
+                [w[2 * r : 2 * r + 2], w[8 + 2 * kv_head : 10 + 2 * kv_head], w[12 + 2 * kv_head : 14 + 2 * kv_head]]
+            ),
+        )
     assert torch.equal(merge(qkv, parts, spec), w)
 
 
@@ -192,8 +277,9 @@ def test_reader_merges_ranks_back_into_the_exact_weights(tp, model_dir, heads_di
     heads = load_heads(heads_src, H, V)
     assert torch.equal(loaded.heads.res_weight, heads.res_weight.to(dtype).float())
     assert torch.equal(loaded.heads.res_bias, heads.res_bias.to(dtype).float())
-    if heads.proj_weight is None or torch.equal(heads.proj_weight.to(dtype), original.lm_head.weight.to(dtype)[None]
-                                                .expand_as(heads.proj_weight)):
+    if heads.proj_weight is None or torch.equal(
+        heads.proj_weight.to(dtype), original.lm_head.weight.to(dtype)[None].expand_as(heads.proj_weight)
+    ):
         assert loaded.heads.proj_weight is None  # per-head copies of the base lm_head read back as shared
     else:
         assert torch.equal(loaded.heads.proj_weight, heads.proj_weight.to(dtype).float())
@@ -210,7 +296,8 @@ def reference_tokens(model_dir, held_out_prompts):
 
 @pytest.mark.parametrize("tp", [1, 2])
 def test_converted_checkpoint_runs_in_the_native_engine_with_the_original_greedy_output(
-        tp, ckpt_tp1, ckpt_tp2, reference_tokens):
+    tp, ckpt_tp1, ckpt_tp2, reference_tokens
+):
     engine = open_engine(ckpt_tp1 if tp == 1 else ckpt_tp2, tree="small", device="cpu", max_seq_len=96)
     assert engine.heads is not None and engine.heads.config.num_heads == (4 if tp == 1 else 5)
     gcfg = GenerationConfig(max_new_tokens=12, use_medusa=True, ignore_eos=True)
@@ -219,8 +306,9 @@ def test_converted_checkpoint_runs_in_the_native_engine_with_the_original_greedy
 
 
 def test_generate_cli_runs_a_converted_checkpoint(ckpt_tp1, capsys):
-    code, out, _ = run_cli(["generate", "--model", str(ckpt_tp1), "--prompt", "def main(", "--max-new-tokens", "6",
-                            "--json"], capsys)
+    code, out, _ = run_cli(
+        ["generate", "--model", str(ckpt_tp1), "--prompt", "def main(", "--max-new-tokens", "6", "--json"], capsys
+    )
     assert code == 0 and len(json.loads(out.strip().splitlines()[-1])["tokens"]) == 6
 
 
@@ -239,13 +327,18 @@ def test_inspect_lists_missing_extra_and_misshaped_tensors_and_exits_1(ckpt_tp2,
     tensors = load_file(str(ckpt_tp2 / "rank1.safetensors"))
     del tensors["transformer.layers.3.mlp.gate.weight"]
     tensors["medusa_heads.9.lm_head.weight"] = torch.zeros(4, 4)
-    tensors["transformer.layers.0.attention.dense.weight"] = tensors["transformer.layers.0.attention.dense.weight"][:, :128].contiguous()
+    tensors["transformer.layers.0.attention.dense.weight"] = tensors["transformer.layers.0.attention.dense.weight"][
+        :, :128
+    ].contiguous()
     save_file(tensors, str(bad / "rank1.safetensors"))
     code, out, _ = run_cli(["convert", "inspect", str(bad)], capsys)
     assert code == 1 and "INVALID: 3 problem(s)" in out
     assert "rank1.safetensors: missing tensor transformer.layers.3.mlp.gate.weight" in out
     assert "rank1.safetensors: unexpected tensor medusa_heads.9.lm_head.weight" in out
-    assert "rank1.safetensors: transformer.layers.0.attention.dense.weight has shape [512, 128], expected [512, 256]" in out
+    assert (
+        "rank1.safetensors: transformer.layers.0.attention.dense.weight has shape [512, 128], expected [512, 256]"
+        in out
+    )
     with pytest.raises(ForgeError, match="not a valid TensorRT-LLM checkpoint: rank1.safetensors: missing tensor"):
         load_trtllm_checkpoint(bad, device="cpu")
 
@@ -275,8 +368,18 @@ def test_bad_inputs_fail_with_one_line(model_dir, heads_dir, work):
     assert "tp_size 3 does not divide num_attention_heads 8" in convert(tp_size=3)
     assert "set CALIB=FILE" in convert(quantization="fp8", calib_prompts=work / "no-such.jsonl")
     assert "--dtype 'float32'" in convert(dtype="float32")
-    small = CheckpointSpec(vocab_size=8, hidden_size=9, intermediate_size=8, num_layers=1, num_heads=2,
-                           num_kv_heads=2, head_size=4, num_medusa_heads=1, num_medusa_layers=1, tp_size=2)
+    small = CheckpointSpec(
+        vocab_size=8,
+        hidden_size=9,
+        intermediate_size=8,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=2,
+        head_size=4,
+        num_medusa_heads=1,
+        num_medusa_layers=1,
+        tp_size=2,
+    )
     with pytest.raises(ForgeError, match="tp_size 2 does not divide hidden_size"):
         small.check("model")
     gpt2 = work / "gpt2"
@@ -298,10 +401,12 @@ def test_heads_that_do_not_fit_the_model_are_refused(hidden, vocab, what, model_
     assert what in str(exc.value).lower() and "\n" not in str(exc.value)
 
 
-def test_existing_output_needs_overwrite_and_a_failed_write_leaves_nothing(model_dir, heads_dir, ckpt_tp1, work,
-                                                                           monkeypatch, capsys):
-    code, _, err = run_cli(["convert", "trtllm", "--model", str(model_dir), "--medusa", str(heads_dir),
-                            "--out", str(ckpt_tp1)], capsys)
+def test_existing_output_needs_overwrite_and_a_failed_write_leaves_nothing(
+    model_dir, heads_dir, ckpt_tp1, work, monkeypatch, capsys
+):
+    code, _, err = run_cli(
+        ["convert", "trtllm", "--model", str(model_dir), "--medusa", str(heads_dir), "--out", str(ckpt_tp1)], capsys
+    )
     assert code == 2 and "is not empty; pass --overwrite" in err and err.count("\n") == 1
     import medusa_forge.convert.trtllm_checkpoint as writer
 

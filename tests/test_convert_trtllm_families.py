@@ -32,13 +32,38 @@ from medusa_forge.errors import ForgeError
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 V, H, I, HEADS, KV, D = 8193, 64, 128, 4, 2, 16  # odd vocab (>= the tokenizer's 8192): tp 2 pads it to 8194
-LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 64}
-KEYS_1_2 = ["architecture", "dtype", "logits_dtype", "num_hidden_layers", "num_attention_heads", "hidden_size",
-            "intermediate_size", "num_key_value_heads", "vocab_size", "position_embedding_type",
-            "max_position_embeddings", "hidden_act", "rotary_base", "rotary_scaling", "norm_epsilon", "quantization",
-            "mapping", "use_parallel_embedding", "embedding_sharding_dim", "max_draft_len", "num_medusa_heads",
-            "num_medusa_layers", "model_type"]
+LLAMA31_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
+KEYS_1_2 = [
+    "architecture",
+    "dtype",
+    "logits_dtype",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "hidden_size",
+    "intermediate_size",
+    "num_key_value_heads",
+    "vocab_size",
+    "position_embedding_type",
+    "max_position_embeddings",
+    "hidden_act",
+    "rotary_base",
+    "rotary_scaling",
+    "norm_epsilon",
+    "quantization",
+    "mapping",
+    "use_parallel_embedding",
+    "embedding_sharding_dim",
+    "max_draft_len",
+    "num_medusa_heads",
+    "num_medusa_layers",
+    "model_type",
+]
 
 
 def save_tiny(family: str, out: Path, tokenizer_from: Path) -> Path:
@@ -52,8 +77,16 @@ def save_tiny(family: str, out: Path, tokenizer_from: Path) -> Path:
     )
 
     torch.manual_seed(0)
-    sizes = dict(vocab_size=V, hidden_size=H, intermediate_size=I, num_hidden_layers=2, num_attention_heads=HEADS,
-                 num_key_value_heads=KV, max_position_embeddings=512, tie_word_embeddings=False)
+    sizes = dict(
+        vocab_size=V,
+        hidden_size=H,
+        intermediate_size=I,
+        num_hidden_layers=2,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
     if family == "llama31":  # rope_theta 1e4 (not 5e5): positions this short must feel the llama3 scaling
         model = LlamaForCausalLM(LlamaConfig(**sizes, rope_theta=10000.0, rope_scaling=LLAMA31_ROPE))
     elif family == "mistral":
@@ -82,8 +115,11 @@ def family(request, model_dir, tmp_path_factory) -> dict:
     out = {"name": request.param, "hf": hf, "heads": heads}
     for tp in (1, 2):
         out[tp] = work / f"tp{tp}"
-        convert_trtllm(ConvertOptions(hf, heads, out[tp], dtype="float16", tp_size=tp,
-                                      medusa_choices="[[0], [1], [0, 0], [0, 0, 0]]"))
+        convert_trtllm(
+            ConvertOptions(
+                hf, heads, out[tp], dtype="float16", tp_size=tp, medusa_choices="[[0], [1], [0, 0], [0, 0, 0]]"
+            )
+        )
     return out
 
 
@@ -104,9 +140,14 @@ def test_config_json_has_the_1_2_converter_keys_and_the_family_fields(family):
         assert config["rotary_base"] == 1e6 and config["rotary_scaling"] is None
         assert config.get("qwen_type") == ("qwen2" if qwen else None)
     else:  # every llama3 field, not just the type upstream's converter keeps
-        assert config["rotary_scaling"] == {"type": "llama3", "rope_type": "llama3", "factor": 8.0,
-                                            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                            "original_max_position_embeddings": 64}
+        assert config["rotary_scaling"] == {
+            "type": "llama3",
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        }
 
 
 @pytest.mark.parametrize("tp", [1, 2])
@@ -117,16 +158,24 @@ def test_rank_files_hold_the_family_tensors_with_the_vocab_padded_for_tp(family,
     expected = {"transformer.vocab_embedding.weight": [V, H], "transformer.ln_f.weight": [H], "lm_head.weight": [vp, H]}
     for i in range(2):
         p = f"transformer.layers.{i}."
-        expected |= {p + "input_layernorm.weight": [H], p + "post_layernorm.weight": [H],
-                     p + "attention.qkv.weight": [qkv_rows, H], p + "attention.dense.weight": [H, HEADS * D // tp],
-                     p + "mlp.fc.weight": [I // tp, H], p + "mlp.gate.weight": [I // tp, H],
-                     p + "mlp.proj.weight": [H, I // tp]}
+        expected |= {
+            p + "input_layernorm.weight": [H],
+            p + "post_layernorm.weight": [H],
+            p + "attention.qkv.weight": [qkv_rows, H],
+            p + "attention.dense.weight": [H, HEADS * D // tp],
+            p + "mlp.fc.weight": [I // tp, H],
+            p + "mlp.gate.weight": [I // tp, H],
+            p + "mlp.proj.weight": [H, I // tp],
+        }
         if qwen:
             expected[p + "attention.qkv.bias"] = [qkv_rows]
     for k in range(3):
         p = f"medusa_heads.{k}."
-        expected |= {p + "medusa_layers.0.linear.weight": [H // tp, H], p + "medusa_layers.0.linear.bias": [H // tp],
-                     p + "lm_head.weight": [vp, H]}
+        expected |= {
+            p + "medusa_layers.0.linear.weight": [H // tp, H],
+            p + "medusa_layers.0.linear.bias": [H // tp],
+            p + "lm_head.weight": [vp, H],
+        }
     for r in range(tp):
         assert headers(family[tp] / f"rank{r}.safetensors") == expected
 
@@ -149,7 +198,7 @@ def reference(family) -> list[tuple[list[int], list[int]]]:
     for seed in range(3):
         ids = torch.randint(0, 8192, (12,), generator=torch.Generator().manual_seed(seed)).tolist()
         gen = hf.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False, pad_token_id=0, eos_token_id=None)
-        out.append((ids, gen[0, len(ids):].tolist()))
+        out.append((ids, gen[0, len(ids) :].tolist()))
     return out
 
 
@@ -194,8 +243,10 @@ def test_heads_that_config_under_counts_need_num_heads_and_then_convert(family, 
     assert code == 0, err
     assert "TensorRT-LLM 1.2.1 float16 checkpoint" in out and "valid against the TensorRT-LLM 1.2.1 schema" in out
     assert json.loads((tmp_path / "two" / "config.json").read_text())["num_medusa_heads"] == 2
-    with safe_open(str(tmp_path / "two" / "rank0.safetensors"), framework="pt") as a, \
-            safe_open(str(family[1] / "rank0.safetensors"), framework="pt") as b:
+    with (
+        safe_open(str(tmp_path / "two" / "rank0.safetensors"), framework="pt") as a,
+        safe_open(str(family[1] / "rank0.safetensors"), framework="pt") as b,
+    ):
         names = [n for n in b.keys() if not n.startswith("medusa_heads.2.")]
         assert sorted(a.keys()) == sorted(names)
         assert all(torch.equal(a.get_tensor(n), b.get_tensor(n)) for n in names if n.startswith("medusa_heads."))
@@ -208,8 +259,18 @@ def test_fp8_qwen2_converts_and_reads_back_dequantized_but_not_as_a_biased_fp8_g
     from medusa_forge.convert.trtllm_reader import load_trtllm_checkpoint
 
     out = tmp_path / "fp8"
-    convert_trtllm(ConvertOptions(family["hf"], family["heads"], out, quantization="fp8", calib_size=4,
-                                  calib_max_seq_len=16, device="cpu", max_draft_len=4))
+    convert_trtllm(
+        ConvertOptions(
+            family["hf"],
+            family["heads"],
+            out,
+            quantization="fp8",
+            calib_size=4,
+            calib_max_seq_len=16,
+            device="cpu",
+            max_draft_len=4,
+        )
+    )
     with safe_open(str(out / "rank0.safetensors"), framework="pt") as f:
         assert f.get_tensor("transformer.layers.0.attention.qkv.weight").dtype == torch.float8_e4m3fn
         assert f.get_tensor("transformer.layers.0.attention.qkv.bias").dtype == torch.float16

@@ -18,8 +18,17 @@ from medusa_forge.errors import ForgeError
 
 
 def toy_config(model_dir, prompts_path, out: Path, **kw) -> DemoConfig:
-    sizes = {"shots": 1, "mmlu_limit": 1, "per_topic": 1, "max_tokens": 8, "warmup": 0, "min_speedup": 0.0,
-             "max_prompt_chars": 300, "query_tokens": 8, "max_seq_len": 256}
+    sizes = {
+        "shots": 1,
+        "mmlu_limit": 1,
+        "per_topic": 1,
+        "max_tokens": 8,
+        "warmup": 0,
+        "min_speedup": 0.0,
+        "max_prompt_chars": 300,
+        "query_tokens": 8,
+        "max_seq_len": 256,
+    }
     return DemoConfig(model=model_dir, prompts=prompts_path, out=out, echo=lambda _: None, **(sizes | kw))
 
 
@@ -70,8 +79,17 @@ def test_the_table_names_what_a_user_came_for(demo_run):
     console = Console(record=True, width=160)
     render(demo_run[1], console)
     text = console.export_text()
-    for row in ("tokens/step (Medusa)", "speedup, all topics", "same answer 4/4", "greedy outputs identical",
-                "promoted v0001", "rejected (identical", "registry unchanged", "report.md (+ 3 PNG)", "sympy"):
+    for row in (
+        "tokens/step (Medusa)",
+        "speedup, all topics",
+        "same answer 4/4",
+        "greedy outputs identical",
+        "promoted v0001",
+        "rejected (identical",
+        "registry unchanged",
+        "report.md (+ 3 PNG)",
+        "sympy",
+    ):
         assert row in text, row
 
 
@@ -98,5 +116,6 @@ def test_the_shipped_assets_are_small_and_complete():
     assert config["medusa_num_heads"] >= 3 and (heads / "tree.json").is_file()
     report = json.loads((heads / "train_report.json").read_text())
     assert report["config"]["shared_lm_head"] and report["config"]["device"] == "cpu"
-    assert {p.name.rsplit("_", 1)[0] for p in (shipped_mmlu() / "test").glob("*.csv")} == \
-        {p.name.rsplit("_", 1)[0] for p in (shipped_mmlu() / "dev").glob("*.csv")}
+    assert {p.name.rsplit("_", 1)[0] for p in (shipped_mmlu() / "test").glob("*.csv")} == {
+        p.name.rsplit("_", 1)[0] for p in (shipped_mmlu() / "dev").glob("*.csv")
+    }

@@ -37,7 +37,7 @@ def prompt_ids(engine, held_out_prompts):
     out = []
     for p in chosen:
         ids = engine.tokenizer.encode(p["prompt"])
-        out.append(ids if len(ids) <= PROMPT_TOKENS else ids[:1] + ids[-(PROMPT_TOKENS - 1):])
+        out.append(ids if len(ids) <= PROMPT_TOKENS else ids[:1] + ids[-(PROMPT_TOKENS - 1) :])
     return out
 
 
@@ -127,8 +127,9 @@ def test_every_tree_step_commits_a_valid_path(engine, prompt_ids):
 
 
 @pytest.mark.parametrize("use_medusa", [True, False], ids=["medusa", "plain"])
-def test_running_one_step_ahead_keeps_the_tokens_and_launches_no_step_past_the_end(engine, prompt_ids,
-                                                                                   monkeypatch, use_medusa):
+def test_running_one_step_ahead_keeps_the_tokens_and_launches_no_step_past_the_end(
+    engine, prompt_ids, monkeypatch, use_medusa
+):
     """The CUDA host loop (run_ahead, exercised here on CPU) queues step k+1 before reading step k:
     the same tokens, and for a length stop exactly the steps the request consumed (a step queued
     past max_new_tokens would cost a whole step of GPU time). Oracle heads (each step's drafts are
@@ -149,7 +150,9 @@ def test_running_one_step_ahead_keeps_the_tokens_and_launches_no_step_past_the_e
                 for d in range(engine.tree.depth):
                     engine.head_topk[d, 0] = truth[j + 1 + d]
             step()
+
         return run
+
     monkeypatch.setattr(engine, "_step", oracle_step)
     monkeypatch.setattr(engine, "run_ahead", True)
     got = engine.generate_ids(ids, GenerationConfig(max_new_tokens=n, ignore_eos=True, use_medusa=use_medusa))
@@ -163,8 +166,9 @@ def test_running_one_step_ahead_keeps_the_tokens_and_launches_no_step_past_the_e
 
 
 @pytest.mark.gpu
-def test_cuda_medusa_is_bit_identical_to_plain_decoding_and_graph_prefill_matches_eager(model_dir, heads_dir,
-                                                                                        prompt_ids):
+def test_cuda_medusa_is_bit_identical_to_plain_decoding_and_graph_prefill_matches_eager(
+    model_dir, heads_dir, prompt_ids
+):
     """bf16 on CUDA: greedy Medusa tokens == plain greedy tokens of the same engine on all 30
     prompts (the kernels' batch invariance, not a tolerance), and the bucketed CUDA-graph prefill
     gives the eager prefill's next token with logits within bf16 tolerance."""

@@ -8,10 +8,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import FIXTURE_MMLU
-from medusa_forge.eval.mmlu_data import LETTERS, detect_layout, load_split
+
 from medusa_forge.errors import ForgeError
+from medusa_forge.eval.mmlu_data import LETTERS, detect_layout, load_split
 
 SUBJECTS = ["college_computer_science", "computer_security", "high_school_computer_science", "machine_learning"]
 
@@ -78,8 +78,10 @@ def _as_hf(test: dict, dev: dict, root: Path, fmt: str, all_only: bool = False) 
     for split, data in (("test", test), ("dev", dev)):
         groups = {"all": [q for qs in data.values() for q in qs]} if all_only else data
         for folder, qs in groups.items():
-            rows = [{"question": q.question, "subject": q.subject, "choices": list(q.choices),
-                     "answer": q.answer_index} for q in qs]
+            rows = [
+                {"question": q.question, "subject": q.subject, "choices": list(q.choices), "answer": q.answer_index}
+                for q in qs
+            ]
             d = root / folder
             d.mkdir(parents=True, exist_ok=True)
             if fmt == "jsonl":
@@ -100,8 +102,9 @@ def test_hf_layout_reads_the_same_questions(tmp_path, fmt, all_only):
         got = load_split(tmp_path, split)
         assert list(got) == list(ref)
         for s in ref:
-            assert [(q.question, q.choices, q.answer) for q in got[s]] == \
-                   [(q.question, q.choices, q.answer) for q in ref[s]]
+            assert [(q.question, q.choices, q.answer) for q in got[s]] == [
+                (q.question, q.choices, q.answer) for q in ref[s]
+            ]
     assert list(load_split(tmp_path, "test", ["machine_learning"])) == ["machine_learning"]
 
 

@@ -15,15 +15,13 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import FIXTURE_MMLU, run_cli
+
 from medusa_forge.cli import main
 from medusa_forge.eval.promote import Gates, Registry, check_gates, load_baseline_mmlu, load_report, promote
 from medusa_forge.eval.report import engine_fingerprint
 
 PNG = b"\x89PNG\r\n\x1a\n"
-
-
 
 
 def build_eval_engine(tmp_path_factory, model_dir, heads_dir) -> Path:
@@ -35,8 +33,18 @@ def build_eval_engine(tmp_path_factory, model_dir, heads_dir) -> Path:
     engine = tmp_path_factory.getbasetemp() / "eval_engine"
     with FileLock(str(engine) + ".lock"):
         if not engine.is_dir():
-            build_native(NativeBuildConfig(model_dir, engine, dtype="bfloat16", medusa_dir=heads_dir, tree="small",
-                                           max_seq_len=1024, device="cpu", verify_tokens=4))
+            build_native(
+                NativeBuildConfig(
+                    model_dir,
+                    engine,
+                    dtype="bfloat16",
+                    medusa_dir=heads_dir,
+                    tree="small",
+                    max_seq_len=1024,
+                    device="cpu",
+                    verify_tokens=4,
+                )
+            )
     return engine
 
 
@@ -53,17 +61,68 @@ def results(work, prompts_path) -> Path:
     eng = work / "engine"
     common = ["--in-process", "--dtype", "float32", "--no-progress"]
     for name, extra in (("base", ["--no-medusa"]), ("medusa", [])):
-        main(["eval", "mmlu", "--model", str(eng), "--data", str(FIXTURE_MMLU), "--limit", "1", "--shots", "2", "--out",
-              str(work / f"mmlu_{name}.json"), *common, *extra])
+        main(
+            [
+                "eval",
+                "mmlu",
+                "--model",
+                str(eng),
+                "--data",
+                str(FIXTURE_MMLU),
+                "--limit",
+                "1",
+                "--shots",
+                "2",
+                "--out",
+                str(work / f"mmlu_{name}.json"),
+                *common,
+                *extra,
+            ]
+        )
     two_topics = work / "prompts.jsonl"  # the e2e test covers every topic; two keep this one quick
     lines = prompts_path.read_text().splitlines()
-    two_topics.write_text("".join(next(ln for ln in lines if json.loads(ln)["topic"] == t) + "\n"
-                                  for t in ("torch", "pandas")))
-    main(["eval", "speed", "--base-model", str(eng), "--medusa-model", str(eng), "--prompts", str(two_topics),
-          "--max-tokens", "6", "--trials", "2", "--warmup", "1", "--max-prompt-chars", "300",
-          "--out", str(work / "speed.json"), *common])
-    main(["eval", "report", "--mmlu", str(work / "mmlu_medusa.json"), "--baseline-mmlu", str(work / "mmlu_base.json"),
-          "--speed", str(work / "speed.json"), "--engine", str(eng), "--out", str(work / "report")])
+    two_topics.write_text(
+        "".join(next(ln for ln in lines if json.loads(ln)["topic"] == t) + "\n" for t in ("torch", "pandas"))
+    )
+    main(
+        [
+            "eval",
+            "speed",
+            "--base-model",
+            str(eng),
+            "--medusa-model",
+            str(eng),
+            "--prompts",
+            str(two_topics),
+            "--max-tokens",
+            "6",
+            "--trials",
+            "2",
+            "--warmup",
+            "1",
+            "--max-prompt-chars",
+            "300",
+            "--out",
+            str(work / "speed.json"),
+            *common,
+        ]
+    )
+    main(
+        [
+            "eval",
+            "report",
+            "--mmlu",
+            str(work / "mmlu_medusa.json"),
+            "--baseline-mmlu",
+            str(work / "mmlu_base.json"),
+            "--speed",
+            str(work / "speed.json"),
+            "--engine",
+            str(eng),
+            "--out",
+            str(work / "report"),
+        ]
+    )
     main(["eval", "report", "--mmlu", str(work / "mmlu_base.json"), "--out", str(work / "baseline_report")])
     return work
 
@@ -111,8 +170,10 @@ def test_report_has_markdown_json_and_plots(results):
 def test_report_refuses_partial_results(results, tmp_path, capsys):
     partial = tmp_path / "speed.json.partial.json"
     partial.write_text(json.dumps({"kind": "partial", "complete": False, "fingerprint": {}, "results": {"t0/p0": {}}}))
-    code, _, err = run_cli(["eval", "report", "--mmlu", results / "mmlu_medusa.json", "--speed", partial,
-                            "--out", tmp_path / "rep"], capsys)
+    code, _, err = run_cli(
+        ["eval", "report", "--mmlu", results / "mmlu_medusa.json", "--speed", partial, "--out", tmp_path / "rep"],
+        capsys,
+    )
     assert code == 2 and "partial results (1 items), not a finished run" in err
     assert not (tmp_path / "rep").exists()
 
@@ -120,15 +181,37 @@ def test_report_refuses_partial_results(results, tmp_path, capsys):
 def test_prompts_file_without_prompt_field_is_a_clear_error(results, tmp_path, capsys):
     bad = tmp_path / "p.jsonl"
     bad.write_text(json.dumps({"topic": "torch", "text": "import torch"}) + "\n")
-    code, _, err = run_cli(["eval", "speed", "--in-process", "--base-model", results / "engine", "--medusa-model",
-                            results / "engine", "--prompts", bad], capsys)
+    code, _, err = run_cli(
+        [
+            "eval",
+            "speed",
+            "--in-process",
+            "--base-model",
+            results / "engine",
+            "--medusa-model",
+            results / "engine",
+            "--prompts",
+            bad,
+        ],
+        capsys,
+    )
     assert code == 2 and err.strip() == f"error: {bad}:1: each line needs a non-empty string field 'prompt'"
 
 
 # ---------------------------------------------------------------- promote
 def _promote_args(results, registry, *extra):
-    return ["promote", "--candidate", results / "engine", "--report", results / "report", "--baseline",
-            results / "baseline_report", "--to", registry, *extra]
+    return [
+        "promote",
+        "--candidate",
+        results / "engine",
+        "--report",
+        results / "report",
+        "--baseline",
+        results / "baseline_report",
+        "--to",
+        registry,
+        *extra,
+    ]
 
 
 def test_promote_then_rollback(results, tmp_path, capsys):
@@ -167,8 +250,22 @@ def test_report_made_for_another_engine_fails_the_engine_gate(results, tmp_path,
     manifest = json.loads((other / "medusa_forge.json").read_text())
     manifest["max_seq_len"] = 512
     (other / "medusa_forge.json").write_text(json.dumps(manifest))
-    code, out, _ = run_cli(["promote", "--candidate", other, "--report", results / "report", "--baseline",
-                            results / "baseline_report", "--to", tmp_path / "reg", "--min-speedup", "0"], capsys)
+    code, out, _ = run_cli(
+        [
+            "promote",
+            "--candidate",
+            other,
+            "--report",
+            results / "report",
+            "--baseline",
+            results / "baseline_report",
+            "--to",
+            tmp_path / "reg",
+            "--min-speedup",
+            "0",
+        ],
+        capsys,
+    )
     assert code == 1 and "[FAIL] engine    report was made for another engine" in out
     assert not (tmp_path / "reg" / "current").exists()
 
@@ -185,7 +282,10 @@ def test_mmlu_gate_measures_the_drop_in_points(results):
     base_better = {**baseline, "micro_accuracy": report["mmlu"]["micro_accuracy"] + 0.25}
     gates = {g.name: g for g in check_gates(worse, base_better, Gates(0.5, 0.0, True), fp)}
     assert not gates["mmlu"].passed and "drop +25.00 points (max 0.5)" in gates["mmlu"].detail
-    assert not gates["identical"].passed and "MMLU answers differ from the baseline on 1 question" in gates["identical"].detail
+    assert (
+        not gates["identical"].passed
+        and "MMLU answers differ from the baseline on 1 question" in gates["identical"].detail
+    )
     assert gates["speedup"].passed and gates["engine"].passed
     ok = {g.name: g for g in check_gates(worse, base_better, Gates(30.0, 0.0, False), fp)}
     assert ok["mmlu"].passed and "identical" not in ok

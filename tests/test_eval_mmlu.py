@@ -7,12 +7,12 @@ import json
 import shutil
 
 import pytest
-
-from medusa_forge.eval.cache import ResultCache, cache_path_for, read_complete
 from conftest import FIXTURE_MMLU
+
+from medusa_forge.errors import ForgeError
+from medusa_forge.eval.cache import ResultCache, cache_path_for, read_complete
 from medusa_forge.eval.mmlu import build_prompt, extract_letter, fit_prompt, make_items, score
 from medusa_forge.eval.mmlu_data import load_split
-from medusa_forge.errors import ForgeError
 
 
 def test_prompt_is_the_original_k_shot_format():
@@ -23,7 +23,8 @@ def test_prompt_is_the_original_k_shot_format():
         "The following are multiple choice questions (with answers) about high school computer science.\n\n"
         "What is the value of 7 // 2 in Python 3?\nA. 3.5\nB. 4\nC. 3\nD. 2\nAnswer: C\n\n"
         "How many bits are in a byte?\nA. 8\nB. 4\nC. 16\nD. 2\nAnswer: A\n\n"
-        "What does print(2 ** 3) output in Python?\nA. 6\nB. 9\nC. 5\nD. 8\nAnswer:")
+        "What does print(2 ** 3) output in Python?\nA. 6\nB. 9\nC. 5\nD. 8\nAnswer:"
+    )
 
 
 def test_five_shot_items_and_shot_trimming_to_a_token_budget():
@@ -43,15 +44,31 @@ def test_five_shot_items_and_shot_trimming_to_a_token_budget():
         make_items(test, dev, shots=6)
 
 
-@pytest.mark.parametrize("reply,letter", [(" B", "B"), ("C", "C"), (" D.", "D"), ("(A)", "A"), ("\nA\n", "A"),
-                                          (" Answer", None), (" AB", None), (" E", None), ("", None), (" b", None)])
+@pytest.mark.parametrize(
+    "reply,letter",
+    [
+        (" B", "B"),
+        ("C", "C"),
+        (" D.", "D"),
+        ("(A)", "A"),
+        ("\nA\n", "A"),
+        (" Answer", None),
+        (" AB", None),
+        (" E", None),
+        ("", None),
+        (" b", None),
+    ],
+)
 def test_letter_extraction(reply, letter):
     assert extract_letter(reply) == letter
 
 
 def test_macro_and_micro_accuracy_differ_on_unequal_subjects():
-    recs = ([{"subject": "a", "correct": True, "predicted": "A"}] * 3 + [{"subject": "a", "correct": False, "predicted": None}]
-            + [{"subject": "b", "correct": False, "predicted": "C"}])
+    recs = (
+        [{"subject": "a", "correct": True, "predicted": "A"}] * 3
+        + [{"subject": "a", "correct": False, "predicted": None}]
+        + [{"subject": "b", "correct": False, "predicted": "C"}]
+    )
     s = score(recs)
     assert s["subjects"]["a"] == {"correct": 3, "total": 4, "invalid": 1, "accuracy": 0.75}
     assert s["macro_accuracy"] == pytest.approx((0.75 + 0.0) / 2)
@@ -92,8 +109,11 @@ def test_failed_run_keeps_answers_in_a_cache_and_the_rerun_resumes(tmp_path, mod
 
     data, out = _long_question_data(tmp_path), tmp_path / "mmlu.json"
     small = EngineBackend(load_engine(model_dir, max_seq_len=256), False, "pycoder-26m")
-    with pytest.raises(ForgeError, match=r"exceeds the KV cache.*1 of 4 answers kept in .*mmlu\.json\.partial\.json; "
-                                         r"rerun the same command to resume"):
+    with pytest.raises(
+        ForgeError,
+        match=r"exceeds the KV cache.*1 of 4 answers kept in .*mmlu\.json\.partial\.json; "
+        r"rerun the same command to resume",
+    ):
         run_mmlu(small, data, "test", [], 0, 2, 1, out, progress=False)
     assert not out.exists()  # nothing reported as complete
     partial = json.loads(cache_path_for(out).read_text())
@@ -102,8 +122,12 @@ def test_failed_run_keeps_answers_in_a_cache_and_the_rerun_resumes(tmp_path, mod
     big = EngineBackend(load_engine(model_dir, max_seq_len=1024), False, "pycoder-26m")
     doc = run_mmlu(big, data, "test", [], 0, 2, 2, out, progress=False)
     assert doc["complete"] and doc["resumed_items"] == 1 and doc["num_questions"] == 4
-    assert [q["id"] for q in doc["questions"]] == ["computer_security/0", "computer_security/1",
-                                                   "machine_learning/0", "machine_learning/1"]
+    assert [q["id"] for q in doc["questions"]] == [
+        "computer_security/0",
+        "computer_security/1",
+        "machine_learning/0",
+        "machine_learning/1",
+    ]
     assert all(q["predicted"] in {"A", "B", "C", "D", None} for q in doc["questions"])
     assert read_complete(out, "mmlu")["micro_accuracy"] == doc["micro_accuracy"]
     assert not cache_path_for(out).exists()

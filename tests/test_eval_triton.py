@@ -19,14 +19,12 @@ import json
 import os
 
 import pytest
-
 from conftest import FIXTURE_MMLU, run_cli
+
 from medusa_forge.cli import main
 from medusa_forge.eval.promote import Registry
 
 NEW_TOKENS = 4
-
-
 
 
 def ok(args: list, capsys) -> str:
@@ -54,15 +52,59 @@ def results(native_triton, one_per_topic, tmp_path_factory, capsys_module):
     url = native_triton.grpc_url
     prompts, _ = one_per_topic
     for model in ("base", "medusa"):
-        capsys_module(["eval", "mmlu", "--url", url, "--model", model, "--data", FIXTURE_MMLU, "--limit", "1",
-                       "--shots", "2", "--out", work / f"mmlu_{model}.json", "--no-progress"])
-    speed = ["eval", "speed", "--url", url, "--base-model", "base", "--medusa-model", "medusa", "--prompts", prompts,
-             "--max-tokens", NEW_TOKENS, "--trials", "1", "--warmup", "1", "--max-prompt-chars", "300", "--no-progress"]
+        capsys_module(
+            [
+                "eval",
+                "mmlu",
+                "--url",
+                url,
+                "--model",
+                model,
+                "--data",
+                FIXTURE_MMLU,
+                "--limit",
+                "1",
+                "--shots",
+                "2",
+                "--out",
+                work / f"mmlu_{model}.json",
+                "--no-progress",
+            ]
+        )
+    speed = [
+        "eval",
+        "speed",
+        "--url",
+        url,
+        "--base-model",
+        "base",
+        "--medusa-model",
+        "medusa",
+        "--prompts",
+        prompts,
+        "--max-tokens",
+        NEW_TOKENS,
+        "--trials",
+        "1",
+        "--warmup",
+        "1",
+        "--max-prompt-chars",
+        "300",
+        "--no-progress",
+    ]
     capsys_module(speed + ["--out", work / "speed.json"])
     capsys_module(speed + ["--medusa-temperature", "5", "--out", work / "speed_degraded.json"])
     engine = native_triton.engine_dir
-    report = ["eval", "report", "--mmlu", work / "mmlu_medusa.json", "--baseline-mmlu", work / "mmlu_base.json",
-              "--engine", engine]
+    report = [
+        "eval",
+        "report",
+        "--mmlu",
+        work / "mmlu_medusa.json",
+        "--baseline-mmlu",
+        work / "mmlu_base.json",
+        "--engine",
+        engine,
+    ]
     capsys_module(report + ["--speed", work / "speed.json", "--out", work / "report"])
     capsys_module(report + ["--speed", work / "speed_degraded.json", "--out", work / "report_degraded"])
     capsys_module(["eval", "report", "--mmlu", work / "mmlu_base.json", "--out", work / "baseline_report"])
@@ -72,11 +114,13 @@ def results(native_triton, one_per_topic, tmp_path_factory, capsys_module):
 @pytest.fixture(scope="module")
 def capsys_module():
     """main() for module-scoped setup: a failure is an assertion with the command line in it."""
+
     def call(args: list) -> None:
         try:
             main([str(a) for a in args])
         except SystemExit as e:
             assert not e.code, f"{' '.join(map(str, args))} exited {e.code}"
+
     return call
 
 
@@ -95,11 +139,31 @@ def test_medusa_and_base_give_the_same_answer_on_every_mmlu_question(results, na
 def test_triton_mmlu_answers_are_the_engines_in_process(results, native_triton, tmp_path, capsys):
     """The server adds nothing: the same engine in this process picks the same letters."""
     out = tmp_path / "mmlu_inprocess.json"
-    ok(["eval", "mmlu", "--in-process", "--model", native_triton.engine_dir, "--no-medusa", "--data", FIXTURE_MMLU,
-        "--limit", "1", "--shots", "2", "--out", out, "--no-progress"], capsys)
+    ok(
+        [
+            "eval",
+            "mmlu",
+            "--in-process",
+            "--model",
+            native_triton.engine_dir,
+            "--no-medusa",
+            "--data",
+            FIXTURE_MMLU,
+            "--limit",
+            "1",
+            "--shots",
+            "2",
+            "--out",
+            out,
+            "--no-progress",
+        ],
+        capsys,
+    )
     local = json.loads(out.read_text())
     served = json.loads((results / "mmlu_base.json").read_text())
-    assert {q["id"]: q["predicted"] for q in local["questions"]} == {q["id"]: q["predicted"] for q in served["questions"]}
+    assert {q["id"]: q["predicted"] for q in local["questions"]} == {
+        q["id"]: q["predicted"] for q in served["questions"]
+    }
 
 
 def test_speed_reports_every_topic_with_identical_outputs(results, one_per_topic, native_triton):
@@ -133,8 +197,20 @@ def test_report_joins_mmlu_and_speed_for_the_served_engine(results, native_trito
 
 
 def _promote(results, native_triton, report: str, registry, *extra) -> list:
-    return ["promote", "--candidate", native_triton.engine_dir, "--report", results / report,
-            "--baseline", results / "baseline_report", "--to", registry, "--min-speedup", "0", *extra]
+    return [
+        "promote",
+        "--candidate",
+        native_triton.engine_dir,
+        "--report",
+        results / report,
+        "--baseline",
+        results / "baseline_report",
+        "--to",
+        registry,
+        "--min-speedup",
+        "0",
+        *extra,
+    ]
 
 
 def test_the_good_candidate_is_promoted(results, native_triton, tmp_path, capsys):
@@ -155,7 +231,9 @@ def test_a_degraded_candidate_is_rejected_and_the_registry_left_unchanged(result
     before = (sorted(p.name for p in (reg / "versions").iterdir()), os.readlink(reg / "current"))
     code, out, err = run_cli(_promote(results, native_triton, "report_degraded", reg, "--require-identical"), capsys)
     assert code == 1, err
-    assert f"[FAIL] identical greedy outputs differ from the base in {len(degraded['mismatches'])} request pair(s)" in out
+    assert (
+        f"[FAIL] identical greedy outputs differ from the base in {len(degraded['mismatches'])} request pair(s)" in out
+    )
     assert "[pass] mmlu" in out and f"rejected {native_triton.engine_dir}: registry unchanged" in err
     assert (sorted(p.name for p in (reg / "versions").iterdir()), os.readlink(reg / "current")) == before
     assert not (reg / "previous").exists()
@@ -167,8 +245,24 @@ def test_a_model_the_server_does_not_serve_is_one_line_naming_what_it_serves(nat
     """Issue 8, point 3: "model not ready" fails before the first request, with the models that are
     there, and writes no result (nor a partial cache: nothing was answered)."""
     out = tmp_path / "mmlu.json"
-    code, _, err = run_cli(["eval", "mmlu", "--url", native_triton.grpc_url, "--model", "medusa-v2", "--data",
-                            FIXTURE_MMLU, "--limit", "1", "--out", out, "--no-progress"], capsys)
+    code, _, err = run_cli(
+        [
+            "eval",
+            "mmlu",
+            "--url",
+            native_triton.grpc_url,
+            "--model",
+            "medusa-v2",
+            "--data",
+            FIXTURE_MMLU,
+            "--limit",
+            "1",
+            "--out",
+            out,
+            "--no-progress",
+        ],
+        capsys,
+    )
     assert code == 2 and err.count("\n") == 1, err
     assert err.startswith(f"error: model 'medusa-v2' is not ready on {native_triton.grpc_url} (models there: ")
     assert "base" in err and "medusa" in err and "check the model name" in err

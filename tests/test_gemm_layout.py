@@ -13,12 +13,15 @@ from torch import nn
 from medusa_forge.model.gemm_layout import KN, NK, PAD_ROWS, RowPaddedLinear, linear_groups, pick_layout, rows_invariant
 
 
-@pytest.mark.parametrize("works, want", [
-    ({(KN, False)}, (KN, False, True)),
-    ({(NK, False)}, (NK, False, True)),
-    ({(KN, True)}, (KN, True, True)),  # wo on an H200: neither layout, but one padded M
-    (set(), (KN, False, False)),
-])
+@pytest.mark.parametrize(
+    "works, want",
+    [
+        ({(KN, False)}, (KN, False, True)),
+        ({(NK, False)}, (NK, False, True)),
+        ({(KN, True)}, (KN, True, True)),  # wo on an H200: neither layout, but one padded M
+        (set(), (KN, False, False)),
+    ],
+)
 def test_pick_layout_prefers_kn_then_nk_then_row_padding(works, want):
     assert pick_layout(lambda layout, padded: (layout, padded) in works) == want
 

@@ -6,14 +6,28 @@ import json
 import shutil
 
 import pytest
-from safetensors.torch import load_file, save_file
-
 from conftest import make_heads, run_cli
+from safetensors.torch import load_file, save_file
 
 
 def test_generate_json_reports_steps_and_acceptance(model_dir, heads_dir, capsys):
-    code, out, _ = run_cli(["generate", "--model", str(model_dir), "--medusa", str(heads_dir), "--medusa-choices",
-                            "small", "--prompt", "import os\n", "--max-new-tokens", "12", "--json"], capsys)
+    code, out, _ = run_cli(
+        [
+            "generate",
+            "--model",
+            str(model_dir),
+            "--medusa",
+            str(heads_dir),
+            "--medusa-choices",
+            "small",
+            "--prompt",
+            "import os\n",
+            "--max-new-tokens",
+            "12",
+            "--json",
+        ],
+        capsys,
+    )
     assert code == 0
     obj = json.loads(out.strip().splitlines()[-1])
     assert set(obj) >= {"text", "tokens", "steps", "accepted_per_step", "tokens_per_s"}
@@ -21,8 +35,9 @@ def test_generate_json_reports_steps_and_acceptance(model_dir, heads_dir, capsys
 
 
 def test_generate_streams_text_without_medusa(model_dir, capsys):
-    code, out, _ = run_cli(["generate", "--model", str(model_dir), "--prompt", "def main(", "--max-new-tokens", "8"],
-                           capsys)
+    code, out, _ = run_cli(
+        ["generate", "--model", str(model_dir), "--prompt", "def main(", "--max-new-tokens", "8"], capsys
+    )
     assert code == 0 and out.strip()
 
 
@@ -64,18 +79,22 @@ def wrong_hidden_heads(model_dir, bad_dir):
     return d
 
 
-@pytest.mark.parametrize("case, expected", [
-    ("missing_model", "model directory not found"),
-    ("corrupt_weights", "not a readable safetensors file"),
-    ("heads_vocab", "heads do not match the base"),
-    ("heads_hidden", "heads do not match the base"),
-    ("tree_too_deep", "has depth 4 but the model has only 2 Medusa heads"),
-    ("empty_prompt", "empty prompt"),
-    ("too_many_tokens", "exceeds the KV cache of 256 tokens"),
-    ("no_heads_dir", "Medusa heads directory not found"),
-])
-def test_bad_input_gets_one_line_and_exit_2(case, expected, model_dir, tmp_path, corrupt_model, wrong_vocab_heads,
-                                             wrong_hidden_heads, two_heads, capsys):
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("missing_model", "model directory not found"),
+        ("corrupt_weights", "not a readable safetensors file"),
+        ("heads_vocab", "heads do not match the base"),
+        ("heads_hidden", "heads do not match the base"),
+        ("tree_too_deep", "has depth 4 but the model has only 2 Medusa heads"),
+        ("empty_prompt", "empty prompt"),
+        ("too_many_tokens", "exceeds the KV cache of 256 tokens"),
+        ("no_heads_dir", "Medusa heads directory not found"),
+    ],
+)
+def test_bad_input_gets_one_line_and_exit_2(
+    case, expected, model_dir, tmp_path, corrupt_model, wrong_vocab_heads, wrong_hidden_heads, two_heads, capsys
+):
     base = ["generate", "--model", str(model_dir), "--prompt", "x = 1", "--max-new-tokens", "4"]
     args = {
         "missing_model": ["generate", "--model", str(tmp_path / "nope"), "--prompt", "x"],
@@ -84,8 +103,17 @@ def test_bad_input_gets_one_line_and_exit_2(case, expected, model_dir, tmp_path,
         "heads_hidden": base + ["--medusa", str(wrong_hidden_heads), "--medusa-choices", "chain-2"],
         "tree_too_deep": base + ["--medusa", str(two_heads), "--medusa-choices", "mc_sim_7b_63"],
         "empty_prompt": ["generate", "--model", str(model_dir), "--prompt", ""],
-        "too_many_tokens": ["generate", "--model", str(model_dir), "--prompt", "x", "--max-seq-len", "256",
-                            "--max-new-tokens", "300"],
+        "too_many_tokens": [
+            "generate",
+            "--model",
+            str(model_dir),
+            "--prompt",
+            "x",
+            "--max-seq-len",
+            "256",
+            "--max-new-tokens",
+            "300",
+        ],
         "no_heads_dir": base + ["--medusa", str(tmp_path / "missing_heads")],
     }[case]
     code, _, err = run_cli(args, capsys)
@@ -99,8 +127,11 @@ def engine_with_heads(model_dir, heads_dir, tmp_path_factory):
     from medusa_forge.build.native import NativeBuildConfig, build_native
 
     engine = tmp_path_factory.mktemp("generate_engine") / "engine"
-    build_native(NativeBuildConfig(model_dir=model_dir, out_dir=engine, dtype="float32", medusa_dir=heads_dir,
-                                   tree="small", verify_tokens=4))
+    build_native(
+        NativeBuildConfig(
+            model_dir=model_dir, out_dir=engine, dtype="float32", medusa_dir=heads_dir, tree="small", verify_tokens=4
+        )
+    )
     return engine
 
 
@@ -108,8 +139,22 @@ REPEATING = "zeros = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0
 
 
 def _generate_json(engine, extra, capsys) -> dict:
-    code, out, err = run_cli(["generate", "--model", str(engine), "--device", "cpu", "--prompt", REPEATING,
-                              "--max-new-tokens", "24", "--json", *extra], capsys)
+    code, out, err = run_cli(
+        [
+            "generate",
+            "--model",
+            str(engine),
+            "--device",
+            "cpu",
+            "--prompt",
+            REPEATING,
+            "--max-new-tokens",
+            "24",
+            "--json",
+            *extra,
+        ],
+        capsys,
+    )
     assert code == 0, err
     return json.loads(out.strip().splitlines()[-1])
 

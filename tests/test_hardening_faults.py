@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import make_heads
+
 from medusa_forge.cli import main
 from medusa_forge.manifest import EngineManifest
 
@@ -46,8 +46,12 @@ def state(path: Path) -> dict:
     if path.is_dir() and not path.is_symlink():
         for p in sorted(path.rglob("*")):
             st = p.lstat()
-            out[str(p.relative_to(path))] = (os.readlink(p) if p.is_symlink() else p.is_dir(), st.st_size,
-                                             st.st_mtime_ns, st.st_ino)
+            out[str(p.relative_to(path))] = (
+                os.readlink(p) if p.is_symlink() else p.is_dir(),
+                st.st_size,
+                st.st_mtime_ns,
+                st.st_ino,
+            )
     return out
 
 
@@ -95,8 +99,15 @@ class Outcomes:
         self.counts = {"before writing": 0, "mid-write": 0, "after publishing": 0, "finished": 0}
 
     def add(self, code: int, changed: bool, new_temps: set[str]) -> None:
-        key = "finished" if code == 0 else "after publishing" if changed else "mid-write" if new_temps else \
-            "before writing"
+        key = (
+            "finished"
+            if code == 0
+            else "after publishing"
+            if changed
+            else "mid-write"
+            if new_temps
+            else "before writing"
+        )
         self.counts[key] += 1
 
     def report(self) -> None:
@@ -125,8 +136,25 @@ def heads1(model_dir, work) -> Path:
 
 
 def build_argv(model_dir, heads, out, tree: str) -> list:
-    return ["build", "native", "--model", model_dir, "--medusa", heads, "--out", out, "--overwrite", "--dtype",
-            "float32", "--medusa-choices", tree, "--verify-tokens", "2", "--device", "cpu"]
+    return [
+        "build",
+        "native",
+        "--model",
+        model_dir,
+        "--medusa",
+        heads,
+        "--out",
+        out,
+        "--overwrite",
+        "--dtype",
+        "float32",
+        "--medusa-choices",
+        tree,
+        "--verify-tokens",
+        "2",
+        "--device",
+        "cpu",
+    ]
 
 
 TREES = ("[[0]]", "[[0], [1]]")  # alternated, so a replaced engine is told apart from the old one
@@ -141,8 +169,7 @@ def built(model_dir, heads1, work) -> tuple[Path, float]:
 
 # ------------------------------------------------------------------------------------------ convert
 def convert_argv(model_dir, heads, out, tp: int) -> list:
-    return ["convert", "trtllm", "--model", model_dir, "--medusa", heads, "--out", out, "--overwrite",
-            "--tp-size", tp]
+    return ["convert", "trtllm", "--model", model_dir, "--medusa", heads, "--out", out, "--overwrite", "--tp-size", tp]
 
 
 def inspect_ok(ckpt: Path, capsys) -> int:
@@ -221,22 +248,58 @@ def promotion(built, work) -> dict:
     candidate = work / "candidate"
     shutil.copytree(built[0], candidate)
     mmlu = work / "mmlu.json"
-    mmlu.write_text(json.dumps({
-        "kind": "mmlu", "complete": True, "model": "candidate", "shots": 0, "macro_accuracy": 0.5,
-        "micro_accuracy": 0.5, "num_questions": 2, "subjects": {"cs": {"correct": 1, "total": 2, "accuracy": 0.5}},
-        "questions": [{"id": "cs/0", "predicted": "A"}, {"id": "cs/1", "predicted": "B"}]}))
+    mmlu.write_text(
+        json.dumps(
+            {
+                "kind": "mmlu",
+                "complete": True,
+                "model": "candidate",
+                "shots": 0,
+                "macro_accuracy": 0.5,
+                "micro_accuracy": 0.5,
+                "num_questions": 2,
+                "subjects": {"cs": {"correct": 1, "total": 2, "accuracy": 0.5}},
+                "questions": [{"id": "cs/0", "predicted": "A"}, {"id": "cs/1", "predicted": "B"}],
+            }
+        )
+    )
     report = work / "report"
     with pytest.raises(SystemExit) as exc:
-        main(["eval", "report", "--mmlu", str(mmlu), "--baseline-mmlu", str(mmlu), "--engine", str(candidate),
-              "--out", str(report)])
+        main(
+            [
+                "eval",
+                "report",
+                "--mmlu",
+                str(mmlu),
+                "--baseline-mmlu",
+                str(mmlu),
+                "--engine",
+                str(candidate),
+                "--out",
+                str(report),
+            ]
+        )
         raise SystemExit(0)
     assert exc.value.code == 0
     return {"candidate": candidate, "report": report, "baseline": mmlu}
 
 
 def promote_argv(p: dict, registry: Path) -> list:
-    return ["promote", "--candidate", p["candidate"], "--report", p["report"], "--baseline", p["baseline"],
-            "--to", registry, "--min-speedup", "0", "--lock-timeout", "30"]
+    return [
+        "promote",
+        "--candidate",
+        p["candidate"],
+        "--report",
+        p["report"],
+        "--baseline",
+        p["baseline"],
+        "--to",
+        registry,
+        "--min-speedup",
+        "0",
+        "--lock-timeout",
+        "30",
+    ]
 
 
 def files_of(d: Path) -> dict[str, int]:
@@ -261,8 +324,12 @@ def registry_ok(registry: Path, candidate: Path) -> str:
 
 
 def registry_temps(registry: Path) -> list[str]:
-    return sorted(str(p.relative_to(registry)) for d in (registry, registry / "versions") for p in d.iterdir()
-                  if ".tmp-" in p.name)
+    return sorted(
+        str(p.relative_to(registry))
+        for d in (registry, registry / "versions")
+        for p in d.iterdir()
+        if ".tmp-" in p.name
+    )
 
 
 def test_killed_promote_leaves_the_old_or_the_new_engine_current(promotion, work, capsys):
@@ -291,20 +358,24 @@ def test_killed_promote_leaves_the_old_or_the_new_engine_current(promotion, work
 
 
 # ------------------------------------------------------------------------------------------ SIGTERM / SIGINT
-RERUN = ("no output was published (outputs appear only when complete, so any previous output is intact); "
-         "re-run the same command")
+RERUN = (
+    "no output was published (outputs appear only when complete, so any previous output is intact); "
+    "re-run the same command"
+)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_interrupted_build_exits_nonzero_keeps_the_old_engine_and_says_how_to_rerun(sig, model_dir, heads1, built,
-                                                                                      work):
+def test_interrupted_build_exits_nonzero_keeps_the_old_engine_and_says_how_to_rerun(
+    sig, model_dir, heads1, built, work
+):
     out = work / f"interrupted_{sig.name}"
     shutil.copytree(built[0], out)
     before = state(out)
     log = work / f"{sig.name}.log"
     with open(log, "w") as err:
-        proc = subprocess.Popen([*MF, *map(str, build_argv(model_dir, heads1, out, TREES[1]))],
-                                stdout=subprocess.DEVNULL, stderr=err)
+        proc = subprocess.Popen(
+            [*MF, *map(str, build_argv(model_dir, heads1, out, TREES[1]))], stdout=subprocess.DEVNULL, stderr=err
+        )
         wait_for_temp(proc, work, out.name)
         time.sleep(0.5)
         proc.send_signal(sig)
@@ -320,8 +391,23 @@ def test_interrupted_build_exits_nonzero_keeps_the_old_engine_and_says_how_to_re
 
 def test_interrupted_train_heads_points_at_resume(model_dir, work, prompts_path):
     out = work / "trained"
-    argv = ["train-heads", "--model", model_dir, "--out", out, "--self-distill", "--prompts", prompts_path,
-            "--num-heads", "1", "--distill-new-tokens", "200", "--max-seq-len", "256", "--no-progress"]
+    argv = [
+        "train-heads",
+        "--model",
+        model_dir,
+        "--out",
+        out,
+        "--self-distill",
+        "--prompts",
+        prompts_path,
+        "--num-heads",
+        "1",
+        "--distill-new-tokens",
+        "200",
+        "--max-seq-len",
+        "256",
+        "--no-progress",
+    ]
     log = work / "train.log"
     with open(log, "w") as err:
         proc = subprocess.Popen([*MF, *map(str, argv)], stdout=subprocess.DEVNULL, stderr=err)
@@ -331,8 +417,10 @@ def test_interrupted_train_heads_points_at_resume(model_dir, work, prompts_path)
         code = proc.wait(timeout=120)
     last = log.read_text().strip().splitlines()[-1]
     assert code == 128 + signal.SIGTERM
-    assert last == (f"error: interrupted by SIGTERM: {RERUN} with --resume to continue from its last checkpoint "
-                    "(<out>.ckpt), if it saved one")
+    assert last == (
+        f"error: interrupted by SIGTERM: {RERUN} with --resume to continue from its last checkpoint "
+        "(<out>.ckpt), if it saved one"
+    )
     assert not out.exists() and temps(work, "trained") == []
 
 

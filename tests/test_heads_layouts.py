@@ -108,15 +108,17 @@ def greedy(model, tok, heads, prompts):
 
 
 @pytest.mark.parametrize("variant", ["v1", "v2"])
-def test_native_engine_gives_identical_greedy_output_from_each_layout(variant, sources, exported, engine_parts,
-                                                                     one_thread):
+def test_native_engine_gives_identical_greedy_output_from_each_layout(
+    variant, sources, exported, engine_parts, one_thread
+):
     model, tok, prompts = engine_parts
     reference = load_heads(sources[variant], H, V)
     expected = greedy(model, tok, reference, prompts)
     plain = MedusaEngine(model, None, ChoiceTree.parse("small"), tok, max_seq_len=128)
-    assert [t for t, _, _ in expected] == [plain.generate_ids(p, GenerationConfig(max_new_tokens=10, ignore_eos=True,
-                                                                                  use_medusa=False)).tokens
-                                           for p in prompts]  # Medusa greedy == plain greedy decoding
+    assert [t for t, _, _ in expected] == [
+        plain.generate_ids(p, GenerationConfig(max_new_tokens=10, ignore_eos=True, use_medusa=False)).tokens
+        for p in prompts
+    ]  # Medusa greedy == plain greedy decoding
     x = torch.randn(5, H, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected_logits = reference(x, model.lm_head.weight)
@@ -143,12 +145,16 @@ def test_cli_targets_are_the_export_targets():
     assert TARGET_NAMES == tuple(TARGETS)
 
 
-@pytest.mark.parametrize("variant, target, layout, lm_head, dtype", [
-    ("v1", "vllm", "vllm (model.safetensors)", "per-head projections (v1)", "float32"),
-    ("v2", "fasterdecoding", "fasterdecoding (medusa_lm_head.pt)", "shared base lm_head (version 2)", "bfloat16"),
-])
-def test_heads_inspect_prints_layout_sizes_and_version(variant, target, layout, lm_head, dtype, exported, model_dir,
-                                                       capsys):
+@pytest.mark.parametrize(
+    "variant, target, layout, lm_head, dtype",
+    [
+        ("v1", "vllm", "vllm (model.safetensors)", "per-head projections (v1)", "float32"),
+        ("v2", "fasterdecoding", "fasterdecoding (medusa_lm_head.pt)", "shared base lm_head (version 2)", "bfloat16"),
+    ],
+)
+def test_heads_inspect_prints_layout_sizes_and_version(
+    variant, target, layout, lm_head, dtype, exported, model_dir, capsys
+):
     code, out, _ = run_cli(["heads", "inspect", str(exported[variant, target]), "--base-model", str(model_dir)], capsys)
     assert code == 0
     lines = dict(line.split(":", 1) for line in out.splitlines())
@@ -160,14 +166,16 @@ def test_heads_inspect_prints_layout_sizes_and_version(variant, target, layout, 
 
 def test_heads_export_cli_writes_atomically_and_refuses_to_clobber(heads_dir, tmp_path, capsys):
     out = tmp_path / "out"
-    code, stdout, _ = run_cli(["heads", "export", "--from", str(heads_dir), "--to", "trtllm-medusa-dir", "--out",
-                               str(out)], capsys)
+    code, stdout, _ = run_cli(
+        ["heads", "export", "--from", str(heads_dir), "--to", "trtllm-medusa-dir", "--out", str(out)], capsys
+    )
     assert code == 0 and "--num_medusa_heads 4 --num_medusa_layers 1" in stdout
     code, _, err = run_cli(["heads", "export", "--from", str(heads_dir), "--to", "vllm", "--out", str(out)], capsys)
     assert code == 2 and "not empty; pass --overwrite" in err
     assert json.loads((out / "config.json").read_text())["num_medusa_heads"] == 4  # untouched
-    code, _, _ = run_cli(["heads", "export", "--from", str(heads_dir), "--to", "vllm", "--out", str(out), "--overwrite"],
-                         capsys)
+    code, _, _ = run_cli(
+        ["heads", "export", "--from", str(heads_dir), "--to", "vllm", "--out", str(out), "--overwrite"], capsys
+    )
     assert code == 0 and detect(out).layout == "vllm" and not list(tmp_path.glob(".out.tmp-*"))
 
 

@@ -62,8 +62,12 @@ class FDResBlock(nn.Module):
 
 def fasterdecoding_medusa_head(k, layers, h, v=None):
     """``medusa_head`` of medusa_model.py (v1) or medusa_model_legacy.py (v=None: version 2)."""
-    return nn.ModuleList([nn.Sequential(*[FDResBlock(h) for _ in range(layers)],
-                                        *([nn.Linear(h, v, bias=False)] if v else [])) for _ in range(k)])
+    return nn.ModuleList(
+        [
+            nn.Sequential(*[FDResBlock(h) for _ in range(layers)], *([nn.Linear(h, v, bias=False)] if v else []))
+            for _ in range(k)
+        ]
+    )
 
 
 def our_logits(directory, lm_head, x):
@@ -137,14 +141,20 @@ class VllmMedusa(nn.Module):
 
     def __init__(self, c):
         super().__init__()
-        self.blocks = nn.ModuleList([VllmResidualBlock(c["hidden_size"], c["num_hidden_layers"],
-                                                       c.get("medusa_fc_bias", False)) for _ in range(c["num_heads"])])
+        self.blocks = nn.ModuleList(
+            [
+                VllmResidualBlock(c["hidden_size"], c["num_hidden_layers"], c.get("medusa_fc_bias", False))
+                for _ in range(c["num_heads"])
+            ]
+        )
         vocab = c.get("truncated_vocab_size") or c["vocab_size"]
         self.original = c.get("original_lm_head", False)
         if self.original:
             self.lm_head = nn.Linear(c["hidden_size"], vocab, bias=False)
         else:
-            self.lm_heads = nn.ModuleList([nn.Linear(c["hidden_size"], vocab, bias=False) for _ in range(c["num_heads"])])
+            self.lm_heads = nn.ModuleList(
+                [nn.Linear(c["hidden_size"], vocab, bias=False) for _ in range(c["num_heads"])]
+            )
 
     def load_weights(self, weights):
         """``Medusa.load_weights`` restated; returns the names it would silently skip."""
@@ -184,11 +194,29 @@ def vllm_config_as_loaded(conf):
 def test_vllm_export_is_what_vllm_loads(variant, exported, lm_head):
     d = exported[variant, "vllm"]
     conf = json.loads((d / "config.json").read_text())
-    assert conf["model_type"] == "medusa" and conf["architectures"] == ["MedusaModel"]  # config registry + model registry
-    assert {k: conf[k] for k in ("hidden_size", "vocab_size", "num_heads", "num_hidden_layers", "truncated_vocab_size",
-                                 "medusa_fc_bias", "original_lm_head")} == {
-        "hidden_size": H, "vocab_size": V, "num_heads": K, "num_hidden_layers": L, "truncated_vocab_size": V,
-        "medusa_fc_bias": True, "original_lm_head": variant == "v2"}
+    assert conf["model_type"] == "medusa" and conf["architectures"] == [
+        "MedusaModel"
+    ]  # config registry + model registry
+    assert {
+        k: conf[k]
+        for k in (
+            "hidden_size",
+            "vocab_size",
+            "num_heads",
+            "num_hidden_layers",
+            "truncated_vocab_size",
+            "medusa_fc_bias",
+            "original_lm_head",
+        )
+    } == {
+        "hidden_size": H,
+        "vocab_size": V,
+        "num_heads": K,
+        "num_hidden_layers": L,
+        "truncated_vocab_size": V,
+        "medusa_fc_bias": True,
+        "original_lm_head": variant == "v2",
+    }
     assert sorted(p.name for p in d.iterdir()) == ["config.json", "model.safetensors"]
     weights = load_file(d / "model.safetensors")
     expect_names = {f"blocks.{k}.layers.0.{p}" for k in range(K) for p in ("weight", "bias")}
@@ -250,8 +278,9 @@ def test_trtllm_medusa_dir_is_what_convert_checkpoint_reads(variant, exported, l
     expected = {e.name: e.shape for e in entries(spec) if e.source.startswith("heads.")}
     assert {name: tuple(t.shape) for name, t in weights.items()} == expected
     if variant == "v2":  # expanded: every head's lm_head is the base lm_head, in the heads' dtype
-        assert all(torch.equal(weights[f"medusa_heads.{h}.lm_head.weight"], lm_head.to(torch.bfloat16))
-                   for h in range(n))
+        assert all(
+            torch.equal(weights[f"medusa_heads.{h}.lm_head.weight"], lm_head.to(torch.bfloat16)) for h in range(n)
+        )
 
 
 # ----------------------------------------------------------------------------------------- pins: axolotl
@@ -267,7 +296,8 @@ def test_axolotl_export_is_a_full_model_transformers_loads_with_medusa_head(expo
     assert not (d / "model.safetensors").exists()  # transformers would prefer it to the index
     heads = {n for n in index if n.startswith("medusa_head.")}
     assert heads == {f"medusa_head.{k}.0.linear.{p}" for k in range(K) for p in ("weight", "bias")} | {
-        f"medusa_head.{k}.1.weight" for k in range(K)}
+        f"medusa_head.{k}.1.weight" for k in range(K)
+    }
     hf = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32)
     with safe_open(str(model_dir / "model.safetensors"), framework="pt") as f:
         for name in ("lm_head.weight", "model.layers.5.mlp.down_proj.weight", "model.embed_tokens.weight"):
@@ -278,5 +308,3 @@ def test_axolotl_export_is_a_full_model_transformers_loads_with_medusa_head(expo
         with safe_open(str(d / index[name]), framework="pt") as f:
             sd[name.removeprefix("medusa_head.")] = f.get_tensor(name)
     ref.load_state_dict(sd, strict=True)
-
-

@@ -20,8 +20,13 @@ def test_first_kv_mismatch_names_the_lowest_slot_then_layer_and_its_tree_row():
     b[2, 0, 0, 1, 9, 3] = 0.5  # layer 2 K at slot 9
     b[1, 1, 0, 0, 9, 0] = 0.25  # layer 1 V at slot 9: the lower layer is reported
     b[0, 0, 0, 0, 12, 0] = 1.0  # a later slot
-    assert first_kv_mismatch(a, b, 16, {9: 4}) == {"slot": 9, "layer": 1, "kv": "v", "tree_row": 4,
-                                                   "max_abs_diff": 0.25}
+    assert first_kv_mismatch(a, b, 16, {9: 4}) == {
+        "slot": 9,
+        "layer": 1,
+        "kv": "v",
+        "tree_row": 4,
+        "max_abs_diff": 0.25,
+    }
     assert first_kv_mismatch(a, b, 9, {}) is None  # slots at or past `upto` are not compared
 
 

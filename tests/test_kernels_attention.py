@@ -30,8 +30,11 @@ from medusa_forge.tree import ChoiceTree, tree_buffers  # noqa: E402
 
 
 def attention_inputs(T: int, dtype, seed: int = 0):
-    return (randn(T, H, D, dtype=dtype, seed=seed), randn(KV, S, D, dtype=dtype, seed=seed + 1),
-            randn(KV, S, D, dtype=dtype, seed=seed + 2))
+    return (
+        randn(T, H, D, dtype=dtype, seed=seed),
+        randn(KV, S, D, dtype=dtype, seed=seed + 1),
+        randn(KV, S, D, dtype=dtype, seed=seed + 2),
+    )
 
 
 def fp32_reference(q, k, v, prefix_len, tree_mask):
@@ -84,8 +87,8 @@ def test_cache_attention_tree_rows_are_batch_invariant(config):
     q2, k2, v2 = q.clone(), k.clone(), v.clone()
     q2[torch.arange(T, device=DEVICE) != i] = randn(T - 1, H, D, dtype=torch.bfloat16, seed=7)
     for cache in (k2, v2):
-        cache[:, prefix:prefix + T][:, hidden] = randn(KV, int(hidden.sum()), D, dtype=torch.bfloat16, seed=8)
-        cache[:, prefix + T:] = float("1e4")
+        cache[:, prefix : prefix + T][:, hidden] = randn(KV, int(hidden.sum()), D, dtype=torch.bfloat16, seed=8)
+        cache[:, prefix + T :] = float("1e4")
     assert torch.equal(K.cache_attention_triton(q2, k2, v2, prefix_len, tree_mask, config)[i], full[i])
 
 
@@ -127,16 +130,19 @@ def test_attention_tiles_are_chosen_by_model_shape_only():
         assert config.block_m >= group and config.combine_rows & (config.combine_rows - 1) == 0
 
 
-@pytest.mark.parametrize("tree,prefix,config", [
-    ("small", 29, SMALL),  # depth-3 paths cross the split boundary at slot 32
-    # shallow nodes' sequences end in block [0, 16) of split 0, but the tail pass bounds its blocks
-    # by the longest path (slot 18): they run block [16, 32) fully masked after visible keys, which
-    # must leave their partials' bits as they are (alpha selected as 1, p = 0, a zero dot)
-    ("small", 15, SMALL),
-    ("mc_sim_7b_63", 62, K.AttentionConfig(split=64, block_m=16, block_n=16, early_v=True)),
-    ("mc_sim_7b_63", 62, K.AttentionConfig(split=64, block_m=16, block_n=16)),
-    ("small", 29, ROWS4),
-])
+@pytest.mark.parametrize(
+    "tree,prefix,config",
+    [
+        ("small", 29, SMALL),  # depth-3 paths cross the split boundary at slot 32
+        # shallow nodes' sequences end in block [0, 16) of split 0, but the tail pass bounds its blocks
+        # by the longest path (slot 18): they run block [16, 32) fully masked after visible keys, which
+        # must leave their partials' bits as they are (alpha selected as 1, p = 0, a zero dot)
+        ("small", 15, SMALL),
+        ("mc_sim_7b_63", 62, K.AttentionConfig(split=64, block_m=16, block_n=16, early_v=True)),
+        ("mc_sim_7b_63", 62, K.AttentionConfig(split=64, block_m=16, block_n=16)),
+        ("small", 29, ROWS4),
+    ],
+)
 def test_tree_rows_are_bit_identical_to_sequential_decoding(tree, prefix, config):
     """Node i of a tree step (depth d) gives the bits that plain decoding gives for the same token
     one step at a time: its ancestors committed at slots prefix..prefix+d-1, itself at prefix+d,
@@ -153,9 +159,9 @@ def test_tree_rows_are_bit_identical_to_sequential_decoding(tree, prefix, config
         d = len(path) - 1
         k2, v2 = k.clone(), v.clone()
         for cache, src in ((k2, k), (v2, v)):
-            cache[:, prefix:prefix + d + 1] = src[:, [prefix + j for j in path]]
-            cache[:, prefix + d + 1:] = randn(KV, S - prefix - d - 1, D, dtype=torch.bfloat16, seed=30 + i)
-        seq = K.cache_attention_triton(q[i:i + 1], k2, v2, torch.tensor(prefix + d, device=DEVICE), None, config)
+            cache[:, prefix : prefix + d + 1] = src[:, [prefix + j for j in path]]
+            cache[:, prefix + d + 1 :] = randn(KV, S - prefix - d - 1, D, dtype=torch.bfloat16, seed=30 + i)
+        seq = K.cache_attention_triton(q[i : i + 1], k2, v2, torch.tensor(prefix + d, device=DEVICE), None, config)
         assert torch.equal(seq[0], full[i]), f"node {i} (depth {d}) differs from sequential decoding"
 
 
@@ -163,7 +169,7 @@ def test_ancestor_table_lists_each_nodes_path_in_depth_order():
     b = tree_buffers(ChoiceTree.parse("mc_sim_7b_63"))
     table = K.ancestor_table(b.attn_mask)
     assert torch.equal(table[:, : b.ancestors.shape[1]], b.ancestors)
-    assert (table[:, b.ancestors.shape[1]:] == -1).all()
+    assert (table[:, b.ancestors.shape[1] :] == -1).all()
 
 
 def test_row_padded_wo_takes_the_attention_output_in_its_padded_input(monkeypatch):
@@ -174,8 +180,17 @@ def test_row_padded_wo_takes_the_attention_output_in_its_padded_input(monkeypatc
     from medusa_forge.model.gemm_layout import PAD_ROWS, RowPaddedLinear
     from medusa_forge.model.llama import Transformer
 
-    cfg = ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-                      num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5, rope_theta=10000.0)
+    cfg = ModelConfig(
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+    )
     torch.manual_seed(0)
     model = Transformer(cfg).to(device=DEVICE, dtype=torch.float32)
     model.requires_grad_(False).setup_caches(1, 32)
@@ -191,6 +206,7 @@ def test_row_padded_wo_takes_the_attention_output_in_its_padded_input(monkeypatc
         buf = real_buffer(self, rows, like)
         buffers.append(buf.fill_(float("nan")))
         return buf
+
     with torch.no_grad():
         monkeypatch.setattr(RowPaddedLinear, "input_buffer", lambda self, rows, like: None)
         zero_padded = model(tokens, StepMeta(pos, pos, prefix_len=zero))  # F.pad with zeros, then the GEMM

@@ -10,8 +10,20 @@ def test_report_renders_every_section_and_the_verdict():
     chk = KC.Check()
     chk.invariant("rope rows", True, "64/64 rows")
     chk.timing("rope_qkv_to_cache", 1, 2.0, 8.0)
-    chk.rows.append(dict(section="sweep", shape="llama3-8b", split=128, block_m=16, block_n=32, warps=4,
-                         combine_rows=4, early_v=False, T=64, triton_us=48.8))
+    chk.rows.append(
+        dict(
+            section="sweep",
+            shape="llama3-8b",
+            split=128,
+            block_m=16,
+            block_n=32,
+            warps=4,
+            combine_rows=4,
+            early_v=False,
+            T=64,
+            triton_us=48.8,
+        )
+    )
     text = KC.report(chk)
     assert "== invariance" in text and "== timing" in text and "x4.00" in text
     assert "llama3-8b      split 128  block_m 16  block_n 32  warps 4  combine rows 4  T=64     48.80 us" in text

@@ -50,10 +50,10 @@ def test_norm_rows_are_batch_invariant():
     plain = K.rms_norm_triton(x, w, 1e-5)
     other = randn(8, 256, dtype=torch.bfloat16, seed=9)
     for i in (0, 17, 63):
-        one, one_res = K.add_rms_norm_triton(x[i:i + 1], delta[i:i + 1], w, 1e-5)
+        one, one_res = K.add_rms_norm_triton(x[i : i + 1], delta[i : i + 1], w, 1e-5)
         assert torch.equal(one[0], full[i]) and torch.equal(one_res[0], full_res[i])
-        assert torch.equal(K.rms_norm_triton(x[i:i + 1], w, 1e-5)[0], plain[i])
-        eight = torch.cat([other[:5], x[i:i + 1], other[5:7]])  # row i among 7 unrelated rows
+        assert torch.equal(K.rms_norm_triton(x[i : i + 1], w, 1e-5)[0], plain[i])
+        eight = torch.cat([other[:5], x[i : i + 1], other[5:7]])  # row i among 7 unrelated rows
         assert torch.equal(K.rms_norm_triton(eight, w, 1e-5)[5], plain[i])
 
 

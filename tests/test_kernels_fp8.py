@@ -65,8 +65,17 @@ def test_fp8_model_forward_with_norm_fused_quantization_keeps_its_bits(monkeypat
     from medusa_forge.model.config import ModelConfig
     from medusa_forge.model.llama import Transformer
 
-    cfg = ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-                      num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5, rope_theta=10000.0)
+    cfg = ModelConfig(
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+    )
     torch.manual_seed(0)
     model = Transformer(cfg).to(device=DEVICE, dtype=torch.bfloat16)
     with torch.no_grad():

@@ -50,9 +50,14 @@ def test_fused_greedy_commit_equals_accept_then_commit(tree, seed):
     W = b.retrieve_indices.shape[1]
 
     def state():
-        return (torch.tensor(37, device=DEVICE), torch.zeros(W + 1, dtype=torch.long, device=DEVICE),
-                torch.zeros(1, dtype=torch.long, device=DEVICE), torch.zeros(1, dtype=torch.long, device=DEVICE),
-                torch.zeros(W, dtype=torch.long, device=DEVICE), torch.zeros(W, dtype=torch.long, device=DEVICE))
+        return (
+            torch.tensor(37, device=DEVICE),
+            torch.zeros(W + 1, dtype=torch.long, device=DEVICE),
+            torch.zeros(1, dtype=torch.long, device=DEVICE),
+            torch.zeros(1, dtype=torch.long, device=DEVICE),
+            torch.zeros(W, dtype=torch.long, device=DEVICE),
+            torch.zeros(W, dtype=torch.long, device=DEVICE),
+        )
 
     want, got = state(), state()
     best, accepted = greedy_accept(logits, tree_tokens[b.retrieve_indices], b.retrieve_indices, b.retrieve_valid)
@@ -129,8 +134,9 @@ def test_fused_medusa_residual_blocks_give_the_heads_features(dtype):
     hidden = randn(4, 48, dtype=dtype, seed=73)
     with torch.no_grad():
         want = heads.hidden(hidden[2:3])[:, 0]
-    got = K.heads_resblocks_triton(hidden, torch.tensor([2], device=DEVICE), heads.res_weight.detach(),
-                                   heads.res_bias.detach())
+    got = K.heads_resblocks_triton(
+        hidden, torch.tensor([2], device=DEVICE), heads.res_weight.detach(), heads.res_bias.detach()
+    )
     close(got, want, dtype)
 
 

@@ -31,7 +31,7 @@ def prompt_ids(engine, held_out_prompts):
     out = []
     for p in chosen:
         ids = engine.tokenizer.encode(p["prompt"])
-        out.append(ids if len(ids) <= PROMPT_TOKENS else ids[:1] + ids[-(PROMPT_TOKENS - 1):])
+        out.append(ids if len(ids) <= PROMPT_TOKENS else ids[:1] + ids[-(PROMPT_TOKENS - 1) :])
     return out
 
 
@@ -53,8 +53,9 @@ def settings(engine) -> dict[str, LogitsSettings]:
 
 
 def run(engine, ids, s, medusa: bool, **extra):
-    return engine.generate_ids(ids, GenerationConfig(max_new_tokens=NEW_TOKENS, use_medusa=medusa, logits_settings=s,
-                                                     **extra))
+    return engine.generate_ids(
+        ids, GenerationConfig(max_new_tokens=NEW_TOKENS, use_medusa=medusa, logits_settings=s, **extra)
+    )
 
 
 def test_greedy_medusa_equals_greedy_plain_under_every_setting(engine, prompt_ids, settings):
@@ -76,7 +77,7 @@ def test_bad_words_and_min_length_hold_in_the_output(engine, prompt_ids, setting
         seq = ids + out
         for word in banned:
             n = len(word)
-            assert not any(tuple(seq[i - n + 1: i + 1]) == word for i in range(len(ids), len(seq))), word
+            assert not any(tuple(seq[i - n + 1 : i + 1]) == word for i in range(len(ids), len(seq))), word
 
 
 def test_min_length_holds_back_an_end_id_the_bias_pushes_forward(engine, prompt_ids):
@@ -111,5 +112,7 @@ def test_asking_for_logits_changes_no_token_and_the_next_request_is_unaffected(e
     assert asked.context_logits.dtype == np.float32
     assert run(engine, ids, None, True).tokens == before
     sampled = dict(temperature=0.8, top_k=50, seed=3)
-    assert run(engine, ids, None, False, return_log_probs=True, **sampled).tokens == \
-        run(engine, ids, None, False, **sampled).tokens  # the same draws from the same logits
+    assert (
+        run(engine, ids, None, False, return_log_probs=True, **sampled).tokens
+        == run(engine, ids, None, False, **sampled).tokens
+    )  # the same draws from the same logits

@@ -43,7 +43,7 @@ def reference_row(row: list[float], generated: list[int], prompt: list[int], s: 
             out[end] = FLT_MIN
     for word in s.bad_words:
         head = list(word[:-1])
-        if len(word) == 1 or (len(seq) >= len(head) and seq[len(seq) - len(head):] == head):
+        if len(word) == 1 or (len(seq) >= len(head) and seq[len(seq) - len(head) :] == head):
             out[word[-1]] = -math.inf
     return out
 
@@ -51,16 +51,18 @@ def reference_row(row: list[float], generated: list[int], prompt: list[int], s: 
 PROMPT = [3, 5, 5, 7]
 CASES = {
     "nothing set changes nothing": LogitsSettings(),
-    "repetition penalty divides positive and multiplies negative logits of seen tokens":
-        LogitsSettings(repetition_penalty=1.7),
+    "repetition penalty divides positive and multiplies negative logits of seen tokens": LogitsSettings(
+        repetition_penalty=1.7
+    ),
     "presence penalty subtracts once per seen token": LogitsSettings(presence_penalty=0.8),
     "frequency penalty subtracts per occurrence, prompt included": LogitsSettings(frequency_penalty=0.35),
     "all three penalties apply in the kernel's order": LogitsSettings(1.3, 0.5, 0.25),
     "embedding bias adds up over repeated tokens": LogitsSettings(embedding_bias=((2, 1.5), (2, 0.5), (9, -4.0))),
     "min_length holds back every end id while the output is short": LogitsSettings(min_length=3, end_ids=(0, 11)),
     "one-token bad words are always banned": LogitsSettings(bad_words=((4,), (10,))),
-    "a bad word's last token is banned after the rest, prompt included":
-        LogitsSettings(bad_words=((7, 1), (5, 7, 2), (6, 8, 9), (1, 2, 3, 4, 5, 6, 7))),
+    "a bad word's last token is banned after the rest, prompt included": LogitsSettings(
+        bad_words=((7, 1), (5, 7, 2), (6, 8, 9), (1, 2, 3, 4, 5, 6, 7))
+    ),
     "everything at once": LogitsSettings(1.2, 0.3, 0.1, 2, ((1, 2.0), (5, -1.0)), ((7, 6), (8,)), (0,)),
 }
 HISTORIES = [[], [6], [6, 8], [5, 5, 1], [2, 2, 2, 7], [6, 8, 9]]
@@ -80,10 +82,15 @@ def test_process_equals_the_per_row_reference(settings):
 def test_random_settings_and_histories_equal_the_reference():
     rng = random.Random(1)
     for trial in range(40):
-        s = LogitsSettings(rng.choice([1.0, 0.7, 1.5]), rng.choice([0.0, 0.4]), rng.choice([0.0, -0.2, 0.3]),
-                           rng.randrange(4), tuple((rng.randrange(V), rng.uniform(-2, 2)) for _ in range(rng.randrange(3))),
-                           tuple(tuple(rng.randrange(V) for _ in range(rng.randrange(1, 4))) for _ in range(rng.randrange(3))),
-                           (rng.randrange(V),))
+        s = LogitsSettings(
+            rng.choice([1.0, 0.7, 1.5]),
+            rng.choice([0.0, 0.4]),
+            rng.choice([0.0, -0.2, 0.3]),
+            rng.randrange(4),
+            tuple((rng.randrange(V), rng.uniform(-2, 2)) for _ in range(rng.randrange(3))),
+            tuple(tuple(rng.randrange(V) for _ in range(rng.randrange(1, 4))) for _ in range(rng.randrange(3))),
+            (rng.randrange(V),),
+        )
         prompt = [rng.randrange(V) for _ in range(rng.randrange(1, 6))]
         shared = [rng.randrange(V) for _ in range(rng.randrange(4))]  # tree nodes share the tokens so far
         hist = [shared + [rng.randrange(V) for _ in range(rng.randrange(5))] for _ in range(5)]
@@ -100,10 +107,18 @@ def test_process_leaves_its_input_alone_and_ignores_ids_past_the_vocab():
     assert out[0, 1] == -1.0 and out.sum() == -1.0
 
 
-@pytest.mark.parametrize("settings,active", [
-    (LogitsSettings(), False), (LogitsSettings(min_length=4), True), (LogitsSettings(min_length=4, end_ids=(2,)), True),
-    (LogitsSettings(repetition_penalty=1.1), True), (LogitsSettings(embedding_bias=((1, 0.0),)), True),
-    (LogitsSettings(bad_words=((3,),)), True)], ids=lambda v: str(v))
+@pytest.mark.parametrize(
+    "settings,active",
+    [
+        (LogitsSettings(), False),
+        (LogitsSettings(min_length=4), True),
+        (LogitsSettings(min_length=4, end_ids=(2,)), True),
+        (LogitsSettings(repetition_penalty=1.1), True),
+        (LogitsSettings(embedding_bias=((1, 0.0),)), True),
+        (LogitsSettings(bad_words=((3,),)), True),
+    ],
+    ids=lambda v: str(v),
+)
 def test_active_says_whether_any_logit_can_change(settings, active):
     assert settings.active is active
 

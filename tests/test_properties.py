@@ -71,8 +71,9 @@ def test_a_tree_missing_a_prefix_is_refused_naming_the_orphan(paths, data):
     orphan = next(p for p in rest if len(p) > 1 and tuple(p[:-1]) not in present)  # the first, in input order
     with pytest.raises(ForgeError) as exc:
         ChoiceTree.from_paths(rest)
-    assert str(exc.value) == (f"choice tree 'custom': path {orphan} has no parent {orphan[:-1]} "
-                              "(trees must be prefix-closed)")
+    assert str(exc.value) == (
+        f"choice tree 'custom': path {orphan} has no parent {orphan[:-1]} (trees must be prefix-closed)"
+    )
 
 
 @SETTINGS
@@ -83,18 +84,24 @@ def test_a_tree_deeper_than_the_heads_is_refused(paths, data):
     heads = data.draw(st.integers(1, tree.depth - 1))
     with pytest.raises(ForgeError) as exc:
         tree.check_heads(heads)
-    assert str(exc.value) == (f"choice tree 't' has depth {tree.depth} but the model has only {heads} Medusa heads; "
-                              f"use a tree of depth <= {heads}")
+    assert str(exc.value) == (
+        f"choice tree 't' has depth {tree.depth} but the model has only {heads} Medusa heads; "
+        f"use a tree of depth <= {heads}"
+    )
 
 
-@settings(max_examples=25, deadline=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.large_base_example, HealthCheck.data_too_large])
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.large_base_example, HealthCheck.data_too_large],
+)
 @given(prefix_closed(min_nodes=MAX_TREE_NODES + 1, max_nodes=3 * MAX_TREE_NODES))
 def test_a_tree_past_64_draft_nodes_is_refused(paths):
     with pytest.raises(ForgeError) as exc:
         ChoiceTree.from_paths(paths)
-    assert str(exc.value) == (f"choice tree 'custom': {len(paths)} nodes exceed the limit of {MAX_TREE_NODES} "
-                              "(root excluded)")
+    assert str(exc.value) == (
+        f"choice tree 'custom': {len(paths)} nodes exceed the limit of {MAX_TREE_NODES} (root excluded)"
+    )
     ChoiceTree.from_paths(paths, max_nodes=len(paths))  # the same tree is fine under a larger limit
 
 
@@ -171,8 +178,16 @@ def well_formed(draw):
     max_tokens = draw(st.integers(1, 2**31 - 1))
     decoupled = draw(st.booleans())
     inputs = {"text_input": _b([prompt.encode("utf-8")], np.object_), "max_tokens": _b([max_tokens], np.int32)}
-    want = dict(max_new_tokens=max_tokens, temperature=0.0, top_k=0, top_p=1.0, stop_strings=(), seed=None,
-                eos_token_ids=None, ignore_eos=False)
+    want = dict(
+        max_new_tokens=max_tokens,
+        temperature=0.0,
+        top_k=0,
+        top_p=1.0,
+        stop_strings=(),
+        seed=None,
+        eos_token_ids=None,
+        ignore_eos=False,
+    )
     stream = False
     if draw(st.booleans()):
         stream = draw(st.booleans()) and decoupled
@@ -186,8 +201,11 @@ def well_formed(draw):
     if draw(st.booleans()):
         p = np.float32(draw(st.floats(0, 1, width=32)))
         inputs["top_p"], want["top_p"] = _b([p], np.float32), float(p) or 1.0  # 0: off
-    if want["top_k"] == 1 or (want["top_k"] == 0 and "top_p" not in inputs) or \
-            (want["top_k"] == 0 and inputs["top_p"][0, 0] == 0):  # TensorRT-LLM's greedy cases
+    if (
+        want["top_k"] == 1
+        or (want["top_k"] == 0 and "top_p" not in inputs)
+        or (want["top_k"] == 0 and inputs["top_p"][0, 0] == 0)
+    ):  # TensorRT-LLM's greedy cases
         want["temperature"], want["top_k"] = 0.0, 0
     if draw(st.booleans()):
         seed = draw(st.integers(0, 2**64 - 1))
@@ -224,8 +242,14 @@ def _set(name, value):
 
 
 MUTATIONS = {
-    "missing text_input": (lambda i: {k: v for k, v in i.items() if k != "text_input"}, "missing required input 'text_input'"),
-    "missing max_tokens": (lambda i: {k: v for k, v in i.items() if k != "max_tokens"}, "missing required input 'max_tokens'"),
+    "missing text_input": (
+        lambda i: {k: v for k, v in i.items() if k != "text_input"},
+        "missing required input 'text_input'",
+    ),
+    "missing max_tokens": (
+        lambda i: {k: v for k, v in i.items() if k != "max_tokens"},
+        "missing required input 'max_tokens'",
+    ),
     "unknown input": (_set("beam_widths", _b([2], np.int32)), "unknown input(s) beam_widths; this model takes "),
     "list instead of array": (_set("max_tokens", [[4]]), "input(s) max_tokens must be arrays with a batch dimension"),
     "empty prompt": (_set("text_input", _b([b""], np.object_)), "input 'text_input' is an empty prompt"),
@@ -233,44 +257,93 @@ MUTATIONS = {
     "0-d prompt": (_set("text_input", np.array(b"x", dtype=np.object_)), "input 'text_input' has shape []"),
     "prompt not UTF-8": (_set("text_input", _b([b"\xff\xfe"], np.object_)), "input 'text_input' is not valid UTF-8"),
     "prompt as a number": (_set("text_input", _b([3], np.int32)), "input 'text_input' must be a string (BYTES)"),
-    "batch of 2": (_set("text_input", np.array([[b"a"], [b"b"]], np.object_)), "batch of 2 prompts exceeds max_batch_size 1"),
+    "batch of 2": (
+        _set("text_input", np.array([[b"a"], [b"b"]], np.object_)),
+        "batch of 2 prompts exceeds max_batch_size 1",
+    ),
     "max_tokens 0": (_set("max_tokens", _b([0], np.int32)), "input 'max_tokens' must be >= 1, got 0"),
-    "max_tokens float": (_set("max_tokens", _b([4.0], np.float32)), "input 'max_tokens' must be an integer, got float32 4.0"),
+    "max_tokens float": (
+        _set("max_tokens", _b([4.0], np.float32)),
+        "input 'max_tokens' must be an integer, got float32 4.0",
+    ),
     "max_tokens NaN": (_set("max_tokens", _b([np.nan], np.float64)), "input 'max_tokens' must be an integer"),
-    "max_tokens bytes": (_set("max_tokens", _b([b"4"], np.object_)), "input 'max_tokens' must be an integer, got bytes b'4'"),
-    "max_tokens None": (_set("max_tokens", _b([None], np.object_)), "input 'max_tokens' must be an integer, got NoneType None"),
+    "max_tokens bytes": (
+        _set("max_tokens", _b([b"4"], np.object_)),
+        "input 'max_tokens' must be an integer, got bytes b'4'",
+    ),
+    "max_tokens None": (
+        _set("max_tokens", _b([None], np.object_)),
+        "input 'max_tokens' must be an integer, got NoneType None",
+    ),
     "max_tokens empty": (_set("max_tokens", np.zeros((1, 0), np.int32)), "input 'max_tokens' is empty"),
-    "max_tokens twice": (_set("max_tokens", np.array([[4, 8]], np.int32)),
-                         "input 'max_tokens' has shape [1, 2]; send one value per prompt (shape [1, 1])"),
-    "max_tokens other batch": (_set("max_tokens", np.array([[1], [2]], np.int32)),
-                               "input 'max_tokens' has shape [2, 1]; expected its first dimension to be the batch size 1"),
-    "temperature -1": (_set("temperature", _b([-1.0], np.float32)), "input 'temperature' must be a finite number >= 0, got -1.0"),
-    "temperature inf": (_set("temperature", _b([np.inf], np.float32)), "input 'temperature' must be a finite number >= 0, got inf"),
+    "max_tokens twice": (
+        _set("max_tokens", np.array([[4, 8]], np.int32)),
+        "input 'max_tokens' has shape [1, 2]; send one value per prompt (shape [1, 1])",
+    ),
+    "max_tokens other batch": (
+        _set("max_tokens", np.array([[1], [2]], np.int32)),
+        "input 'max_tokens' has shape [2, 1]; expected its first dimension to be the batch size 1",
+    ),
+    "temperature -1": (
+        _set("temperature", _b([-1.0], np.float32)),
+        "input 'temperature' must be a finite number >= 0, got -1.0",
+    ),
+    "temperature inf": (
+        _set("temperature", _b([np.inf], np.float32)),
+        "input 'temperature' must be a finite number >= 0, got inf",
+    ),
     "temperature string": (_set("temperature", _b([b"0.5"], np.object_)), "input 'temperature' must be a number"),
-    "temperature twice": (_set("temperature", _b([0.1, 0.2], np.float32)), "input 'temperature' must hold one value per request, got 2"),
+    "temperature twice": (
+        _set("temperature", _b([0.1, 0.2], np.float32)),
+        "input 'temperature' must hold one value per request, got 2",
+    ),
     "top_k -1": (_set("top_k", _b([-1], np.int32)), "input 'top_k' must be >= 0, got -1"),
     "top_k 2.5": (_set("top_k", _b([2.5], np.float32)), "input 'top_k' must be an integer"),
     "top_p 1.5": (_set("top_p", _b([1.5], np.float32)), "input 'top_p' must be in [0, 1] (0: off), got 1.5"),
     "top_p NaN": (_set("top_p", _b([np.nan], np.float32)), "input 'top_p' must be in [0, 1] (0: off), got nan"),
     "seed -1": (_set("random_seed", _b([-1], np.int64)), "input 'random_seed' must be in 0..2^64-1, got -1"),
-    "stream string": (_set("stream", _b([b"false"], np.object_)), "input 'stream' must be a boolean, got bytes b'false'"),
+    "stream string": (
+        _set("stream", _b([b"false"], np.object_)),
+        "input 'stream' must be a boolean, got bytes b'false'",
+    ),
     "stream 2": (_set("stream", _b([2], np.int32)), "input 'stream' must be a boolean, got int32 2"),
     "stop word not UTF-8": (_set("stop_words", _b([b"\xc3"], np.object_)), "input 'stop_words' is not valid UTF-8"),
-    "beam_width 4": (_set("beam_width", _b([4], np.int32)), "input 'beam_width' must be 1 (the native engine decodes a single beam), got 4"),
+    "beam_width 4": (
+        _set("beam_width", _b([4], np.int32)),
+        "input 'beam_width' must be 1 (the native engine decodes a single beam), got 4",
+    ),
     "beam_width float": (_set("beam_width", _b([1.0], np.float32)), "input 'beam_width' must be an integer"),
-    "bias words without weights": (_set("embedding_bias_words", _b([b"x"], np.object_)),
-                                   "input 'embedding_bias_words' needs 'embedding_bias_weights'"),
-    "bias lengths differ": (lambda i: {**i, "embedding_bias_words": _b([b"x", b"y"], np.object_),
-                                       "embedding_bias_weights": _b([1.0], np.float32)},
-                            "inputs 'embedding_bias_words' (2 words) and 'embedding_bias_weights' (1 weights) must have"),
-    "repetition_penalty 0": (_set("repetition_penalty", _b([0.0], np.float32)), "input 'repetition_penalty' must be > 0"),
-    "presence_penalty inf": (_set("presence_penalty", _b([np.inf], np.float32)), "input 'presence_penalty' must be a finite number, got inf"),
+    "bias words without weights": (
+        _set("embedding_bias_words", _b([b"x"], np.object_)),
+        "input 'embedding_bias_words' needs 'embedding_bias_weights'",
+    ),
+    "bias lengths differ": (
+        lambda i: {
+            **i,
+            "embedding_bias_words": _b([b"x", b"y"], np.object_),
+            "embedding_bias_weights": _b([1.0], np.float32),
+        },
+        "inputs 'embedding_bias_words' (2 words) and 'embedding_bias_weights' (1 weights) must have",
+    ),
+    "repetition_penalty 0": (
+        _set("repetition_penalty", _b([0.0], np.float32)),
+        "input 'repetition_penalty' must be > 0",
+    ),
+    "presence_penalty inf": (
+        _set("presence_penalty", _b([np.inf], np.float32)),
+        "input 'presence_penalty' must be a finite number, got inf",
+    ),
     "min_length -1": (_set("min_length", _b([-1], np.int32)), "input 'min_length' must be >= 0, got -1"),
     "return_log_probs 3": (_set("return_log_probs", _b([3], np.int32)), "input 'return_log_probs' must be a boolean"),
-    "prompt table": (_set("prompt_embedding_table", np.zeros((1, 2, 4), np.float16)),
-                     "input 'prompt_embedding_table': prompt tuning (prompt_embedding_table / prompt_vocab_size) is not "
-                     "supported by the native engine"),
-    "decoder text": (_set("decoder_text_input", _b([b"x"], np.object_)), "input 'decoder_text_input' is for encoder-decoder"),
+    "prompt table": (
+        _set("prompt_embedding_table", np.zeros((1, 2, 4), np.float16)),
+        "input 'prompt_embedding_table': prompt tuning (prompt_embedding_table / prompt_vocab_size) is not "
+        "supported by the native engine",
+    ),
+    "decoder text": (
+        _set("decoder_text_input", _b([b"x"], np.object_)),
+        "input 'decoder_text_input' is for encoder-decoder",
+    ),
 }
 
 
@@ -287,25 +360,40 @@ def test_each_malformed_request_gets_the_forge_error_naming_the_tensor(case, mut
 
 def test_streaming_on_a_model_that_is_not_decoupled_names_the_fix():
     inputs = {"text_input": _b([b"x"], np.object_), "max_tokens": _b([3], np.int32), "stream": _b([True], bool)}
-    with pytest.raises(ForgeError, match=r"^stream=true needs a decoupled model; regenerate the repository with "
-                                         r"`medusa-forge triton-repo --decoupled`$"):
+    with pytest.raises(
+        ForgeError,
+        match=r"^stream=true needs a decoupled model; regenerate the repository with "
+        r"`medusa-forge triton-repo --decoupled`$",
+    ):
         _parse(inputs, True, max_batch_size=1, decoupled=False)
 
 
 NAMES = [t.name for t in INPUTS] + ["beam_widths", ""]
-ELEMENTS = st.one_of(st.binary(max_size=6), st.text(max_size=6), st.none(), st.integers(-(2**70), 2**70),
-                     st.floats(allow_nan=True, allow_infinity=True), st.booleans())
+ELEMENTS = st.one_of(
+    st.binary(max_size=6),
+    st.text(max_size=6),
+    st.none(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.booleans(),
+)
 ARRAYS = st.one_of(
-    hnp.arrays(st.sampled_from([np.int32, np.int64, np.uint64, np.float32, np.float64, np.bool_]),
-               hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=3)),
+    hnp.arrays(
+        st.sampled_from([np.int32, np.int64, np.uint64, np.float32, np.float64, np.bool_]),
+        hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=3),
+    ),
     hnp.arrays(np.object_, hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=3), elements=ELEMENTS),
     st.sampled_from([None, 3, b"x", [[b"x"]]]),
 )
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.dictionaries(st.sampled_from(NAMES), ARRAYS, max_size=6) | well_formed().map(lambda c: c[0]),
-       st.dictionaries(st.sampled_from(NAMES), ARRAYS, max_size=3), st.integers(0, 4), st.booleans())
+@given(
+    st.dictionaries(st.sampled_from(NAMES), ARRAYS, max_size=6) | well_formed().map(lambda c: c[0]),
+    st.dictionaries(st.sampled_from(NAMES), ARRAYS, max_size=3),
+    st.integers(0, 4),
+    st.booleans(),
+)
 def test_any_input_either_parses_or_raises_a_one_line_forge_error(inputs, overrides, max_batch, decoupled):
     try:
         rows = _parse({**inputs, **overrides}, True, max_batch_size=max_batch, decoupled=decoupled)

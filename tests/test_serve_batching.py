@@ -48,10 +48,23 @@ def server(model_dir, heads_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("batching")
     repo = root / "repo"
     for i, (name, (batch, medusa, decoupled, queue, instances)) in enumerate(MODELS.items()):
-        write_triton_repo(RepoRequest(engine=model_dir, out=repo, name=name, add=i > 0, max_batch_size=batch,
-                                      max_queue=queue, decoupled=decoupled, use_medusa=medusa, instances=instances,
-                                      medusa=heads_dir if medusa else None, tree="small" if medusa else None,
-                                      torch_threads=1, dtype="float32"))
+        write_triton_repo(
+            RepoRequest(
+                engine=model_dir,
+                out=repo,
+                name=name,
+                add=i > 0,
+                max_batch_size=batch,
+                max_queue=queue,
+                decoupled=decoupled,
+                use_medusa=medusa,
+                instances=instances,
+                medusa=heads_dir if medusa else None,
+                tree="small" if medusa else None,
+                torch_threads=1,
+                dtype="float32",
+            )
+        )
     with TritonServer(repo, exit_timeout_s=5, log_path=root / "tritonserver.log") as s:
         yield s
 
@@ -82,8 +95,9 @@ def run_clients(server, work_by_client: list[list[tuple[str, str, int, bool]]], 
             with client(server, work_by_client[i][0][0]) as c:
                 for model, prompt, n, stream in work_by_client[i]:
                     c.model = model
-                    results.append(((model, prompt, n, stream), c.generate(prompt, n, stream=stream,
-                                                                           end_id=-1).output_tokens))
+                    results.append(
+                        ((model, prompt, n, stream), c.generate(prompt, n, stream=stream, end_id=-1).output_tokens)
+                    )
         except Exception as e:  # noqa: BLE001 - collected and asserted by the caller
             errors.append(e)
 
@@ -108,8 +122,13 @@ def test_concurrent_clients_get_exactly_the_serial_models_answers(server, prompt
     model streams): every answer equals the one the serial model gives to that request alone."""
     rng = random.Random(20)
     streams = model == "batched"
-    work = [[(model, prompts[rng.randrange(len(prompts))], rng.choice([6, 12, 24]), streams and k == i % 2)
-             for k in range(2)] for i in range(8)]
+    work = [
+        [
+            (model, prompts[rng.randrange(len(prompts))], rng.choice([6, 12, 24]), streams and k == i % 2)
+            for k in range(2)
+        ]
+        for i in range(8)
+    ]
     expected = serial_answers(server, [(p, n) for w in work for _, p, n, _ in w])
     results, errors = run_clients(server, work, delays=[rng.uniform(0, 0.5) for _ in work])
     assert not errors and len(results) == 16
@@ -124,8 +143,11 @@ def test_a_request_of_two_rows_gets_both_serial_answers(server, prompts):
     if BATCH == 1:
         pytest.skip("needs medusa_forge.engine.batcher (max_batch_size 1 takes one row per request)")
     expected = serial_answers(server, [(p, 8) for p in prompts[:2]])
-    inputs = _inputs(text_input=np.array([[p.encode()] for p in prompts[:2]], dtype=np.object_),
-                     max_tokens=np.array([[8], [8]], dtype=np.int32), end_id=np.array([[-1], [-1]], dtype=np.int32))
+    inputs = _inputs(
+        text_input=np.array([[p.encode()] for p in prompts[:2]], dtype=np.object_),
+        max_tokens=np.array([[8], [8]], dtype=np.int32),
+        end_id=np.array([[-1], [-1]], dtype=np.int32),
+    )
     result = grpcclient.InferenceServerClient(server.grpc_url).infer("batched_unary", inputs, client_timeout=120)
     rows = result.as_numpy("output_tokens")
     assert [list(rows[i][rows[i] >= 0]) for i in range(2)] == [expected[p, 8] for p in prompts[:2]]
@@ -154,8 +176,10 @@ def test_cancelling_one_stream_mid_generation_changes_no_other_answer(server, pr
     assert {req[1]: tokens for req, tokens in results} == {p: expected[p, 24] for p in prompts[:3]}
     t0 = time.perf_counter()
     with client(server, "batched") as c:
-        assert c.generate(prompts[4], 6, end_id=-1).output_tokens == serial_answers(server, [(prompts[4], 6)])[
-            prompts[4], 6]
+        assert (
+            c.generate(prompts[4], 6, end_id=-1).output_tokens
+            == serial_answers(server, [(prompts[4], 6)])[prompts[4], 6]
+        )
     assert time.perf_counter() - t0 < 30
 
 
@@ -206,8 +230,10 @@ def test_a_full_queue_answers_at_once_with_an_error_naming_the_bound(server, pro
         time.sleep(0.5)
         assert not waiting.started.is_set()
         t0 = time.perf_counter()
-        with client(server, "tiny_queue") as c, pytest.raises(
-                ForgeError, match=rf"request queue is full \(1 waiting for a slot of {slots}\); retry later"):
+        with (
+            client(server, "tiny_queue") as c,
+            pytest.raises(ForgeError, match=rf"request queue is full \(1 waiting for a slot of {slots}\); retry later"),
+        ):
             c.generate(prompts[0], 4, end_id=-1)
         assert time.perf_counter() - t0 < 5, "refused at once, not after a wait"
     finally:
@@ -225,31 +251,50 @@ def test_a_bad_request_gets_an_error_naming_it_and_the_model_keeps_serving(serve
     prompt = np.array([[b"def add(a, b):"]], dtype=np.object_)
     with client(server, model) as c:
         with pytest.raises(ForgeError, match=r"input 'beam_width' must be 1 \(the native engine decodes a single"):
-            c.send(_inputs(text_input=prompt, max_tokens=np.array([[4]], dtype=np.int32),
-                           beam_width=np.array([[4]], dtype=np.int32)))
+            c.send(
+                _inputs(
+                    text_input=prompt,
+                    max_tokens=np.array([[4]], dtype=np.int32),
+                    beam_width=np.array([[4]], dtype=np.int32),
+                )
+            )
         assert len(c.generate("def add(a, b):", 3, end_id=-1).output_tokens) == 3
 
 
 def test_each_model_logs_its_scheduler_the_speculation_policy_and_its_cost_model_at_load(server):
-    lines = {name: next((ln for ln in server.log_text().splitlines() if f"medusa-forge scheduler of {name}:" in ln), "")
-             for name in MODELS}
+    lines = {
+        name: next((ln for ln in server.log_text().splitlines() if f"medusa-forge scheduler of {name}:" in ln), "")
+        for name in MODELS
+    }
     # Triton may quote a backend's log message (escaping its quotes): read the JSON object inside.
-    info = {name: json.loads(line[line.index("{"): line.rindex("}") + 1].replace('\\"', '"'))
-            for name, line in lines.items()}
+    info = {
+        name: json.loads(line[line.index("{") : line.rindex("}") + 1].replace('\\"', '"'))
+        for name, line in lines.items()
+    }
     assert info["serial"] == {"max_batch_size": 1, "max_queue": 0, "speculation": "serial"}
     if BATCH > 1:
         batched = info["batched"]
         assert batched["speculation"] == "auto" and batched["max_batch_size"] == BATCH
         assert batched["cost_model"]["rows"][0] == 1 and len(batched["cost_model"]["seconds"]) == len(
-            batched["cost_model"]["rows"])
+            batched["cost_model"]["rows"]
+        )
         assert info["tiny_queue"]["max_queue"] == 1
 
 
 def test_triton_repo_records_the_batch_and_queue_bounds_in_the_models_parameters(model_dir, tmp_path):
     from medusa_forge.serve.triton_repo import RepoRequest, write_triton_repo
 
-    served = write_triton_repo(RepoRequest(engine=model_dir, out=tmp_path / "repo", name="m", use_medusa=False,
-                                           max_batch_size=BATCH, max_queue=3, instances=2))
+    served = write_triton_repo(
+        RepoRequest(
+            engine=model_dir,
+            out=tmp_path / "repo",
+            name="m",
+            use_medusa=False,
+            max_batch_size=BATCH,
+            max_queue=3,
+            instances=2,
+        )
+    )
     config = (tmp_path / "repo" / "m" / "config.pbtxt").read_text()
     assert f"max_batch_size: {BATCH}\n" in config and "count: 2" in config
     for key, value in (("max_batch_size", str(BATCH)), ("max_queue", "3")):
@@ -265,11 +310,20 @@ def test_a_negative_max_queue_is_refused_before_anything_is_written(model_dir, t
     assert not (tmp_path / "repo").exists()
 
 
-@pytest.mark.parametrize("flags,message", [
-    (dict(max_batch_size=1, speculation="fixed"), "--speculation fixed steers the in-flight batcher; it needs "
-                                                   "--max-batch-size > 1"),
-    (dict(max_batch_size=2, speculation="sometimes"), "speculation 'sometimes': expected auto, fixed or off-above:N"),
-], ids=["speculation without batching", "unknown speculation policy"])
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (
+            dict(max_batch_size=1, speculation="fixed"),
+            "--speculation fixed steers the in-flight batcher; it needs --max-batch-size > 1",
+        ),
+        (
+            dict(max_batch_size=2, speculation="sometimes"),
+            "speculation 'sometimes': expected auto, fixed or off-above:N",
+        ),
+    ],
+    ids=["speculation without batching", "unknown speculation policy"],
+)
 def test_a_speculation_policy_the_batcher_cannot_run_is_refused(model_dir, heads_dir, tmp_path, flags, message):
     from medusa_forge.serve.triton_repo import RepoRequest, write_triton_repo
 

@@ -18,8 +18,8 @@ import time
 
 import numpy as np
 import pytest
-
 from conftest import triton_inputs as _inputs
+
 from medusa_forge.errors import ForgeError
 from medusa_forge.serve.client import TritonLLMClient
 from medusa_forge.serve.triton_repo import RepoRequest, write_triton_repo
@@ -33,18 +33,23 @@ BOUND_S = 15.0  # a failure must surface this soon (the clients' timeouts are se
 def repo(model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("faults")
     out = root / "repo"
-    write_triton_repo(RepoRequest(engine=model_dir, out=out, name="base", decoupled=True, use_medusa=False,
-                                  torch_threads=1))
+    write_triton_repo(
+        RepoRequest(engine=model_dir, out=out, name="base", decoupled=True, use_medusa=False, torch_threads=1)
+    )
     return out
 
 
 @pytest.fixture(scope="module")
 def two_model_repo(model_dir, repo, tmp_path_factory):
     out = tmp_path_factory.mktemp("faults2") / "repo"
-    write_triton_repo(RepoRequest(engine=model_dir, out=out, name="base", decoupled=True, use_medusa=False,
-                                  torch_threads=1))
-    write_triton_repo(RepoRequest(engine=model_dir, out=out, name="unary", decoupled=False, use_medusa=False,
-                                  torch_threads=1, add=True))
+    write_triton_repo(
+        RepoRequest(engine=model_dir, out=out, name="base", decoupled=True, use_medusa=False, torch_threads=1)
+    )
+    write_triton_repo(
+        RepoRequest(
+            engine=model_dir, out=out, name="unary", decoupled=False, use_medusa=False, torch_threads=1, add=True
+        )
+    )
     return out
 
 
@@ -86,16 +91,20 @@ def test_client_gets_one_clear_error_when_the_server_is_killed_mid_stream(doomed
         assert after_kill_s < BOUND_S  # no hang: the broken stream is noticed, not waited out
         message = str(error)
         assert "\n" not in message
-        assert message.startswith(f"lost the connection to the Triton server at {url} during a request to model "
-                                  f"'base' after {chunks} response(s)")
+        assert message.startswith(
+            f"lost the connection to the Triton server at {url} during a request to model "
+            f"'base' after {chunks} response(s)"
+        )
         assert "did the server die?" in message
         doomed_server.proc.wait(timeout=10)
         assert doomed_server.proc.returncode == -signal.SIGKILL
         # The same client, asked again, says the server is gone (not a tritonclient stream-state message):
         # unreachable, or, when gRPC writes on the dead channel before it notices, a lost connection.
         t0 = time.perf_counter()
-        gone = (rf"^(Triton server at {url} is unreachable \(.*\); is it running\?"
-                rf"|lost the connection to the Triton server at {url} during a request .*did the server die\?)")
+        gone = (
+            rf"^(Triton server at {url} is unreachable \(.*\); is it running\?"
+            rf"|lost the connection to the Triton server at {url} during a request .*did the server die\?)"
+        )
         with pytest.raises(ForgeError, match=gone):
             client.generate("def main():", 3)
         assert time.perf_counter() - t0 < BOUND_S
@@ -111,16 +120,34 @@ def test_a_kept_stream_carries_request_after_request_and_then_reports_the_killed
         assert client._client._stream is stream and again.output_tokens == first.output_tokens
         doomed_server.kill()
         t0 = time.perf_counter()
-        with pytest.raises(ForgeError, match=rf"^(Triton server at {url} is unreachable|lost the connection to the "
-                                             rf"Triton server at {url} during a request)"):
+        with pytest.raises(
+            ForgeError,
+            match=rf"^(Triton server at {url} is unreachable|lost the connection to the "
+            rf"Triton server at {url} during a request)",
+        ):
             client.generate("def add(a, b):", 3, end_id=-1)
         assert time.perf_counter() - t0 < BOUND_S
         assert client._client._stream is None  # a broken stream is not kept
 
 
 def _query(url: str, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "medusa_forge.cli", "query", "--url", url, "--model", "base",
-                             "--prompt", "def main():", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "medusa_forge.cli",
+            "query",
+            "--url",
+            url,
+            "--model",
+            "base",
+            "--prompt",
+            "def main():",
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 def test_query_exits_2_with_one_line_when_the_server_is_killed_mid_stream(doomed_server):
@@ -177,8 +204,9 @@ def test_a_hung_server_is_a_timeout_not_a_hang_and_serves_again_once_resumed(sha
             waited = time.perf_counter() - t0
     finally:
         shared_server.signal(signal.SIGCONT)
-    assert str(err.value) == (f"no response from {url} (model 'base') within {timeout_s:g} s; is the server alive? "
-                              "(--timeout to wait longer)")
+    assert str(err.value) == (
+        f"no response from {url} (model 'base') within {timeout_s:g} s; is the server alive? (--timeout to wait longer)"
+    )
     assert timeout_s <= waited < timeout_s + 5.0
     t1 = time.perf_counter()
     with TritonLLMClient(url, "base", timeout_s=60) as client:
@@ -186,29 +214,50 @@ def test_a_hung_server_is_a_timeout_not_a_hang_and_serves_again_once_resumed(sha
     assert time.perf_counter() - t1 < 30.0  # the 1500-token request did not keep the instance busy
 
 
-
-
 PROMPT = np.array([[b"def add(a, b):"]], dtype=np.object_)
 FOUR = np.array([[4]], dtype=np.int32)
 # Beyond tests/test_serve_native.py's BAD_REQUESTS (missing text_input / max_tokens, negative
 # max_tokens, FP32 max_tokens, empty prompt, bad sampling values, bad_words, KV cache overflow):
 MORE_BAD_REQUESTS = [
-    ("unknown model", "nope", dict(text_input=PROMPT, max_tokens=FOUR), "Request for unknown model: 'nope' is not found"),
-    ("text_input as INT32", "base", dict(text_input=np.array([[7]], dtype=np.int32), max_tokens=FOUR),
-     "inference input 'text_input' data-type is 'INT32', but model 'base' expects 'BYTES'"),
-    ("unknown input", "base", dict(text_input=PROMPT, max_tokens=FOUR, prompt=PROMPT),
-     "unexpected inference input 'prompt' for model 'base'"),
-    ("batch above max_batch_size", "base",
-     dict(text_input=np.array([[b"a = 1"], [b"b = 2"]], dtype=np.object_), max_tokens=np.array([[4], [4]], dtype=np.int32)),
-     "inference request batch-size must be <= 1 for 'base'"),
-    ("stream on a model that is not decoupled", "unary", dict(text_input=PROMPT, max_tokens=FOUR,
-                                                             stream=np.array([[True]])),
-     "stream=true needs a decoupled model"),
+    (
+        "unknown model",
+        "nope",
+        dict(text_input=PROMPT, max_tokens=FOUR),
+        "Request for unknown model: 'nope' is not found",
+    ),
+    (
+        "text_input as INT32",
+        "base",
+        dict(text_input=np.array([[7]], dtype=np.int32), max_tokens=FOUR),
+        "inference input 'text_input' data-type is 'INT32', but model 'base' expects 'BYTES'",
+    ),
+    (
+        "unknown input",
+        "base",
+        dict(text_input=PROMPT, max_tokens=FOUR, prompt=PROMPT),
+        "unexpected inference input 'prompt' for model 'base'",
+    ),
+    (
+        "batch above max_batch_size",
+        "base",
+        dict(
+            text_input=np.array([[b"a = 1"], [b"b = 2"]], dtype=np.object_),
+            max_tokens=np.array([[4], [4]], dtype=np.int32),
+        ),
+        "inference request batch-size must be <= 1 for 'base'",
+    ),
+    (
+        "stream on a model that is not decoupled",
+        "unary",
+        dict(text_input=PROMPT, max_tokens=FOUR, stream=np.array([[True]])),
+        "stream=true needs a decoupled model",
+    ),
 ]
 
 
-@pytest.mark.parametrize("model,inputs,message", [c[1:] for c in MORE_BAD_REQUESTS],
-                         ids=[c[0] for c in MORE_BAD_REQUESTS])
+@pytest.mark.parametrize(
+    "model,inputs,message", [c[1:] for c in MORE_BAD_REQUESTS], ids=[c[0] for c in MORE_BAD_REQUESTS]
+)
 def test_more_bad_requests_get_an_error_naming_the_problem(shared_server, model, inputs, message):
     with TritonLLMClient(shared_server.grpc_url, model, timeout_s=30) as c:
         with pytest.raises(ForgeError) as err:
@@ -220,6 +269,9 @@ def test_more_bad_requests_get_an_error_naming_the_problem(shared_server, model,
 
 def test_the_models_transaction_policy_is_read_from_the_server(shared_server):
     """What `eval speed` uses to decide whether to stream."""
-    with TritonLLMClient(shared_server.grpc_url, "base") as base, TritonLLMClient(shared_server.grpc_url, "unary") as unary:
+    with (
+        TritonLLMClient(shared_server.grpc_url, "base") as base,
+        TritonLLMClient(shared_server.grpc_url, "unary") as unary,
+    ):
         assert base.decoupled is True and unary.decoupled is False
         assert unary.generate("def add(a, b):", 3, end_id=-1).responses == 1

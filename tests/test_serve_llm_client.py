@@ -42,9 +42,14 @@ def grpc_inputs(arrays: dict[str, np.ndarray]) -> list:
 def unary(url: str, model: str, arrays: dict, outputs=None):
     answers: queue.Queue = queue.Queue()
     with grpcclient.InferenceServerClient(url) as client:
-        client.async_infer(model, grpc_inputs(arrays), outputs=outputs, request_id="",
-                           callback=partial(lambda q, result, error: q.put(error or result), answers),
-                           parameters={"Streaming": False})
+        client.async_infer(
+            model,
+            grpc_inputs(arrays),
+            outputs=outputs,
+            request_id="",
+            callback=partial(lambda q, result, error: q.put(error or result), answers),
+            parameters={"Streaming": False},
+        )
         return answers.get(timeout=120)
 
 
@@ -78,12 +83,25 @@ def test_the_clients_default_request_gets_greedy_decoding_of_its_ids(unary_ensem
 
 def test_every_single_beam_option_of_the_client(unary_ensemble, engine):  # noqa: F811
     ids = engine.tokenizer.encode(TEXT)
-    options = dict(repetition_penalty=1.3, presence_penalty=0.4, frequency_penalty=0.2, return_context_logits=True,
-                   return_generation_logits=True)
+    options = dict(
+        repetition_penalty=1.3,
+        presence_penalty=0.4,
+        frequency_penalty=0.2,
+        return_context_logits=True,
+        return_generation_logits=True,
+    )
     settings = LogitsSettings(float(np.float32(1.3)), float(np.float32(0.4)), float(np.float32(0.2)), end_ids=(2,))
-    want = engine.generate_ids(ids, GenerationConfig(max_new_tokens=16, eos_token_ids=(2,), logits_settings=settings,
-                                                     return_log_probs=True, return_context_logits=True,
-                                                     return_generation_logits=True))
+    want = engine.generate_ids(
+        ids,
+        GenerationConfig(
+            max_new_tokens=16,
+            eos_token_ids=(2,),
+            logits_settings=settings,
+            return_log_probs=True,
+            return_context_logits=True,
+            return_generation_logits=True,
+        ),
+    )
     result = unary(unary_ensemble, "tensorrt_llm", client_inputs(ids, return_log_probs=True, **options))
     assert not isinstance(result, InferenceServerException), result
     assert result.as_numpy("output_ids")[0][0].tolist() == want.tokens

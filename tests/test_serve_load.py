@@ -18,8 +18,6 @@ from conftest import run_cli
 CLIENTS, REQUESTS, TOKENS = 32, 10, 4
 
 
-
-
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("serve_load") / "work"
@@ -27,15 +25,47 @@ def workdir(tmp_path_factory):
 
 def test_32_clients_get_the_sequential_answers_with_zero_errors(model_dir, heads_dir, workdir, tmp_path, capsys):
     out = tmp_path / "serve_load.json"
-    code, stdout, err = run_cli(["bench", "serve", "--engine", model_dir, "--medusa", heads_dir,
-                                 "--medusa-choices", "small", "--dtype", "float32", "--clients", CLIENTS,
-                                 "--requests", REQUESTS, "--max-tokens", TOKENS, "--overhead-trials", 10, "--warmup", 2,
-                                 "--timeout", 120, "--time-limit", 240, "--workdir", workdir, "--out", out], capsys)
+    code, stdout, err = run_cli(
+        [
+            "bench",
+            "serve",
+            "--engine",
+            model_dir,
+            "--medusa",
+            heads_dir,
+            "--medusa-choices",
+            "small",
+            "--dtype",
+            "float32",
+            "--clients",
+            CLIENTS,
+            "--requests",
+            REQUESTS,
+            "--max-tokens",
+            TOKENS,
+            "--overhead-trials",
+            10,
+            "--warmup",
+            2,
+            "--timeout",
+            120,
+            "--time-limit",
+            240,
+            "--workdir",
+            workdir,
+            "--out",
+            out,
+        ],
+        capsys,
+    )
     assert code == 0, err
     doc = json.loads(out.read_text())
     assert doc["kind"] == "serve_load" and doc["passed"]
-    assert doc["checks"] == {"zero_errors": True, "answers_identical_to_sequential": True,
-                             "sequential_equals_in_process": True}
+    assert doc["checks"] == {
+        "zero_errors": True,
+        "answers_identical_to_sequential": True,
+        "sequential_equals_in_process": True,
+    }
     load = doc["load"]
     assert (load["clients"], load["requests_per_client"], load["requests"]) == (CLIENTS, REQUESTS, CLIENTS * REQUESTS)
     assert load["completed"] == load["identical_to_sequential"] == CLIENTS * REQUESTS
@@ -43,7 +73,9 @@ def test_32_clients_get_the_sequential_answers_with_zero_errors(model_dir, heads
     assert load["server"]["requests"] == CLIENTS * REQUESTS and load["server"]["failed"] == 0  # Triton's own count
     lat = load["latency_ms"]
     assert lat["count"] == CLIENTS * REQUESTS and 0 < lat["min"] <= lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
-    assert load["requests_per_s"] > 0 and load["tokens_per_s"] == pytest.approx(load["requests_per_s"] * TOKENS, rel=1e-2)
+    assert load["requests_per_s"] > 0 and load["tokens_per_s"] == pytest.approx(
+        load["requests_per_s"] * TOKENS, rel=1e-2
+    )
     assert doc["sequential"]["tokens_per_answer"] == [TOKENS] * doc["sequential"]["prompts"]  # EOS ignored
 
     o = doc["overhead"]
@@ -75,11 +107,33 @@ def test_requests_past_the_time_limit_are_errors_and_the_run_fails(model_dir, he
     if not engine.is_dir():  # run alone: build what the first test's command builds
         from medusa_forge.build.native import NativeBuildConfig, build_native
 
-        build_native(NativeBuildConfig(model_dir, engine, dtype="float32", medusa_dir=heads_dir, tree="small",
-                                       verify_tokens=4))
+        build_native(
+            NativeBuildConfig(model_dir, engine, dtype="float32", medusa_dir=heads_dir, tree="small", verify_tokens=4)
+        )
     out = tmp_path / "serve_load.json"
-    code, _, err = run_cli(["bench", "serve", "--engine", engine, "--clients", 4, "--requests", 2, "--max-tokens", 2,
-                            "--overhead-trials", 1, "--warmup", 0, "--time-limit", 1e-6, "--out", out], capsys)
+    code, _, err = run_cli(
+        [
+            "bench",
+            "serve",
+            "--engine",
+            engine,
+            "--clients",
+            4,
+            "--requests",
+            2,
+            "--max-tokens",
+            2,
+            "--overhead-trials",
+            1,
+            "--warmup",
+            0,
+            "--time-limit",
+            1e-6,
+            "--out",
+            out,
+        ],
+        capsys,
+    )
     assert code == 1
     doc = json.loads(out.read_text())
     assert not doc["passed"] and doc["checks"]["zero_errors"] is False

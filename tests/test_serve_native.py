@@ -85,8 +85,13 @@ def test_streaming_sends_each_step_as_it_is_decoded(native_triton, prompts):
     with client(native_triton, native_triton.base_model) as c:
         whole = c.generate(prompts[1], NEW_TOKENS, end_id=-1)
         t0 = time.perf_counter()
-        streamed = c.generate(prompts[1], NEW_TOKENS, stream=True, end_id=-1,
-                              on_text=lambda text: chunks.append((time.perf_counter() - t0, text)))
+        streamed = c.generate(
+            prompts[1],
+            NEW_TOKENS,
+            stream=True,
+            end_id=-1,
+            on_text=lambda text: chunks.append((time.perf_counter() - t0, text)),
+        )
     assert streamed.responses == NEW_TOKENS + 1  # one per step (plain decoding: one token each) + the final one
     assert "".join(text for _, text in chunks) == whole.text == streamed.text
     assert streamed.output_tokens == whole.output_tokens
@@ -96,21 +101,56 @@ def test_streaming_sends_each_step_as_it_is_decoded(native_triton, prompts):
 
 def test_query_prints_what_generate_prints(native_triton, prompts):
     runner = CliRunner()
-    gen = runner.invoke(cli, ["generate", "--model", str(native_triton.engine_dir), "--prompt", prompts[0],
-                              "--max-new-tokens", str(NEW_TOKENS), "--json"])
+    gen = runner.invoke(
+        cli,
+        [
+            "generate",
+            "--model",
+            str(native_triton.engine_dir),
+            "--prompt",
+            prompts[0],
+            "--max-new-tokens",
+            str(NEW_TOKENS),
+            "--json",
+        ],
+    )
     assert gen.exit_code == 0, gen.output
     expected = json.loads(gen.output)
-    query = runner.invoke(cli, ["query", "--url", native_triton.grpc_url, "--model", native_triton.medusa_model,
-                                "--prompt", prompts[0], "--max-tokens", str(NEW_TOKENS), "--json"])
+    query = runner.invoke(
+        cli,
+        [
+            "query",
+            "--url",
+            native_triton.grpc_url,
+            "--model",
+            native_triton.medusa_model,
+            "--prompt",
+            prompts[0],
+            "--max-tokens",
+            str(NEW_TOKENS),
+            "--json",
+        ],
+    )
     assert query.exit_code == 0, query.output
     got = json.loads(query.output)
     assert (got["text"], got["output_tokens"]) == (expected["text"], expected["tokens"])
-    streamed = runner.invoke(cli, ["query", "--url", native_triton.grpc_url, "--model", native_triton.medusa_model,
-                                   "--prompt", prompts[0], "--max-tokens", str(NEW_TOKENS), "--stream"])
+    streamed = runner.invoke(
+        cli,
+        [
+            "query",
+            "--url",
+            native_triton.grpc_url,
+            "--model",
+            native_triton.medusa_model,
+            "--prompt",
+            prompts[0],
+            "--max-tokens",
+            str(NEW_TOKENS),
+            "--stream",
+        ],
+    )
     assert streamed.exit_code == 0, streamed.output
     assert streamed.output == expected["text"] + "\n"
-
-
 
 
 PROMPT = np.array([[b"def add(a, b):"]], dtype=np.object_)
@@ -118,20 +158,41 @@ FOUR = np.array([[4]], dtype=np.int32)
 BAD_REQUESTS = [
     ("missing text_input", dict(max_tokens=FOUR), "missing required input(s) ['text_input']"),
     ("missing max_tokens", dict(text_input=PROMPT), "missing required input(s) ['max_tokens']"),
-    ("negative max_tokens", dict(text_input=PROMPT, max_tokens=np.array([[-3]], dtype=np.int32)),
-     "input 'max_tokens' must be >= 1, got -3"),
-    ("max_tokens as FP32", dict(text_input=PROMPT, max_tokens=np.array([[4.0]], dtype=np.float32)),
-     "inference input 'max_tokens' data-type is 'FP32', but model 'base' expects 'INT32'"),
-    ("empty prompt", dict(text_input=np.array([[b""]], dtype=np.object_), max_tokens=FOUR),
-     "input 'text_input' is an empty prompt; give at least one token of input"),
-    ("top_p above 1", dict(text_input=PROMPT, max_tokens=FOUR, top_p=np.array([[1.5]], dtype=np.float32)),
-     "input 'top_p' must be in [0, 1] (0: off), got 1.5"),
-    ("negative temperature", dict(text_input=PROMPT, max_tokens=FOUR, temperature=np.array([[-1.0]], dtype=np.float32)),
-     "input 'temperature' must be a finite number >= 0, got -1.0"),
-    ("beam_width 4", dict(text_input=PROMPT, max_tokens=FOUR, beam_width=np.array([[4]], dtype=np.int32)),
-     "input 'beam_width' must be 1 (the native engine decodes a single beam), got 4"),
-    ("prompt past the KV cache", dict(text_input=PROMPT, max_tokens=np.array([[5000]], dtype=np.int32)),
-     "exceeds the KV cache of 2048 tokens"),
+    (
+        "negative max_tokens",
+        dict(text_input=PROMPT, max_tokens=np.array([[-3]], dtype=np.int32)),
+        "input 'max_tokens' must be >= 1, got -3",
+    ),
+    (
+        "max_tokens as FP32",
+        dict(text_input=PROMPT, max_tokens=np.array([[4.0]], dtype=np.float32)),
+        "inference input 'max_tokens' data-type is 'FP32', but model 'base' expects 'INT32'",
+    ),
+    (
+        "empty prompt",
+        dict(text_input=np.array([[b""]], dtype=np.object_), max_tokens=FOUR),
+        "input 'text_input' is an empty prompt; give at least one token of input",
+    ),
+    (
+        "top_p above 1",
+        dict(text_input=PROMPT, max_tokens=FOUR, top_p=np.array([[1.5]], dtype=np.float32)),
+        "input 'top_p' must be in [0, 1] (0: off), got 1.5",
+    ),
+    (
+        "negative temperature",
+        dict(text_input=PROMPT, max_tokens=FOUR, temperature=np.array([[-1.0]], dtype=np.float32)),
+        "input 'temperature' must be a finite number >= 0, got -1.0",
+    ),
+    (
+        "beam_width 4",
+        dict(text_input=PROMPT, max_tokens=FOUR, beam_width=np.array([[4]], dtype=np.int32)),
+        "input 'beam_width' must be 1 (the native engine decodes a single beam), got 4",
+    ),
+    (
+        "prompt past the KV cache",
+        dict(text_input=PROMPT, max_tokens=np.array([[5000]], dtype=np.int32)),
+        "exceeds the KV cache of 2048 tokens",
+    ),
 ]
 
 
@@ -200,8 +261,11 @@ def test_requests_stop_at_the_models_timeout(native_triton):
     from medusa_forge.serve.native_service import NativeModelSettings, NativeService, RequestTimedOut
     from medusa_forge.serve.request import RowRequest
 
-    service = NativeService(NativeModelSettings(engine_dir=str(native_triton.engine_dir), use_medusa="false",
-                                                warmup_tokens="0", request_timeout_s="0.2"))
+    service = NativeService(
+        NativeModelSettings(
+            engine_dir=str(native_triton.engine_dir), use_medusa="false", warmup_tokens="0", request_timeout_s="0.2"
+        )
+    )
     row = RowRequest("def main():", GenerationConfig(max_new_tokens=1000, use_medusa=False, ignore_eos=True), False)
     t0 = time.perf_counter()
     with pytest.raises(RequestTimedOut, match=r"request exceeded the model's timeout of 0.2 s after \d+ tokens"):

@@ -47,18 +47,41 @@ from medusa_forge.tree.choice_tree import ChoiceTree
 # name), except enable_trt_overlap (deprecated; commented out in the template) and worker_path (the
 # deprecated spelling of executor_worker_path).
 TRTLLM_BACKEND_READS = {
-    "max_beam_width", "gpt_model_type", "gpt_model_path", "encoder_model_path", "max_tokens_in_paged_kv_cache",
-    "max_attention_window_size", "sink_token_length", "batch_scheduler_policy", "kv_cache_free_gpu_mem_fraction",
-    "kv_cache_host_memory_bytes", "kv_cache_onboard_blocks", "exclude_input_in_output", "cancellation_check_period_ms",
-    "stats_check_period_ms", "iter_stats_max_iterations", "request_stats_max_iterations", "enable_kv_cache_reuse",
-    "normalize_log_probs", "enable_chunked_context", "gpu_device_ids", "lora_cache_optimal_adapter_size",
-    "lora_cache_max_adapter_size", "lora_cache_gpu_memory_fraction", "lora_cache_host_memory_bytes", "decoding_mode",
-    "executor_worker_path", "medusa_choices", "gpu_weights_percent"}
+    "max_beam_width",
+    "gpt_model_type",
+    "gpt_model_path",
+    "encoder_model_path",
+    "max_tokens_in_paged_kv_cache",
+    "max_attention_window_size",
+    "sink_token_length",
+    "batch_scheduler_policy",
+    "kv_cache_free_gpu_mem_fraction",
+    "kv_cache_host_memory_bytes",
+    "kv_cache_onboard_blocks",
+    "exclude_input_in_output",
+    "cancellation_check_period_ms",
+    "stats_check_period_ms",
+    "iter_stats_max_iterations",
+    "request_stats_max_iterations",
+    "enable_kv_cache_reuse",
+    "normalize_log_probs",
+    "enable_chunked_context",
+    "gpu_device_ids",
+    "lora_cache_optimal_adapter_size",
+    "lora_cache_max_adapter_size",
+    "lora_cache_gpu_memory_fraction",
+    "lora_cache_host_memory_bytes",
+    "decoding_mode",
+    "executor_worker_path",
+    "medusa_choices",
+    "gpu_weights_percent",
+}
 # What the Python models read from model_config['parameters'] (their 1/model.py at v0.11.0).
-PYTHON_MODEL_READS = {"preprocessing": {"tokenizer_dir", "add_special_tokens"},
-                      "postprocessing": {"tokenizer_dir", "skip_special_tokens"},
-                      "tensorrt_llm_bls": {"accumulate_tokens", "tensorrt_llm_model_name",
-                                           "tensorrt_llm_draft_model_name"}}
+PYTHON_MODEL_READS = {
+    "preprocessing": {"tokenizer_dir", "add_special_tokens"},
+    "postprocessing": {"tokenizer_dir", "skip_special_tokens"},
+    "tensorrt_llm_bls": {"accumulate_tokens", "tensorrt_llm_model_name", "tensorrt_llm_draft_model_name"},
+}
 SMALL = [[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 0, 0, 0]]  # the `small` tree, as the manifest stores it
 
 STAND_IN = """#!/usr/bin/env python3
@@ -86,18 +109,53 @@ def engines(model_dir, heads_dir, tmp_path_factory) -> dict[str, Path]:
     exe.parent.mkdir()
     exe.write_text(STAND_IN)
     exe.chmod(exe.stat().st_mode | stat.S_IEXEC)
-    run(["convert", "trtllm", "--model", model_dir, "--medusa", heads_dir, "--out", root / "ckpt-medusa",
-         "--dtype", "float16", "--max-draft-len", "7", "--trtllm-version", "0.11"])
-    run(["build", "trtllm", "--checkpoint-dir", root / "ckpt-medusa", "--out", root / "engine-medusa",
-         "--medusa-choices", "small", "--max-batch-size", "8", "--trtllm-build", exe])
+    run(
+        [
+            "convert",
+            "trtllm",
+            "--model",
+            model_dir,
+            "--medusa",
+            heads_dir,
+            "--out",
+            root / "ckpt-medusa",
+            "--dtype",
+            "float16",
+            "--max-draft-len",
+            "7",
+            "--trtllm-version",
+            "0.11",
+        ]
+    )
+    run(
+        [
+            "build",
+            "trtllm",
+            "--checkpoint-dir",
+            root / "ckpt-medusa",
+            "--out",
+            root / "engine-medusa",
+            "--medusa-choices",
+            "small",
+            "--max-batch-size",
+            "8",
+            "--trtllm-build",
+            exe,
+        ]
+    )
     # A base engine (TensorRT-LLM's own examples/llama convert + trtllm-build; `convert trtllm` only
     # writes Medusa checkpoints): what that build leaves, with the manifest naming its tokenizer.
     base = root / "engine-base"
     base.mkdir()
     (base / "config.json").write_text(json.dumps({"version": "0.11.0"}))
     (base / "rank0.engine").write_bytes(b"engine")
-    EngineManifest(kind="tensorrt_llm", dtype="float16", medusa_choices=None, max_batch_size=8,
-                   sources={"tokenizer": str(model_dir)}).save(base)
+    EngineManifest(
+        kind="tensorrt_llm",
+        dtype="float16",
+        medusa_choices=None,
+        max_batch_size=8,
+        sources={"tokenizer": str(model_dir)},
+    ).save(base)
     return {"medusa": root / "engine-medusa", "base": root / "engine-base", "root": root}
 
 
@@ -117,9 +175,14 @@ def checkout(tmp_path_factory) -> Path:
     return root
 
 
-FLAGS = {"--max-batch-size": "4", "--instances": "2", "--kv-cache-free-gpu-mem-fraction": "0.5",
-         "--batching-strategy": "inflight_fused_batching", "--batch-scheduler-policy": "max_utilization",
-         "--max-queue-delay-microseconds": "100"}
+FLAGS = {
+    "--max-batch-size": "4",
+    "--instances": "2",
+    "--kv-cache-free-gpu-mem-fraction": "0.5",
+    "--batching-strategy": "inflight_fused_batching",
+    "--batch-scheduler-policy": "max_utilization",
+    "--max-queue-delay-microseconds": "100",
+}
 
 
 @pytest.fixture(scope="module")
@@ -127,10 +190,39 @@ def repo(engines, checkout, model_dir) -> Path:
     """The Medusa engine as `ensemble` (decoupled) plus the base engine added as `base`."""
     out = engines["root"] / "repo"
     flags = [x for kv in FLAGS.items() for x in kv]
-    run(["triton-repo", "--model", engines["medusa"], "--out", out, "--tensorrtllm-backend", checkout,
-         "--tokenizer-dir", model_dir, "--decoupled", *flags])
-    run(["triton-repo", "--model", engines["base"], "--out", out, "--name", "base", "--tensorrtllm-backend", checkout,
-         "--tokenizer-dir", model_dir, "--decoupled", "--add", *flags])
+    run(
+        [
+            "triton-repo",
+            "--model",
+            engines["medusa"],
+            "--out",
+            out,
+            "--tensorrtllm-backend",
+            checkout,
+            "--tokenizer-dir",
+            model_dir,
+            "--decoupled",
+            *flags,
+        ]
+    )
+    run(
+        [
+            "triton-repo",
+            "--model",
+            engines["base"],
+            "--out",
+            out,
+            "--name",
+            "base",
+            "--tensorrtllm-backend",
+            checkout,
+            "--tokenizer-dir",
+            model_dir,
+            "--decoupled",
+            "--add",
+            *flags,
+        ]
+    )
     return out
 
 
@@ -153,7 +245,7 @@ def fill_values(template_text: str, output: str) -> dict[str, str]:
     pattern, seen = [], set()
     pos = 0
     for m in re.finditer(r"\$\{(\w+)\}", template_text):
-        pattern.append(re.escape(template_text[pos:m.start()]))
+        pattern.append(re.escape(template_text[pos : m.start()]))
         name = m.group(1)
         quoted = template_text[m.start() - 1] == '"'
         value = QUOTED_VALUE if quoted else BARE_VALUE
@@ -210,8 +302,13 @@ def csv_str_to_vec_vec_int(s: str) -> list[list[int]]:
 
 
 # ---------------------------------------------------------------- tests
-EXPECTED_DIRS = {"ensemble": "ensemble", "preprocessing": "preprocessing", "postprocessing": "postprocessing",
-                 "tensorrt_llm": "tensorrt_llm", "tensorrt_llm_bls": "tensorrt_llm_bls"}
+EXPECTED_DIRS = {
+    "ensemble": "ensemble",
+    "preprocessing": "preprocessing",
+    "postprocessing": "postprocessing",
+    "tensorrt_llm": "tensorrt_llm",
+    "tensorrt_llm_bls": "tensorrt_llm_bls",
+}
 BASE_DIRS = {"ensemble": "base", "tensorrt_llm": "base_tensorrt_llm", "tensorrt_llm_bls": "base_tensorrt_llm_bls"}
 
 
@@ -274,8 +371,11 @@ def test_first_engine_configs_are_the_upstream_templates_filled(repo, engines, m
 
 def test_an_added_base_engine_gets_its_own_llm_and_bls_models_and_shares_the_tokenizer_models(repo, engines):
     ens = parse((repo / "base" / "config.pbtxt").read_text())
-    assert [s.model_name for s in ens.ensemble_scheduling.step] == ["preprocessing", "base_tensorrt_llm",
-                                                                   "postprocessing"]
+    assert [s.model_name for s in ens.ensemble_scheduling.step] == [
+        "preprocessing",
+        "base_tensorrt_llm",
+        "postprocessing",
+    ]
     llm = params(parse((repo / "base_tensorrt_llm" / "config.pbtxt").read_text()))
     assert llm["gpt_model_path"] == "../engine-base"
     assert llm["decoding_mode"] == "top_k_top_p" and llm["medusa_choices"] == ""  # a base engine: no tree
@@ -315,8 +415,19 @@ def test_the_repository_record_is_what_the_files_say(repo, engines):
 
 def test_a_batch_size_above_the_engines_is_refused(engines, checkout, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
-        main(["triton-repo", "--model", str(engines["medusa"]), "--out", str(tmp_path / "r"), "--tensorrtllm-backend",
-              str(checkout), "--max-batch-size", "16"])
+        main(
+            [
+                "triton-repo",
+                "--model",
+                str(engines["medusa"]),
+                "--out",
+                str(tmp_path / "r"),
+                "--tensorrtllm-backend",
+                str(checkout),
+                "--max-batch-size",
+                "16",
+            ]
+        )
     assert exc.value.code == 2
     assert "--max-batch-size 16 exceeds the engine's max_batch_size 8" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()

@@ -40,17 +40,54 @@ def site(model_dir, heads_dir, tmp_path_factory) -> Path:
     exe.parent.mkdir(parents=True)
     exe.write_text(STAND_IN)
     exe.chmod(exe.stat().st_mode | stat.S_IEXEC)
-    run(["convert", "trtllm", "--model", model_dir, "--medusa", heads_dir, "--out", root / "ckpt",
-         "--dtype", "bfloat16", "--medusa-choices", "small"])
-    run(["build", "trtllm", "--checkpoint-dir", root / "ckpt", "--out", root / "engine", "--medusa-choices", "small",
-         "--max-batch-size", "4", "--trtllm-build", exe])
+    run(
+        [
+            "convert",
+            "trtllm",
+            "--model",
+            model_dir,
+            "--medusa",
+            heads_dir,
+            "--out",
+            root / "ckpt",
+            "--dtype",
+            "bfloat16",
+            "--medusa-choices",
+            "small",
+        ]
+    )
+    run(
+        [
+            "build",
+            "trtllm",
+            "--checkpoint-dir",
+            root / "ckpt",
+            "--out",
+            root / "engine",
+            "--medusa-choices",
+            "small",
+            "--max-batch-size",
+            "4",
+            "--trtllm-build",
+            exe,
+        ]
+    )
     models = root / "TensorRT-LLM" / "triton_backend" / "all_models" / "inflight_batcher_llm"
     for model in MODELS:
         (models / model / "1").mkdir(parents=True)
         shutil.copyfile(V12.directory / model / "config.pbtxt", models / model / "config.pbtxt")
         (models / model / "1" / "model.py").write_text(f"# stand-in for TensorRT-LLM v1.2.1 {model}\n")
-    run(["triton-repo", "--model", root / "engine", "--out", root / "repo",
-         "--tensorrtllm-backend", root / "TensorRT-LLM"])
+    run(
+        [
+            "triton-repo",
+            "--model",
+            root / "engine",
+            "--out",
+            root / "repo",
+            "--tensorrtllm-backend",
+            root / "TensorRT-LLM",
+        ]
+    )
     return root
 
 
@@ -88,8 +125,11 @@ def test_the_1_2_templates_are_the_pinned_files():
 def test_a_repository_moved_with_its_engine_still_finds_engine_and_tokenizer(site, tmp_path):
     moved = tmp_path / "elsewhere" / "mount"
     shutil.copytree(site, moved, symlinks=True)
-    for model, key in (("tensorrt_llm", "gpt_model_path"), ("preprocessing", "tokenizer_dir"),
-                       ("postprocessing", "tokenizer_dir")):
+    for model, key in (
+        ("tensorrt_llm", "gpt_model_path"),
+        ("preprocessing", "tokenizer_dir"),
+        ("postprocessing", "tokenizer_dir"),
+    ):
         value = params(parse((moved / "repo" / model / "config.pbtxt").read_text()))[key]
         assert not Path(value).is_absolute()
         target = (moved / "repo" / value).resolve()  # tritonserver resolves it from its cwd: the repository
@@ -103,8 +143,17 @@ def test_a_0_11_checkout_is_refused_for_a_1_2_engine(site, tmp_path, capsys):
         (old / model / "1").mkdir(parents=True)
         shutil.copyfile(TEMPLATE_SETS["0.11"].directory / model / "config.pbtxt", old / model / "config.pbtxt")
     with pytest.raises(SystemExit) as exc:
-        main(["triton-repo", "--model", str(site / "engine"), "--out", str(tmp_path / "r"),
-              "--tensorrtllm-backend", str(old)])
+        main(
+            [
+                "triton-repo",
+                "--model",
+                str(site / "engine"),
+                "--out",
+                str(tmp_path / "r"),
+                "--tensorrtllm-backend",
+                str(old),
+            ]
+        )
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "not TensorRT-LLM v1.2.1's" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "r").exists()
@@ -121,7 +170,18 @@ def test_tritonserver_runs_in_the_repository_so_relative_paths_resolve(tmp_path)
 def test_a_1_2_engine_takes_only_inflight_fused_batching(site, tmp_path, capsys):
     """1.x's tensorrtllm backend dropped static batching (gpt_model_type V1, NVIDIA/TensorRT-LLM PR #5562)."""
     with pytest.raises(SystemExit) as exc:
-        main(["triton-repo", "--model", str(site / "engine"), "--out", str(tmp_path / "r"),
-              "--tensorrtllm-backend", str(site / "TensorRT-LLM"), "--batching-strategy", "V1"])
+        main(
+            [
+                "triton-repo",
+                "--model",
+                str(site / "engine"),
+                "--out",
+                str(tmp_path / "r"),
+                "--tensorrtllm-backend",
+                str(site / "TensorRT-LLM"),
+                "--batching-strategy",
+                "V1",
+            ]
+        )
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "TensorRT-LLM v1.2.1 takes inflight_fused_batching" in err

@@ -43,26 +43,48 @@ def _tensor(name: str, array: np.ndarray) -> grpcclient.InferInput:
     return t
 
 
-def e2e_inputs(prompt: str, output_len: int, streaming: bool, beam_width: int = 1, temperature: float = 1.0,
-               repetition_penalty=None, presence_penalty=None, frequency_penalty=None, stop_words=(), bad_words=(),
-               bias_words=None, bias_weights=None, return_context_logits=False, return_generation_logits=False,
-               end_id=None, pad_id=None) -> list:
+def e2e_inputs(
+    prompt: str,
+    output_len: int,
+    streaming: bool,
+    beam_width: int = 1,
+    temperature: float = 1.0,
+    repetition_penalty=None,
+    presence_penalty=None,
+    frequency_penalty=None,
+    stop_words=(),
+    bad_words=(),
+    bias_words=None,
+    bias_weights=None,
+    return_context_logits=False,
+    return_generation_logits=False,
+    end_id=None,
+    pad_id=None,
+) -> list:
     """The tensors end_to_end_grpc_client.py's run_inference sends, in its order."""
     text = np.array([[prompt]]).astype(object)
-    inputs = [_tensor("text_input", text), _tensor("max_tokens", np.ones_like(text).astype(np.int32) * output_len),
-              _tensor("stream", np.array([[streaming]], dtype=bool)),
-              _tensor("beam_width", np.array([[beam_width]], dtype=np.int32)),
-              _tensor("temperature", np.array([[temperature]], dtype=np.float32))]
+    inputs = [
+        _tensor("text_input", text),
+        _tensor("max_tokens", np.ones_like(text).astype(np.int32) * output_len),
+        _tensor("stream", np.array([[streaming]], dtype=bool)),
+        _tensor("beam_width", np.array([[beam_width]], dtype=np.int32)),
+        _tensor("temperature", np.array([[temperature]], dtype=np.float32)),
+    ]
     if bad_words:
         inputs.append(_tensor("bad_words", np.array([list(bad_words)], dtype=object)))
     if stop_words:
         inputs.append(_tensor("stop_words", np.array([list(stop_words)], dtype=object)))
-    for name, value in (("repetition_penalty", repetition_penalty), ("presence_penalty", presence_penalty),
-                        ("frequency_penalty", frequency_penalty)):
+    for name, value in (
+        ("repetition_penalty", repetition_penalty),
+        ("presence_penalty", presence_penalty),
+        ("frequency_penalty", frequency_penalty),
+    ):
         if value is not None:
             inputs.append(_tensor(name, np.array([[value]], dtype=np.float32)))
-    for name, flag in (("return_context_logits", return_context_logits),
-                       ("return_generation_logits", return_generation_logits)):
+    for name, flag in (
+        ("return_context_logits", return_context_logits),
+        ("return_generation_logits", return_generation_logits),
+    ):
         if flag:
             inputs.append(_tensor(name, np.array([[flag]], dtype=bool)))
     if bias_words is not None and bias_weights is not None:
@@ -127,29 +149,60 @@ def word_ids(engine, words) -> tuple[tuple[int, ...], ...]:
     return tuple(tuple(engine.tokenizer.hf.encode(w, add_special_tokens=False)) for w in words)
 
 
-EVERY_OPTION = dict(temperature=0.0, repetition_penalty=1.3, presence_penalty=0.4, frequency_penalty=0.2,
-                    stop_words=["\n\n\n"], bad_words=["return", " n"], bias_words=["(", " if"], bias_weights=[-4.0, 1.5],
-                    return_context_logits=True, return_generation_logits=True, end_id=2, pad_id=2)
+EVERY_OPTION = dict(
+    temperature=0.0,
+    repetition_penalty=1.3,
+    presence_penalty=0.4,
+    frequency_penalty=0.2,
+    stop_words=["\n\n\n"],
+    bad_words=["return", " n"],
+    bias_words=["(", " if"],
+    bias_weights=[-4.0, 1.5],
+    return_context_logits=True,
+    return_generation_logits=True,
+    end_id=2,
+    pad_id=2,
+)
 
 
 def expected(engine, options: dict, use_medusa: bool):
     """The in-process answer to the same options, settings made as the backend's preprocessing makes them."""
-    bias = tuple((t, w) for word, w in zip(options["bias_words"], options["bias_weights"])
-                 for t in engine.tokenizer.encode(word))
-    settings = LogitsSettings(options["repetition_penalty"], options["presence_penalty"], options["frequency_penalty"],
-                              0, bias, word_ids(engine, options["bad_words"]), (options["end_id"],))
-    return engine.generate(PROMPT, GenerationConfig(
-        max_new_tokens=NEW_TOKENS, use_medusa=use_medusa, logits_settings=settings, eos_token_ids=(options["end_id"],),
-        stop_words=word_ids(engine, options["stop_words"]), return_context_logits=True, return_generation_logits=True))
+    bias = tuple(
+        (t, w) for word, w in zip(options["bias_words"], options["bias_weights"]) for t in engine.tokenizer.encode(word)
+    )
+    settings = LogitsSettings(
+        options["repetition_penalty"],
+        options["presence_penalty"],
+        options["frequency_penalty"],
+        0,
+        bias,
+        word_ids(engine, options["bad_words"]),
+        (options["end_id"],),
+    )
+    return engine.generate(
+        PROMPT,
+        GenerationConfig(
+            max_new_tokens=NEW_TOKENS,
+            use_medusa=use_medusa,
+            logits_settings=settings,
+            eos_token_ids=(options["end_id"],),
+            stop_words=word_ids(engine, options["stop_words"]),
+            return_context_logits=True,
+            return_generation_logits=True,
+        ),
+    )
 
 
 @pytest.mark.parametrize("streaming", [False, True], ids=["unary", "streaming"])
-def test_the_end_to_end_client_with_its_defaults_gets_greedy_text_as_from_tensorrt_llm(native_triton, engine,
-                                                                                      streaming):
+def test_the_end_to_end_client_with_its_defaults_gets_greedy_text_as_from_tensorrt_llm(
+    native_triton, engine, streaming
+):
     """Temperature 1.0 with no top_k / top_p: greedy, as TensorRT-LLM 0.11 reads top_k = top_p = 0."""
     want = engine.generate(PROMPT, GenerationConfig(max_new_tokens=NEW_TOKENS)).text
     for model in (native_triton.medusa_model, native_triton.base_model):
-        text, results, errors = e2e_run(native_triton.grpc_url, model, e2e_inputs(PROMPT, NEW_TOKENS, streaming), streaming)
+        text, results, errors = e2e_run(
+            native_triton.grpc_url, model, e2e_inputs(PROMPT, NEW_TOKENS, streaming), streaming
+        )
         assert not errors and results and text == want
 
 
@@ -157,9 +210,12 @@ def test_the_end_to_end_client_with_its_defaults_gets_greedy_text_as_from_tensor
 def test_the_end_to_end_client_with_every_single_beam_option_gets_the_engines_answer(native_triton, engine, streaming):
     for model, medusa in ((native_triton.medusa_model, True), (native_triton.base_model, False)):
         want = expected(engine, EVERY_OPTION, medusa)
-        assert want.tokens != engine.generate(PROMPT, GenerationConfig(max_new_tokens=NEW_TOKENS)).tokens  # options bite
-        text, results, errors = e2e_run(native_triton.grpc_url, model,
-                                        e2e_inputs(PROMPT, NEW_TOKENS, streaming, **EVERY_OPTION), streaming)
+        assert (
+            want.tokens != engine.generate(PROMPT, GenerationConfig(max_new_tokens=NEW_TOKENS)).tokens
+        )  # options bite
+        text, results, errors = e2e_run(
+            native_triton.grpc_url, model, e2e_inputs(PROMPT, NEW_TOKENS, streaming, **EVERY_OPTION), streaming
+        )
         assert not errors and text == want.text, model
         for r in results:  # the client reads both from every response
             assert r.as_numpy("context_logits") is not None and r.as_numpy("generation_logits") is not None
@@ -174,18 +230,34 @@ def test_log_probs_and_min_length_over_the_ensemble(native_triton, engine):
     eos = 2
     extra = {"return_log_probs": np.array([[True]], dtype=bool), "min_length": np.array([[3]], dtype=np.int32)}
     # "</s>" is encoded with special tokens, as the preprocessing does: <s> gets the weight too; ban it.
-    inputs = e2e_inputs(PROMPT, NEW_TOKENS, False, temperature=0.0, bias_words=["</s>"], bias_weights=[40.0],
-                        bad_words=["<s>"], end_id=eos) + [_tensor(k, v) for k, v in extra.items()]
+    inputs = e2e_inputs(
+        PROMPT,
+        NEW_TOKENS,
+        False,
+        temperature=0.0,
+        bias_words=["</s>"],
+        bias_weights=[40.0],
+        bad_words=["<s>"],
+        end_id=eos,
+    ) + [_tensor(k, v) for k, v in extra.items()]
     for model, medusa in ((native_triton.medusa_model, True), (native_triton.base_model, False)):
         _, results, errors = e2e_run(native_triton.grpc_url, model, inputs, False)
         assert not errors
         tokens = results[-1].as_numpy("output_tokens")[0].tolist()
         assert len(tokens) == 4 and tokens[-1] == eos and eos not in tokens[:-1]  # held back for 3 tokens
         bias = tuple((t, 40.0) for t in engine.tokenizer.encode("</s>"))
-        want = engine.generate(PROMPT, GenerationConfig(
-            max_new_tokens=NEW_TOKENS, use_medusa=medusa, eos_token_ids=(eos,), return_log_probs=True,
-            logits_settings=LogitsSettings(min_length=3, embedding_bias=bias, bad_words=word_ids(engine, ["<s>"]),
-                                           end_ids=(eos,))))
+        want = engine.generate(
+            PROMPT,
+            GenerationConfig(
+                max_new_tokens=NEW_TOKENS,
+                use_medusa=medusa,
+                eos_token_ids=(eos,),
+                return_log_probs=True,
+                logits_settings=LogitsSettings(
+                    min_length=3, embedding_bias=bias, bad_words=word_ids(engine, ["<s>"]), end_ids=(eos,)
+                ),
+            ),
+        )
         out_lp, cum = results[-1].as_numpy("output_log_probs"), results[-1].as_numpy("cum_log_probs")
         assert out_lp.shape == (1, 1, 4) and cum.shape == (1, 1)
         np.testing.assert_allclose(out_lp[0, 0], want.log_probs, atol=1e-4)
@@ -197,21 +269,41 @@ def _with(name: str, array: np.ndarray) -> list:
 
 
 BAD = [
-    ("beam_width 4", e2e_inputs(PROMPT, 4, False, beam_width=4),
-     "input 'beam_width' must be 1 (the native engine decodes a single beam), got 4"),
-    ("bias words and weights of different lengths",
-     e2e_inputs(PROMPT, 4, False, bias_words=["a", "b"], bias_weights=[1.0]),
-     "inputs 'embedding_bias_words' (2 words) and 'embedding_bias_weights' (1 weights) must have the same length"),
-    ("beam_width as FP32", _with("beam_width", np.array([[1.0]], dtype=np.float32)),
-     "inference input 'beam_width' data-type is 'FP32', but model"),
-    ("temperature as FP64", _with("temperature", np.array([[0.0]], dtype=np.float64)),
-     "inference input 'temperature' data-type is 'FP64', but model"),
-    ("two penalties in one row", _with("repetition_penalty", np.array([[1.1, 1.2]], dtype=np.float32)),
-     "unexpected shape for input 'repetition_penalty'"),
-    ("a prompt table", _with("prompt_embedding_table", np.zeros((1, 2, 8), dtype=np.float16)),
-     "input 'prompt_embedding_table': prompt tuning (prompt_embedding_table / prompt_vocab_size) is not supported"),
-    ("a negative min_length", _with("min_length", np.array([[-1]], dtype=np.int32)),
-     "input 'min_length' must be >= 0, got -1"),
+    (
+        "beam_width 4",
+        e2e_inputs(PROMPT, 4, False, beam_width=4),
+        "input 'beam_width' must be 1 (the native engine decodes a single beam), got 4",
+    ),
+    (
+        "bias words and weights of different lengths",
+        e2e_inputs(PROMPT, 4, False, bias_words=["a", "b"], bias_weights=[1.0]),
+        "inputs 'embedding_bias_words' (2 words) and 'embedding_bias_weights' (1 weights) must have the same length",
+    ),
+    (
+        "beam_width as FP32",
+        _with("beam_width", np.array([[1.0]], dtype=np.float32)),
+        "inference input 'beam_width' data-type is 'FP32', but model",
+    ),
+    (
+        "temperature as FP64",
+        _with("temperature", np.array([[0.0]], dtype=np.float64)),
+        "inference input 'temperature' data-type is 'FP64', but model",
+    ),
+    (
+        "two penalties in one row",
+        _with("repetition_penalty", np.array([[1.1, 1.2]], dtype=np.float32)),
+        "unexpected shape for input 'repetition_penalty'",
+    ),
+    (
+        "a prompt table",
+        _with("prompt_embedding_table", np.zeros((1, 2, 8), dtype=np.float16)),
+        "input 'prompt_embedding_table': prompt tuning (prompt_embedding_table / prompt_vocab_size) is not supported",
+    ),
+    (
+        "a negative min_length",
+        _with("min_length", np.array([[-1]], dtype=np.int32)),
+        "input 'min_length' must be >= 0, got -1",
+    ),
 ]
 
 
@@ -226,12 +318,14 @@ def test_bad_values_get_invalid_arg_naming_the_input_and_the_next_request_is_ser
 
 
 @pytest.mark.parametrize("inputs,message", [b[1:] for b in BAD[:2]], ids=[b[0] for b in BAD[:2]])
-def test_over_the_clients_stream_the_error_names_the_input_and_the_next_request_is_served(native_triton, inputs,
-                                                                                          message):
+def test_over_the_clients_stream_the_error_names_the_input_and_the_next_request_is_served(
+    native_triton, inputs, message
+):
     _, results, errors = e2e_run(native_triton.grpc_url, native_triton.medusa_model, inputs, False)
     assert not results and len(errors) == 1 and message in errors[0].message()
-    text, _, errors = e2e_run(native_triton.grpc_url, native_triton.medusa_model,
-                              e2e_inputs(PROMPT, 4, False, temperature=0.0), False)
+    text, _, errors = e2e_run(
+        native_triton.grpc_url, native_triton.medusa_model, e2e_inputs(PROMPT, 4, False, temperature=0.0), False
+    )
     assert not errors and text
 
 
@@ -242,14 +336,17 @@ def test_the_end_to_end_client_calls_the_ensemble_by_its_default_name(unary_ense
 
 def test_requests_with_and_without_options_share_a_batch_and_get_their_serial_answers(unary_ensemble, engine):
     """Six clients at once on the batched ensemble: options are per request, in a shared batch."""
-    want = {True: expected(engine, EVERY_OPTION, True).text,
-            False: engine.generate(PROMPT, GenerationConfig(max_new_tokens=NEW_TOKENS)).text}
+    want = {
+        True: expected(engine, EVERY_OPTION, True).text,
+        False: engine.generate(PROMPT, GenerationConfig(max_new_tokens=NEW_TOKENS)).text,
+    }
     got: dict[int, tuple] = {}
 
     def client(i: int) -> None:
         options, streaming = (EVERY_OPTION if i % 2 == 0 else {"temperature": 0.0}), i % 3 == 0
-        got[i] = e2e_run(unary_ensemble, "ensemble_batched", e2e_inputs(PROMPT, NEW_TOKENS, streaming, **options),
-                         streaming)
+        got[i] = e2e_run(
+            unary_ensemble, "ensemble_batched", e2e_inputs(PROMPT, NEW_TOKENS, streaming, **options), streaming
+        )
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(6)]
     for t in threads:

@@ -17,11 +17,33 @@ from medusa_forge.bench.soak import RssProbe, _proc_children, rss_summary
 
 def test_short_soak_has_no_errors_sequential_answers_and_bounded_memory(native_triton, prompts_path, tmp_path):
     out = tmp_path / "soak"
-    cmd = [sys.executable, "-m", "medusa_forge.bench.soak", "--url", native_triton.grpc_url,
-           "--server-pid", str(native_triton.server.proc.pid), "--models",
-           f"{native_triton.medusa_model},{native_triton.base_model}", "--prompts", str(prompts_path),
-           "--num-prompts", "6", "--max-tokens", "8", "--clients", "16", "--duration", "15", "--warmup", "5",
-           "--rss-bound-mb", "64", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "medusa_forge.bench.soak",
+        "--url",
+        native_triton.grpc_url,
+        "--server-pid",
+        str(native_triton.server.proc.pid),
+        "--models",
+        f"{native_triton.medusa_model},{native_triton.base_model}",
+        "--prompts",
+        str(prompts_path),
+        "--num-prompts",
+        "6",
+        "--max-tokens",
+        "8",
+        "--clients",
+        "16",
+        "--duration",
+        "15",
+        "--warmup",
+        "5",
+        "--rss-bound-mb",
+        "64",
+        "--out",
+        str(out),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     doc = json.loads((out / "soak.json").read_text())

@@ -40,9 +40,16 @@ def test_the_ladder_runs_from_plain_decoding_to_the_whole_tree_and_maps_nodes_to
         assert all(ladder.paths[r[-1] - 1] == ladder.paths[r[-1] - 1][: len(r)] for r in ranks[1:])
 
 
-@pytest.mark.parametrize("rows, slots, want", [
-    (1, 1, 1.0 + 0.5), (3, 1, 2.0 + 0.5), (4, 2, 2.5 + 1.0), (12, 1, 2.5 + 8 * 0.5 + 0.5), (2, 4, 1.5 + 2.0),
-])
+@pytest.mark.parametrize(
+    "rows, slots, want",
+    [
+        (1, 1, 1.0 + 0.5),
+        (3, 1, 2.0 + 0.5),
+        (4, 2, 2.5 + 1.0),
+        (12, 1, 2.5 + 8 * 0.5 + 0.5),
+        (2, 4, 1.5 + 2.0),
+    ],
+)
 def test_the_cost_model_interpolates_between_measured_rows_and_extrapolates_past_them(rows, slots, want):
     cost = CostModel(rows=[1, 2, 4], seconds=[1.0, 1.5, 2.5], per_slot=0.5)
     assert cost.time(rows, slots) == pytest.approx(want)
@@ -70,14 +77,17 @@ FLAT = [1.0] * 12  # rows are free: the GEMMs read the weights once whatever the
 LINEAR = [float(r) for r in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)]  # compute bound
 
 
-@pytest.mark.parametrize("spec, seconds, accept, slots, want", [
-    ("auto", FLAT, 0.05, 1, 63),  # rows cost nothing: the whole tree
-    ("auto", LINEAR, 0.05, 8, 0),  # every row costs and drafts rarely land: plain decoding
-    ("auto", LINEAR, 0.9, 1, 0),  # all cost is per row: even likely drafts do not pay for theirs
-    ("fixed", LINEAR, 0.0, 32, 63),
-    ("off-above:4", FLAT, 0.5, 4, 63),
-    ("off-above:4", FLAT, 0.5, 5, 0),
-])
+@pytest.mark.parametrize(
+    "spec, seconds, accept, slots, want",
+    [
+        ("auto", FLAT, 0.05, 1, 63),  # rows cost nothing: the whole tree
+        ("auto", LINEAR, 0.05, 8, 0),  # every row costs and drafts rarely land: plain decoding
+        ("auto", LINEAR, 0.9, 1, 0),  # all cost is per row: even likely drafts do not pay for theirs
+        ("fixed", LINEAR, 0.0, 32, 63),
+        ("off-above:4", FLAT, 0.5, 4, 63),
+        ("off-above:4", FLAT, 0.5, 5, 0),
+    ],
+)
 def test_the_policy_picks_the_tree_with_the_most_tokens_per_second(spec, seconds, accept, slots, want):
     assert policy(spec, seconds, accept).choose(slots, 0, 0) == want
 
@@ -98,8 +108,9 @@ def test_accepted_steps_raise_a_nodes_estimate_and_rejected_ones_lower_it():
     assert after[1] > before[1] and after[2] < before[2] and after[3] == before[3]
 
 
-@pytest.mark.parametrize("spec, want", [("auto", ("auto", 0)), ("fixed", ("fixed", 0)),
-                                        ("off-above:8", ("off-above", 8))])
+@pytest.mark.parametrize(
+    "spec, want", [("auto", ("auto", 0)), ("fixed", ("fixed", 0)), ("off-above:8", ("off-above", 8))]
+)
 def test_speculation_specs_parse(spec, want):
     assert parse_speculation(spec) == want
 

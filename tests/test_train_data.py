@@ -45,10 +45,10 @@ def test_prompt_completion_trains_on_the_completion_only(tok, tmp_path):
     row = {"prompt": "import os\n", "completion": "import sys\nprint(sys.argv)\n"}
     (ex,) = load_examples(write_jsonl(tmp_path / "d.jsonl", [row]), tok, max_seq_len=64)
     p = tok.encode(row["prompt"])
-    assert ex.prompt_len == len(p) and ex.ids[:len(p)].tolist() == p
+    assert ex.prompt_len == len(p) and ex.ids[: len(p)].tolist() == p
     _, labels = collate([ex, ex], pad_id=2)
-    assert (labels[:, :len(p)] == IGNORE_INDEX).all()
-    assert labels[0, len(p):].tolist() == ex.ids[len(p):].tolist()
+    assert (labels[:, : len(p)] == IGNORE_INDEX).all()
+    assert labels[0, len(p) :].tolist() == ex.ids[len(p) :].tolist()
 
 
 def test_batches_are_right_padded_with_ignored_labels(tok, tmp_path):
@@ -66,12 +66,15 @@ def test_messages_need_a_chat_template(tok, tmp_path):
         load_examples(write_jsonl(tmp_path / "d.jsonl", rows), tok, max_seq_len=64)
 
 
-@pytest.mark.parametrize("rows, match", [
-    ([{"text": ""}, {"text": "   "}, {"prompt": "a", "completion": ""}], "no usable text"),
-    ([{"text": "x"}], "no usable text"),  # too short to have a token two places ahead
-    ([{"title": "no text field"}], "no usable field"),
-    (["just a string"], "JSON object"),
-])
+@pytest.mark.parametrize(
+    "rows, match",
+    [
+        ([{"text": ""}, {"text": "   "}, {"prompt": "a", "completion": ""}], "no usable text"),
+        ([{"text": "x"}], "no usable text"),  # too short to have a token two places ahead
+        ([{"title": "no text field"}], "no usable field"),
+        (["just a string"], "JSON object"),
+    ],
+)
 def test_file_without_usable_text_is_one_clear_error(tok, tmp_path, rows, match):
     with pytest.raises(ForgeError, match=match):
         load_examples(write_jsonl(tmp_path / "d.jsonl", rows), tok, max_seq_len=64)
@@ -110,9 +113,13 @@ def test_python_source_prompts_skip_held_out_files(tok, tmp_path):
     (root / "pkg" / "copy.py").write_text("# vendored copy of a held-out file\n" + body)
     (root / "pkg" / "train_me.py").write_text("# fine to train on\n" + body)
     held = tmp_path / "held.jsonl"
-    write_jsonl(held, [{"topic": "pkg", "source": "pkg/sub/held.py", "prompt": "# held out by path\n" + body[:200]},
-                       {"topic": "pkg", "source": "elsewhere/x.py",
-                        "prompt": "# vendored copy of a held-out file\n" + body[:150]}])
+    write_jsonl(
+        held,
+        [
+            {"topic": "pkg", "source": "pkg/sub/held.py", "prompt": "# held out by path\n" + body[:200]},
+            {"topic": "pkg", "source": "elsewhere/x.py", "prompt": "# vendored copy of a held-out file\n" + body[:150]},
+        ],
+    )
     held_out = HeldOut.from_file(held)
     files, excluded = list_source_files([root], held_out)
     assert excluded == 1 and [f.name for f in files] == ["copy.py", "train_me.py"]

@@ -48,6 +48,7 @@ class FasterDecodingResBlock(nn.Module):
 
 def fasterdecoding_medusa_head(K: int, L: int, H: int, V: int | None) -> nn.ModuleList:
     """The module whose ``state_dict()`` FasterDecoding saves (V=None: version-2 heads, no projection)."""
+
     def head() -> nn.Sequential:
         tail = [] if V is None else [nn.Linear(H, V, bias=False)]
         return nn.Sequential(*[FasterDecodingResBlock(H) for _ in range(L)], *tail)
@@ -76,31 +77,80 @@ def sha(path: Path) -> str:
 def inputs(tmp_path_factory, held_out_prompts) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("train_inputs")
     lines = inspect.getsource(textwrap).splitlines(keepends=True)
-    rows = [{"text": "".join(lines[i:i + 5])} for i in range(40, 90, 5)]  # 10 snippets of real code
+    rows = [{"text": "".join(lines[i : i + 5])} for i in range(40, 90, 5)]  # 10 snippets of real code
     write_jsonl(d / "data.jsonl", rows)
-    write_jsonl(d / "prompts.jsonl", [{"prompt": "import os\nimport sys\n\n\ndef main():\n"},
-                                      {"prompt": "class Point:\n    def __init__(self, x, y):\n"}])
+    write_jsonl(
+        d / "prompts.jsonl",
+        [
+            {"prompt": "import os\nimport sys\n\n\ndef main():\n"},
+            {"prompt": "class Point:\n    def __init__(self, x, y):\n"},
+        ],
+    )
     evals = [dict(r, prompt=r["prompt"][:160]) for r in held_out_prompts[:2]]
     write_jsonl(d / "eval.jsonl", evals)
     return {"dir": d, "data": d / "data.jsonl", "prompts": d / "prompts.jsonl", "eval": d / "eval.jsonl"}
 
 
 def train_args(model_dir: Path, inputs: dict, out: Path, *extra: str) -> list[str]:
-    return ["train-heads", "--model", str(model_dir), "--out", str(out), "--data", str(inputs["data"]),
-            "--self-distill", "--prompts", str(inputs["prompts"]), "--distill-new-tokens", "8",
-            "--num-heads", str(NUM_HEADS), "--num-layers", "1", "--epochs", str(EPOCHS), "--max-steps", str(STEPS),
-            "--lr", "1e-3",
-            "--max-seq-len", "40", "--batch-size", "2", "--val-fraction", "0.2", "--log-every", "1",
-            "--save-every", "100",
-            "--eval-every", "1000", "--eval-prompts", str(inputs["eval"]), "--eval-new-tokens", "6",
-            "--eval-acceptance", "1", "--eval-tree", "chain-2", "--device", "cpu", "--no-progress", *extra]
+    return [
+        "train-heads",
+        "--model",
+        str(model_dir),
+        "--out",
+        str(out),
+        "--data",
+        str(inputs["data"]),
+        "--self-distill",
+        "--prompts",
+        str(inputs["prompts"]),
+        "--distill-new-tokens",
+        "8",
+        "--num-heads",
+        str(NUM_HEADS),
+        "--num-layers",
+        "1",
+        "--epochs",
+        str(EPOCHS),
+        "--max-steps",
+        str(STEPS),
+        "--lr",
+        "1e-3",
+        "--max-seq-len",
+        "40",
+        "--batch-size",
+        "2",
+        "--val-fraction",
+        "0.2",
+        "--log-every",
+        "1",
+        "--save-every",
+        "100",
+        "--eval-every",
+        "1000",
+        "--eval-prompts",
+        str(inputs["eval"]),
+        "--eval-new-tokens",
+        "6",
+        "--eval-acceptance",
+        "1",
+        "--eval-tree",
+        "chain-2",
+        "--device",
+        "cpu",
+        "--no-progress",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
 def run(model_dir, inputs) -> dict:
     out = inputs["dir"] / "heads"
     assert cli(*train_args(model_dir, inputs, out)) == 0
-    return {"out": out, "ckpt": out.parent / "heads.ckpt", "report": json.loads((out / "train_report.json").read_text())}
+    return {
+        "out": out,
+        "ckpt": out.parent / "heads.ckpt",
+        "report": json.loads((out / "train_report.json").read_text()),
+    }
 
 
 def test_training_loss_falls(run):
@@ -187,8 +237,14 @@ def tiny_model(src: Path, dst: Path, hidden: int = 64) -> Path:
     """A real (random-weight) Llama checkpoint with another hidden size and pycoder's tokenizer."""
     dst.mkdir()
     conf = json.loads((src / "config.json").read_text())
-    conf.update(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1, num_attention_heads=2,
-                num_key_value_heads=1, head_dim=hidden // 2)
+    conf.update(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=hidden // 2,
+    )
     (dst / "config.json").write_text(json.dumps(conf))
     g = torch.Generator().manual_seed(0)
     shapes = expected_hf_shapes(ModelConfig.from_hf_dict(conf))
@@ -223,8 +279,21 @@ def test_out_of_range_head_count_is_refused_before_any_work(model_dir, inputs, t
 def test_data_without_usable_text_is_refused_and_writes_nothing(model_dir, tmp_path, capsys):
     data = write_jsonl(tmp_path / "empty.jsonl", [{"text": ""}, {"prompt": "x = 1", "completion": "  "}])
     out = tmp_path / "heads"
-    assert cli("train-heads", "--model", str(model_dir), "--out", str(out), "--data", str(data),
-               "--device", "cpu", "--no-progress") == 2
+    assert (
+        cli(
+            "train-heads",
+            "--model",
+            str(model_dir),
+            "--out",
+            str(out),
+            "--data",
+            str(data),
+            "--device",
+            "cpu",
+            "--no-progress",
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no usable text" in err[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.jsonl"]

@@ -19,7 +19,7 @@ from medusa_forge.train.loss import head_weights, medusa_loss, shifted_targets
 def reference_head_loss(logits: torch.Tensor, labels: torch.Tensor, i: int) -> torch.Tensor:
     """FasterDecoding's formula, verbatim in meaning: logits [K, B, T, V], labels [B, T]."""
     lg = logits[i, :, : -(2 + i)].reshape(-1, logits.shape[-1])
-    lb = labels[..., 2 + i:].reshape(-1)
+    lb = labels[..., 2 + i :].reshape(-1)
     return F.cross_entropy(lg, lb, ignore_index=IGNORE_INDEX)
 
 
@@ -36,7 +36,7 @@ def test_per_head_loss_equals_fasterdecoding_offsets(K):
     _, per_head, _, counts = medusa_loss(logits[:, sel], targets[:, sel], head_weights(K, 0.2, 0.8))
     for i in range(K):
         assert per_head[i].item() == pytest.approx(reference_head_loss(logits, labels, i).item(), rel=1e-5)
-        assert counts[i].item() == int((labels[:, 2 + i:] != IGNORE_INDEX).sum())
+        assert counts[i].item() == int((labels[:, 2 + i :] != IGNORE_INDEX).sum())
 
 
 def test_head_k_target_is_token_two_plus_k_ahead():
@@ -49,7 +49,7 @@ def test_head_k_target_is_token_two_plus_k_ahead():
 
 def test_weights_decay_like_axolotl():
     # axolotl: i = 1..K (i = 0 is the base lm_head) -> coefficient * decay ** i
-    assert head_weights(3, 0.2, 0.8) == pytest.approx([0.2 * 0.8, 0.2 * 0.8 ** 2, 0.2 * 0.8 ** 3])
+    assert head_weights(3, 0.2, 0.8) == pytest.approx([0.2 * 0.8, 0.2 * 0.8**2, 0.2 * 0.8**3])
 
 
 def test_total_is_weighted_sum_and_empty_head_adds_nothing():

@@ -63,9 +63,15 @@ def hf_generate(model, prompts: list[list[int]], max_new_tokens: int, compiled: 
 
     def run(ids: list[int]) -> list[int]:
         x = torch.tensor([ids], device=device)
-        out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=0, **kwargs)
-        return out[0, len(ids):].tolist()
+        out = model.generate(
+            x,
+            attention_mask=torch.ones_like(x),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+            **kwargs,
+        )
+        return out[0, len(ids) :].tolist()
 
     run(prompts[0])  # warm-up (compilation happens here)
     run(prompts[0])
@@ -85,8 +91,9 @@ class ReferenceMedusa:
         self.lm_head = model.get_output_embeddings().weight
 
     def _forward(self, ids, cache, positions, mask):
-        out = self.model.model(input_ids=ids, past_key_values=cache, position_ids=positions, attention_mask=mask,
-                               use_cache=True)
+        out = self.model.model(
+            input_ids=ids, past_key_values=cache, position_ids=positions, attention_mask=mask, use_cache=True
+        )
         hidden = out.last_hidden_state[0]
         logits = self.model.lm_head(hidden).float()
         medusa_logits = self.heads(hidden, self.lm_head).float()  # every node, as the reference does
@@ -94,8 +101,9 @@ class ReferenceMedusa:
 
     def _tree_mask(self, prefix: int, dtype) -> torch.Tensor:
         n = self.buffers.attn_mask.shape[0]
-        allowed = torch.cat([torch.ones(n, prefix, dtype=torch.bool, device=self.model.device),
-                             self.buffers.attn_mask], dim=1)
+        allowed = torch.cat(
+            [torch.ones(n, prefix, dtype=torch.bool, device=self.model.device), self.buffers.attn_mask], dim=1
+        )
         mask = torch.zeros(allowed.shape, dtype=dtype, device=self.model.device)
         return mask.masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
 
@@ -103,11 +111,14 @@ class ReferenceMedusa:
     def _move_kv(cache, select: torch.Tensor, start: int) -> None:
         """Copy the accepted entries to ``start..`` and crop (utils.update_inference_inputs)."""
         layers = getattr(cache, "layers", None)
-        pairs = [(layer.keys, layer.values) for layer in layers] if layers is not None else \
-            list(zip(cache.key_cache, cache.value_cache))
+        pairs = (
+            [(layer.keys, layer.values) for layer in layers]
+            if layers is not None
+            else list(zip(cache.key_cache, cache.value_cache))
+        )
         for k, v in pairs:
-            k[:, :, start:start + len(select)] = k[:, :, select]
-            v[:, :, start:start + len(select)] = v[:, :, select]
+            k[:, :, start : start + len(select)] = k[:, :, select]
+            v[:, :, start : start + len(select)] = v[:, :, select]
         keep = start + len(select)
         try:  # transformers < 5.2x: crop(final length)
             cache.crop(keep)
@@ -133,8 +144,9 @@ class ReferenceMedusa:
             cart = tree_tokens[b.retrieve_indices]
             # tree_decoding
             positions = (b.positions + seq_len)[None]
-            t_logits, t_medusa = self._forward(tree_tokens[None], cache, positions,
-                                               self._tree_mask(seq_len, self.model.dtype))
+            t_logits, t_medusa = self._forward(
+                tree_tokens[None], cache, positions, self._tree_mask(seq_len, self.model.dtype)
+            )
             logits_p, medusa_p = t_logits[b.retrieve_indices], t_medusa[:, b.retrieve_indices]
             # evaluate_posterior (greedy), with the reference's host-side accept length
             match = (cart[:, 1:] == logits_p[:, :-1].argmax(-1)) & b.retrieve_valid[:, 1:]
@@ -157,5 +169,10 @@ class ReferenceMedusa:
         t0 = time.perf_counter()
         outputs = [self.generate(ids, max_new_tokens)[0] for ids in prompts]
         _sync(self.model.device)
-        return PeerResult("reference_medusa_eager", sum(map(len, outputs)), time.perf_counter() - t0, outputs,
-                          "FasterDecoding medusa_generate algorithm, eager, transformers DynamicCache")
+        return PeerResult(
+            "reference_medusa_eager",
+            sum(map(len, outputs)),
+            time.perf_counter() - t0,
+            outputs,
+            "FasterDecoding medusa_generate algorithm, eager, transformers DynamicCache",
+        )

@@ -59,11 +59,17 @@ def truncate_prompt(engine: MedusaEngine, text: str, max_prompt_tokens: int) -> 
     if len(ids) <= max_prompt_tokens:
         return ids
     head = ids[:1] if engine.cfg.bos_token_id is not None and ids[0] == engine.cfg.bos_token_id else []
-    return head + ids[len(ids) - max_prompt_tokens + len(head):]
+    return head + ids[len(ids) - max_prompt_tokens + len(head) :]
 
 
-def bench_engine(engine: MedusaEngine, prompts: list[Prompt], max_new_tokens: int = 128,
-                 max_prompt_tokens: int = 512, warmup: int = 2, progress: bool = True) -> dict:
+def bench_engine(
+    engine: MedusaEngine,
+    prompts: list[Prompt],
+    max_new_tokens: int = 128,
+    max_prompt_tokens: int = 512,
+    warmup: int = 2,
+    progress: bool = True,
+) -> dict:
     """Run base and Medusa greedy decoding on every prompt; return per-topic and overall figures."""
     base_cfg = GenerationConfig(max_new_tokens=max_new_tokens, use_medusa=False, ignore_eos=True)
     med_cfg = GenerationConfig(max_new_tokens=max_new_tokens, use_medusa=True, ignore_eos=True)
@@ -112,13 +118,14 @@ def bench_engine(engine: MedusaEngine, prompts: list[Prompt], max_new_tokens: in
 
 def topic_table(result: dict) -> str:
     """Markdown table of a bench_engine result."""
-    lines = ["| topic | prompts | base tok/s | Medusa tok/s | speedup | tokens/step | identical |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| topic | prompts | base tok/s | Medusa tok/s | speedup | tokens/step | identical |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     rows = list(result["per_topic"].items()) + [("**all**", result["overall"])]
     for name, r in rows:
-        lines.append(f"| {name} | {r['prompts']} | {r['base_tokens_per_s']:.1f} | {r['medusa_tokens_per_s']:.1f} | "
-                     f"{r['speedup']:.2f}x | {r['mean_accepted']:.2f} | {r['identical']} |")
+        lines.append(
+            f"| {name} | {r['prompts']} | {r['base_tokens_per_s']:.1f} | {r['medusa_tokens_per_s']:.1f} | "
+            f"{r['speedup']:.2f}x | {r['mean_accepted']:.2f} | {r['identical']} |"
+        )
     return "\n".join(lines)
-
-
-

@@ -26,9 +26,13 @@ from medusa_forge.model.gemm_layout import rows_invariant
 def linear_shapes(cfg=LLAMA3_8B) -> dict[str, tuple[int, int]]:
     """(out_features N, in_features K) of each GEMM a decode step runs."""
     h, d = cfg.hidden_size, cfg.head_dim
-    return {"wqkv": ((cfg.num_heads + 2 * cfg.num_kv_heads) * d, h), "wo": (h, cfg.num_heads * d),
-            "w_gate_up": (2 * cfg.intermediate_size, h), "w_down": (h, cfg.intermediate_size),
-            "lm_head": (cfg.vocab_size, h)}
+    return {
+        "wqkv": ((cfg.num_heads + 2 * cfg.num_kv_heads) * d, h),
+        "wo": (h, cfg.num_heads * d),
+        "w_gate_up": (2 * cfg.intermediate_size, h),
+        "w_down": (h, cfg.intermediate_size),
+        "lm_head": (cfg.vocab_size, h),
+    }
 
 
 def graph_of(fn) -> torch.cuda.CUDAGraph:
@@ -60,11 +64,18 @@ def check_linear(n: int, k: int, rows: int, layout: str, bw_gb_s: float) -> dict
         g = graph_of(run(m))
         times[m] = time_graph(g.replay, lambda: None, iters=100)
     floor_ms = n * k * 2 / (bw_gb_s * 1e9) * 1e3
-    return {"layout": layout, "N": n, "K": k, "ms_m1": round(times[1], 4), f"ms_m{rows}": round(times[rows], 4),
-            "bw_eff_m1": round(floor_ms / times[1], 3), f"bw_eff_m{rows}": round(floor_ms / times[rows], 3),
-            "row0_invariant": bool(torch.equal(outs[1][0], outs[rows][0])),
-            # what the engine falls back to when neither layout is invariant (gemm_layout.RowPaddedLinear)
-            "row_padded_invariant": rows_invariant(w, (rows,), layout, padded=True)}
+    return {
+        "layout": layout,
+        "N": n,
+        "K": k,
+        "ms_m1": round(times[1], 4),
+        f"ms_m{rows}": round(times[rows], 4),
+        "bw_eff_m1": round(floor_ms / times[1], 3),
+        f"bw_eff_m{rows}": round(floor_ms / times[rows], 3),
+        "row0_invariant": bool(torch.equal(outs[1][0], outs[rows][0])),
+        # what the engine falls back to when neither layout is invariant (gemm_layout.RowPaddedLinear)
+        "row_padded_invariant": rows_invariant(w, (rows,), layout, padded=True),
+    }
 
 
 @click.command()

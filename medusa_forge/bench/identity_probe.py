@@ -42,14 +42,20 @@ class ProbeReport:
 
     def summary(self) -> dict:
         n = len(self.prompts)
-        return {"prompts": n,
-                "tokens_identical": sum(p.first_token_mismatch is None for p in self.prompts),
-                "kv_identical": sum(p.first_kv_mismatch is None for p in self.prompts),
-                "mean_accepted_per_step": round(sum(p.accepted_mean for p in self.prompts) / max(n, 1), 3)}
+        return {
+            "prompts": n,
+            "tokens_identical": sum(p.first_token_mismatch is None for p in self.prompts),
+            "kv_identical": sum(p.first_kv_mismatch is None for p in self.prompts),
+            "mean_accepted_per_step": round(sum(p.accepted_mean for p in self.prompts) / max(n, 1), 3),
+        }
 
     def to_dict(self) -> dict:
-        return {"summary": self.summary(), "layouts": self.layouts, "gemm_rows": self.gemm_rows,
-                "prompts": [asdict(p) for p in self.prompts]}
+        return {
+            "summary": self.summary(),
+            "layouts": self.layouts,
+            "gemm_rows": self.gemm_rows,
+            "prompts": [asdict(p) for p in self.prompts],
+        }
 
 
 @torch.inference_mode()
@@ -60,8 +66,9 @@ def base_decode(engine: MedusaEngine, ids: list[int], n: int) -> tuple[list[int]
 
 
 @torch.inference_mode()
-def oracle_tree_decode(engine: MedusaEngine, ids: list[int], truth: list[int], rng: random.Random
-                       ) -> tuple[list[int], dict[int, int], list[int]]:
+def oracle_tree_decode(
+    engine: MedusaEngine, ids: list[int], truth: list[int], rng: random.Random
+) -> tuple[list[int], dict[int, int], list[int]]:
     """Tree decoding whose heads propose ``truth`` along a random path; returns (tokens, slot -> tree
     row that produced the slot's K/V, accepted count per step)."""
     step = engine._step("greedy", GenerationConfig())
@@ -86,13 +93,13 @@ def oracle_tree_decode(engine: MedusaEngine, ids: list[int], truth: list[int], r
         for i in range(out[0]):
             rows[cur + i] = src[i] - cur
         accepted.append(out[0])
-        tokens.extend(out[1:1 + out[0]])
-    return tokens[:len(truth)], rows, accepted
+        tokens.extend(out[1 : 1 + out[0]])
+    return tokens[: len(truth)], rows, accepted
 
 
 def first_kv_mismatch(a: torch.Tensor, b: torch.Tensor, upto: int, rows: dict[int, int]) -> dict | None:
     """kv [layers, 2, 1, kv_heads, S, D]: the lowest slot < upto (then layer) whose entries differ."""
-    diff = (a[..., :upto, :] != b[..., :upto, :])  # [L, 2, 1, H, upto, D]
+    diff = a[..., :upto, :] != b[..., :upto, :]  # [L, 2, 1, H, upto, D]
     per_slot = diff.any(-1).any(3).any(2)  # [L, 2, upto]
     bad = per_slot.any(0).any(0).nonzero()
     if bad.numel() == 0:
@@ -112,7 +119,7 @@ def gemm_row_check(engine: MedusaEngine, rows: int) -> dict:
         w = mods[0][0].weight
         x = torch.randn(rows, w.shape[1], generator=g, device=w.device, dtype=torch.float32).to(w.dtype)
         eager_full = F.linear(x, w)
-        eager_bad = [i for i in range(rows) if not torch.equal(F.linear(x[i:i + 1], w)[0], eager_full[i])]
+        eager_bad = [i for i in range(rows) if not torch.equal(F.linear(x[i : i + 1], w)[0], eager_full[i])]
         one, full = torch.empty(1, w.shape[0], device=w.device, dtype=w.dtype), torch.empty_like(eager_full)
         xi = torch.empty(1, w.shape[1], device=w.device, dtype=w.dtype)
         g_one = capture(lambda: one.copy_(F.linear(xi, w)))
@@ -120,12 +127,17 @@ def gemm_row_check(engine: MedusaEngine, rows: int) -> dict:
         g_full.replay()
         graph_bad = []
         for i in range(rows):
-            xi.copy_(x[i:i + 1])
+            xi.copy_(x[i : i + 1])
             g_one.replay()
             if not torch.equal(one[0], full[i]):
                 graph_bad.append(i)
-        result[key] = {"shape": list(w.shape), "kn_layout": w.stride(0) == 1, "eager_rows_differing": eager_bad,
-                       "graph_rows_differing": graph_bad, "graph_equals_eager": bool(torch.equal(full, eager_full))}
+        result[key] = {
+            "shape": list(w.shape),
+            "kn_layout": w.stride(0) == 1,
+            "eager_rows_differing": eager_bad,
+            "graph_rows_differing": graph_bad,
+            "graph_equals_eager": bool(torch.equal(full, eager_full)),
+        }
     return result
 
 

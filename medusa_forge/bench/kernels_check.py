@@ -73,15 +73,26 @@ class Check:
         self.rows: list[dict] = []
         self.ok = True
 
-    def accuracy(self, name: str, T: int, got: torch.Tensor, ref: torch.Tensor, rtol: float, atol: float,
-                 required: bool = True) -> None:
+    def accuracy(
+        self, name: str, T: int, got: torch.Tensor, ref: torch.Tensor, rtol: float, atol: float, required: bool = True
+    ) -> None:
         """Passes when |got - ref| <= atol + rtol * |ref| everywhere (rtol 2**-7 is one bf16 ulp)."""
         diff, bound = (got.float() - ref.float()).abs(), atol + rtol * ref.float().abs()
         passed = bool(torch.isfinite(got.float()).all()) and bool((diff <= bound).all())
         if required:
             self.ok &= passed
-        self.rows.append(dict(section="accuracy", name=name, T=T, error=max_err(got, ref), rtol=rtol, atol=atol,
-                              ok=passed, required=required))
+        self.rows.append(
+            dict(
+                section="accuracy",
+                name=name,
+                T=T,
+                error=max_err(got, ref),
+                rtol=rtol,
+                atol=atol,
+                ok=passed,
+                required=required,
+            )
+        )
 
     def invariant(self, name: str, same: bool, detail: str = "", required: bool = True) -> None:
         if required:
@@ -89,8 +100,16 @@ class Check:
         self.rows.append(dict(section="invariance", name=name, ok=same, detail=detail, required=required))
 
     def timing(self, name: str, T: int, triton_us: float, torch_us: float) -> None:
-        self.rows.append(dict(section="timing", name=name, T=T, triton_us=round(triton_us, 2),
-                              torch_us=round(torch_us, 2), speedup=round(torch_us / triton_us, 2)))
+        self.rows.append(
+            dict(
+                section="timing",
+                name=name,
+                T=T,
+                triton_us=round(triton_us, 2),
+                torch_us=round(torch_us, 2),
+                speedup=round(torch_us / triton_us, 2),
+            )
+        )
 
 
 def inputs(sh: Shape, T: int, seed: int) -> dict[str, torch.Tensor]:
@@ -98,14 +117,28 @@ def inputs(sh: Shape, T: int, seed: int) -> dict[str, torch.Tensor]:
 
     def rnd(*shape, scale=1.0):
         return (torch.randn(*shape, generator=g, device="cuda") * scale).to(torch.bfloat16)
-    return dict(x=rnd(T, sh.hidden), delta=rnd(T, sh.hidden), w=1 + rnd(sh.hidden, scale=0.1),
-                qkv=rnd(1, T, (sh.heads + 2 * sh.kv_heads) * sh.head_dim), gate_up=rnd(T, 2 * sh.intermediate, scale=2.0),
-                q=rnd(T, sh.heads, sh.head_dim))
+
+    return dict(
+        x=rnd(T, sh.hidden),
+        delta=rnd(T, sh.hidden),
+        w=1 + rnd(sh.hidden, scale=0.1),
+        qkv=rnd(1, T, (sh.heads + 2 * sh.kv_heads) * sh.head_dim),
+        gate_up=rnd(T, 2 * sh.intermediate, scale=2.0),
+        q=rnd(T, sh.heads, sh.head_dim),
+    )
 
 
 def check_elementwise(chk: Check, sh: Shape, context: int) -> None:
-    cfg = ModelConfig(vocab_size=128256, hidden_size=sh.hidden, intermediate_size=sh.intermediate, num_layers=1,
-                      num_heads=sh.heads, num_kv_heads=sh.kv_heads, head_dim=sh.head_dim, rope_theta=500000.0)
+    cfg = ModelConfig(
+        vocab_size=128256,
+        hidden_size=sh.hidden,
+        intermediate_size=sh.intermediate,
+        num_layers=1,
+        num_heads=sh.heads,
+        num_kv_heads=sh.kv_heads,
+        head_dim=sh.head_dim,
+        rope_theta=500000.0,
+    )
     table = rope_cache(cfg, sh.cache).cuda()
     caches = [torch.zeros(1, sh.kv_heads, sh.cache, sh.head_dim, dtype=torch.bfloat16, device="cuda") for _ in range(4)]
     for T in (1, 64):
@@ -113,14 +146,22 @@ def check_elementwise(chk: Check, sh: Shape, context: int) -> None:
         slots = torch.arange(context, context + T, device="cuda")
         cos, sin = table[:, slots].to(torch.bfloat16)
         ops = {
-            "rms_norm": (lambda: K.rms_norm_triton(a["x"], a["w"], sh.eps), lambda: K.rms_norm_ref(a["x"], a["w"], sh.eps)),
-            "add_rms_norm": (lambda: K.add_rms_norm_triton(a["x"], a["delta"], a["w"], sh.eps),
-                             lambda: K.add_rms_norm_ref(a["x"], a["delta"], a["w"], sh.eps)),
+            "rms_norm": (
+                lambda: K.rms_norm_triton(a["x"], a["w"], sh.eps),
+                lambda: K.rms_norm_ref(a["x"], a["w"], sh.eps),
+            ),
+            "add_rms_norm": (
+                lambda: K.add_rms_norm_triton(a["x"], a["delta"], a["w"], sh.eps),
+                lambda: K.add_rms_norm_ref(a["x"], a["delta"], a["w"], sh.eps),
+            ),
             "rope_qkv_to_cache": (
-                lambda: K.rope_qkv_to_cache_triton(a["qkv"], cos, sin, caches[0], caches[1], slots,
-                                                   sh.heads, sh.kv_heads, sh.head_dim),
-                lambda: K.rope_qkv_to_cache_ref(a["qkv"], cos, sin, caches[2], caches[3], slots,
-                                                sh.heads, sh.kv_heads, sh.head_dim)),
+                lambda: K.rope_qkv_to_cache_triton(
+                    a["qkv"], cos, sin, caches[0], caches[1], slots, sh.heads, sh.kv_heads, sh.head_dim
+                ),
+                lambda: K.rope_qkv_to_cache_ref(
+                    a["qkv"], cos, sin, caches[2], caches[3], slots, sh.heads, sh.kv_heads, sh.head_dim
+                ),
+            ),
             "silu_mul": (lambda: K.silu_mul_triton(a["gate_up"]), lambda: K.silu_mul_ref(a["gate_up"])),
         }
         for name, (tri, ref) in ops.items():
@@ -129,7 +170,7 @@ def check_elementwise(chk: Check, sh: Shape, context: int) -> None:
                 chk.accuracy("add_rms_norm residual", T, got[1], want[1], 0.0, 0.0)
                 got, want = got[0], want[0]
             exact = name == "rope_qkv_to_cache"  # same rounding points, no reduction: bit-identical
-            chk.accuracy(name, T, got, want, 0.0 if exact else 2 ** -6, 0.0 if exact else 1e-6)
+            chk.accuracy(name, T, got, want, 0.0 if exact else 2**-6, 0.0 if exact else 1e-6)
             if exact:
                 chk.accuracy("rope k/v cache", T, torch.cat(caches[:2]), torch.cat(caches[2:]), 0.0, 0.0)
             chk.timing(name, T, time_us(tri), time_us(ref))
@@ -139,7 +180,9 @@ def check_elementwise(chk: Check, sh: Shape, context: int) -> None:
                 full = full[0] if isinstance(full, tuple) else full
                 rows = []
                 for i in range(T):
-                    one = {k: (v[:, i:i + 1] if k == "qkv" else v[i:i + 1]) if k != "w" else v for k, v in a.items()}
+                    one = {
+                        k: (v[:, i : i + 1] if k == "qkv" else v[i : i + 1]) if k != "w" else v for k, v in a.items()
+                    }
                     if name == "rms_norm":
                         r = K.rms_norm_triton(one["x"], a["w"], sh.eps)[0]
                     elif name == "add_rms_norm":
@@ -147,20 +190,34 @@ def check_elementwise(chk: Check, sh: Shape, context: int) -> None:
                     elif name == "silu_mul":
                         r = K.silu_mul_triton(one["gate_up"])[0]
                     else:
-                        r = K.rope_qkv_to_cache_triton(one["qkv"], cos[i:i + 1], sin[i:i + 1], caches[0], caches[1],
-                                                       slots[i:i + 1], sh.heads, sh.kv_heads, sh.head_dim)[0, 0]
+                        r = K.rope_qkv_to_cache_triton(
+                            one["qkv"],
+                            cos[i : i + 1],
+                            sin[i : i + 1],
+                            caches[0],
+                            caches[1],
+                            slots[i : i + 1],
+                            sh.heads,
+                            sh.kv_heads,
+                            sh.head_dim,
+                        )[0, 0]
                     rows.append(torch.equal(r, full[0, i] if name == "rope_qkv_to_cache" else full[i]))
                 chk.invariant(f"{name}: row alone == row in T=64", all(rows), f"{sum(rows)}/{T} rows")
 
 
 def check_attention(chk: Check, sh: Shape, context: int, tree: str) -> None:
     g = torch.Generator(device="cuda").manual_seed(7)
-    k, v = (torch.randn(sh.kv_heads, sh.cache, sh.head_dim, generator=g, device="cuda").to(torch.bfloat16) for _ in "kv")
+    k, v = (
+        torch.randn(sh.kv_heads, sh.cache, sh.head_dim, generator=g, device="cuda").to(torch.bfloat16) for _ in "kv"
+    )
     prefix = torch.tensor(context, device="cuda")
     mask = tree_buffers(ChoiceTree.parse(tree)).attn_mask.cuda()
     n = mask.shape[0]
-    for name, T, pre, tm in (("decode", 1, prefix, None), (f"tree {tree}", n, prefix, mask),
-                             ("prefill", context, torch.tensor(0, device="cuda"), None)):
+    for name, T, pre, tm in (
+        ("decode", 1, prefix, None),
+        (f"tree {tree}", n, prefix, mask),
+        ("prefill", context, torch.tensor(0, device="cuda"), None),
+    ):
         q = torch.randn(T, sh.heads, sh.head_dim, generator=g, device="cuda").to(torch.bfloat16)
         got = K.cache_attention_triton(q, k, v, pre, tm)
         full_mask = K.cache_mask(pre, tm, T, sh.cache)
@@ -169,18 +226,26 @@ def check_attention(chk: Check, sh: Shape, context: int, tree: str) -> None:
         # The bound: 2e-3 absolute, or 1.25x what torch's own bf16 SDPA gets wrong on the same input
         # (long prefills land on bf16 output rounding, which no bf16 kernel escapes).
         atol = max(2e-3, 1.25 * (sdpa.float() - want32).abs().max().item())
-        chk.accuracy(f"cache_attention {name} (vs fp32)", T, got, want32, 2 ** -6, atol)
-        chk.accuracy(f"  for scale: torch SDPA bf16 {name} (vs fp32)", T, sdpa, want32, 2 ** -6, atol, required=False)
+        chk.accuracy(f"cache_attention {name} (vs fp32)", T, got, want32, 2**-6, atol)
+        chk.accuracy(f"  for scale: torch SDPA bf16 {name} (vs fp32)", T, sdpa, want32, 2**-6, atol, required=False)
         if T <= 64:
-            chk.timing(f"cache_attention {name}", T, time_us(lambda: K.cache_attention_triton(q, k, v, pre, tm)),
-                       time_us(lambda: K.masked_attention(q[None], k[None], v[None], full_mask)))
+            chk.timing(
+                f"cache_attention {name}",
+                T,
+                time_us(lambda: K.cache_attention_triton(q, k, v, pre, tm)),
+                time_us(lambda: K.masked_attention(q[None], k[None], v[None], full_mask)),
+            )
         if name == "prefill":
             small = replace(K.DEFAULT_ATTENTION, max_scratch_bytes=16 << 20)
-            chk.invariant("attention: chunked prefill == one launch",
-                          torch.equal(K.cache_attention_triton(q, k, v, pre, None, small), got))
+            chk.invariant(
+                "attention: chunked prefill == one launch",
+                torch.equal(K.cache_attention_triton(q, k, v, pre, None, small), got),
+            )
         if tm is not None:
-            same = [torch.equal(K.cache_attention_triton(q[: i + 1], k, v, pre, tm[: i + 1, : i + 1])[i], got[i])
-                    for i in range(T)]
+            same = [
+                torch.equal(K.cache_attention_triton(q[: i + 1], k, v, pre, tm[: i + 1, : i + 1])[i], got[i])
+                for i in range(T)
+            ]
             chk.invariant(f"attention: row i of T={T} == row i of T=i+1", all(same), f"{sum(same)}/{T} rows")
             root = K.cache_attention_triton(q[:1], k, v, pre, None)
             chk.invariant("attention: causal T=1 decode == tree root row", torch.equal(root[0], got[0]))
@@ -189,10 +254,12 @@ def check_attention(chk: Check, sh: Shape, context: int, tree: str) -> None:
             q2[:i] = torch.randn_like(q2[:i], dtype=torch.float32).to(q.dtype)
             hidden = ~tm[i]
             for c in (k2, v2):
-                c[:, context:context + T][:, hidden] = 1e3
-                c[:, context + T:] = float("nan")
-            chk.invariant("attention: row unchanged by other rows and hidden slots",
-                          torch.equal(K.cache_attention_triton(q2, k2, v2, pre, tm)[i], got[i]))
+                c[:, context : context + T][:, hidden] = 1e3
+                c[:, context + T :] = float("nan")
+            chk.invariant(
+                "attention: row unchanged by other rows and hidden slots",
+                torch.equal(K.cache_attention_triton(q2, k2, v2, pre, tm)[i], got[i]),
+            )
 
 
 def check_gemm(chk: Check, sh: Shape) -> None:
@@ -201,9 +268,10 @@ def check_gemm(chk: Check, sh: Shape) -> None:
     w = (torch.randn(sh.intermediate * 2, sh.hidden, generator=g, device="cuda") * 0.02).to(torch.bfloat16)
     x = torch.randn(64, sh.hidden, generator=g, device="cuda").to(torch.bfloat16)
     full = F.linear(x, w)
-    same = [torch.equal(F.linear(x[i:i + 1], w)[0], full[i]) for i in range(64)]
-    chk.invariant("cuBLAS gate_up GEMM: row at M=1 == row at M=64 (diagnostic)", all(same), f"{sum(same)}/64 rows",
-                  required=False)
+    same = [torch.equal(F.linear(x[i : i + 1], w)[0], full[i]) for i in range(64)]
+    chk.invariant(
+        "cuBLAS gate_up GEMM: row at M=1 == row at M=64 (diagnostic)", all(same), f"{sum(same)}/64 rows", required=False
+    )
 
 
 SWEEP_SHAPES = {  # name -> (shape, committed tokens): the 8B shape and pycoder-26m's (a typical eval context)
@@ -223,11 +291,15 @@ def sweep(chk: Check, tree: str) -> None:
     g = torch.Generator(device="cuda").manual_seed(9)
     mask = tree_buffers(ChoiceTree.parse(tree)).attn_mask.cuda()
     for name, (sh, context) in SWEEP_SHAPES.items():
-        k, v = (torch.randn(sh.kv_heads, sh.cache, sh.head_dim, generator=g, device="cuda").to(torch.bfloat16)
-                for _ in "kv")
+        k, v = (
+            torch.randn(sh.kv_heads, sh.cache, sh.head_dim, generator=g, device="cuda").to(torch.bfloat16) for _ in "kv"
+        )
         prefix = torch.tensor(context, device="cuda")
-        configs = [K.AttentionConfig(split=split, block_m=block_m, block_n=64, num_warps=warps)
-                   for split in (64, 128) for block_m, warps in ((16, 4), (32, 4), (64, 4), (64, 8))]
+        configs = [
+            K.AttentionConfig(split=split, block_m=block_m, block_n=64, num_warps=warps)
+            for split in (64, 128)
+            for block_m, warps in ((16, 4), (32, 4), (64, 4), (64, 8))
+        ]
         configs += [K.AttentionConfig(split=256, block_m=block_m) for block_m in (16, 64)]
         configs += [K.AttentionConfig(block_n=32), K.AttentionConfig(block_n=128), K.AttentionConfig(num_warps=2)]
         configs += [K.AttentionConfig(early_v=True), K.AttentionConfig(early_v=True, block_m=64)]
@@ -240,9 +312,20 @@ def sweep(chk: Check, tree: str) -> None:
                 except Exception as e:  # noqa: BLE001
                     print(f"sweep {name} {cfg}: {type(e).__name__}: {str(e)[:200]}")
                     us = float("nan")
-                chk.rows.append(dict(section="sweep", shape=name, split=cfg.split, block_m=cfg.block_m,
-                                     block_n=cfg.block_n, warps=cfg.num_warps, combine_rows=cfg.combine_rows,
-                                     early_v=cfg.early_v, T=T, triton_us=round(us, 2)))
+                chk.rows.append(
+                    dict(
+                        section="sweep",
+                        shape=name,
+                        split=cfg.split,
+                        block_m=cfg.block_m,
+                        block_n=cfg.block_n,
+                        warps=cfg.num_warps,
+                        combine_rows=cfg.combine_rows,
+                        early_v=cfg.early_v,
+                        T=T,
+                        triton_us=round(us, 2),
+                    )
+                )
 
 
 def per_layer_us(chk: Check, T: int, key: str) -> float:
@@ -263,23 +346,31 @@ def report(chk: Check) -> str:
         for r in rows:
             tag = "ok " if r.get("ok", True) else ("BAD" if r.get("required", True) else "no ")
             if section == "accuracy":
-                out.append(f"  {tag} {r['name']:<48} T={r['T']:<5} max|err| {r['error']:<9} "
-                           f"(bound {r['atol']:g} + {r['rtol']:g}*|ref|)")
+                out.append(
+                    f"  {tag} {r['name']:<48} T={r['T']:<5} max|err| {r['error']:<9} "
+                    f"(bound {r['atol']:g} + {r['rtol']:g}*|ref|)"
+                )
             elif section == "invariance":
                 out.append(f"  {tag} {r['name']:<62} {r['detail']}")
             elif section == "timing":
-                out.append(f"  {r['name']:<34} T={r['T']:<4} triton {r['triton_us']:8.2f} us   "
-                           f"torch {r['torch_us']:8.2f} us   x{r['speedup']:.2f}")
+                out.append(
+                    f"  {r['name']:<34} T={r['T']:<4} triton {r['triton_us']:8.2f} us   "
+                    f"torch {r['torch_us']:8.2f} us   x{r['speedup']:.2f}"
+                )
             else:
-                out.append(f"  {r['shape']:<14} split {r['split']:<4} block_m {r['block_m']:<3} "
-                           f"block_n {r['block_n']:<3} warps {r['warps']:<2} "
-                           f"combine rows {r['combine_rows']:<2} {'early V ' if r['early_v'] else ''}"
-                           f"T={r['T']:<3} {r['triton_us']:8.2f} us")
+                out.append(
+                    f"  {r['shape']:<14} split {r['split']:<4} block_m {r['block_m']:<3} "
+                    f"block_n {r['block_n']:<3} warps {r['warps']:<2} "
+                    f"combine rows {r['combine_rows']:<2} {'early V ' if r['early_v'] else ''}"
+                    f"T={r['T']:<3} {r['triton_us']:8.2f} us"
+                )
     for T in sorted({r["T"] for r in chk.rows if r["section"] == "timing"}):
         tri, ref = per_layer_us(chk, T, "triton_us"), per_layer_us(chk, T, "torch_us")
         if math.isfinite(tri):
-            out.append(f"  T={T}: one layer's non-GEMM kernels {tri:.1f} us (torch {ref:.1f} us); x{LAYERS} layers "
-                       f"{tri * LAYERS / 1e3:.2f} ms (torch {ref * LAYERS / 1e3:.2f} ms)")
+            out.append(
+                f"  T={T}: one layer's non-GEMM kernels {tri:.1f} us (torch {ref:.1f} us); x{LAYERS} layers "
+                f"{tri * LAYERS / 1e3:.2f} ms (torch {ref * LAYERS / 1e3:.2f} ms)"
+            )
     out.append("\nALL CHECKS PASSED" if chk.ok else "\nSOME CHECKS FAILED")
     return "\n".join(out)
 
@@ -293,6 +384,7 @@ def main(context: int, tree: str, do_sweep: bool, json_path: Path | None) -> Non
     if not torch.cuda.is_available() or not K.HAVE_TRITON:
         raise click.ClickException("kernels_check needs CUDA and triton")
     import triton
+
     sh = Shape()
     chk = Check()
     with torch.inference_mode():
@@ -301,8 +393,10 @@ def main(context: int, tree: str, do_sweep: bool, json_path: Path | None) -> Non
         check_gemm(chk, sh)
         if do_sweep:
             sweep(chk, tree)
-    print(f"{torch.cuda.get_device_name()}  triton {triton.__version__}  torch {torch.__version__}  "
-          f"attention {K.attention_config(sh.heads // sh.kv_heads, sh.head_dim)}")
+    print(
+        f"{torch.cuda.get_device_name()}  triton {triton.__version__}  torch {torch.__version__}  "
+        f"attention {K.attention_config(sh.heads // sh.kv_heads, sh.head_dim)}"
+    )
     print(report(chk))
     if json_path is not None:
         json_path.write_text(json.dumps(dict(ok=chk.ok, rows=chk.rows), indent=1))

@@ -77,8 +77,11 @@ def step_weight_bytes(model: Transformer) -> int:
 
     Counted over the state dict so FP8 layers (weights held as buffers) count at one byte each.
     """
-    total = sum(t.numel() * t.element_size() for n, t in model.state_dict().items()
-                if not n.startswith("embed") and not n.endswith("weight_scale_row"))
+    total = sum(
+        t.numel() * t.element_size()
+        for n, t in model.state_dict().items()
+        if not n.startswith("embed") and not n.endswith("weight_scale_row")
+    )
     if model.config.tie_word_embeddings:
         total += model.embed.weight.numel() * model.embed.weight.element_size()
     return total
@@ -99,8 +102,15 @@ def time_graph(fn, reset, iters: int = 50) -> float:
     return times[len(times) // 2]
 
 
-def random_engine(cfg: ModelConfig | str, tree: str = "mc_sim_7b_63", num_heads: int = 5, max_seq_len: int = 2048,
-                  dtype=torch.bfloat16, compile: bool = False, fp8: bool = False):
+def random_engine(
+    cfg: ModelConfig | str,
+    tree: str = "mc_sim_7b_63",
+    num_heads: int = 5,
+    max_seq_len: int = 2048,
+    dtype=torch.bfloat16,
+    compile: bool = False,
+    fp8: bool = False,
+):
     """A CUDA engine with random weights at ``cfg``'s shape (or a HF model dir's real weights) and
     random shared-lm_head heads: what the step benchmarks time. ``fp8``: the block GEMMs as FP8
     tensor-core GEMMs (static activation scales), as an fp8 engine runs."""
@@ -138,8 +148,16 @@ def prefill_and_reset(engine, context: int):
     return reset
 
 
-def measure(cfg: ModelConfig = LLAMA3_8B, tree: str = "mc_sim_7b_63", num_heads: int = 5, context: int = 1024,
-            max_seq_len: int = 2048, dtype=torch.bfloat16, compile: bool = False, fp8: bool = False) -> StepTimes:
+def measure(
+    cfg: ModelConfig = LLAMA3_8B,
+    tree: str = "mc_sim_7b_63",
+    num_heads: int = 5,
+    context: int = 1024,
+    max_seq_len: int = 2048,
+    dtype=torch.bfloat16,
+    compile: bool = False,
+    fp8: bool = False,
+) -> StepTimes:
     from medusa_forge.engine.generation import GenerationConfig
 
     engine = random_engine(cfg, tree, num_heads, max_seq_len, dtype, compile, fp8)
@@ -154,9 +172,14 @@ def measure(cfg: ModelConfig = LLAMA3_8B, tree: str = "mc_sim_7b_63", num_heads:
     bw = copy_bandwidth_gb_s()
     nbytes = step_weight_bytes(model)
     result = StepTimes(
-        single_ms=time_graph(single, reset), tree_ms=time_graph(tree_step, reset),
-        heads_ms=time_graph(heads_graph.replay, lambda: None), floor_ms=nbytes / (bw * 1e9) * 1e3,
-        weight_gb=nbytes / 1e9, copy_gb_s=bw, tree_nodes=engine.tree.num_nodes)
+        single_ms=time_graph(single, reset),
+        tree_ms=time_graph(tree_step, reset),
+        heads_ms=time_graph(heads_graph.replay, lambda: None),
+        floor_ms=nbytes / (bw * 1e9) * 1e3,
+        weight_gb=nbytes / 1e9,
+        copy_gb_s=bw,
+        tree_nodes=engine.tree.num_nodes,
+    )
     del engine, model, heads, heads_graph
     torch.cuda.empty_cache()
     return result

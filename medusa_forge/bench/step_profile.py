@@ -37,12 +37,21 @@ def kernel_table(replay: Callable[[], None], reset: Callable[[], None] = lambda:
         rows.append({"name": e.key[:120], "count": round(e.count / iters, 2), "us": round(us / iters, 2)})
     rows.sort(key=lambda r: -r["us"])
     step_us = time_graph(replay, reset, iters) * 1e3
-    return {"step_us": round(step_us, 2), "kernel_us": round(sum(r["us"] for r in rows), 2),
-            "kernels_per_step": round(sum(r["count"] for r in rows), 1), "kernels": rows}
+    return {
+        "step_us": round(step_us, 2),
+        "kernel_us": round(sum(r["us"] for r in rows), 2),
+        "kernels_per_step": round(sum(r["count"] for r in rows), 1),
+        "kernels": rows,
+    }
 
 
 def format_table(name: str, table: dict, top: int = 20) -> str:
-    lines = [f"## {name}: {table['step_us']} us per replay, {table['kernels_per_step']} kernels, "
-             f"{table['kernel_us']} us inside kernels", "", "| us | count | kernel |", "|---:|---:|---|"]
+    lines = [
+        f"## {name}: {table['step_us']} us per replay, {table['kernels_per_step']} kernels, "
+        f"{table['kernel_us']} us inside kernels",
+        "",
+        "| us | count | kernel |",
+        "|---:|---:|---|",
+    ]
     lines += [f"| {r['us']} | {r['count']} | `{r['name']}` |" for r in table["kernels"][:top]]
     return "\n".join(lines)

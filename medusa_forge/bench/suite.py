@@ -76,9 +76,17 @@ def run_peer(fn, name: str, ids: list[list[int]], idx: list[int]) -> EngineRun:
     return run
 
 
-def suite(model_dir: str, medusa_dir: str, prompts: list[Prompt], trees: list[str], max_new_tokens: int = 128,
-          max_prompt_tokens: int = 512, peer_per_topic: int = 2, step_shape: bool = True,
-          hf_compile: bool = True) -> dict:
+def suite(
+    model_dir: str,
+    medusa_dir: str,
+    prompts: list[Prompt],
+    trees: list[str],
+    max_new_tokens: int = 128,
+    max_prompt_tokens: int = 512,
+    peer_per_topic: int = 2,
+    step_shape: bool = True,
+    hf_compile: bool = True,
+) -> dict:
     from medusa_forge.bench import baselines
 
     engine = load_engine(model_dir, medusa_dir, tree=trees[0])
@@ -103,33 +111,51 @@ def suite(model_dir: str, medusa_dir: str, prompts: list[Prompt], trees: list[st
     device, dtype = engine.device, engine.model.lm_head.weight.dtype
     hf = baselines.load_hf(model_dir, device, dtype)
     ref = baselines.ReferenceMedusa(hf, engine.heads, ChoiceTree.parse(trees[0]))
-    runs["reference_medusa_eager"] = run_peer(lambda x: ref.bench(x, max_new_tokens), "reference_medusa_eager",
-                                              ids, peer_idx)
-    runs["hf_generate"] = run_peer(lambda x: baselines.hf_generate(hf, x, max_new_tokens, False), "hf_generate",
-                                   ids, peer_idx)
+    runs["reference_medusa_eager"] = run_peer(
+        lambda x: ref.bench(x, max_new_tokens), "reference_medusa_eager", ids, peer_idx
+    )
+    runs["hf_generate"] = run_peer(
+        lambda x: baselines.hf_generate(hf, x, max_new_tokens, False), "hf_generate", ids, peer_idx
+    )
     if hf_compile and device.type == "cuda":
         hf2 = baselines.load_hf(model_dir, device, dtype)
-        runs["hf_generate_compiled"] = run_peer(lambda x: baselines.hf_generate(hf2, x, max_new_tokens, True),
-                                                "hf_generate_compiled", ids, peer_idx)
-    hf_best = max((r for k, r in runs.items() if k.startswith("hf_generate") and r.runs),
-                  key=lambda r: r.tokens_per_s(), default=None)
+        runs["hf_generate_compiled"] = run_peer(
+            lambda x: baselines.hf_generate(hf2, x, max_new_tokens, True), "hf_generate_compiled", ids, peer_idx
+        )
+    hf_best = max(
+        (r for k, r in runs.items() if k.startswith("hf_generate") and r.runs),
+        key=lambda r: r.tokens_per_s(),
+        default=None,
+    )
 
     base, med = runs["ours_base"], runs[first_medusa]
     result: dict = {
-        "prompts": len(prompts), "peer_prompts": len(peer_idx), "max_new_tokens": max_new_tokens,
-        "engines": {k: {"tokens_per_s": round(r.tokens_per_s(), 2), "prompts": len(r.runs), "note": r.note,
-                        "tokens_per_step": round(sum(v[0] for v in r.runs.values()) / r.steps, 3) if r.steps else None}
-                    for k, r in runs.items()},
+        "prompts": len(prompts),
+        "peer_prompts": len(peer_idx),
+        "max_new_tokens": max_new_tokens,
+        "engines": {
+            k: {
+                "tokens_per_s": round(r.tokens_per_s(), 2),
+                "prompts": len(r.runs),
+                "note": r.note,
+                "tokens_per_step": round(sum(v[0] for v in r.runs.values()) / r.steps, 3) if r.steps else None,
+            }
+            for k, r in runs.items()
+        },
         "per_topic": per_topic(runs, prompts),
         "ratios": {
             "medusa_vs_our_base": round(ratio(med, base), 3),
             "our_base_vs_hf_generate": round(ratio(base, hf_best), 3) if hf_best else None,
             "hf_variant": hf_best.name if hf_best else None,
             "our_medusa_vs_reference_medusa": round(ratio(med, runs["reference_medusa_eager"]), 3)
-            if runs["reference_medusa_eager"].runs else None,
+            if runs["reference_medusa_eager"].runs
+            else None,
             # medusa_vs_our_base is the first tree's (the one the reference Medusa runs); every tree's:
-            **{f"{name}_vs_our_base": round(ratio(r, base), 3) for name, r in runs.items()
-               if name.startswith("ours_medusa[")},
+            **{
+                f"{name}_vs_our_base": round(ratio(r, base), 3)
+                for name, r in runs.items()
+                if name.startswith("ours_medusa[")
+            },
         },
         "identity": {name: "{}/{}".format(*identical(r, base)) for name, r in runs.items() if name != "ours_base"},
         "gemm_layouts": layouts,
@@ -146,8 +172,9 @@ def suite(model_dir: str, medusa_dir: str, prompts: list[Prompt], trees: list[st
 FP32_NEW_TOKENS = 64
 
 
-def fp32_identity(model_dir: str, medusa_dir: str, tree: str, ids: list[list[int]],
-                  new_tokens: int = FP32_NEW_TOKENS) -> dict:
+def fp32_identity(
+    model_dir: str, medusa_dir: str, tree: str, ids: list[list[int]], new_tokens: int = FP32_NEW_TOKENS
+) -> dict:
     """Our greedy Medusa and plain decoding against transformers' greedy ``generate``, all in fp32
     on the GPU: the same comparison CI makes on the CPU. In bf16 two implementations' kernels round
     differently, so there only our own plain decoding is the exact reference (``identity`` above)."""
@@ -189,31 +216,46 @@ def per_topic(runs: dict[str, EngineRun], prompts: list[Prompt]) -> dict:
 
 
 def markdown(result: dict, meta: dict) -> str:
-    lines = [f"# Benchmark suite — {meta.get('device')} @ {meta.get('commit')}", "",
-             f"{result['prompts']} held-out prompts (peers on {result['peer_prompts']}), "
-             f"{result['max_new_tokens']} new tokens, batch 1, greedy. torch {meta.get('torch')}, {meta.get('date')}.",
-             "", "| engine | tokens/s | tokens/step | prompts | identical to our base | note |",
-             "|---|---:|---:|---:|---:|---|"]
+    lines = [
+        f"# Benchmark suite — {meta.get('device')} @ {meta.get('commit')}",
+        "",
+        f"{result['prompts']} held-out prompts (peers on {result['peer_prompts']}), "
+        f"{result['max_new_tokens']} new tokens, batch 1, greedy. torch {meta.get('torch')}, {meta.get('date')}.",
+        "",
+        "| engine | tokens/s | tokens/step | prompts | identical to our base | note |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
     for name, e in result["engines"].items():
-        lines.append(f"| {name} | {e['tokens_per_s']:.1f} | {e['tokens_per_step'] or ''} | {e['prompts']} | "
-                     f"{result['identity'].get(name, '-')} | {e['note']} |")
+        lines.append(
+            f"| {name} | {e['tokens_per_s']:.1f} | {e['tokens_per_step'] or ''} | {e['prompts']} | "
+            f"{result['identity'].get(name, '-')} | {e['note']} |"
+        )
     lines += ["", "## Ratios (same prompts, same run)", ""]
     lines += [f"- {k}: **{v}**" for k, v in result["ratios"].items()]
     topics = result["per_topic"]
     names = list(result["engines"])
-    lines += ["", "## Tokens/s per topic", "", "| topic | " + " | ".join(names) + " |",
-              "|---|" + "---:|" * len(names)]
+    lines += ["", "## Tokens/s per topic", "", "| topic | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     for t, row in topics.items():
         lines.append(f"| {t} | " + " | ".join(f"{row[n]:.1f}" if n in row else "-" for n in names) + " |")
     if "fp32_vs_transformers" in result:
         f = result["fp32_vs_transformers"]
-        lines += ["", f"## fp32 on the GPU against transformers' greedy generate ({result['peer_prompts']} prompts x "
-                      f"{f['new_tokens']} tokens)", "",
-                  f"- our Medusa ({f['tree']}): **{f['medusa_identical']}** identical; our plain decoding: "
-                  f"**{f['base_identical']}**"]
+        lines += [
+            "",
+            f"## fp32 on the GPU against transformers' greedy generate ({result['peer_prompts']} prompts x "
+            f"{f['new_tokens']} tokens)",
+            "",
+            f"- our Medusa ({f['tree']}): **{f['medusa_identical']}** identical; our plain decoding: "
+            f"**{f['base_identical']}**",
+        ]
     if "llama3_8b_step" in result:
-        lines += ["", "## Llama-3-8B shape, random weights (CUDA graphs)", "",
-                  "```json", json.dumps(result["llama3_8b_step"], indent=2), "```"]
+        lines += [
+            "",
+            "## Llama-3-8B shape, random weights (CUDA graphs)",
+            "",
+            "```json",
+            json.dumps(result["llama3_8b_step"], indent=2),
+            "```",
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -37,7 +37,7 @@ def split_prompts(prompts: list[Prompt], split: str) -> list[Prompt]:
         raise ForgeError(f"unknown prompt split {split!r}; choose one of {', '.join(SPLITS)}")
     if split == "all":
         return prompts
-    return prompts[0 if split == "even" else 1::2]
+    return prompts[0 if split == "even" else 1 :: 2]
 
 
 @torch.inference_mode()
@@ -45,14 +45,22 @@ def teacher_forced_argmax(engine: MedusaEngine, seqs: list[tuple[int, list[int]]
     """Argmax next token at every continuation position of each (prompt_len, sequence)."""
     out = []
     for plen, seq in seqs:
-        hidden = full_pass(engine.model, seq)[plen - 1: len(seq) - 1]
+        hidden = full_pass(engine.model, seq)[plen - 1 : len(seq) - 1]
         out.append(engine.model.logits(hidden).argmax(-1).cpu())
     return out
 
 
-def compare_fp8(reference: str | Path, candidate: str | Path, prompts: list[Prompt], new_tokens: int = 64,
-                prompt_tokens: int = 256, device: str | None = None, fp8_emulate: bool = False,
-                free_running: bool = True, timing: bool = True) -> dict:
+def compare_fp8(
+    reference: str | Path,
+    candidate: str | Path,
+    prompts: list[Prompt],
+    new_tokens: int = 64,
+    prompt_tokens: int = 256,
+    device: str | None = None,
+    fp8_emulate: bool = False,
+    free_running: bool = True,
+    timing: bool = True,
+) -> dict:
     """Greedy agreement of ``candidate`` (e.g. fp8) with ``reference`` (e.g. bf16) on held-out prompts.
 
     With ``timing`` both engines also decode every prompt plain and (when they have heads) with
@@ -82,8 +90,12 @@ def compare_fp8(reference: str | Path, candidate: str | Path, prompts: list[Prom
     positions = sum(r["positions"] for r in rows)
     agree = sum(r["agree"] for r in rows)
     return {
-        "reference": str(reference), "candidate": str(candidate), "device": device_name(cand.device),
-        "prompts": len(rows), "new_tokens": new_tokens, "positions": positions,
+        "reference": str(reference),
+        "candidate": str(candidate),
+        "device": device_name(cand.device),
+        "prompts": len(rows),
+        "new_tokens": new_tokens,
+        "positions": positions,
         "greedy_agreement": round(agree / max(1, positions), 5),
         "free_running_identical": sum(r["free_running_identical"] for r in rows) if free_running else None,
         "candidate_decoding": "medusa" if free_cfg.use_medusa else "greedy",
@@ -103,15 +115,24 @@ def engine_timing(engine: MedusaEngine, ids: list[list[int]], new_tokens: int, w
         steps = sum(r.steps for r in runs)
         decode_s = sum(r.total_s - r.ttft_s for r in runs)
         decode_tokens = sum(sum(r.accepted_per_step) for r in runs)
-        out[mode] = {"step_ms": round(1e3 * decode_s / max(1, steps), 4),
-                     "decode_tokens_per_s": round(decode_tokens / decode_s, 2) if decode_s else 0.0,
-                     "tokens_per_step": round(decode_tokens / max(1, steps), 4)}
+        out[mode] = {
+            "step_ms": round(1e3 * decode_s / max(1, steps), 4),
+            "decode_tokens_per_s": round(decode_tokens / decode_s, 2) if decode_s else 0.0,
+            "tokens_per_step": round(decode_tokens / max(1, steps), 4),
+        }
     return out
 
 
-def compare_trees(engine_dir: str | Path, trees: list[str], prompts: list[Prompt], new_tokens: int = 128,
-                  prompt_tokens: int = 512, device: str | None = None, warmup: int = 2,
-                  fp8_emulate: bool = False) -> dict:
+def compare_trees(
+    engine_dir: str | Path,
+    trees: list[str],
+    prompts: list[Prompt],
+    new_tokens: int = 128,
+    prompt_tokens: int = 512,
+    device: str | None = None,
+    warmup: int = 2,
+    fp8_emulate: bool = False,
+) -> dict:
     """tokens/s of each tree (``engine`` = the engine's own, e.g. its auto tree) on one loaded engine."""
     engine = load_engine(engine_dir, device=device, fp8_emulate=fp8_emulate)
     if engine.heads is None:
@@ -138,8 +159,13 @@ def compare_trees(engine_dir: str | Path, trees: list[str], prompts: list[Prompt
         row["speedup_vs_base"] = round(row["tokens_per_s"] / results["base"]["tokens_per_s"], 3)
         results[name] = row
         del eng
-    return {"engine": str(engine_dir), "device": device_name(engine.device), "prompts": len(ids),
-            "new_tokens": new_tokens, "results": results}
+    return {
+        "engine": str(engine_dir),
+        "device": device_name(engine.device),
+        "prompts": len(ids),
+        "new_tokens": new_tokens,
+        "results": results,
+    }
 
 
 def _row(runs, tree: ChoiceTree | None) -> dict:
@@ -148,21 +174,29 @@ def _row(runs, tree: ChoiceTree | None) -> dict:
     decode_tokens = sum(len(r.tokens) - 1 for r in runs)
     decode_s = sum(r.total_s - r.ttft_s for r in runs)
     steps = sum(r.steps for r in runs)
-    return {"nodes": tree.num_nodes - 1 if tree else 0, "depth": tree.depth if tree else 0,
-            "tokens_per_s": round(tokens / seconds, 2) if seconds else 0.0,
-            "decode_tokens_per_s": round(decode_tokens / decode_s, 2) if decode_s else 0.0,
-            "acceptance_length": round(decode_tokens / steps, 4) if steps else 1.0,
-            "mean_ttft_ms": round(1e3 * statistics.mean(r.ttft_s for r in runs), 3)}
+    return {
+        "nodes": tree.num_nodes - 1 if tree else 0,
+        "depth": tree.depth if tree else 0,
+        "tokens_per_s": round(tokens / seconds, 2) if seconds else 0.0,
+        "decode_tokens_per_s": round(decode_tokens / decode_s, 2) if decode_s else 0.0,
+        "acceptance_length": round(decode_tokens / steps, 4) if steps else 1.0,
+        "mean_ttft_ms": round(1e3 * statistics.mean(r.ttft_s for r in runs), 3),
+    }
 
 
 def trees_table(report: dict) -> str:
-    lines = [f"Choice trees on {report['device']} ({report['prompts']} prompts x {report['new_tokens']} tokens)", "",
-             "| tree | nodes | depth | tokens/s | decode tokens/s | acceptance length | speedup | identical |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"Choice trees on {report['device']} ({report['prompts']} prompts x {report['new_tokens']} tokens)",
+        "",
+        "| tree | nodes | depth | tokens/s | decode tokens/s | acceptance length | speedup | identical |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for name, r in report["results"].items():
-        lines.append(f"| {name} | {r['nodes']} | {r['depth']} | {r['tokens_per_s']:.1f} | "
-                     f"{r['decode_tokens_per_s']:.1f} | {r['acceptance_length']:.3f} | "
-                     f"{r.get('speedup_vs_base', 1.0):.2f}x | {r.get('identical_to_greedy', '-')} |")
+        lines.append(
+            f"| {name} | {r['nodes']} | {r['depth']} | {r['tokens_per_s']:.1f} | "
+            f"{r['decode_tokens_per_s']:.1f} | {r['acceptance_length']:.3f} | "
+            f"{r.get('speedup_vs_base', 1.0):.2f}x | {r.get('identical_to_greedy', '-')} |"
+        )
     return "\n".join(lines)
 
 

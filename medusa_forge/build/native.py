@@ -39,8 +39,17 @@ from medusa_forge.model.dtypes import canonical_dtype, resolve_device_dtype
 from medusa_forge.model.tokenizer import Tokenizer
 from medusa_forge.prompts import read_prompts
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json", "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "generation_config.json",
+    "chat_template.jinja",
+)
 SHARD_BYTES = 4 << 30
 VERIFY_PROMPT = "def main():\n"
 
@@ -99,7 +108,9 @@ def build_native(cfg: NativeBuildConfig) -> EngineManifest:
         model = load_hf_model(cfg.model_dir, dtype=work_dtype, device=device)
         heads = None
         if cfg.medusa_dir is not None:
-            heads = load_heads(cfg.medusa_dir, model_cfg.hidden_size, model_cfg.vocab_size, dtype=work_dtype, device=device)
+            heads = load_heads(
+                cfg.medusa_dir, model_cfg.hidden_size, model_cfg.vocab_size, dtype=work_dtype, device=device
+            )
         extra: dict = {"build_device": device_name(device)}
         if cfg.calib_prompts is not None:
             extra["calib_split"] = cfg.calib_split
@@ -115,10 +126,17 @@ def build_native(cfg: NativeBuildConfig) -> EngineManifest:
             (tmp / "medusa").mkdir()
             save_heads(heads.to(getattr(torch, _storage_dtype(dtype, cfg))), tmp / "medusa")
         manifest = EngineManifest(
-            kind="native", dtype=dtype, medusa_choices=tree.to_list() if tree else None, max_seq_len=max_seq_len,
+            kind="native",
+            dtype=dtype,
+            medusa_choices=tree.to_list() if tree else None,
+            max_seq_len=max_seq_len,
             num_medusa_heads=heads.config.num_heads if heads is not None else 0,
-            sources=_sources(cfg), sha256=_input_digests(cfg), tool_versions=tool_versions(),
-            tree_stats=tree_stats, extra={**extra, "tree_name": tree.name if tree else None})
+            sources=_sources(cfg),
+            sha256=_input_digests(cfg),
+            tool_versions=tool_versions(),
+            tree_stats=tree_stats,
+            extra={**extra, "tree_name": tree.name if tree else None},
+        )
         del model, heads
         _free()
         manifest.save(tmp)
@@ -151,9 +169,14 @@ def _quantize(model, tokenizer, texts, backend: str, cfg: NativeBuildConfig) -> 
         scales = fp8_native.calibrate_input_scales(model, ids)
     swapped = fp8.swap_linears(model, backend, scales, cfg.fp8_keep)
     skipped = sorted(set(fp8.linear_names(model)) - set(swapped))
-    return {"activation_scheme": cfg.fp8_activation, "compute_dtype": canonical_dtype(cfg.fp8_compute_dtype),
-            "weight_scaling": "per-tensor", "quantized": len(swapped), "unquantized": skipped,
-            "kept_high_precision": ["embed", "lm_head", "medusa heads"]}
+    return {
+        "activation_scheme": cfg.fp8_activation,
+        "compute_dtype": canonical_dtype(cfg.fp8_compute_dtype),
+        "weight_scaling": "per-tensor",
+        "quantized": len(swapped),
+        "unquantized": skipped,
+        "kept_high_precision": ["embed", "lm_head", "medusa heads"],
+    }
 
 
 def _write_model(src: Path, dst: Path, model, headers: dict, dtype: str, cfg: NativeBuildConfig) -> None:
@@ -208,19 +231,29 @@ def _save_shards(tensors: dict[str, torch.Tensor], dst: Path) -> None:
         weight_map.update({name: fname for name in shard})
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     (dst / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n"
+    )
 
 
 def verify_engine(engine_dir: Path, cfg: NativeBuildConfig, texts: list[str] | None) -> dict:
     """Load the finished directory the way users will and generate; Medusa must equal plain greedy."""
     engine = load_engine(engine_dir, device=cfg.device, fp8_emulate=cfg.fp8_emulate)
     prompt = VERIFY_PROMPT if not texts else engine.tokenizer.decode(encode_prompts(engine.tokenizer, texts[:1], 64)[0])
-    base = engine.generate(prompt, GenerationConfig(max_new_tokens=cfg.verify_tokens, use_medusa=False, ignore_eos=True))
+    base = engine.generate(
+        prompt, GenerationConfig(max_new_tokens=cfg.verify_tokens, use_medusa=False, ignore_eos=True)
+    )
     out = {"prompt_chars": len(prompt), "tokens": len(base.tokens), "text": base.text}
     if engine.tree is not None:
-        med = engine.generate(prompt, GenerationConfig(max_new_tokens=cfg.verify_tokens, use_medusa=True, ignore_eos=True))
-        out.update({"medusa_equals_greedy": med.tokens == base.tokens, "medusa_steps": med.steps,
-                    "medusa_acceptance_length": round(med.mean_accepted, 4)})
+        med = engine.generate(
+            prompt, GenerationConfig(max_new_tokens=cfg.verify_tokens, use_medusa=True, ignore_eos=True)
+        )
+        out.update(
+            {
+                "medusa_equals_greedy": med.tokens == base.tokens,
+                "medusa_steps": med.steps,
+                "medusa_acceptance_length": round(med.mean_accepted, 4),
+            }
+        )
         if med.tokens != base.tokens:
             first = next(i for i, (a, b) in enumerate(zip(med.tokens + [-1], base.tokens + [-2])) if a != b)
             out["first_difference"] = first
@@ -256,8 +289,13 @@ def tool_versions() -> dict[str, str]:
     import safetensors
     import transformers
 
-    out = {"medusa_forge": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-           "safetensors": safetensors.__version__, "python": platform.python_version()}
+    out = {
+        "medusa_forge": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "safetensors": safetensors.__version__,
+        "python": platform.python_version(),
+    }
     if torch.version.cuda:
         out["cuda"] = torch.version.cuda
     return out

@@ -95,7 +95,7 @@ def encode_prompts(tokenizer, texts: list[str], max_tokens: int) -> list[list[in
         ids = tokenizer.encode(text)
         if len(ids) > max_tokens:
             bos = ids[:1] if ids and ids[0] == tokenizer.hf.bos_token_id else []
-            ids = bos + ids[len(ids) - max_tokens + len(bos):]
+            ids = bos + ids[len(ids) - max_tokens + len(bos) :]
         if ids:
             out.append(ids)
     if not out:
@@ -109,8 +109,9 @@ def kv_len(prompt_ids: list[list[int]], new_tokens: int) -> int:
 
 
 @torch.inference_mode()
-def calibrate(model: Transformer, heads: MedusaHeads, tokenizer, prompt_ids: list[list[int]], new_tokens: int,
-              depth: int) -> Calibration:
+def calibrate(
+    model: Transformer, heads: MedusaHeads, tokenizer, prompt_ids: list[list[int]], new_tokens: int, depth: int
+) -> Calibration:
     """Measure true rank vectors on the base model's own greedy continuations of the prompts."""
     engine = MedusaEngine(model, None, None, tokenizer, max_seq_len=kv_len(prompt_ids, new_tokens), cuda_graphs=False)
     gcfg = GenerationConfig(max_new_tokens=new_tokens, use_medusa=False, ignore_eos=True)
@@ -139,8 +140,14 @@ def tree_from_nodes(nodes: list[tuple[tuple[int, ...], int]], n: int, name: str 
     return ChoiceTree.from_paths([list(p) for p, _ in nodes[:n]], name=name)
 
 
-def decode_stats(model: Transformer, heads: MedusaHeads | None, tree: ChoiceTree | None, tokenizer,
-                 prompt_ids: list[list[int]], tokens: int) -> dict:
+def decode_stats(
+    model: Transformer,
+    heads: MedusaHeads | None,
+    tree: ChoiceTree | None,
+    tokenizer,
+    prompt_ids: list[list[int]],
+    tokens: int,
+) -> dict:
     """Decode for real: ms per step, tokens per step and decode tokens/s (after a warm-up on GPU)."""
     engine = MedusaEngine(model, heads if tree else None, tree, tokenizer, max_seq_len=kv_len(prompt_ids, tokens))
     gcfg = GenerationConfig(max_new_tokens=tokens, use_medusa=tree is not None, ignore_eos=True)
@@ -153,8 +160,11 @@ def decode_stats(model: Transformer, heads: MedusaHeads | None, tree: ChoiceTree
         steps += r.steps
         produced += sum(r.accepted_per_step)
     del engine
-    return {"step_ms": 1e3 * seconds / max(1, steps), "tokens_per_step": produced / max(1, steps),
-            "decode_tokens_per_s": produced / seconds if seconds > 0 else 0.0}
+    return {
+        "step_ms": 1e3 * seconds / max(1, steps),
+        "tokens_per_step": produced / max(1, steps),
+        "decode_tokens_per_s": produced / seconds if seconds > 0 else 0.0,
+    }
 
 
 def choose_size(expected: np.ndarray, sizes: list[int], step_ms: list[float]) -> tuple[int, np.ndarray, np.ndarray]:
@@ -179,8 +189,9 @@ def search_depths(cfg: SearchConfig, num_heads: int) -> list[int]:
     return depths
 
 
-def search_tree(model: Transformer, heads: MedusaHeads, tokenizer, texts: list[str],
-                cfg: SearchConfig = SearchConfig()) -> tuple[ChoiceTree, dict]:
+def search_tree(
+    model: Transformer, heads: MedusaHeads, tokenizer, texts: list[str], cfg: SearchConfig = SearchConfig()
+) -> tuple[ChoiceTree, dict]:
     """The ``auto`` tree for this model, heads and device, and the stats that justify it."""
     depths = search_depths(cfg, heads.config.num_heads)
     ids = encode_prompts(tokenizer, texts[: cfg.calib_limit], cfg.prompt_tokens)
@@ -191,16 +202,30 @@ def search_tree(model: Transformer, heads: MedusaHeads, tokenizer, texts: list[s
         nodes = cal.ranked_nodes(depth) or [((0,), 0)]  # heads never right: the smallest tree
         limit = min(cfg.max_nodes, len(nodes))
         sizes = sorted({min(max(1, s), limit) for s in cfg.sizes} | {1, limit})
-        measured = [decode_stats(model, heads, tree_from_nodes(nodes, n), tokenizer, timing, cfg.timing_tokens)
-                    for n in sizes]
+        measured = [
+            decode_stats(model, heads, tree_from_nodes(nodes, n), tokenizer, timing, cfg.timing_tokens) for n in sizes
+        ]
         counts = np.array([c for _, c in nodes[:limit]], dtype=np.float64)
         expected = 1.0 + np.cumsum(counts) / max(1, cal.positions)  # expected[n-1]: first n nodes
         best, step_ms, tps = choose_size(expected, sizes, [m["step_ms"] for m in measured])
-        curves[depth] = [{"nodes": n, "step_ms": round(float(ms), 4),
-                          "expected_acceptance_length": round(float(expected[n - 1]), 4),
-                          "expected_tokens_per_s": round(float(tps[n - 1]), 2)} for n, ms in zip(sizes, step_ms)]
-        candidates.append({"depth_limit": depth, "nodes": best, "expected_acceptance_length": float(expected[best - 1]),
-                           "expected_tokens_per_s": float(tps[best - 1]), "tree": tree_from_nodes(nodes, best)})
+        curves[depth] = [
+            {
+                "nodes": n,
+                "step_ms": round(float(ms), 4),
+                "expected_acceptance_length": round(float(expected[n - 1]), 4),
+                "expected_tokens_per_s": round(float(tps[n - 1]), 2),
+            }
+            for n, ms in zip(sizes, step_ms)
+        ]
+        candidates.append(
+            {
+                "depth_limit": depth,
+                "nodes": best,
+                "expected_acceptance_length": float(expected[best - 1]),
+                "expected_tokens_per_s": float(tps[best - 1]),
+                "tree": tree_from_nodes(nodes, best),
+            }
+        )
     finalists = sorted(candidates, key=lambda c: -c["expected_tokens_per_s"])[: max(1, cfg.finalists)]
     for c in finalists:  # the same prompts for each: the measured winner is the tree
         c["measured"] = decode_stats(model, heads, c["tree"], tokenizer, ids, cfg.new_tokens)
@@ -223,16 +248,29 @@ def search_tree(model: Transformer, heads: MedusaHeads, tokenizer, texts: list[s
         "base_decode_tokens_per_s": round(base["decode_tokens_per_s"], 2),
         "latency_curve": curves[chosen["depth_limit"]],
         "depth_curves": {str(d): curve for d, curve in curves.items()},
-        "finalists": [{"depth_limit": c["depth_limit"], "nodes": c["nodes"], "depth": c["tree"].depth,
-                       "expected_tokens_per_s": round(c["expected_tokens_per_s"], 2),
-                       "measured_decode_tokens_per_s": round(c["measured"]["decode_tokens_per_s"], 2),
-                       "measured_acceptance_length": round(c["measured"]["tokens_per_step"], 4)} for c in finalists],
+        "finalists": [
+            {
+                "depth_limit": c["depth_limit"],
+                "nodes": c["nodes"],
+                "depth": c["tree"].depth,
+                "expected_tokens_per_s": round(c["expected_tokens_per_s"], 2),
+                "measured_decode_tokens_per_s": round(c["measured"]["decode_tokens_per_s"], 2),
+                "measured_acceptance_length": round(c["measured"]["tokens_per_step"], 4),
+            }
+            for c in finalists
+        ],
     }
     return tree, stats
 
 
-def tree_report(model: Transformer, heads: MedusaHeads, tokenizer, texts: list[str], tree: ChoiceTree,
-                cfg: SearchConfig = SearchConfig()) -> dict:
+def tree_report(
+    model: Transformer,
+    heads: MedusaHeads,
+    tokenizer,
+    texts: list[str],
+    tree: ChoiceTree,
+    cfg: SearchConfig = SearchConfig(),
+) -> dict:
     """Expected and measured acceptance of a given (preset or file) tree on calibration prompts."""
     ids = encode_prompts(tokenizer, texts[: cfg.calib_limit], cfg.prompt_tokens)
     cal = calibrate(model, heads, tokenizer, ids, cfg.new_tokens, tree.depth)

@@ -90,20 +90,34 @@ class TrtllmPlan:
         """The checkpoint's release's flags (its profile): 1.2 asks for the paged KV cache with
         ``--kv_cache_type paged`` (``--paged_kv_cache`` is deprecated there), 0.11 with ``--paged_kv_cache``."""
         profile = self.checkpoint.profile
-        cmd = [trtllm_build,
-               "--checkpoint_dir", str(self.checkpoint.directory),
-               "--output_dir", str(output_dir),
-               "--speculative_decoding_mode", "medusa",
-               "--max_draft_len", str(self.checkpoint.max_draft_len),
-               "--gemm_plugin", self.gemm_plugin,
-               "--gpt_attention_plugin", self.dtype,
-               *profile.kv_cache_flag,
-               "--remove_input_padding", "enable",
-               "--max_batch_size", str(self.max_batch_size),
-               "--max_input_len", str(self.max_input_len),
-               "--max_seq_len", str(self.max_seq_len),
-               "--max_num_tokens", str(self.max_num_tokens),
-               "--workers", str(self.checkpoint.spec.tp_size)]
+        cmd = [
+            trtllm_build,
+            "--checkpoint_dir",
+            str(self.checkpoint.directory),
+            "--output_dir",
+            str(output_dir),
+            "--speculative_decoding_mode",
+            "medusa",
+            "--max_draft_len",
+            str(self.checkpoint.max_draft_len),
+            "--gemm_plugin",
+            self.gemm_plugin,
+            "--gpt_attention_plugin",
+            self.dtype,
+            *profile.kv_cache_flag,
+            "--remove_input_padding",
+            "enable",
+            "--max_batch_size",
+            str(self.max_batch_size),
+            "--max_input_len",
+            str(self.max_input_len),
+            "--max_seq_len",
+            str(self.max_seq_len),
+            "--max_num_tokens",
+            str(self.max_num_tokens),
+            "--workers",
+            str(self.checkpoint.spec.tp_size),
+        ]
         unknown = [a for a in cmd[1::2] if a not in profile.build_flags]
         if unknown:  # a bug: every flag must be one that release's trtllm-build takes
             raise RuntimeError(f"flags {unknown} are not accepted by trtllm-build {profile.version}")
@@ -115,8 +129,9 @@ def plan_build(cfg: TrtllmBuildConfig) -> TrtllmPlan:
     ckpt = read_config(cfg.checkpoint_dir)
     missing = [ckpt.rank_file(r).name for r in range(ckpt.spec.tp_size) if not ckpt.rank_file(r).is_file()]
     if missing:
-        raise ForgeError(f"{ckpt.directory}: {missing[0]} missing (tp_size {ckpt.spec.tp_size}); the checkpoint "
-                         "is incomplete")
+        raise ForgeError(
+            f"{ckpt.directory}: {missing[0]} missing (tp_size {ckpt.spec.tp_size}); the checkpoint is incomplete"
+        )
     tree, stats = resolve_tree(cfg.tree, ckpt)
     positions = int(ckpt.raw.get("max_position_embeddings") or DEFAULT_MAX_SEQ_LEN)
     max_seq_len = cfg.max_seq_len or min(DEFAULT_MAX_SEQ_LEN, positions)
@@ -145,14 +160,18 @@ def resolve_tree(spec: str | None, ckpt: CheckpointConfig) -> tuple[ChoiceTree, 
     ``tree_stats`` are carried over.
     """
     if spec == "auto":
-        raise ForgeError("--medusa-choices auto measures acceptance with the native engine: build it with "
-                         "`medusa-forge build native --medusa-choices auto ...` and pass that engine's medusa_forge.json")
+        raise ForgeError(
+            "--medusa-choices auto measures acceptance with the native engine: build it with "
+            "`medusa-forge build native --medusa-choices auto ...` and pass that engine's medusa_forge.json"
+        )
     tree = read_tree(spec or DEFAULT_TREE)
     tree.check_heads(ckpt.spec.num_medusa_heads)
     if len(tree.paths) > ckpt.max_draft_len:
-        raise ForgeError(f"choice tree {tree.name!r} has {len(tree.paths)} draft nodes but the checkpoint's "
-                         f"max_draft_len is {ckpt.max_draft_len}; convert with --max-draft-len "
-                         f"{len(tree.paths)} or use a smaller tree")
+        raise ForgeError(
+            f"choice tree {tree.name!r} has {len(tree.paths)} draft nodes but the checkpoint's "
+            f"max_draft_len is {ckpt.max_draft_len}; convert with --max-draft-len "
+            f"{len(tree.paths)} or use a smaller tree"
+        )
     stats: dict = {}
     if spec and Path(spec).is_file() and Path(spec).name == MANIFEST_NAME:
         stats = dict(json.loads(Path(spec).read_text()).get("tree_stats") or {})
@@ -169,16 +188,20 @@ def build_trtllm(cfg: TrtllmBuildConfig, echo: Callable[[str], None] = print) ->
         return None
     exe = shutil.which(cfg.trtllm_build)
     if exe is None:
-        raise ForgeError(f"{cfg.trtllm_build} not found on PATH: run inside the TensorRT-LLM container "
-                         "(`make engine`, see Dockerfile) or pass --dry-run to print the command")
+        raise ForgeError(
+            f"{cfg.trtllm_build} not found on PATH: run inside the TensorRT-LLM container "
+            "(`make engine`, see Dockerfile) or pass --dry-run to print the command"
+        )
     with atomic_output_dir(cfg.out_dir, cfg.overwrite) as tmp:
         proc = subprocess.run(plan.command(tmp, exe), check=False)
         if proc.returncode != 0:
             raise ForgeError(f"trtllm-build failed with exit code {proc.returncode} (its output is above)")
         engines = sorted(tmp.glob("rank*.engine"))
         if not (tmp / "config.json").is_file() or len(engines) != plan.checkpoint.spec.tp_size:
-            raise ForgeError(f"trtllm-build exited 0 but did not write config.json and "
-                             f"{plan.checkpoint.spec.tp_size} rank*.engine file(s)")
+            raise ForgeError(
+                f"trtllm-build exited 0 but did not write config.json and "
+                f"{plan.checkpoint.spec.tp_size} rank*.engine file(s)"
+            )
         for name in TOKENIZER_FILES:  # Triton's pre/post-processing find the tokenizer beside the engine
             if (plan.checkpoint.directory / name).is_file():
                 shutil.copyfile(plan.checkpoint.directory / name, tmp / name)
@@ -191,19 +214,35 @@ def _manifest(plan: TrtllmPlan, cmd: list[str], exe: str) -> EngineManifest:
     ckpt = plan.checkpoint
     digests = {f"checkpoint/{f.name}": sha256_file(f) for f in sorted(ckpt.directory.iterdir()) if f.is_file()}
     return EngineManifest(
-        kind="tensorrt_llm", dtype=plan.engine_dtype, medusa_choices=plan.tree.to_list(),
-        max_seq_len=plan.max_seq_len, max_batch_size=plan.max_batch_size,
+        kind="tensorrt_llm",
+        dtype=plan.engine_dtype,
+        medusa_choices=plan.tree.to_list(),
+        max_seq_len=plan.max_seq_len,
+        max_batch_size=plan.max_batch_size,
         num_medusa_heads=ckpt.spec.num_medusa_heads,
-        sources={"checkpoint": str(ckpt.directory.resolve())}, sha256=digests,
-        tool_versions={"medusa_forge": __version__, "tensorrt_llm": tensorrt_llm_version(),
-                       "tensorrt_llm_pinned": f"{ckpt.profile.version} ({ckpt.profile.commit})",
-                       "trtllm_build": exe},
+        sources={"checkpoint": str(ckpt.directory.resolve())},
+        sha256=digests,
+        tool_versions={
+            "medusa_forge": __version__,
+            "tensorrt_llm": tensorrt_llm_version(),
+            "tensorrt_llm_pinned": f"{ckpt.profile.version} ({ckpt.profile.commit})",
+            "trtllm_build": exe,
+        },
         tree_stats=plan.tree_stats,
-        extra={"command": shlex.join(cmd), "max_draft_len": ckpt.max_draft_len, "max_input_len": plan.max_input_len,
-               "max_num_tokens": plan.max_num_tokens, "gemm_plugin": plan.gemm_plugin,
-               "tp_size": ckpt.spec.tp_size, "quant_algo": ckpt.spec.quant_algo, "trtllm_profile": ckpt.profile.name,
-               "kv_cache_quant_algo": ckpt.spec.kv_cache_quant_algo, "tree_name": plan.tree.name,
-               "medusa_choices_trtllm": plan.tree.to_trtllm()})
+        extra={
+            "command": shlex.join(cmd),
+            "max_draft_len": ckpt.max_draft_len,
+            "max_input_len": plan.max_input_len,
+            "max_num_tokens": plan.max_num_tokens,
+            "gemm_plugin": plan.gemm_plugin,
+            "tp_size": ckpt.spec.tp_size,
+            "quant_algo": ckpt.spec.quant_algo,
+            "trtllm_profile": ckpt.profile.name,
+            "kv_cache_quant_algo": ckpt.spec.kv_cache_quant_algo,
+            "tree_name": plan.tree.name,
+            "medusa_choices_trtllm": plan.tree.to_trtllm(),
+        },
+    )
 
 
 def tensorrt_llm_version() -> str:

@@ -19,39 +19,125 @@ def convert() -> None:
 
 
 @convert.command()
-@click.option("--model", "--model_dir", "model", required=True, type=click.Path(),
-              help="HF Llama/Mistral/Qwen2 checkpoint directory (TensorRT-LLM's --model_dir).")
-@click.option("--medusa", "--medusa_model_dir", "medusa", required=True, type=click.Path(),
-              help="Medusa heads directory, any layout `medusa-forge heads` reads (--medusa_model_dir).")
+@click.option(
+    "--model",
+    "--model_dir",
+    "model",
+    required=True,
+    type=click.Path(),
+    help="HF Llama/Mistral/Qwen2 checkpoint directory (TensorRT-LLM's --model_dir).",
+)
+@click.option(
+    "--medusa",
+    "--medusa_model_dir",
+    "medusa",
+    required=True,
+    type=click.Path(),
+    help="Medusa heads directory, any layout `medusa-forge heads` reads (--medusa_model_dir).",
+)
 @click.option("--out", "--output_dir", "out", required=True, type=click.Path(), help="Checkpoint directory to write.")
-@click.option("--dtype", type=click.Choice(["float16", "bfloat16"]), default="float16", show_default=True,
-              help="Checkpoint dtype (of the unquantized tensors for fp8).")
-@click.option("--tp-size", "--tp_size", "tp_size", default=1, show_default=True,
-              help="Tensor-parallel ranks: one rank{i}.safetensors each.")
-@click.option("--quantization", "--qformat", "quantization", type=click.Choice(["fp8"]), default=None,
-              help="fp8: FP8 block GEMMs with calibrated per-tensor scales (quantize.py --qformat fp8).")
-@click.option("--kv-cache-dtype", "--kv_cache_dtype", "kv_cache_dtype", type=click.Choice(["fp8"]), default=None,
-              help="fp8: also write KV-cache scales (needs --quantization fp8).")
-@click.option("--calib-prompts", type=click.Path(), default=None,
-              help="JSONL with a 'prompt' field per line: FP8 calibration text (default: the set shipped "
-                   "with medusa-forge).")
-@click.option("--calib-size", "--calib_size", "calib_size", default=512, show_default=True,
-              help="Calibration prompts used (the first N).")
-@click.option("--calib-max-seq-len", "--calib_max_seq_length", "calib_max_seq_len", default=512, show_default=True,
-              help="Tokens kept per calibration prompt.")
-@click.option("--trtllm-version", default=None, type=click.Choice(["1.2", "0.11"]),
-              help="TensorRT-LLM release whose formats to write (default 1.2: TensorRT-LLM 1.2.1, Triton 26.07).")
-@click.option("--medusa-choices", default=None,
-              help="The tree the engine will serve (preset, JSON file or list): max_draft_len is its node count "
-                   "(default mc_sim_7b_63: 63).")
-@click.option("--max-draft-len", "--max_draft_len", "--max_medusa_token_len", "max_draft_len", default=None, type=int,
-              help="Override the draft tokens per step the engine is built for (default: the tree's node count).")
-@click.option("--num-heads", "--fixed_num_medusa_heads", "num_heads", default=None, type=int,
-              help="Use the first N heads the files hold, whatever the heads' config.json says.")
+@click.option(
+    "--dtype",
+    type=click.Choice(["float16", "bfloat16"]),
+    default="float16",
+    show_default=True,
+    help="Checkpoint dtype (of the unquantized tensors for fp8).",
+)
+@click.option(
+    "--tp-size",
+    "--tp_size",
+    "tp_size",
+    default=1,
+    show_default=True,
+    help="Tensor-parallel ranks: one rank{i}.safetensors each.",
+)
+@click.option(
+    "--quantization",
+    "--qformat",
+    "quantization",
+    type=click.Choice(["fp8"]),
+    default=None,
+    help="fp8: FP8 block GEMMs with calibrated per-tensor scales (quantize.py --qformat fp8).",
+)
+@click.option(
+    "--kv-cache-dtype",
+    "--kv_cache_dtype",
+    "kv_cache_dtype",
+    type=click.Choice(["fp8"]),
+    default=None,
+    help="fp8: also write KV-cache scales (needs --quantization fp8).",
+)
+@click.option(
+    "--calib-prompts",
+    type=click.Path(),
+    default=None,
+    help="JSONL with a 'prompt' field per line: FP8 calibration text (default: the set shipped with medusa-forge).",
+)
+@click.option(
+    "--calib-size",
+    "--calib_size",
+    "calib_size",
+    default=512,
+    show_default=True,
+    help="Calibration prompts used (the first N).",
+)
+@click.option(
+    "--calib-max-seq-len",
+    "--calib_max_seq_length",
+    "calib_max_seq_len",
+    default=512,
+    show_default=True,
+    help="Tokens kept per calibration prompt.",
+)
+@click.option(
+    "--trtllm-version",
+    default=None,
+    type=click.Choice(["1.2", "0.11"]),
+    help="TensorRT-LLM release whose formats to write (default 1.2: TensorRT-LLM 1.2.1, Triton 26.07).",
+)
+@click.option(
+    "--medusa-choices",
+    default=None,
+    help="The tree the engine will serve (preset, JSON file or list): max_draft_len is its node count "
+    "(default mc_sim_7b_63: 63).",
+)
+@click.option(
+    "--max-draft-len",
+    "--max_draft_len",
+    "--max_medusa_token_len",
+    "max_draft_len",
+    default=None,
+    type=int,
+    help="Override the draft tokens per step the engine is built for (default: the tree's node count).",
+)
+@click.option(
+    "--num-heads",
+    "--fixed_num_medusa_heads",
+    "num_heads",
+    default=None,
+    type=int,
+    help="Use the first N heads the files hold, whatever the heads' config.json says.",
+)
 @click.option("--device", default=None, help="Where FP8 calibration runs (default: cuda when available).")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
-def trtllm(model, medusa, out, dtype, tp_size, quantization, kv_cache_dtype, calib_prompts, calib_size,
-           calib_max_seq_len, trtllm_version, medusa_choices, max_draft_len, num_heads, device, overwrite):
+def trtllm(
+    model,
+    medusa,
+    out,
+    dtype,
+    tp_size,
+    quantization,
+    kv_cache_dtype,
+    calib_prompts,
+    calib_size,
+    calib_max_seq_len,
+    trtllm_version,
+    medusa_choices,
+    max_draft_len,
+    num_heads,
+    device,
+    overwrite,
+):
     """Write config.json + rank{i}.safetensors as TensorRT-LLM's Medusa converter (and quantize.py for fp8).
 
     Then: `trtllm-build --checkpoint_dir OUT --speculative_decoding_mode medusa ...` (or `medusa-forge build
@@ -60,12 +146,24 @@ def trtllm(model, medusa, out, dtype, tp_size, quantization, kv_cache_dtype, cal
     from medusa_forge.convert.trtllm_checkpoint import ConvertOptions, convert_trtllm
     from medusa_forge.convert.trtllm_inspect import inspect_checkpoint
 
-    opts = ConvertOptions(Path(model), Path(medusa), Path(out), dtype=dtype, tp_size=tp_size,
-                          quantization=quantization, kv_cache_dtype=kv_cache_dtype,
-                          calib_prompts=Path(calib_prompts) if calib_prompts else None, calib_size=calib_size,
-                          calib_max_seq_len=calib_max_seq_len, max_draft_len=max_draft_len, device=device,
-                          overwrite=overwrite, trtllm_version=trtllm_version, medusa_choices=medusa_choices,
-                          num_heads=num_heads)
+    opts = ConvertOptions(
+        Path(model),
+        Path(medusa),
+        Path(out),
+        dtype=dtype,
+        tp_size=tp_size,
+        quantization=quantization,
+        kv_cache_dtype=kv_cache_dtype,
+        calib_prompts=Path(calib_prompts) if calib_prompts else None,
+        calib_size=calib_size,
+        calib_max_seq_len=calib_max_seq_len,
+        max_draft_len=max_draft_len,
+        device=device,
+        overwrite=overwrite,
+        trtllm_version=trtllm_version,
+        medusa_choices=medusa_choices,
+        num_heads=num_heads,
+    )
     result = convert_trtllm(opts, log=lambda msg: click.echo(msg, err=True))
     report = inspect_checkpoint(result.out_dir, check_values=True)
     for line in report.summary_lines():
@@ -74,8 +172,9 @@ def trtllm(model, medusa, out, dtype, tp_size, quantization, kv_cache_dtype, cal
         click.echo(f"calibration   {json.dumps(result.calibration)}")
     if report.problems:  # a bug, not a user error: the writer and the schema disagree
         raise RuntimeError(f"converted checkpoint fails validation: {report.problems[:3]}")
-    click.echo(f"wrote {result.out_dir} in {result.seconds:.1f} s; valid against the TensorRT-LLM "
-               f"{report.profile} schema")
+    click.echo(
+        f"wrote {result.out_dir} in {result.seconds:.1f} s; valid against the TensorRT-LLM {report.profile} schema"
+    )
 
 
 @convert.command(name="inspect")

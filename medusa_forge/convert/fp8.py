@@ -43,8 +43,12 @@ class Calibration:
 
     def summary(self) -> dict:
         scales = list(self.input_scales.values())
-        return {"sequences": self.sequences, "tokens": self.tokens,
-                "activation_scale_min": min(scales), "activation_scale_max": max(scales)}
+        return {
+            "sequences": self.sequences,
+            "tokens": self.tokens,
+            "activation_scale_min": min(scales),
+            "activation_scale_max": max(scales),
+        }
 
 
 def calibration_tokens(tokenizer, prompts_path: str | Path, calib_size: int, max_len: int) -> list[list[int]]:
@@ -72,16 +76,22 @@ def calibrate(model: Transformer, token_lists: list[list[int]], kv_cache: bool =
     hooks = []
     if kv_cache:
         for i, layer in enumerate(model.layers):
+
             def kv_hook(module, args, out, i=i):
-                kv_amax[i] = max(kv_amax.get(i, 0.0), _amax(out[..., q:q + kv]), _amax(out[..., q + kv:]))
+                kv_amax[i] = max(kv_amax.get(i, 0.0), _amax(out[..., q : q + kv]), _amax(out[..., q + kv :]))
+
             hooks.append(layer.attn.wqkv.register_forward_hook(kv_hook))
     try:
         scales = calibrate_input_scales(model, token_lists)
     finally:
         for h in hooks:
             h.remove()
-    return Calibration(scales, {i: max(a, 1e-8) / FP8_MAX for i, a in kv_amax.items()},
-                       sequences=len(token_lists), tokens=sum(map(len, token_lists)))
+    return Calibration(
+        scales,
+        {i: max(a, 1e-8) / FP8_MAX for i, a in kv_amax.items()},
+        sequences=len(token_lists),
+        tokens=sum(map(len, token_lists)),
+    )
 
 
 def quantize_weight(w: Tensor, dtype: torch.dtype) -> tuple[Tensor, float]:

@@ -21,8 +21,10 @@ def calibrate_input_scales(model: Transformer, token_lists: Iterable[list[int]])
     amax: dict[str, float] = {}
     hooks = []
     for name in linear_names(model):
+
         def record(module, args, name=name):
             amax[name] = max(amax.get(name, 0.0), float(args[0].detach().abs().amax()))
+
         hooks.append(model.get_submodule(name).register_forward_pre_hook(record))
     try:
         for ids in token_lists:
@@ -50,7 +52,7 @@ def fp8_hf_tensors(model: Transformer, shapes: dict[str, tuple[int, ...]]) -> di
         row = 0
         for hf_name, rows in sources[name + ".weight"]:
             stem = hf_name.removesuffix(".weight")
-            out[hf_name] = module.weight[row: row + rows].cpu().clone()
+            out[hf_name] = module.weight[row : row + rows].cpu().clone()
             out[stem + ".weight_scale"] = module.weight_scale.reshape(()).cpu().clone()
             if module.input_scale is not None:
                 out[stem + ".input_scale"] = module.input_scale.reshape(()).cpu().clone()

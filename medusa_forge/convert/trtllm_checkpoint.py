@@ -54,8 +54,16 @@ from medusa_forge.tree.choice_tree import ChoiceTree
 CALIB_PROMPTS = Path(__file__).parent / "data" / "calib_prompts.jsonl"
 
 # Copied from the HF model directory when present (what AutoTokenizer and generation defaults read).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json", "vocab.json", "merges.txt", "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "generation_config.json",
+)
 
 
 @dataclass
@@ -112,8 +120,10 @@ def check_options(o: ConvertOptions) -> None:
     if o.kv_cache_dtype and o.quantization != "fp8":
         raise ForgeError("--kv-cache-dtype fp8 needs --quantization fp8")
     if o.quantization == "fp8" and o.calib_prompts is not None and not Path(o.calib_prompts).is_file():
-        raise ForgeError(f"--calib-prompts {o.calib_prompts}: file not found (make: set CALIB=FILE, or leave it "
-                         "unset for the calibration prompts shipped with medusa-forge)")
+        raise ForgeError(
+            f"--calib-prompts {o.calib_prompts}: file not found (make: set CALIB=FILE, or leave it "
+            "unset for the calibration prompts shipped with medusa-forge)"
+        )
     if o.quantization != "fp8" and o.calib_prompts is not None:
         raise ForgeError("--calib-prompts is only used with --quantization fp8")
     out = Path(o.out_dir)
@@ -134,11 +144,20 @@ def plan(o: ConvertOptions) -> Plan:
     cfg = ModelConfig.from_hf_dict(raw, source)  # unknown architectures fail here, one line
     act = raw.get("hidden_act", "silu")
     if act != "silu":
-        raise ForgeError(f"{source}: hidden_act {act!r}: TensorRT-LLM's Medusa heads use the model's hidden_act while "
-                         "Medusa ResBlocks are trained with SiLU; only silu models convert")
+        raise ForgeError(
+            f"{source}: hidden_act {act!r}: TensorRT-LLM's Medusa heads use the model's hidden_act while "
+            "Medusa ResBlocks are trained with SiLU; only silu models convert"
+        )
     heads = heads_source(detect(o.medusa_dir), o.num_heads)
-    spec = spec_for(cfg, heads.num_heads if o.num_heads is None else o.num_heads, heads.num_layers, o.tp_size,
-                    o.dtype, fp8=o.quantization == "fp8", fp8_kv_cache=o.kv_cache_dtype == "fp8")
+    spec = spec_for(
+        cfg,
+        heads.num_heads if o.num_heads is None else o.num_heads,
+        heads.num_layers,
+        o.tp_size,
+        o.dtype,
+        fp8=o.quantization == "fp8",
+        fp8_kv_cache=o.kv_cache_dtype == "fp8",
+    )
     spec.check(f"{o.model_dir} with --tp-size {o.tp_size}")
     config = trtllm_config(cfg, spec, draft_len(o, spec.num_medusa_heads), source, profile)
     return Plan(cfg, spec, config, profile, heads)
@@ -176,8 +195,9 @@ def load_heads_for(p: Plan, dtype: torch.dtype, device) -> MedusaHeads:
     k = p.spec.num_medusa_heads
     if ckpt.num_heads != k:
         proj = None if ckpt.proj_weight is None else ckpt.proj_weight[:k]
-        ckpt = HeadsCheckpoint(ckpt.res_weight[:k], ckpt.res_bias[:k], proj, ckpt.base_model_name_or_path,
-                               ckpt.vocab_size)
+        ckpt = HeadsCheckpoint(
+            ckpt.res_weight[:k], ckpt.res_bias[:k], proj, ckpt.base_model_name_or_path, ckpt.vocab_size
+        )
     return ckpt.to_module(p.model.hidden_size, p.model.vocab_size, dtype, device)
 
 
@@ -195,8 +215,10 @@ def convert_trtllm(o: ConvertOptions, log: Callable[[str], None] = lambda msg: N
         device, _ = resolve_device_dtype(o.device, None)
         dtype = torch.float32 if device.type == "cpu" else target
     heads = load_heads_for(p, dtype, device)
-    log(f"TensorRT-LLM {p.profile.version} checkpoint: loading {o.model_dir} ({dtype}, {device}) and "
-        f"{heads.config.num_heads} Medusa heads from {o.medusa_dir}")
+    log(
+        f"TensorRT-LLM {p.profile.version} checkpoint: loading {o.model_dir} ({dtype}, {device}) and "
+        f"{heads.config.num_heads} Medusa heads from {o.medusa_dir}"
+    )
     model = load_hf_model(o.model_dir, dtype=dtype, device=device, cfg=cfg)
     cal = None
     if spec.fp8:
@@ -231,7 +253,7 @@ def source_tensors(spec: CheckpointSpec, sd: dict[str, Tensor], heads: MedusaHea
             # "version 2" heads have no projection; TensorRT-LLM needs an lm_head per head: the base one
             t = sd["lm_head.weight"] if stack is None else stack[e.index]
         else:
-            t = sd[e.source] if e.rows is None else sd[e.source][e.rows[0]:e.rows[1]]
+            t = sd[e.source] if e.rows is None else sd[e.source][e.rows[0] : e.rows[1]]
         t = pad_vocab(e, t)
         if tuple(t.shape) != e.shape:
             raise ForgeError(f"{e.source}: shape {list(t.shape)} does not match {e.name} {list(e.shape)}")
@@ -239,8 +261,13 @@ def source_tensors(spec: CheckpointSpec, sd: dict[str, Tensor], heads: MedusaHea
     return out
 
 
-def rank_tensors(spec: CheckpointSpec, rank: int, sources: dict[str, Tensor],
-                 quantized: dict[str, tuple[Tensor, float]], cal: fp8_mod.Calibration | None) -> dict[str, Tensor]:
+def rank_tensors(
+    spec: CheckpointSpec,
+    rank: int,
+    sources: dict[str, Tensor],
+    quantized: dict[str, tuple[Tensor, float]],
+    cal: fp8_mod.Calibration | None,
+) -> dict[str, Tensor]:
     """Rank ``rank``'s tensors, each its own contiguous CPU copy (as safetensors needs)."""
     dtype = TORCH_DTYPES[spec.dtype]
     out: dict[str, Tensor] = {}

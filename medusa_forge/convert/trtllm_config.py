@@ -46,8 +46,14 @@ ARCHITECTURE = "MedusaForCausalLM"
 DTYPES = ("float16", "bfloat16")
 QUANT_FP8 = "FP8"
 # quantize_by_modelopt.combine_medusa_weight: modules an FP8 Medusa checkpoint leaves unquantized.
-FP8_EXCLUDE_MODULES = ("lm_head", "*router", "*vocab_embedding", "*position_embedding", "*block_embedding",
-                       "*medusa_heads*")
+FP8_EXCLUDE_MODULES = (
+    "lm_head",
+    "*router",
+    "*vocab_embedding",
+    "*position_embedding",
+    "*block_embedding",
+    "*medusa_heads*",
+)
 DEFAULT_MAX_DRAFT_LEN = 63  # what a config.json without max_draft_len means (upstream default)
 DEFAULT_TREE = "mc_sim_7b_63"  # the serving tree when none is named: 63 nodes, so max_draft_len 63
 
@@ -91,31 +97,55 @@ class CheckpointSpec:
         tp = self.tp_size
         if tp < 1:
             raise ForgeError(f"{where}: tp_size must be >= 1, got {tp}")
-        for name, size in (("num_attention_heads", self.num_heads), ("intermediate_size", self.intermediate_size),
-                           ("hidden_size (Medusa ResBlocks are split on their output)", self.hidden_size)):
+        for name, size in (
+            ("num_attention_heads", self.num_heads),
+            ("intermediate_size", self.intermediate_size),
+            ("hidden_size (Medusa ResBlocks are split on their output)", self.hidden_size),
+        ):
             if size % tp:
                 raise ForgeError(f"{where}: tp_size {tp} does not divide {name} {size}")
         kv = self.num_kv_heads
         if (kv >= tp and kv % tp) or (kv < tp and tp % kv):
-            raise ForgeError(f"{where}: tp_size {tp} and num_key_value_heads {kv}: one must divide the other "
-                             "(KV heads are split, or replicated when there are fewer than ranks)")
+            raise ForgeError(
+                f"{where}: tp_size {tp} and num_key_value_heads {kv}: one must divide the other "
+                "(KV heads are split, or replicated when there are fewer than ranks)"
+            )
         if self.dtype not in DTYPES + ("float32",):
             raise ForgeError(f"{where}: dtype {self.dtype!r} not supported; choose {' or '.join(DTYPES)}")
         if self.quant_algo not in (None, QUANT_FP8):
             raise ForgeError(f"{where}: quant_algo {self.quant_algo!r} not supported (only FP8 or none)")
         if self.kv_cache_quant_algo not in (None, QUANT_FP8) or (self.kv_cache_quant_algo and not self.fp8):
-            raise ForgeError(f"{where}: kv_cache_quant_algo {self.kv_cache_quant_algo!r} not supported "
-                             "(only FP8, with quant_algo FP8)")
+            raise ForgeError(
+                f"{where}: kv_cache_quant_algo {self.kv_cache_quant_algo!r} not supported "
+                "(only FP8, with quant_algo FP8)"
+            )
 
 
-def spec_for(cfg: ModelConfig, num_medusa_heads: int, num_medusa_layers: int, tp_size: int, dtype: str,
-             fp8: bool = False, fp8_kv_cache: bool = False) -> CheckpointSpec:
+def spec_for(
+    cfg: ModelConfig,
+    num_medusa_heads: int,
+    num_medusa_layers: int,
+    tp_size: int,
+    dtype: str,
+    fp8: bool = False,
+    fp8_kv_cache: bool = False,
+) -> CheckpointSpec:
     return CheckpointSpec(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_layers=cfg.num_layers, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_size=cfg.head_dim,
-        num_medusa_heads=num_medusa_heads, num_medusa_layers=num_medusa_layers, tp_size=tp_size, dtype=dtype,
-        quant_algo=QUANT_FP8 if fp8 else None, kv_cache_quant_algo=QUANT_FP8 if fp8_kv_cache else None,
-        qkv_bias=cfg.qkv_bias)
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_layers=cfg.num_layers,
+        num_heads=cfg.num_heads,
+        num_kv_heads=cfg.num_kv_heads,
+        head_size=cfg.head_dim,
+        num_medusa_heads=num_medusa_heads,
+        num_medusa_layers=num_medusa_layers,
+        tp_size=tp_size,
+        dtype=dtype,
+        quant_algo=QUANT_FP8 if fp8 else None,
+        kv_cache_quant_algo=QUANT_FP8 if fp8_kv_cache else None,
+        qkv_bias=cfg.qkv_bias,
+    )
 
 
 MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
@@ -139,8 +169,9 @@ def rotary_scaling(cfg: ModelConfig) -> dict | None:
     return out
 
 
-def trtllm_config(cfg: ModelConfig, spec: CheckpointSpec, max_draft_len: int, source: str,
-                  profile: TrtllmProfile) -> dict[str, Any]:
+def trtllm_config(
+    cfg: ModelConfig, spec: CheckpointSpec, max_draft_len: int, source: str, profile: TrtllmProfile
+) -> dict[str, Any]:
     """config.json with that release's examples/medusa/convert_checkpoint.py keys, in its order
     (``head_size`` only if needed)."""
     if max_draft_len < 1:
@@ -211,12 +242,23 @@ class CheckpointConfig:
         else:
             rope = {"rope_type": "linear", "factor": float(scaling["factor"])} if scaling else None
         return ModelConfig(
-            vocab_size=s.vocab_size, hidden_size=s.hidden_size, intermediate_size=s.intermediate_size,
-            num_layers=s.num_layers, num_heads=s.num_heads, num_kv_heads=s.num_kv_heads, head_dim=s.head_size,
-            rms_norm_eps=float(d.get("norm_epsilon", 1e-5)), rope_theta=float(d.get("rotary_base", 10000.0)),
-            rope_scaling=rope, max_position_embeddings=int(d.get("max_position_embeddings") or 2048),
-            bos_token_id=bos_token_id, eos_token_ids=eos_token_ids, torch_dtype=s.dtype, qkv_bias=s.qkv_bias,
-            architecture="Qwen2ForCausalLM" if s.qkv_bias else "LlamaForCausalLM")
+            vocab_size=s.vocab_size,
+            hidden_size=s.hidden_size,
+            intermediate_size=s.intermediate_size,
+            num_layers=s.num_layers,
+            num_heads=s.num_heads,
+            num_kv_heads=s.num_kv_heads,
+            head_dim=s.head_size,
+            rms_norm_eps=float(d.get("norm_epsilon", 1e-5)),
+            rope_theta=float(d.get("rotary_base", 10000.0)),
+            rope_scaling=rope,
+            max_position_embeddings=int(d.get("max_position_embeddings") or 2048),
+            bos_token_id=bos_token_id,
+            eos_token_ids=eos_token_ids,
+            torch_dtype=s.dtype,
+            qkv_bias=s.qkv_bias,
+            architecture="Qwen2ForCausalLM" if s.qkv_bias else "LlamaForCausalLM",
+        )
 
 
 def _int(d: dict, key: str, where: Path, default: int | None = None) -> int:
@@ -234,8 +276,9 @@ def read_config(ckpt_dir: str | Path) -> CheckpointConfig:
         raise ForgeError(f"{ckpt_dir}: TensorRT-LLM checkpoint directory not found")
     d = read_json_object(path, "not found; expected a TensorRT-LLM checkpoint (`medusa-forge convert trtllm` output)")
     if d.get("architecture") != ARCHITECTURE:
-        raise ForgeError(f"{path}: architecture {d.get('architecture')!r} is not {ARCHITECTURE!r} "
-                         "(only Medusa checkpoints are read)")
+        raise ForgeError(
+            f"{path}: architecture {d.get('architecture')!r} is not {ARCHITECTURE!r} (only Medusa checkpoints are read)"
+        )
     if d.get("position_embedding_type", "rope_gpt_neox") != "rope_gpt_neox":
         raise ForgeError(f"{path}: position_embedding_type {d['position_embedding_type']!r} is not rope_gpt_neox")
     if d.get("hidden_act", "silu") != "silu":
@@ -258,19 +301,29 @@ def read_config(ckpt_dir: str | Path) -> CheckpointConfig:
         raise ForgeError(f"{path}: num_attention_heads must be >= 1")
     quant = d.get("quantization") or {}
     spec = CheckpointSpec(
-        vocab_size=_int(d, "vocab_size", path), hidden_size=hidden, intermediate_size=_int(d, "intermediate_size", path),
-        num_layers=_int(d, "num_hidden_layers", path), num_heads=heads,
+        vocab_size=_int(d, "vocab_size", path),
+        hidden_size=hidden,
+        intermediate_size=_int(d, "intermediate_size", path),
+        num_layers=_int(d, "num_hidden_layers", path),
+        num_heads=heads,
         num_kv_heads=_int(d, "num_key_value_heads", path, heads) or heads,
         head_size=_int(d, "head_size", path, hidden // heads),
-        num_medusa_heads=_int(d, "num_medusa_heads", path), num_medusa_layers=_int(d, "num_medusa_layers", path),
-        tp_size=tp, dtype=str(d.get("dtype")), quant_algo=quant.get("quant_algo"),
-        kv_cache_quant_algo=quant.get("kv_cache_quant_algo"), qkv_bias="qwen" in str(d.get("model_type", "")))
+        num_medusa_heads=_int(d, "num_medusa_heads", path),
+        num_medusa_layers=_int(d, "num_medusa_layers", path),
+        tp_size=tp,
+        dtype=str(d.get("dtype")),
+        quant_algo=quant.get("quant_algo"),
+        kv_cache_quant_algo=quant.get("kv_cache_quant_algo"),
+        qkv_bias="qwen" in str(d.get("model_type", "")),
+    )
     if spec.num_medusa_heads < 1:
         raise ForgeError(f"{path}: num_medusa_heads must be >= 1")
     spec.check(str(path))
     if spec.fp8:
         missing = [m for m in ("lm_head", "*medusa_heads*") if m not in (quant.get("exclude_modules") or [])]
         if missing:
-            raise ForgeError(f"{path}: FP8 checkpoint quantizes {missing[0]!r} (not in quantization.exclude_modules); "
-                             "only the decoder blocks' GEMMs may be FP8")
+            raise ForgeError(
+                f"{path}: FP8 checkpoint quantizes {missing[0]!r} (not in quantization.exclude_modules); "
+                "only the decoder blocks' GEMMs may be FP8"
+            )
     return CheckpointConfig(ckpt_dir, d, spec, _int(d, "max_draft_len", path, DEFAULT_MAX_DRAFT_LEN))

@@ -73,12 +73,22 @@ class Inspection:
 
     def to_dict(self) -> dict:
         s = self.config.spec
-        return {"directory": str(self.config.directory), "architecture": self.config.raw["architecture"],
-                "dtype": s.dtype, "quant_algo": s.quant_algo, "kv_cache_quant_algo": s.kv_cache_quant_algo,
-                "num_medusa_heads": s.num_medusa_heads, "num_medusa_layers": s.num_medusa_layers,
-                "max_draft_len": self.config.max_draft_len, "tp_size": s.tp_size,
-                "tensors_per_rank": self.tensors_per_rank, "params": self.params, "files": self.files,
-                "ok": self.ok, "problems": self.problems}
+        return {
+            "directory": str(self.config.directory),
+            "architecture": self.config.raw["architecture"],
+            "dtype": s.dtype,
+            "quant_algo": s.quant_algo,
+            "kv_cache_quant_algo": s.kv_cache_quant_algo,
+            "num_medusa_heads": s.num_medusa_heads,
+            "num_medusa_layers": s.num_medusa_layers,
+            "max_draft_len": self.config.max_draft_len,
+            "tp_size": s.tp_size,
+            "tensors_per_rank": self.tensors_per_rank,
+            "params": self.params,
+            "files": self.files,
+            "ok": self.ok,
+            "problems": self.problems,
+        }
 
 
 def inspect_checkpoint(ckpt_dir: str | Path, check_values: bool = True) -> Inspection:
@@ -95,8 +105,11 @@ def inspect_checkpoint(ckpt_dir: str | Path, check_values: bool = True) -> Inspe
 def validate(ckpt: CheckpointConfig, check_values: bool = True) -> list[str]:
     """Every problem with the rank files, one line each (empty: the checkpoint matches the schema)."""
     spec = ckpt.spec
-    problems = [f"unexpected file {p.name} (tp_size is {spec.tp_size})" for p in sorted(ckpt.directory.iterdir())
-                if (m := RANK_FILE.fullmatch(p.name)) and int(m.group(1)) >= spec.tp_size]
+    problems = [
+        f"unexpected file {p.name} (tp_size is {spec.tp_size})"
+        for p in sorted(ckpt.directory.iterdir())
+        if (m := RANK_FILE.fullmatch(p.name)) and int(m.group(1)) >= spec.tp_size
+    ]
     expected = expected_tensors(spec)
     handles = []
     for r in range(spec.tp_size):

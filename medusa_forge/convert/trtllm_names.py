@@ -101,13 +101,17 @@ def entries(spec: CheckpointSpec) -> list[Entry]:
             Entry(p + "mlp.gate.weight", (I, H), COLUMN, n + "ffn.w_gate_up.weight", rows=(I, 2 * I), quantized=fp8),
             Entry(p + "mlp.proj.weight", (H, I), ROW, n + "ffn.w_down.weight", quantized=fp8),
         ]
-    out += [Entry("transformer.ln_f.weight", (H,), NONE, "norm.weight"),
-            Entry("lm_head.weight", (V, H), COLUMN, "lm_head.weight", vocab_rows=pad)]
+    out += [
+        Entry("transformer.ln_f.weight", (H,), NONE, "norm.weight"),
+        Entry("lm_head.weight", (V, H), COLUMN, "lm_head.weight", vocab_rows=pad),
+    ]
     for k in range(spec.num_medusa_heads):
         p = f"medusa_heads.{k}."
         for j in range(spec.num_medusa_layers):
-            out += [Entry(p + f"medusa_layers.{j}.linear.weight", (H, H), COLUMN, "heads.res_weight", (k, j)),
-                    Entry(p + f"medusa_layers.{j}.linear.bias", (H,), COLUMN, "heads.res_bias", (k, j))]
+            out += [
+                Entry(p + f"medusa_layers.{j}.linear.weight", (H, H), COLUMN, "heads.res_weight", (k, j)),
+                Entry(p + f"medusa_layers.{j}.linear.bias", (H,), COLUMN, "heads.res_bias", (k, j)),
+            ]
         out.append(Entry(p + "lm_head.weight", (V, H), COLUMN, "heads.proj_weight", (k,), vocab_rows=pad))
     return out
 
@@ -153,7 +157,7 @@ def _split(t: Tensor, tp: int, rank: int, dim: int) -> Tensor:
 
 def _qkv_parts(t: Tensor, spec: CheckpointSpec, kv_rows: int) -> tuple[Tensor, Tensor, Tensor]:
     q = t.shape[0] - 2 * kv_rows
-    return t[:q], t[q:q + kv_rows], t[q + kv_rows:]
+    return t[:q], t[q : q + kv_rows], t[q + kv_rows :]
 
 
 def _dup_kv(t: Tensor, spec: CheckpointSpec) -> Tensor:
@@ -171,7 +175,7 @@ def pad_vocab(e: Entry, t: Tensor) -> Tensor:
 
 
 def unpad_vocab(e: Entry, t: Tensor) -> Tensor:
-    return t[:e.vocab_rows] if e.vocab_rows else t
+    return t[: e.vocab_rows] if e.vocab_rows else t
 
 
 def shard(e: Entry, t: Tensor, spec: CheckpointSpec, rank: int) -> Tensor:
@@ -199,8 +203,13 @@ def merge(e: Entry, parts: list[Tensor], spec: CheckpointSpec) -> Tensor:
     if e.split == QKV:
         split = [rank_qkv_parts(p, spec) for p in parts]
         keep = range(0, tp, tp // spec.num_kv_heads) if spec.num_kv_heads < tp else range(tp)
-        return torch.cat([torch.cat([s[0] for s in split]), torch.cat([split[r][1] for r in keep]),
-                          torch.cat([split[r][2] for r in keep])])
+        return torch.cat(
+            [
+                torch.cat([s[0] for s in split]),
+                torch.cat([split[r][1] for r in keep]),
+                torch.cat([split[r][2] for r in keep]),
+            ]
+        )
     return torch.cat(parts, dim=0 if e.split == COLUMN else 1)
 
 

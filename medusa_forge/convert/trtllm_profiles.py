@@ -57,34 +57,67 @@ class TrtllmProfile:
 
     def check_model(self, architecture: str, rope_type: str | None, source: str) -> None:
         if architecture not in self.architectures:
-            raise ForgeError(f"{source}: architecture {architecture!r} has no Medusa converter in TensorRT-LLM "
-                             f"{self.version} (takes {', '.join(self.architectures)}); try --trtllm-version "
-                             f"{'1.2' if self.name == '0.11' else '0.11'} or the native engine")
+            raise ForgeError(
+                f"{source}: architecture {architecture!r} has no Medusa converter in TensorRT-LLM "
+                f"{self.version} (takes {', '.join(self.architectures)}); try --trtllm-version "
+                f"{'1.2' if self.name == '0.11' else '0.11'} or the native engine"
+            )
         if rope_type and rope_type not in self.rope_types:
-            raise ForgeError(f"{source}: rope scaling {rope_type!r} is not supported by TensorRT-LLM {self.version}'s "
-                             f"Medusa model (takes {', '.join(self.rope_types)}); "
-                             + ("use --trtllm-version 1.2" if self.name == "0.11" else "use the native engine"))
+            raise ForgeError(
+                f"{source}: rope scaling {rope_type!r} is not supported by TensorRT-LLM {self.version}'s "
+                f"Medusa model (takes {', '.join(self.rope_types)}); "
+                + ("use --trtllm-version 1.2" if self.name == "0.11" else "use the native engine")
+            )
 
 
-_COMMON_FLAGS = ("--checkpoint_dir", "--output_dir", "--speculative_decoding_mode", "--max_draft_len",
-                 "--gemm_plugin", "--gpt_attention_plugin", "--remove_input_padding", "--max_batch_size",
-                 "--max_input_len", "--max_seq_len", "--max_num_tokens", "--workers")
+_COMMON_FLAGS = (
+    "--checkpoint_dir",
+    "--output_dir",
+    "--speculative_decoding_mode",
+    "--max_draft_len",
+    "--gemm_plugin",
+    "--gpt_attention_plugin",
+    "--remove_input_padding",
+    "--max_batch_size",
+    "--max_input_len",
+    "--max_seq_len",
+    "--max_num_tokens",
+    "--workers",
+)
 
 PROFILES = {
     "0.11": TrtllmProfile(
-        name="0.11", version="0.11.0", commit="05316d3313360012536ace46c781518f5afae75e", triton_tag="24.07",
-        image_python="3.10.12", image_torch="2.4.0a0+07cecf4168.nv24.5", tritonclient="2.48.0",
-        templates="tensorrtllm_backend_v0.11.0", architectures=("LlamaForCausalLM", "MistralForCausalLM"),
-        rope_types=("linear",), kv_cache_flag=("--paged_kv_cache", "enable"),
-        build_flags=frozenset(_COMMON_FLAGS + ("--paged_kv_cache",)), model_type_field=False,
-        share_embedding_table_field=True),
+        name="0.11",
+        version="0.11.0",
+        commit="05316d3313360012536ace46c781518f5afae75e",
+        triton_tag="24.07",
+        image_python="3.10.12",
+        image_torch="2.4.0a0+07cecf4168.nv24.5",
+        tritonclient="2.48.0",
+        templates="tensorrtllm_backend_v0.11.0",
+        architectures=("LlamaForCausalLM", "MistralForCausalLM"),
+        rope_types=("linear",),
+        kv_cache_flag=("--paged_kv_cache", "enable"),
+        build_flags=frozenset(_COMMON_FLAGS + ("--paged_kv_cache",)),
+        model_type_field=False,
+        share_embedding_table_field=True,
+    ),
     "1.2": TrtllmProfile(
-        name="1.2", version="1.2.1", commit="b93e14ca093e446615f3009cae6ca5a33c4f2f56", triton_tag="26.07",
-        image_python="3.12.3", image_torch="2.10.0a0+b4e4ee81d3.nv25.12", tritonclient="2.72.0",
-        templates="tensorrt_llm_v1.2.1", architectures=("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"),
-        rope_types=("linear", "llama3"), kv_cache_flag=("--kv_cache_type", "paged"),
-        build_flags=frozenset(_COMMON_FLAGS + ("--kv_cache_type",)), model_type_field=True,
-        share_embedding_table_field=False),
+        name="1.2",
+        version="1.2.1",
+        commit="b93e14ca093e446615f3009cae6ca5a33c4f2f56",
+        triton_tag="26.07",
+        image_python="3.12.3",
+        image_torch="2.10.0a0+b4e4ee81d3.nv25.12",
+        tritonclient="2.72.0",
+        templates="tensorrt_llm_v1.2.1",
+        architectures=("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"),
+        rope_types=("linear", "llama3"),
+        kv_cache_flag=("--kv_cache_type", "paged"),
+        build_flags=frozenset(_COMMON_FLAGS + ("--kv_cache_type",)),
+        model_type_field=True,
+        share_embedding_table_field=False,
+    ),
 }
 DEFAULT_PROFILE = "1.2"
 
@@ -95,8 +128,9 @@ def get_profile(name: str | None) -> TrtllmProfile:
     for key, profile in PROFILES.items():
         if name in (key, profile.version, f"v{profile.version}"):
             return profile
-    raise ForgeError(f"--trtllm-version {name!r}: choose {' or '.join(PROFILES)} (the releases whose Medusa "
-                     "formats are pinned)")
+    raise ForgeError(
+        f"--trtllm-version {name!r}: choose {' or '.join(PROFILES)} (the releases whose Medusa formats are pinned)"
+    )
 
 
 def profile_of_config(d: dict) -> TrtllmProfile:

@@ -77,8 +77,13 @@ def read_tensors(ckpt: CheckpointConfig) -> dict[str, Tensor]:
     return out
 
 
-def load_trtllm_checkpoint(ckpt_dir: str | Path, device: str | None = None, dtype: str | None = None,
-                           fp8_emulate: bool | None = None, dequantize: bool = False) -> LoadedCheckpoint:
+def load_trtllm_checkpoint(
+    ckpt_dir: str | Path,
+    device: str | None = None,
+    dtype: str | None = None,
+    fp8_emulate: bool | None = None,
+    dequantize: bool = False,
+) -> LoadedCheckpoint:
     """Validate, merge the ranks and build the native model and heads.
 
     Compute dtype: ``dtype`` if given, else fp32 on CPU and the checkpoint's dtype on CUDA.
@@ -90,8 +95,10 @@ def load_trtllm_checkpoint(ckpt_dir: str | Path, device: str | None = None, dtyp
     ckpt = read_config(ckpt_dir)
     problems = validate(ckpt, check_values=False)
     if problems:
-        raise ForgeError(f"{ckpt.directory}: not a valid TensorRT-LLM checkpoint: {problems[0]} ({len(problems)} "
-                         f"problem(s); run `medusa-forge convert inspect {ckpt.directory}`)")
+        raise ForgeError(
+            f"{ckpt.directory}: not a valid TensorRT-LLM checkpoint: {problems[0]} ({len(problems)} "
+            f"problem(s); run `medusa-forge convert inspect {ckpt.directory}`)"
+        )
     spec = ckpt.spec
     dev, _ = resolve_device_dtype(device, None)
     name = dtype or ("float32" if dev.type == "cpu" else spec.dtype)
@@ -111,7 +118,7 @@ def load_trtllm_checkpoint(ckpt_dir: str | Path, device: str | None = None, dtyp
         sd[e.source] = torch.cat([sd[e.source], t]) if e.source in sd else t  # fc then gate rows: w_gate_up
     eos, bos = _token_ids(ckpt.directory)
     model = build_model(ckpt.model_config(eos, bos), sd, dt, dev)
-    for weight_name, parts in (fp8.items() if not dequantize else ()):
+    for weight_name, parts in fp8.items() if not dequantize else ():
         _swap_fp8(model, weight_name.removesuffix(".weight"), parts, dt, backend)
     heads = _heads(ckpt, tensors, tensors["lm_head.weight"]).to(device=dev, dtype=dt)
     return LoadedCheckpoint(ckpt, model, heads, name)
@@ -133,8 +140,10 @@ def _swap_fp8(model: Transformer, name: str, parts, dtype: torch.dtype, backend:
     if not isinstance(getattr(parent, attr), nn.Linear):
         raise ForgeError(f"{name}: expected a linear layer to hold FP8 weights")
     if getattr(parent, attr).bias is not None:  # Qwen2's qkv: the native FP8 GEMM has no bias term
-        raise ForgeError(f"{name}: an FP8 GEMM with a bias (Qwen2 q/k/v) does not run natively; load the "
-                         "checkpoint with dequantize=True")
+        raise ForgeError(
+            f"{name}: an FP8 GEMM with a bias (Qwen2 q/k/v) does not run natively; load the "
+            "checkpoint with dequantize=True"
+        )
     dev = model.lm_head.weight.device
     setattr(parent, attr, FP8Linear(w8.to(dev), torch.tensor(w_scale), torch.tensor(a_scale), dtype, backend))
 
@@ -150,8 +159,9 @@ def _heads(ckpt: CheckpointConfig, tensors: dict[str, Tensor], lm_head: Tensor) 
     projs = [tensors[f"medusa_heads.{k}.lm_head.weight"] for k in range(K)]
     shared = all(torch.equal(p, lm_head) for p in projs)
     with torch.device("meta"):  # no throw-away zero init of [K, V, H]
-        heads = MedusaHeads(MedusaHeadsConfig(K, L, H, s.vocab_size, shared_lm_head=shared,
-                                              base_model_name_or_path=str(ckpt.directory)))
+        heads = MedusaHeads(
+            MedusaHeadsConfig(K, L, H, s.vocab_size, shared_lm_head=shared, base_model_name_or_path=str(ckpt.directory))
+        )
     heads.res_weight = nn.Parameter(stacked("weight", (H, H)), requires_grad=False)
     heads.res_bias = nn.Parameter(stacked("bias", (H,)), requires_grad=False)
     if not shared:

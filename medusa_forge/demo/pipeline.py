@@ -115,17 +115,31 @@ def build_engines(run: DemoRun) -> None:
 
     cfg = run.cfg
     dtype = cfg.dtype or ("bfloat16" if cfg.on_cuda else "float32")
-    common = {"model_dir": Path(cfg.model), "dtype": dtype, "device": cfg.device, "max_seq_len": cfg.max_seq_len,
-              "overwrite": True, "verify_tokens": 8}
+    common = {
+        "model_dir": Path(cfg.model),
+        "dtype": dtype,
+        "device": cfg.device,
+        "max_seq_len": cfg.max_seq_len,
+        "overwrite": True,
+        "verify_tokens": 8,
+    }
     with stage(run, f"build a base and a Medusa native engine ({dtype})"):
         build_native(NativeBuildConfig(out_dir=run.path("engine-base"), **common))
-        manifest = build_native(NativeBuildConfig(out_dir=run.path("engine-medusa"), medusa_dir=run.heads,
-                                                  tree=run.tree, **common, **tree_search(run)))
+        manifest = build_native(
+            NativeBuildConfig(
+                out_dir=run.path("engine-medusa"), medusa_dir=run.heads, tree=run.tree, **common, **tree_search(run)
+            )
+        )
     verify = manifest.extra.get("verify", {})
-    run.results["engine"] = {"dtype": dtype, "device": manifest.extra.get("build_device"),
-                             "tree_nodes": len(manifest.medusa_choices or []), "tree": run.tree or "default",
-                             "heads": str(run.heads), "num_heads": manifest.num_medusa_heads,
-                             "verify_identical": verify.get("medusa_equals_greedy")}
+    run.results["engine"] = {
+        "dtype": dtype,
+        "device": manifest.extra.get("build_device"),
+        "tree_nodes": len(manifest.medusa_choices or []),
+        "tree": run.tree or "default",
+        "heads": str(run.heads),
+        "num_heads": manifest.num_medusa_heads,
+        "verify_identical": verify.get("medusa_equals_greedy"),
+    }
 
 
 def tree_search(run: DemoRun) -> dict:
@@ -135,8 +149,15 @@ def tree_search(run: DemoRun) -> dict:
     from medusa_forge.build.tree_search import SearchConfig
 
     sizes = (8, 16, 32, 48, 63) if run.cfg.on_cuda else (1, 2, 4, 8, 16)
-    search = SearchConfig(calib_limit=8, prompt_tokens=128, new_tokens=48, max_nodes=sizes[-1], sizes=sizes,
-                          timing_prompts=2, timing_tokens=32)
+    search = SearchConfig(
+        calib_limit=8,
+        prompt_tokens=128,
+        new_tokens=48,
+        max_nodes=sizes[-1],
+        sizes=sizes,
+        timing_prompts=2,
+        timing_tokens=32,
+    )
     return {"calib_prompts": Path(run.cfg.prompts), "calib_split": "even", "search": search}
 
 
@@ -145,10 +166,27 @@ def write_repo(run: DemoRun) -> Path:
 
     repo = run.path("triton-repo")
     threads = None if run.cfg.on_cuda else 1  # two models share the cores; one GEMM thread each is steadier
-    write_triton_repo(RepoRequest(engine=run.path("engine-medusa"), out=repo, name="medusa", decoupled=True,
-                                  overwrite=True, torch_threads=threads))
-    write_triton_repo(RepoRequest(engine=run.path("engine-base"), out=repo, name="base", decoupled=True,
-                                  use_medusa=False, add=True, torch_threads=threads))
+    write_triton_repo(
+        RepoRequest(
+            engine=run.path("engine-medusa"),
+            out=repo,
+            name="medusa",
+            decoupled=True,
+            overwrite=True,
+            torch_threads=threads,
+        )
+    )
+    write_triton_repo(
+        RepoRequest(
+            engine=run.path("engine-base"),
+            out=repo,
+            name="base",
+            decoupled=True,
+            use_medusa=False,
+            add=True,
+            torch_threads=threads,
+        )
+    )
     return repo
 
 
@@ -183,11 +221,19 @@ def streamed_query(run: DemoRun, url: str) -> dict:
     if show:
         show(run.cfg.query_prompt + "".join(deltas))
     steps = reply.accepted_per_step
-    out = {"prompt": run.cfg.query_prompt, "tokens": len(reply.output_tokens or []), "responses": reply.responses,
-           "steps": len(steps), "tokens_per_step": round(sum(steps) / len(steps), 3) if steps else None,
-           "ttft_ms": round(1e3 * reply.ttft_s, 1), "total_ms": round(1e3 * reply.total_s, 1)}
-    run.cfg.echo(f"      {out['tokens']} tokens in {out['responses']} streamed responses, {out['steps']} steps "
-                 f"({out['tokens_per_step']} tokens/step), TTFT {out['ttft_ms']} ms")
+    out = {
+        "prompt": run.cfg.query_prompt,
+        "tokens": len(reply.output_tokens or []),
+        "responses": reply.responses,
+        "steps": len(steps),
+        "tokens_per_step": round(sum(steps) / len(steps), 3) if steps else None,
+        "ttft_ms": round(1e3 * reply.ttft_s, 1),
+        "total_ms": round(1e3 * reply.total_s, 1),
+    }
+    run.cfg.echo(
+        f"      {out['tokens']} tokens in {out['responses']} streamed responses, {out['steps']} steps "
+        f"({out['tokens_per_step']} tokens/step), TTFT {out['ttft_ms']} ms"
+    )
     return out
 
 
@@ -198,12 +244,24 @@ def run_mmlu_pair(run: DemoRun, url: str) -> None:
     for model in ("base", "medusa"):
         backend = TritonBackend(url, model, timeout_s=300)
         try:
-            doc = run_mmlu(backend, run.mmlu, "test", [], run.cfg.shots, run.cfg.mmlu_limit, 2,
-                           run.path("eval", f"mmlu_{model}.json"), progress=False, meta={"url": url})
+            doc = run_mmlu(
+                backend,
+                run.mmlu,
+                "test",
+                [],
+                run.cfg.shots,
+                run.cfg.mmlu_limit,
+                2,
+                run.path("eval", f"mmlu_{model}.json"),
+                progress=False,
+                meta={"url": url},
+            )
         finally:
             backend.close()
-        run.cfg.echo(f"      {model:6s} micro accuracy {100 * doc['micro_accuracy']:.2f} "
-                     f"({doc['num_questions']} questions, {run.cfg.shots}-shot)")
+        run.cfg.echo(
+            f"      {model:6s} micro accuracy {100 * doc['micro_accuracy']:.2f} "
+            f"({doc['num_questions']} questions, {run.cfg.shots}-shot)"
+        )
 
 
 def run_speed_pair(run: DemoRun, url: str) -> None:
@@ -218,18 +276,32 @@ def run_speed_pair(run: DemoRun, url: str) -> None:
     for name, items, temperature in (("speed", prompts, 0.0), ("speed_degraded", one_per_topic, DEGRADED_TEMPERATURE)):
         base = TritonBackend(url, "base", timeout_s=300)
         med = TritonBackend(url, "medusa", timeout_s=300, temperature=temperature)
-        scfg = SpeedConfig(max_tokens=cfg.max_tokens, trials=cfg.trials if not temperature else 1,
-                           warmup=cfg.warmup if not temperature else 0, max_prompt_chars=cfg.max_prompt_chars,
-                           medusa_temperature=temperature)
+        scfg = SpeedConfig(
+            max_tokens=cfg.max_tokens,
+            trials=cfg.trials if not temperature else 1,
+            warmup=cfg.warmup if not temperature else 0,
+            max_prompt_chars=cfg.max_prompt_chars,
+            medusa_temperature=temperature,
+        )
         try:
-            doc = run_speed(items, base, med, scfg, run.path("eval", f"{name}.json"), prompts_file=cfg.prompts,
-                            progress=False, meta={"url": url})
+            doc = run_speed(
+                items,
+                base,
+                med,
+                scfg,
+                run.path("eval", f"{name}.json"),
+                prompts_file=cfg.prompts,
+                progress=False,
+                meta={"url": url},
+            )
         finally:
             base.close()
             med.close()
         o = doc["overall"]
-        run.cfg.echo(f"      {name:14s} {o['speedup']:.2f}x overall, {o['medusa']['mean_acceptance_length']} "
-                     f"tokens/step, identical {o['identical']}/{o['prompts']}")
+        run.cfg.echo(
+            f"      {name:14s} {o['speedup']:.2f}x overall, {o['medusa']['mean_acceptance_length']} "
+            f"tokens/step, identical {o['identical']}/{o['prompts']}"
+        )
 
 
 def write_reports(run: DemoRun) -> None:
@@ -237,12 +309,23 @@ def write_reports(run: DemoRun) -> None:
 
     ev = run.path("eval")
     with stage(run, "eval report: Markdown + PNG"):
-        write_report(run.path("report"), ev / "mmlu_medusa.json", ev / "mmlu_base.json", ev / "speed.json",
-                     run.path("engine-medusa"), overwrite=True)
-        write_report(run.path("report-baseline"), ev / "mmlu_base.json", engine=run.path("engine-base"),
-                     overwrite=True)
-        write_report(run.path("report-degraded"), ev / "mmlu_medusa.json", ev / "mmlu_base.json",
-                     ev / "speed_degraded.json", run.path("engine-medusa"), overwrite=True)
+        write_report(
+            run.path("report"),
+            ev / "mmlu_medusa.json",
+            ev / "mmlu_base.json",
+            ev / "speed.json",
+            run.path("engine-medusa"),
+            overwrite=True,
+        )
+        write_report(run.path("report-baseline"), ev / "mmlu_base.json", engine=run.path("engine-base"), overwrite=True)
+        write_report(
+            run.path("report-degraded"),
+            ev / "mmlu_medusa.json",
+            ev / "mmlu_base.json",
+            ev / "speed_degraded.json",
+            run.path("engine-medusa"),
+            overwrite=True,
+        )
 
 
 def _registry_state(registry: Path) -> tuple:
@@ -267,16 +350,29 @@ def gate(run: DemoRun) -> None:
     with stage(run, "promote the candidate, then a degraded one"):
         good = pm.promote(run.path("engine-medusa"), run.path("report"), run.path("report-baseline"), registry, gates)
         before = _registry_state(registry)
-        bad = pm.promote(run.path("engine-medusa"), run.path("report-degraded"), run.path("report-baseline"),
-                         registry, gates)
+        bad = pm.promote(
+            run.path("engine-medusa"), run.path("report-degraded"), run.path("report-baseline"), registry, gates
+        )
         unchanged = _registry_state(registry) == before
         for name, o in (("candidate", good), ("degraded", bad)):
             failed = [g for g in o.gates if not g.passed]
-            run.cfg.echo(f"      {name:9s} " + (f"promoted as {o.version}" if o.promoted else
-                                                "rejected: " + "; ".join(f"{g.name}: {g.detail}" for g in failed)))
+            run.cfg.echo(
+                f"      {name:9s} "
+                + (
+                    f"promoted as {o.version}"
+                    if o.promoted
+                    else "rejected: " + "; ".join(f"{g.name}: {g.detail}" for g in failed)
+                )
+            )
     run.results["promotion"] = {
-        "promoted": good.promoted, "version": good.version,
+        "promoted": good.promoted,
+        "version": good.version,
         "current": str((registry / "current").resolve()) if good.promoted else None,
-        "failed_gates": [g.name for g in good.gates if not g.passed], "min_speedup": gates.min_speedup}
-    run.results["degraded"] = {"rejected": not bad.promoted, "registry_unchanged": unchanged,
-                               "failed_gates": [g.name for g in bad.gates if not g.passed]}
+        "failed_gates": [g.name for g in good.gates if not g.passed],
+        "min_speedup": gates.min_speedup,
+    }
+    run.results["degraded"] = {
+        "rejected": not bad.promoted,
+        "registry_unchanged": unchanged,
+        "failed_gates": [g.name for g in bad.gates if not g.passed],
+    }

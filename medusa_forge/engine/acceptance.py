@@ -24,8 +24,15 @@ def greedy_accept(logits: Tensor, path_tokens: Tensor, path_nodes: Tensor, path_
     return best, accepted.index_select(0, best)
 
 
-def typical_accept(logits: Tensor, path_tokens: Tensor, path_nodes: Tensor, path_valid: Tensor,
-                   temperature: float, threshold: float, alpha: float) -> tuple[Tensor, Tensor]:
+def typical_accept(
+    logits: Tensor,
+    path_tokens: Tensor,
+    path_nodes: Tensor,
+    path_valid: Tensor,
+    temperature: float,
+    threshold: float,
+    alpha: float,
+) -> tuple[Tensor, Tensor]:
     """FasterDecoding's typical acceptance: p(x) > min(threshold, alpha * exp(-H(p))).
 
     Among the longest accepted paths, the one with the highest summed log-probability wins.
@@ -44,8 +51,9 @@ def typical_accept(logits: Tensor, path_tokens: Tensor, path_nodes: Tensor, path
     return best, accepted.index_select(0, best)
 
 
-def sample_token(logits: Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0,
-                 generator: torch.Generator | None = None) -> Tensor:
+def sample_token(
+    logits: Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None
+) -> Tensor:
     """Sample one token per row of logits [R, V] (temperature > 0) with top-k / top-p filtering."""
     scores = logits.float() / temperature
     if top_k > 0:
@@ -60,8 +68,19 @@ def sample_token(logits: Tensor, temperature: float, top_k: int = 0, top_p: floa
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def commit_path(logits: Tensor, tree_tokens: Tensor, path_nodes: Tensor, best: Tensor, accepted: Tensor,
-                cur_len: Tensor, step_out: Tensor, root: Tensor, last: Tensor, src: Tensor, dst: Tensor) -> None:
+def commit_path(
+    logits: Tensor,
+    tree_tokens: Tensor,
+    path_nodes: Tensor,
+    best: Tensor,
+    accepted: Tensor,
+    cur_len: Tensor,
+    step_out: Tensor,
+    root: Tensor,
+    last: Tensor,
+    src: Tensor,
+    dst: Tensor,
+) -> None:
     """The step's bookkeeping once a path is chosen, written into the engine's state tensors.
 
     step_out = [a + 1, drafts[:a], new root, ...]; root = argmax at the last accepted node (the

@@ -89,8 +89,9 @@ class BatchSlots:
         self.device = engine.device
         self.B, self.S = max_batch_size, engine.max_seq_len
         p = model.lm_head.weight
-        self.kv = torch.zeros(cfg.num_layers, 2, self.B, cfg.num_kv_heads, self.S, cfg.head_dim,
-                              dtype=p.dtype, device=self.device)
+        self.kv = torch.zeros(
+            cfg.num_layers, 2, self.B, cfg.num_kv_heads, self.S, cfg.head_dim, dtype=p.dtype, device=self.device
+        )
         self.lengths = np.zeros(self.B, dtype=np.int64)  # tokens committed to each slot's cache
         self.root = torch.zeros(self.B, dtype=torch.long, device=self.device)  # each slot's pending token
         self.depth = engine.num_draft_heads
@@ -114,9 +115,11 @@ class BatchSlots:
         self.lengths[:slots] = max(0, min(prefix, self.S - max(per) - 1))
         try:
             tokens, positions, cache_slots, bidx, segments = self._pack(
-                Work(prefill=[(i, [0] * per[i], False) for i in range(slots)]))
-            meta = StepMeta(positions, cache_slots, batch_index=bidx, segments=tuple(segments), kv=self.kv,
-                            gemm_rows=self.gemm_rows)
+                Work(prefill=[(i, [0] * per[i], False) for i in range(slots)])
+            )
+            meta = StepMeta(
+                positions, cache_slots, batch_index=bidx, segments=tuple(segments), kv=self.kv, gemm_rows=self.gemm_rows
+            )
             linear_rows(self.model.lm_head, self.model(tokens[None], meta)[0], self.gemm_rows)
             self.engine._sync()  # a CUDA step is timed when it has run, not when it was queued
         finally:
@@ -133,21 +136,24 @@ class BatchSlots:
     @torch.inference_mode()
     def step(self, work: Work) -> dict[int, Outcome]:
         tokens, positions, slots, bidx, segments = self._pack(work)
-        meta = StepMeta(positions, slots, batch_index=bidx, segments=tuple(segments), kv=self.kv,
-                        gemm_rows=self.gemm_rows)
+        meta = StepMeta(
+            positions, slots, batch_index=bidx, segments=tuple(segments), kv=self.kv, gemm_rows=self.gemm_rows
+        )
         hidden = self.model(tokens[None], meta)[0]
         n = work.tree.tree_indices.shape[0] if work.tree is not None else 0
         nt, npl = n * len(work.tree_slots), len(work.plain_slots)
         ends = np.cumsum([len(c) for _, c, _ in work.prefill], dtype=np.int64) + nt + npl - 1
         last_rows = [int(e) for e, (_, _, last) in zip(ends, work.prefill) if last]
-        rows = torch.cat([torch.arange(nt + npl, device=self.device),
-                          torch.tensor(last_rows, dtype=torch.long, device=self.device)])
+        rows = torch.cat(
+            [torch.arange(nt + npl, device=self.device), torch.tensor(last_rows, dtype=torch.long, device=self.device)]
+        )
         logits = linear_rows(self.model.lm_head, hidden.index_select(0, rows), self.gemm_rows)
         out: dict[int, Outcome] = {}
         heads_rows: dict[int, int] = {}
         if nt:
-            self._tree_commit(work, tree_tokens=tokens[:nt].view(-1, n), logits=logits[:nt], out=out,
-                              heads_rows=heads_rows)
+            self._tree_commit(
+                work, tree_tokens=tokens[:nt].view(-1, n), logits=logits[:nt], out=out, heads_rows=heads_rows
+            )
         plain = list(work.plain_slots) + [s for s, _, last in work.prefill if last]
         if plain:
             self._plain_commit(plain, logits[nt:], out, work.prefill)
@@ -156,8 +162,9 @@ class BatchSlots:
         start = nt + npl
         for s, chunk, last in work.prefill:
             if self.sampling[s].logits is not None:  # the prompt's logits, when the request asks for them
-                self.sampling[s].logits.keep_context(linear_rows(self.model.lm_head, hidden[start: start + len(chunk)],
-                                                                 self.gemm_rows))
+                self.sampling[s].logits.keep_context(
+                    linear_rows(self.model.lm_head, hidden[start : start + len(chunk)], self.gemm_rows)
+                )
             start += len(chunk)
             self.lengths[s] += len(chunk)
         self._refresh_heads(hidden, {s: r for s, r in heads_rows.items() if s in work.heads})
@@ -172,8 +179,14 @@ class BatchSlots:
             lens = torch.from_numpy(self.lengths[work.tree_slots]).to(dev)
             cand = torch.cat([self.root[ts, None], self.head_topk[ts].flatten(1)], 1)
             n = tb.tree_indices.shape[0]
-            parts.append((cand[:, tb.tree_indices].flatten(), (lens[:, None] + tb.positions).flatten(),
-                          (lens[:, None] + torch.arange(n, device=dev)).flatten(), ts.repeat_interleave(n)))
+            parts.append(
+                (
+                    cand[:, tb.tree_indices].flatten(),
+                    (lens[:, None] + tb.positions).flatten(),
+                    (lens[:, None] + torch.arange(n, device=dev)).flatten(),
+                    ts.repeat_interleave(n),
+                )
+            )
             for s in work.tree_slots:
                 segments.append(self._segment(s, start, n, tb.attn_mask, tb.ancestors))
                 start += n
@@ -186,20 +199,34 @@ class BatchSlots:
                 start += 1
         for s, chunk, _ in work.prefill:
             pos = torch.arange(int(self.lengths[s]), int(self.lengths[s]) + len(chunk), device=dev)
-            parts.append((torch.tensor(chunk, dtype=torch.long, device=dev), pos, pos,
-                          torch.full((len(chunk),), s, dtype=torch.long, device=dev)))
+            parts.append(
+                (
+                    torch.tensor(chunk, dtype=torch.long, device=dev),
+                    pos,
+                    pos,
+                    torch.full((len(chunk),), s, dtype=torch.long, device=dev),
+                )
+            )
             segments.append(self._segment(s, start, len(chunk)))
             start += len(chunk)
         tokens, positions, slots, bidx = (torch.cat(x) for x in zip(*parts))
         return tokens, positions, slots, bidx, segments
 
-    def _segment(self, s: int, start: int, T: int, tree_mask: Tensor | None = None,
-                 ancestors: Tensor | None = None) -> Segment:
+    def _segment(
+        self, s: int, start: int, T: int, tree_mask: Tensor | None = None, ancestors: Tensor | None = None
+    ) -> Segment:
         """Slot s's T new rows: its prefix and the new rows the tree (or causality) allows."""
         L = int(self.lengths[s])
         if self.device.type == "cuda":  # the cache attention kernel reads the prefix on the device
-            return Segment(s, start, start + T, L, prefix=torch.tensor(L, device=self.device),
-                           tree_mask=tree_mask, tree_ancestors=ancestors)
+            return Segment(
+                s,
+                start,
+                start + T,
+                L,
+                prefix=torch.tensor(L, device=self.device),
+                tree_mask=tree_mask,
+                tree_ancestors=ancestors,
+            )
         new = tree_mask if tree_mask is not None else torch.ones(T, T, dtype=torch.bool).tril_()
         mask = torch.cat([torch.ones(T, L, dtype=torch.bool), new], 1)[None, None]
         return Segment(s, start, start + T, L, mask=mask.repeat(1, 1, self.gqa_group, 1))
@@ -262,14 +289,14 @@ class BatchSlots:
         picked = kernels.row_argmax(logits)
         for i, s in enumerate(slots):
             smp = self.sampling[s]
-            row = logits[i: i + 1].float()
+            row = logits[i : i + 1].float()
             if smp.logits is not None:
                 row = smp.logits.plain(row)
                 picked[i] = row.argmax(-1)[0]
             if smp.samples:
                 picked[i] = sample_token(row, smp.temperature, smp.top_k, smp.top_p, smp.generator)[0]
             if smp.logits is not None:
-                smp.logits.keep(logits[i: i + 1], row, [int(picked[i])])
+                smp.logits.keep(logits[i : i + 1], row, [int(picked[i])])
         idx = torch.tensor(slots, dtype=torch.long, device=self.device)
         self.root[idx] = picked
         plain = len(slots) - sum(1 for _, _, last in prefill if last)

@@ -35,9 +35,16 @@ MAX_PROBE_ROWS = 512  # the cost model is measured up to this many rows, extrapo
 
 
 class InflightBatcher:
-    def __init__(self, engine, max_batch_size: int, max_queue: int = 0, speculation: str = "auto",
-                 prefill_chunk: int = PREFILL_CHUNK, gemm_rows: RowChunks | None = None,
-                 cost: CostModel | None = None):
+    def __init__(
+        self,
+        engine,
+        max_batch_size: int,
+        max_queue: int = 0,
+        speculation: str = "auto",
+        prefill_chunk: int = PREFILL_CHUNK,
+        gemm_rows: RowChunks | None = None,
+        cost: CostModel | None = None,
+    ):
         if max_batch_size < 1:
             raise ForgeError(f"max batch size must be >= 1, got {max_batch_size}")
         if max_queue < 0:
@@ -67,22 +74,33 @@ class InflightBatcher:
     def measure(self, tree_rows: int) -> CostModel:
         """The step-time cost model of this device, from packed steps of the batcher's own slots."""
         rows = min(MAX_PROBE_ROWS, self.max_batch_size * tree_rows)
-        return CostModel.measure(self.slots.probe, rows, self.max_batch_size, device=str(self.engine.device),
-                                 heads=self.slots.probe_heads)
+        return CostModel.measure(
+            self.slots.probe, rows, self.max_batch_size, device=str(self.engine.device), heads=self.slots.probe_heads
+        )
 
     def describe(self) -> dict:
         """What this batcher runs, for the served model's metadata or a bench record."""
-        out = {"max_batch_size": self.max_batch_size, "max_queue": self.max_queue, "kv_cache": "static slots",
-               "prefill_chunk": self.prefill_chunk, "gemm_rows": [self.slots.gemm_rows.least, self.slots.gemm_rows.most],
-               "speculation": self.speculation}
+        out = {
+            "max_batch_size": self.max_batch_size,
+            "max_queue": self.max_queue,
+            "kv_cache": "static slots",
+            "prefill_chunk": self.prefill_chunk,
+            "gemm_rows": [self.slots.gemm_rows.least, self.slots.gemm_rows.most],
+            "speculation": self.speculation,
+        }
         if self.policy is not None:
             out.update(self.policy.to_dict())
             out["steps_by_tree_size"] = dict(sorted(self.tree_sizes.items()))
         return out
 
     # ------------------------------------------------------------------ Scheduler
-    def submit(self, prompt_ids: list[int], gcfg: GenerationConfig,
-               on_tokens: Callable[[list[int]], None] | None = None, timeout_s: float | None = None) -> Ticket:
+    def submit(
+        self,
+        prompt_ids: list[int],
+        gcfg: GenerationConfig,
+        on_tokens: Callable[[list[int]], None] | None = None,
+        timeout_s: float | None = None,
+    ) -> Ticket:
         self.engine.check_request(prompt_ids, gcfg)
         if gcfg.stop_strings and self.engine.tokenizer is None:
             raise ForgeError("stop strings need a tokenizer")
@@ -91,8 +109,10 @@ class InflightBatcher:
             if self._closed:
                 raise ForgeError("the batcher is closed; no new requests")
             if self.max_queue and len(self._waiting) >= self.max_queue:
-                raise QueueFull(f"request queue is full ({self.max_queue} waiting for a slot of "
-                                 f"{self.max_batch_size}); retry later or raise --max-queue")
+                raise QueueFull(
+                    f"request queue is full ({self.max_queue} waiting for a slot of "
+                    f"{self.max_batch_size}); retry later or raise --max-queue"
+                )
             self._waiting.append(ticket)
             self._cond.notify()
         return ticket
@@ -168,7 +188,7 @@ class InflightBatcher:
             if budget == 0:
                 break
             st = streams[s]
-            chunk = st.prompt[st.prefilled: st.prefilled + budget]
+            chunk = st.prompt[st.prefilled : st.prefilled + budget]
             budget -= len(chunk)
             last = st.prefilled + len(chunk) == len(st.prompt)
             work.prefill.append((s, chunk, last))
@@ -228,4 +248,3 @@ class InflightBatcher:
         for s, st in enumerate(self._streams):
             if st is not None:
                 self._end(s, error=RequestCancelled())
-

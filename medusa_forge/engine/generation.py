@@ -42,8 +42,12 @@ class GenerationConfig:
     @property
     def needs_logits(self) -> bool:
         """Whether the host must see logits (processing them or returning them) at every step."""
-        return bool((self.logits_settings is not None and self.logits_settings.active) or self.return_log_probs
-                    or self.return_context_logits or self.return_generation_logits)
+        return bool(
+            (self.logits_settings is not None and self.logits_settings.active)
+            or self.return_log_probs
+            or self.return_context_logits
+            or self.return_generation_logits
+        )
 
 
 @dataclass

@@ -24,10 +24,18 @@ DEFAULT_TREE = "mc_sim_7b_63"
 DEFAULT_MAX_SEQ_LEN = 2048
 
 
-def load_engine(model_dir: str | Path, medusa_dir: str | Path | None = None, tree: str | ChoiceTree | None = None,
-                device: str | None = None, dtype: str | None = None, max_seq_len: int | None = None,
-                cuda_graphs: bool | None = None, compile: bool = False, fp8_emulate: bool | None = None,
-                with_heads: bool = True) -> MedusaEngine:
+def load_engine(
+    model_dir: str | Path,
+    medusa_dir: str | Path | None = None,
+    tree: str | ChoiceTree | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    max_seq_len: int | None = None,
+    cuda_graphs: bool | None = None,
+    compile: bool = False,
+    fp8_emulate: bool | None = None,
+    with_heads: bool = True,
+) -> MedusaEngine:
     """Open a native engine directory (``medusa-forge build`` output; its heads unless ``medusa_dir``
     is given) or a HF model dir plus heads.
 
@@ -41,8 +49,10 @@ def load_engine(model_dir: str | Path, medusa_dir: str | Path | None = None, tre
     if is_engine_dir(model_dir):
         manifest = EngineManifest.load(model_dir)
         if manifest.kind != "native":
-            raise ForgeError(f"{model_dir}: a {manifest.kind} engine runs in tritonserver's tensorrtllm backend, "
-                             "not in the native engine")
+            raise ForgeError(
+                f"{model_dir}: a {manifest.kind} engine runs in tritonserver's tensorrtllm backend, "
+                "not in the native engine"
+            )
         if medusa_dir is None and with_heads and (model_dir / "medusa").is_dir():
             medusa_dir = model_dir / "medusa"
         tree = tree or (manifest.choice_tree() if with_heads else None)
@@ -59,13 +69,26 @@ def load_engine(model_dir: str | Path, medusa_dir: str | Path | None = None, tre
     return start_engine(model, heads, tree, model_dir, max_seq_len, cuda_graphs, compile)
 
 
-def start_engine(model: Transformer, heads: MedusaHeads | None, tree: str | ChoiceTree | None,
-                 tokenizer_dir: str | Path, max_seq_len: int | None = None, cuda_graphs: bool | None = None,
-                 compile: bool = False) -> MedusaEngine:
+def start_engine(
+    model: Transformer,
+    heads: MedusaHeads | None,
+    tree: str | ChoiceTree | None,
+    tokenizer_dir: str | Path,
+    max_seq_len: int | None = None,
+    cuda_graphs: bool | None = None,
+    compile: bool = False,
+) -> MedusaEngine:
     """An engine over a loaded model and heads (tree default mc_sim_7b_63, KV cache default 2048),
     warmed up: on CUDA the prefill buckets and greedy steps are captured now, not in a timed request."""
     tree = tree or DEFAULT_TREE
-    engine = MedusaEngine(model, heads, read_tree(tree), Tokenizer(tokenizer_dir),
-                          max_seq_len=max_seq_len or DEFAULT_MAX_SEQ_LEN, cuda_graphs=cuda_graphs, compile=compile)
+    engine = MedusaEngine(
+        model,
+        heads,
+        read_tree(tree),
+        Tokenizer(tokenizer_dir),
+        max_seq_len=max_seq_len or DEFAULT_MAX_SEQ_LEN,
+        cuda_graphs=cuda_graphs,
+        compile=compile,
+    )
     engine.warmup()
     return engine

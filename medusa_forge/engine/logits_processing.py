@@ -61,8 +61,9 @@ class LogitsSettings:
         return bool(self.penalized or self.embedding_bias or self.bad_words or self.min_length > 0)
 
 
-def process(logits: Tensor, outputs: Sequence[Sequence[int]], prompt: Sequence[int],
-            settings: LogitsSettings | None) -> Tensor:
+def process(
+    logits: Tensor, outputs: Sequence[Sequence[int]], prompt: Sequence[int], settings: LogitsSettings | None
+) -> Tensor:
     """Processed float32 copy of ``logits`` [N, V]; row i follows ``prompt`` + ``outputs[i]``."""
     out = logits.float().clone()
     if settings is None or not settings.active:
@@ -104,7 +105,7 @@ def _counts(outputs: Sequence[Sequence[int]], prompt: Sequence[int], vocab: int,
     if ids.numel():
         base += torch.bincount(ids, minlength=vocab).to(torch.int32)
     counts = base.repeat(len(outputs), 1)
-    pairs = [(i, t) for i, o in enumerate(outputs) for t in o[len(shared):] if 0 <= t < vocab]
+    pairs = [(i, t) for i, o in enumerate(outputs) for t in o[len(shared) :] if 0 <= t < vocab]
     if pairs:
         index = (torch.tensor([i for i, _ in pairs]), torch.tensor([t for _, t in pairs]))
         counts.index_put_(index, torch.ones(len(pairs), dtype=torch.int32), accumulate=True)
@@ -122,8 +123,9 @@ def _penalize(out: Tensor, counts: Tensor, s: LogitsSettings) -> None:
         out.sub_(counts.float() * s.frequency_penalty)
 
 
-def _banned(outputs: Sequence[Sequence[int]], prompt: Sequence[int], words: tuple[tuple[int, ...], ...],
-            vocab: int) -> tuple[list[int], list[int]]:
+def _banned(
+    outputs: Sequence[Sequence[int]], prompt: Sequence[int], words: tuple[tuple[int, ...], ...], vocab: int
+) -> tuple[list[int], list[int]]:
     rows, cols = [], []
     for i, o in enumerate(outputs):
         for word in words:
@@ -143,12 +145,14 @@ def ends_with(prompt: Sequence[int], generated: Sequence[int], tail: Sequence[in
     if n > len(prompt) + len(generated):
         return False
     if n <= len(generated):
-        return list(generated[len(generated) - n:]) == list(tail)
+        return list(generated[len(generated) - n :]) == list(tail)
     k = n - len(generated)
-    return list(prompt[len(prompt) - k:]) == list(tail[:k]) and list(generated) == list(tail[k:])
+    return list(prompt[len(prompt) - k :]) == list(tail[:k]) and list(generated) == list(tail[k:])
 
 
-def stop_cut(prompt: Sequence[int], tokens: Sequence[int], new: int, stop_words: tuple[tuple[int, ...], ...]) -> int | None:
+def stop_cut(
+    prompt: Sequence[int], tokens: Sequence[int], new: int, stop_words: tuple[tuple[int, ...], ...]
+) -> int | None:
     """The shortest length n among the last ``new`` tokens' positions at which prompt + tokens[:n]
     ends with a stop word (its ids stay in the output, as in TensorRT-LLM), or None."""
     if not stop_words:

@@ -55,9 +55,14 @@ def no_medusa_option(help: str = NO_MEDUSA_HELP):
 
 def opening_options(note: str = "") -> list:
     """--medusa .. --compile (no --model), each help prefixed by ``note`` (e.g. ``--in-process: ``)."""
-    return [medusa_option(note + MEDUSA_HELP), tree_option(note + TREE_HELP), device_option(note + DEVICE_HELP),
-            dtype_option(note + DTYPE_HELP), max_seq_len_option(note + MAX_SEQ_LEN_HELP),
-            compile_option(note + COMPILE_HELP)]
+    return [
+        medusa_option(note + MEDUSA_HELP),
+        tree_option(note + TREE_HELP),
+        device_option(note + DEVICE_HELP),
+        dtype_option(note + DTYPE_HELP),
+        max_seq_len_option(note + MAX_SEQ_LEN_HELP),
+        compile_option(note + COMPILE_HELP),
+    ]
 
 
 def with_options(options: list):

@@ -91,8 +91,9 @@ class _Loop:
         """The token of one plain row [1, V] (greedy or sampled, from the processed logits)."""
         processed = process(raw, [self.out], self.prompt, self.settings)
         if self.generator is not None:
-            token = int(sample_token(processed, self.gcfg.temperature, self.gcfg.top_k, self.gcfg.top_p,
-                                     self.generator)[0])
+            token = int(
+                sample_token(processed, self.gcfg.temperature, self.gcfg.top_k, self.gcfg.top_p, self.generator)[0]
+            )
         else:
             token = int(processed.argmax(-1)[0])
         self._keep(raw, processed, [token])
@@ -123,8 +124,9 @@ class _Loop:
 
     def tree_step(self) -> list[int]:
         e, b, g = self.e, self.e.buffers, self.gcfg
-        tree_tokens, positions, slots = kernels.tree_inputs(e.root, e.head_topk, b.tree_indices, b.positions,
-                                                            e.cur_len, e.node_ids)
+        tree_tokens, positions, slots = kernels.tree_inputs(
+            e.root, e.head_topk, b.tree_indices, b.positions, e.cur_len, e.node_ids
+        )
         meta = StepMeta(positions, slots, prefix_len=e.cur_len, tree_mask=b.attn_mask, tree_ancestors=b.ancestors)
         hidden = e.model(tree_tokens[None], meta)[0]
         raw = e.model.lm_head(hidden).float()
@@ -135,22 +137,41 @@ class _Loop:
         if g.temperature == 0:
             best, accepted = greedy_accept(processed, candidates, b.retrieve_indices, b.retrieve_valid)
         else:
-            best, accepted = typical_accept(processed, candidates, b.retrieve_indices, b.retrieve_valid,
-                                            g.temperature, g.posterior_threshold, g.posterior_alpha)
-        commit_path(processed, tree_tokens, b.retrieve_indices, best, accepted, e.cur_len, e.step_out, e.root,
-                    e.last, e.kv_src, e.kv_dst)
+            best, accepted = typical_accept(
+                processed,
+                candidates,
+                b.retrieve_indices,
+                b.retrieve_valid,
+                g.temperature,
+                g.posterior_threshold,
+                g.posterior_alpha,
+            )
+        commit_path(
+            processed,
+            tree_tokens,
+            b.retrieve_indices,
+            best,
+            accepted,
+            e.cur_len,
+            e.step_out,
+            e.root,
+            e.last,
+            e.kv_src,
+            e.kv_dst,
+        )
         e.model.move_kv(e.kv_src, e.kv_dst)
         e._heads_topk(hidden, e.last, out=e.head_topk)
         out = e.step_out.tolist()
-        new = out[1: 1 + out[0]]
+        new = out[1 : 1 + out[0]]
         rows = b.retrieve_indices[best[0], : len(new)]  # the nodes each new token was chosen at
         self._keep(raw.index_select(0, rows), processed.index_select(0, rows), new)
         self.out.extend(new)
         return new
 
 
-def iter_processed_steps(engine, prompt_ids: list[int], gcfg: GenerationConfig,
-                         record: Recorded) -> Iterator[list[int]]:
+def iter_processed_steps(
+    engine, prompt_ids: list[int], gcfg: GenerationConfig, record: Recorded
+) -> Iterator[list[int]]:
     """Like ``MedusaEngine.iter_steps`` (the prefill's token first, then each step's tokens), eagerly,
     through the request's logits processing; ``record`` collects what the request asked to see."""
     engine.check_request(prompt_ids, gcfg)

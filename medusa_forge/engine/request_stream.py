@@ -24,8 +24,11 @@ class RequestStream:
         gcfg = ticket.gcfg
         self.gcfg = gcfg
         self.engine = engine
-        self.eos = set(() if gcfg.ignore_eos else (gcfg.eos_token_ids if gcfg.eos_token_ids is not None
-                                                   else engine.cfg.eos_token_ids))
+        self.eos = set(
+            ()
+            if gcfg.ignore_eos
+            else (gcfg.eos_token_ids if gcfg.eos_token_ids is not None else engine.cfg.eos_token_ids)
+        )
         self.prompt = ticket.prompt_ids
         self.prefilled = 0  # prompt tokens already in the slot's cache
         self.tokens: list[int] = []
@@ -53,8 +56,16 @@ class RequestStream:
         if g.temperature > 0 and not g.use_medusa:
             generator = torch.Generator(device=device)
             generator.manual_seed(g.seed if g.seed is not None else int(time.time_ns() % 2**31))
-        return Sampling(g.temperature, g.top_k, g.top_p, generator, g.use_medusa, g.posterior_threshold,
-                        g.posterior_alpha, self.logits)
+        return Sampling(
+            g.temperature,
+            g.top_k,
+            g.top_p,
+            generator,
+            g.use_medusa,
+            g.posterior_threshold,
+            g.posterior_alpha,
+            self.logits,
+        )
 
     def take(self, new: list[int], drafts: int = 0) -> bool:
         """Add one step's tokens (the first call is the prefill's token) and the number of draft
@@ -89,8 +100,17 @@ class RequestStream:
         text = tok.decode(self.tokens) if tok is not None else ""
         if self.reason == "stop":
             text = min((text.split(s)[0] for s in self.gcfg.stop_strings if s in text), key=len, default=text)
-        result = GenerationResult(len(self.prompt), self.tokens, text, len(self.accepted), self.accepted,
-                                  self.reason, self.ttft or 0.0, total, drafts_per_step=self.drafts)
+        result = GenerationResult(
+            len(self.prompt),
+            self.tokens,
+            text,
+            len(self.accepted),
+            self.accepted,
+            self.reason,
+            self.ttft or 0.0,
+            total,
+            drafts_per_step=self.drafts,
+        )
         if self.logits is not None:
             self.logits.attach(result)
         return result

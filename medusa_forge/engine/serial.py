@@ -37,16 +37,23 @@ class SerialScheduler:
         """What this loop runs: one request at a time, each with the engine's whole tree (or none)."""
         return {"max_batch_size": 1, "max_queue": self.max_queue, "speculation": "serial"}
 
-    def submit(self, prompt_ids: list[int], gcfg: GenerationConfig,
-               on_tokens: Callable[[list[int]], None] | None = None, timeout_s: float | None = None) -> Ticket:
+    def submit(
+        self,
+        prompt_ids: list[int],
+        gcfg: GenerationConfig,
+        on_tokens: Callable[[list[int]], None] | None = None,
+        timeout_s: float | None = None,
+    ) -> Ticket:
         self.engine.check_request(prompt_ids, gcfg)  # a bad request fails here, not in the loop
         ticket = Ticket(list(prompt_ids), gcfg, on_tokens, timeout_s)
         with self._wake:
             if self._closed:
                 raise ForgeError("the scheduler is closed; the model is unloading")
             if self.max_queue and len(self._queue) >= self.max_queue:
-                raise QueueFull(f"request queue is full ({self.max_queue} waiting for a slot of 1); retry later "
-                                 "or raise --max-queue")
+                raise QueueFull(
+                    f"request queue is full ({self.max_queue} waiting for a slot of 1); retry later "
+                    "or raise --max-queue"
+                )
             self._queue.append(ticket)
             self._wake.notify()
         return ticket

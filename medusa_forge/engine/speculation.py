@@ -87,12 +87,24 @@ class CostModel:
         return base + self.per_slot * slots + (self.heads if tree else 0.0)
 
     def to_dict(self) -> dict:
-        return {"rows": self.rows, "seconds": [round(x, 6) for x in self.seconds],
-                "per_slot_s": round(self.per_slot, 6), "heads_s": round(self.heads, 6), "device": self.device}
+        return {
+            "rows": self.rows,
+            "seconds": [round(x, 6) for x in self.seconds],
+            "per_slot_s": round(self.per_slot, 6),
+            "heads_s": round(self.heads, 6),
+            "device": self.device,
+        }
 
     @classmethod
-    def measure(cls, run: Callable[[int, int], None], max_rows: int, max_slots: int, device: str = "",
-                reps: int = 5, heads: Callable[[int], None] | None = None) -> CostModel:
+    def measure(
+        cls,
+        run: Callable[[int, int], None],
+        max_rows: int,
+        max_slots: int,
+        device: str = "",
+        reps: int = 5,
+        heads: Callable[[int], None] | None = None,
+    ) -> CostModel:
         """``run(rows, slots)`` runs one packed step of that shape, ``heads(slots)`` the heads over
         that many rows; the best of ``reps`` counts. The shapes take turns, so a neighbour's burst
         of work slows one run of each, not all runs of one."""
@@ -107,6 +119,7 @@ class CostModel:
                 heads(slots)
             else:
                 step(rows, slots)
+
         best = dict.fromkeys(shapes, float("inf"))
         for rep in range(reps + 1):  # the first round warms up
             for shape in shapes:
@@ -137,7 +150,7 @@ class Acceptance:
 
     def record(self, size: int, accepted_ranks: list[int]) -> None:
         """One slot's tree step: a tree of ``size`` ranked nodes, these ranks on the accepted path."""
-        self.tried[1: size + 1] += 1
+        self.tried[1 : size + 1] += 1
         self.hits[accepted_ranks] += 1
 
     def probs(self) -> np.ndarray:

@@ -33,8 +33,13 @@ class QueueFull(ForgeError):
 class Ticket:
     """One submitted request: its inputs, a cancel switch, and its outcome once the loop ends it."""
 
-    def __init__(self, prompt_ids: list[int], gcfg: GenerationConfig,
-                 on_tokens: Callable[[list[int]], None] | None = None, timeout_s: float | None = None):
+    def __init__(
+        self,
+        prompt_ids: list[int],
+        gcfg: GenerationConfig,
+        on_tokens: Callable[[list[int]], None] | None = None,
+        timeout_s: float | None = None,
+    ):
         self.prompt_ids = prompt_ids
         self.gcfg = gcfg
         self.on_tokens = on_tokens
@@ -72,8 +77,10 @@ class Ticket:
         if self.cancelled:
             raise RequestCancelled()
         if self.deadline is not None and time.monotonic() > self.deadline:
-            raise RequestTimedOut(f"request exceeded the model's timeout of {self.timeout_s:g} s after {produced} "
-                                  "tokens; ask for fewer max_tokens or raise --request-timeout")
+            raise RequestTimedOut(
+                f"request exceeded the model's timeout of {self.timeout_s:g} s after {produced} "
+                "tokens; ask for fewer max_tokens or raise --request-timeout"
+            )
 
     def finish(self, result: GenerationResult) -> None:
         self._result = result
@@ -89,8 +96,13 @@ class Scheduler(Protocol):
 
     max_batch_size: int
 
-    def submit(self, prompt_ids: list[int], gcfg: GenerationConfig,
-               on_tokens: Callable[[list[int]], None] | None = None, timeout_s: float | None = None) -> Ticket:
+    def submit(
+        self,
+        prompt_ids: list[int],
+        gcfg: GenerationConfig,
+        on_tokens: Callable[[list[int]], None] | None = None,
+        timeout_s: float | None = None,
+    ) -> Ticket:
         """Queue a request (raises ForgeError for a bad one or a full queue) and return its ticket."""
 
     def close(self) -> None:

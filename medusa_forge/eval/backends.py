@@ -51,8 +51,9 @@ class TritonBackend:
 
     kind = "triton"
 
-    def __init__(self, url: str, model: str, timeout_s: float = 300.0, temperature: float = 0.0,
-                 keep_stream: bool = True):
+    def __init__(
+        self, url: str, model: str, timeout_s: float = 300.0, temperature: float = 0.0, keep_stream: bool = True
+    ):
         self.url = url
         self.label = model
         self.timeout_s = timeout_s
@@ -68,8 +69,9 @@ class TritonBackend:
         if client is None:
             from medusa_forge.serve.client import TritonLLMClient
 
-            client = self._local.client = TritonLLMClient(self.url, self.label, self.timeout_s,
-                                                          keep_stream=self.keep_stream)
+            client = self._local.client = TritonLLMClient(
+                self.url, self.label, self.timeout_s, keep_stream=self.keep_stream
+            )
             with self._lock:
                 self._clients.append(client)
         return client
@@ -82,10 +84,13 @@ class TritonBackend:
             return
         live, states = _probe_server(self.url, min(self.timeout_s, 10.0))
         if not live:
-            raise ForgeError(f"Triton server at {self.url} is unreachable; start it with `medusa-forge serve` "
-                             "or check --url")
-        raise ForgeError(f"model '{self.label}' is not ready on {self.url} (models there: {states or 'none'}); "
-                         "check the model name and the server log")
+            raise ForgeError(
+                f"Triton server at {self.url} is unreachable; start it with `medusa-forge serve` or check --url"
+            )
+        raise ForgeError(
+            f"model '{self.label}' is not ready on {self.url} (models there: {states or 'none'}); "
+            "check the model name and the server log"
+        )
 
     @property
     def can_stream(self) -> bool:
@@ -97,8 +102,15 @@ class TritonBackend:
         if ignore_eos:
             sampling["end_id"] = -1
         r = self._client().generate(prompt, max_tokens, stream=stream, **sampling)
-        return Completion(r.text, r.ttft_s, r.total_s, r.output_tokens, list(r.accepted_per_step),
-                          r.total_accepted_draft_tokens, r.total_draft_tokens)
+        return Completion(
+            r.text,
+            r.ttft_s,
+            r.total_s,
+            r.output_tokens,
+            list(r.accepted_per_step),
+            r.total_accepted_draft_tokens,
+            r.total_draft_tokens,
+        )
 
     def close(self) -> None:
         with self._lock:
@@ -116,8 +128,9 @@ class EngineBackend:
 
     kind = "in-process"
 
-    def __init__(self, engine, use_medusa: bool, label: str, lock: threading.Lock | None = None,
-                 temperature: float = 0.0):
+    def __init__(
+        self, engine, use_medusa: bool, label: str, lock: threading.Lock | None = None, temperature: float = 0.0
+    ):
         self.engine = engine
         self.use_medusa = use_medusa
         self.label = label
@@ -129,8 +142,9 @@ class EngineBackend:
     def complete(self, prompt: str, max_tokens: int, stream: bool = False, ignore_eos: bool = False) -> Completion:
         from medusa_forge.engine.generation import GenerationConfig
 
-        gcfg = GenerationConfig(max_new_tokens=max_tokens, use_medusa=self.use_medusa, temperature=self.temperature,
-                                ignore_eos=ignore_eos)
+        gcfg = GenerationConfig(
+            max_new_tokens=max_tokens, use_medusa=self.use_medusa, temperature=self.temperature, ignore_eos=ignore_eos
+        )
         first: list[float] = []
         with self.lock:
             t0 = time.perf_counter()

@@ -75,8 +75,12 @@ class ResultCache:
             with self._lock:
                 if not self._dirty:
                     return
-                doc = {"kind": PARTIAL_KIND, "complete": False, "fingerprint": self.fingerprint,
-                       "results": dict(self.results)}
+                doc = {
+                    "kind": PARTIAL_KIND,
+                    "complete": False,
+                    "fingerprint": self.fingerprint,
+                    "results": dict(self.results),
+                }
                 self._dirty = False
                 self._last_flush = time.monotonic()
             atomic_write_json(self.path, doc)
@@ -85,7 +89,7 @@ class ResultCache:
         """Remove the cache once the complete output has been written."""
         self.path.unlink(missing_ok=True)
 
-    def __enter__(self) -> "ResultCache":
+    def __enter__(self) -> ResultCache:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -111,8 +115,10 @@ def read_complete(path: str | Path, kind: str | tuple[str, ...]) -> dict[str, An
     doc = read_json(path, f"{kinds[0]} results")
     if doc.get("kind") == PARTIAL_KIND or doc.get("complete") is not True:
         done = len(doc.get("results") or {})
-        raise ForgeError(f"{path}: partial results ({done} items), not a finished run; rerun the same "
-                         "`medusa-forge eval` command to resume and complete it")
+        raise ForgeError(
+            f"{path}: partial results ({done} items), not a finished run; rerun the same "
+            "`medusa-forge eval` command to resume and complete it"
+        )
     if doc.get("kind") not in kinds:
         raise ForgeError(f"{path}: expected {' or '.join(kinds)} results, found kind {doc.get('kind')!r}")
     return doc

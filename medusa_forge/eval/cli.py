@@ -34,9 +34,12 @@ def _tokenizer(path: str | None):
 
 
 in_process_options = [
-    click.option("--in-process", is_flag=True,
-                 help="Measure native engines in this process instead of a Triton server (model names are "
-                      "then engine or HF model directories). For GPU boxes without tritonserver."),
+    click.option(
+        "--in-process",
+        is_flag=True,
+        help="Measure native engines in this process instead of a Triton server (model names are "
+        "then engine or HF model directories). For GPU boxes without tritonserver.",
+    ),
     *opening_options("--in-process: "),
 ]
 
@@ -54,43 +57,86 @@ def eval_group() -> None:
 @eval_group.command("mmlu")
 @click.option("--url", default=None, help="Triton gRPC endpoint HOST:PORT.")
 @click.option("--model", required=True, help="Triton model name (with --in-process: engine directory).")
-@click.option("--data", type=click.Path(), required=True,
-              help="MMLU directory: original CSV layout (dev/ val/ test/) or cais/mmlu parquet/JSONL layout.")
+@click.option(
+    "--data",
+    type=click.Path(),
+    required=True,
+    help="MMLU directory: original CSV layout (dev/ val/ test/) or cais/mmlu parquet/JSONL layout.",
+)
 @click.option("--subjects", multiple=True, help="Subjects to run (repeatable or comma-separated; default: all).")
 @click.option("--split", type=click.Choice(["test", "val", "dev"]), default="test", show_default=True)
 @click.option("--shots", default=5, show_default=True, help="Dev examples in each prompt (k-shot).")
 @click.option("--limit", default=None, type=int, help="First N questions of each subject.")
 @click.option("--concurrency", default=4, show_default=True, help="Requests in flight.")
-@click.option("--tokenizer", type=click.Path(), default=None,
-              help="Tokenizer (or native engine) dir: drop shots until the prompt fits --max-prompt-tokens (as the original does).")
+@click.option(
+    "--tokenizer",
+    type=click.Path(),
+    default=None,
+    help="Tokenizer (or native engine) dir: drop shots until the prompt fits --max-prompt-tokens (as the original does).",
+)
 @click.option("--max-prompt-tokens", default=2048, show_default=True)
 @click.option("--timeout", default=300.0, show_default=True, help="Seconds per request.")
 @no_medusa_option("--in-process: decode with the base model only (default: Medusa when the engine has heads).")
 @with_options(in_process_options)
 @click.option("--out", type=click.Path(), default=None, help="Results JSON (default: mmlu-<model>.json).")
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def mmlu(url, model, data, subjects, split, shots, limit, concurrency, tokenizer, max_prompt_tokens, timeout,
-         no_medusa, in_process, medusa, tree, device, dtype, max_seq_len, compile_, out, progress):
+def mmlu(
+    url,
+    model,
+    data,
+    subjects,
+    split,
+    shots,
+    limit,
+    concurrency,
+    tokenizer,
+    max_prompt_tokens,
+    timeout,
+    no_medusa,
+    in_process,
+    medusa,
+    tree,
+    device,
+    dtype,
+    max_seq_len,
+    compile_,
+    out,
+    progress,
+):
     """MMLU k-shot accuracy of one model (greedy one-token answer), per subject and macro/micro."""
     from medusa_forge.eval.runs import run_mmlu
 
     tok = _tokenizer(tokenizer)
-    backend = _backend(url, model, timeout, in_process, medusa, tree, device, dtype, max_seq_len, compile_,
-                       use_medusa=not no_medusa)
+    backend = _backend(
+        url, model, timeout, in_process, medusa, tree, device, dtype, max_seq_len, compile_, use_medusa=not no_medusa
+    )
     if tok is None and in_process:
         tok = backend.engine.tokenizer
     out = Path(out or f"mmlu-{_slug(model)}.json")
     try:
-        doc = run_mmlu(backend, Path(data), split, _split_list(subjects), shots, limit, concurrency, out,
-                       count_tokens=(lambda s: len(tok.encode(s))) if tok else None,
-                       max_prompt_tokens=max_prompt_tokens, progress=progress, meta={"url": url})
+        doc = run_mmlu(
+            backend,
+            Path(data),
+            split,
+            _split_list(subjects),
+            shots,
+            limit,
+            concurrency,
+            out,
+            count_tokens=(lambda s: len(tok.encode(s))) if tok else None,
+            max_prompt_tokens=max_prompt_tokens,
+            progress=progress,
+            meta={"url": url},
+        )
     finally:
         _close(backend)
     for s, v in doc["subjects"].items():
         click.echo(f"{s:40s} {100 * v['accuracy']:6.2f}  ({v['correct']}/{v['total']})")
     click.echo(f"{'macro average':40s} {100 * doc['macro_accuracy']:6.2f}")
-    click.echo(f"{'micro average':40s} {100 * doc['micro_accuracy']:6.2f}  ({doc['num_questions']} questions, "
-               f"{doc['invalid_answers']} without a letter)")
+    click.echo(
+        f"{'micro average':40s} {100 * doc['micro_accuracy']:6.2f}  ({doc['num_questions']} questions, "
+        f"{doc['invalid_answers']} without a letter)"
+    )
     click.echo(f"wrote {out}")
 
 
@@ -102,29 +148,77 @@ def mmlu(url, model, data, subjects, split, shots, limit, concurrency, tokenizer
 @click.option("--prompts", required=True, type=click.Path(), help="JSONL with 'prompt' (and 'topic') per line.")
 @click.option("--per-topic", default=None, type=int, help="First N prompts of each topic.")
 @click.option("--limit", default=None, type=int, help="First N prompts overall.")
-@click.option("--max-tokens", "--max_output_len", "max_tokens", default=128, show_default=True,
-              help="New tokens per request (the ensemble's max_tokens).")
+@click.option(
+    "--max-tokens",
+    "--max_output_len",
+    "max_tokens",
+    default=128,
+    show_default=True,
+    help="New tokens per request (the ensemble's max_tokens).",
+)
 @click.option("--trials", default=3, show_default=True, help="Measured repetitions of every prompt.")
 @click.option("--warmup", default=2, show_default=True, help="Unrecorded (base, Medusa) pairs first.")
-@click.option("--max-prompt-chars", default=2000, show_default=True,
-              help="Keep the last N characters of longer prompts (0: whole prompt).")
-@click.option("--stream/--no-stream", default=None,
-              help="Streaming requests, which give a real TTFT (default: stream when both models are decoupled; "
-                   "without streaming TTFT equals the whole request).")
-@click.option("--ignore-eos/--stop-at-eos", default=True, show_default=True,
-              help="Generate --max-tokens every time (sends end_id=-1), so both models decode equal lengths.")
-@click.option("--medusa-temperature", default=0.0, show_default=True,
-              help="Decode the Medusa model with typical acceptance at this temperature (0 = greedy, exact; "
-                   ">0 is not exact, outputs will differ from the base).")
-@click.option("--tokenizer", type=click.Path(), default=None,
-              help="Tokenizer (or native engine) dir to count tokens when the server returns no output_tokens (TensorRT-LLM).")
+@click.option(
+    "--max-prompt-chars",
+    default=2000,
+    show_default=True,
+    help="Keep the last N characters of longer prompts (0: whole prompt).",
+)
+@click.option(
+    "--stream/--no-stream",
+    default=None,
+    help="Streaming requests, which give a real TTFT (default: stream when both models are decoupled; "
+    "without streaming TTFT equals the whole request).",
+)
+@click.option(
+    "--ignore-eos/--stop-at-eos",
+    default=True,
+    show_default=True,
+    help="Generate --max-tokens every time (sends end_id=-1), so both models decode equal lengths.",
+)
+@click.option(
+    "--medusa-temperature",
+    default=0.0,
+    show_default=True,
+    help="Decode the Medusa model with typical acceptance at this temperature (0 = greedy, exact; "
+    ">0 is not exact, outputs will differ from the base).",
+)
+@click.option(
+    "--tokenizer",
+    type=click.Path(),
+    default=None,
+    help="Tokenizer (or native engine) dir to count tokens when the server returns no output_tokens (TensorRT-LLM).",
+)
 @click.option("--timeout", default=300.0, show_default=True, help="Seconds per request.")
 @with_options(in_process_options)
 @click.option("--out", type=click.Path(), default=None, help="Results JSON (default: speed-<medusa>.json).")
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def speed(url, base_model, medusa_model, prompts, per_topic, limit, max_tokens, trials, warmup, max_prompt_chars,
-          stream, ignore_eos, medusa_temperature, tokenizer, timeout, in_process, medusa, tree, device, dtype,
-          max_seq_len, compile_, out, progress):
+def speed(
+    url,
+    base_model,
+    medusa_model,
+    prompts,
+    per_topic,
+    limit,
+    max_tokens,
+    trials,
+    warmup,
+    max_prompt_chars,
+    stream,
+    ignore_eos,
+    medusa_temperature,
+    tokenizer,
+    timeout,
+    in_process,
+    medusa,
+    tree,
+    device,
+    dtype,
+    max_seq_len,
+    compile_,
+    out,
+    progress,
+):
     """Per-topic tokens/s, TTFT, latency percentiles, acceptance length and output identity, base vs Medusa."""
     from medusa_forge.eval.runs import run_speed
     from medusa_forge.eval.speed import SpeedConfig
@@ -135,25 +229,43 @@ def speed(url, base_model, medusa_model, prompts, per_topic, limit, max_tokens, 
     items = read_prompts(prompts, limit=limit, per_topic=per_topic)
     tok = _tokenizer(tokenizer)
     if in_process:
-        base, med = _engine_pair(base_model, medusa_model, medusa, tree, device, dtype, max_seq_len, compile_,
-                                 medusa_temperature)
+        base, med = _engine_pair(
+            base_model, medusa_model, medusa, tree, device, dtype, max_seq_len, compile_, medusa_temperature
+        )
     else:
         base = _backend(url, base_model, timeout, False)
         med = _backend(url, medusa_model, timeout, False, temperature=medusa_temperature)
-    cfg = SpeedConfig(max_tokens=max_tokens, trials=trials, warmup=warmup, max_prompt_chars=max_prompt_chars,
-                      stream=stream, ignore_eos=ignore_eos, medusa_temperature=medusa_temperature)
+    cfg = SpeedConfig(
+        max_tokens=max_tokens,
+        trials=trials,
+        warmup=warmup,
+        max_prompt_chars=max_prompt_chars,
+        stream=stream,
+        ignore_eos=ignore_eos,
+        medusa_temperature=medusa_temperature,
+    )
     out = Path(out or f"speed-{_slug(medusa_model)}.json")
     try:
-        doc = run_speed(items, base, med, cfg, out, prompts_file=prompts,
-                        count_tokens=(lambda s: len(tok.hf(s, add_special_tokens=False).input_ids)) if tok else None,
-                        progress=progress, meta={"url": url})
+        doc = run_speed(
+            items,
+            base,
+            med,
+            cfg,
+            out,
+            prompts_file=prompts,
+            count_tokens=(lambda s: len(tok.hf(s, add_special_tokens=False).input_ids)) if tok else None,
+            progress=progress,
+            meta={"url": url},
+        )
     finally:
         _close(base, med)
     for t, v in list(doc["per_topic"].items()) + [("all", doc["overall"])]:
         acc = v["medusa"]["mean_acceptance_length"]
-        click.echo(f"{t:12s} base {v['base']['tokens_per_s']:9.1f} tok/s  medusa {v['medusa']['tokens_per_s']:9.1f} "
-                   f"tok/s  {v['speedup']:5.2f}x  tokens/step {acc if acc is not None else 'n/a'}  "
-                   f"identical {v['identical']}/{v['prompts']}")
+        click.echo(
+            f"{t:12s} base {v['base']['tokens_per_s']:9.1f} tok/s  medusa {v['medusa']['tokens_per_s']:9.1f} "
+            f"tok/s  {v['speedup']:5.2f}x  tokens/step {acc if acc is not None else 'n/a'}  "
+            f"identical {v['identical']}/{v['prompts']}"
+        )
     click.echo(f"wrote {out}")
 
 
@@ -162,8 +274,12 @@ def speed(url, base_model, medusa_model, prompts, per_topic, limit, max_tokens, 
 @click.option("--mmlu", "mmlu_path", required=True, type=click.Path(), help="Candidate's `eval mmlu` JSON.")
 @click.option("--baseline-mmlu", type=click.Path(), default=None, help="Baseline's `eval mmlu` JSON.")
 @click.option("--speed", "speed_path", type=click.Path(), default=None, help="`eval speed` JSON.")
-@click.option("--engine", type=click.Path(), default=None,
-              help="Candidate engine dir the results belong to (promote then checks it is the one promoted).")
+@click.option(
+    "--engine",
+    type=click.Path(),
+    default=None,
+    help="Candidate engine dir the results belong to (promote then checks it is the one promoted).",
+)
 @click.option("--out", required=True, type=click.Path(), help="Report directory.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing non-empty --out.")
 def report(mmlu_path, baseline_mmlu, speed_path, engine, out, overwrite):
@@ -177,20 +293,40 @@ def report(mmlu_path, baseline_mmlu, speed_path, engine, out, overwrite):
 # ---------------------------------------------------------------- promote
 @click.command()
 @click.option("--candidate", type=click.Path(), default=None, help="Engine directory to promote.")
-@click.option("--report", "report_path", type=click.Path(), default=None,
-              help="The candidate's `eval report` (directory or report.json).")
-@click.option("--baseline", type=click.Path(), default=None,
-              help="The baseline's `eval report` (or its `eval mmlu` JSON) the MMLU drop is measured against.")
+@click.option(
+    "--report",
+    "report_path",
+    type=click.Path(),
+    default=None,
+    help="The candidate's `eval report` (directory or report.json).",
+)
+@click.option(
+    "--baseline",
+    type=click.Path(),
+    default=None,
+    help="The baseline's `eval report` (or its `eval mmlu` JSON) the MMLU drop is measured against.",
+)
 @click.option("--to", "registry", required=True, type=click.Path(), help="Registry directory.")
 @click.option("--max-mmlu-drop", default=0.5, show_default=True, help="Accuracy points the candidate may lose.")
 @click.option("--mmlu-metric", type=click.Choice(["micro", "macro"]), default="micro", show_default=True)
 @click.option("--min-speedup", default=1.5, show_default=True, help="Minimum tokens/s speedup on every topic.")
-@click.option("--require-identical", is_flag=True,
-              help="Greedy outputs must equal the base's and MMLU answers the baseline's.")
+@click.option(
+    "--require-identical", is_flag=True, help="Greedy outputs must equal the base's and MMLU answers the baseline's."
+)
 @click.option("--rollback", is_flag=True, help="Make the previous engine current again (no gates).")
 @click.option("--lock-timeout", default=600.0, show_default=True, help="Seconds to wait for the registry lock.")
-def promote(candidate, report_path, baseline, registry, max_mmlu_drop, mmlu_metric, min_speedup,
-            require_identical, rollback, lock_timeout):
+def promote(
+    candidate,
+    report_path,
+    baseline,
+    registry,
+    max_mmlu_drop,
+    mmlu_metric,
+    min_speedup,
+    require_identical,
+    rollback,
+    lock_timeout,
+):
     """Gate a candidate engine on its eval report and publish it atomically (exit 1 when a gate fails)."""
     from medusa_forge.eval import promote as pm
 
@@ -221,8 +357,20 @@ def _close(*backends) -> None:
             close()
 
 
-def _backend(url, model, timeout, in_process, medusa=None, tree=None, device=None, dtype=None, max_seq_len=None,
-             compile_=False, use_medusa=True, temperature=0.0):
+def _backend(
+    url,
+    model,
+    timeout,
+    in_process,
+    medusa=None,
+    tree=None,
+    device=None,
+    dtype=None,
+    max_seq_len=None,
+    compile_=False,
+    use_medusa=True,
+    temperature=0.0,
+):
     if in_process:
         from medusa_forge.build.open import open_engine
         from medusa_forge.eval.backends import EngineBackend
@@ -252,5 +400,7 @@ def _engine_pair(base_model, medusa_model, medusa, tree, device, dtype, max_seq_
         base_engine = med_engine
     else:
         base_engine = open_engine(base_model, None, None, device, dtype, max_seq_len, compile_)
-    return (EngineBackend(base_engine, False, base_model, lock),
-            EngineBackend(med_engine, True, medusa_model, lock, temperature))
+    return (
+        EngineBackend(base_engine, False, base_model, lock),
+        EngineBackend(med_engine, True, medusa_model, lock, temperature),
+    )

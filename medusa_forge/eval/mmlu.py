@@ -18,15 +18,16 @@ from __future__ import annotations
 
 import re
 import threading
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from tqdm import tqdm
 
+from medusa_forge.errors import ForgeError
 from medusa_forge.eval.cache import ResultCache
 from medusa_forge.eval.mmlu_data import LETTERS, Question
-from medusa_forge.errors import ForgeError
 
 _LETTER = re.compile(r"^\s*\(?([ABCD])(?![A-Za-z0-9])")
 
@@ -45,8 +46,9 @@ def build_prompt(subject: str, shots: list[Question], q: Question) -> str:
     return header + "".join(format_question(s, True) for s in shots) + format_question(q, False)
 
 
-def fit_prompt(subject: str, shots: list[Question], q: Question, count_tokens: Callable[[str], int] | None,
-               max_prompt_tokens: int) -> tuple[str, int]:
+def fit_prompt(
+    subject: str, shots: list[Question], q: Question, count_tokens: Callable[[str], int] | None, max_prompt_tokens: int
+) -> tuple[str, int]:
     """The prompt with as many of ``shots`` as fit (original: drop the last shot until <= 2048 tokens)."""
     k = len(shots)
     prompt = build_prompt(subject, shots, q)
@@ -72,9 +74,14 @@ class Item:
     shots: int
 
 
-def make_items(test: dict[str, list[Question]], dev: dict[str, list[Question]] | None, shots: int,
-               limit: int | None = None, count_tokens: Callable[[str], int] | None = None,
-               max_prompt_tokens: int = 2048) -> list[Item]:
+def make_items(
+    test: dict[str, list[Question]],
+    dev: dict[str, list[Question]] | None,
+    shots: int,
+    limit: int | None = None,
+    count_tokens: Callable[[str], int] | None = None,
+    max_prompt_tokens: int = 2048,
+) -> list[Item]:
     """Prompts for the first ``limit`` test questions of each subject, with ``shots`` dev examples."""
     items = []
     for subject, questions in test.items():
@@ -89,13 +96,20 @@ def make_items(test: dict[str, list[Question]], dev: dict[str, list[Question]] |
 
 def answer_record(item: Item, reply: str) -> dict[str, Any]:
     predicted = extract_letter(reply)
-    return {"id": item.id, "subject": item.question.subject, "answer": item.question.answer,
-            "predicted": predicted, "reply": reply, "correct": predicted == item.question.answer,
-            "shots": item.shots}
+    return {
+        "id": item.id,
+        "subject": item.question.subject,
+        "answer": item.question.answer,
+        "predicted": predicted,
+        "reply": reply,
+        "correct": predicted == item.question.answer,
+        "shots": item.shots,
+    }
 
 
-def run_items(items: list[Item], ask: Callable[[str], str], cache: ResultCache, concurrency: int = 4,
-              progress: bool = True) -> list[dict[str, Any]]:
+def run_items(
+    items: list[Item], ask: Callable[[str], str], cache: ResultCache, concurrency: int = 4, progress: bool = True
+) -> list[dict[str, Any]]:
     """Ask every item not already in ``cache`` (up to ``concurrency`` in flight); records in item order.
 
     Each answer is cached as soon as it arrives. On the first failure no new request is started,
@@ -123,8 +137,10 @@ def run_items(items: list[Item], ask: Callable[[str], str], cache: ResultCache, 
         stop.set()
         cache.flush()
         if isinstance(e, ForgeError):
-            raise ForgeError(f"{e} ({len(cache.results)} of {len(items)} answers kept in {cache.path}; "
-                             "rerun the same command to resume)") from None
+            raise ForgeError(
+                f"{e} ({len(cache.results)} of {len(items)} answers kept in {cache.path}; "
+                "rerun the same command to resume)"
+            ) from None
         raise
     finally:
         bar.close()

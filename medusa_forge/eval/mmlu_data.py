@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from medusa_forge.errors import ForgeError
 
@@ -54,8 +55,10 @@ def detect_layout(root: Path) -> str:
         return "csv"
     if any(root.rglob("*.parquet")) or any(root.rglob("*.jsonl")):
         return "hf"
-    raise ForgeError(f"{root}: neither the original MMLU layout (dev/ val/ test/ with {{subject}}_{{split}}.csv) "
-                     "nor the cais/mmlu layout ({subject}/{split}-*.parquet or *.jsonl)")
+    raise ForgeError(
+        f"{root}: neither the original MMLU layout (dev/ val/ test/ with {{subject}}_{{split}}.csv) "
+        "nor the cais/mmlu layout ({subject}/{split}-*.parquet or *.jsonl)"
+    )
 
 
 # ---------------------------------------------------------------- original CSV layout

@@ -28,8 +28,15 @@ def tokens_per_s_bars(path: Path, speed: dict[str, Any]) -> None:
     ax.bar(x - 0.2, base, 0.4, label=f"base ({speed['base_model']})", color="#8c8c8c")
     bars = ax.bar(x + 0.2, med, 0.4, label=f"Medusa ({speed['medusa_model']})", color="#1f77b4")
     for bar, t in zip(bars, topics):
-        ax.annotate(f"{speed['per_topic'][t]['speedup']:.2f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                    ha="center", va="bottom", fontsize=9, xytext=(0, 2), textcoords="offset points")
+        ax.annotate(
+            f"{speed['per_topic'][t]['speedup']:.2f}x",
+            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+            ha="center",
+            va="bottom",
+            fontsize=9,
+            xytext=(0, 2),
+            textcoords="offset points",
+        )
     ax.set_xticks(x, topics, rotation=20, ha="right")
     ax.set_ylabel("tokens/s")
     ax.set_title("Greedy decoding speed per topic")

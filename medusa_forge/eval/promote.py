@@ -31,9 +31,9 @@ from typing import Any
 from filelock import FileLock, Timeout
 
 from medusa_forge.atomic import atomic_output_dir, atomic_write_text
+from medusa_forge.errors import ForgeError
 from medusa_forge.eval.cache import read_complete
 from medusa_forge.eval.report import compare_mmlu, engine_fingerprint, mmlu_summary
-from medusa_forge.errors import ForgeError
 from medusa_forge.manifest import EngineManifest
 
 MMLU_METRICS = ("micro", "macro")
@@ -75,14 +75,20 @@ def load_baseline_mmlu(path: str | Path) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- gates
-def check_gates(report: dict[str, Any], baseline: dict[str, Any], gates: Gates,
-                candidate_fingerprint: dict[str, str]) -> list[GateResult]:
+def check_gates(
+    report: dict[str, Any], baseline: dict[str, Any], gates: Gates, candidate_fingerprint: dict[str, str]
+) -> list[GateResult]:
     out = []
     rec = report.get("engine")
     if rec:
         same = rec["manifest_sha256"] == candidate_fingerprint["manifest_sha256"]
-        out.append(GateResult("engine", same, "report made for this engine" if same else
-                              f"report was made for another engine ({rec['path']})"))
+        out.append(
+            GateResult(
+                "engine",
+                same,
+                "report made for this engine" if same else f"report was made for another engine ({rec['path']})",
+            )
+        )
     else:
         out.append(GateResult("engine", True, "report names no engine (made without `eval report --engine`)"))
 
@@ -98,9 +104,14 @@ def check_gates(report: dict[str, Any], baseline: dict[str, Any], gates: Gates,
         else:
             key = f"{gates.mmlu_metric}_accuracy"
             drop = 100 * (baseline[key] - cand[key])
-            out.append(GateResult("mmlu", drop <= gates.max_mmlu_drop + 1e-9,
-                                  f"{gates.mmlu_metric} accuracy {100 * cand[key]:.2f} vs baseline "
-                                  f"{100 * baseline[key]:.2f}: drop {drop:+.2f} points (max {gates.max_mmlu_drop})"))
+            out.append(
+                GateResult(
+                    "mmlu",
+                    drop <= gates.max_mmlu_drop + 1e-9,
+                    f"{gates.mmlu_metric} accuracy {100 * cand[key]:.2f} vs baseline "
+                    f"{100 * baseline[key]:.2f}: drop {drop:+.2f} points (max {gates.max_mmlu_drop})",
+                )
+            )
 
     speed = report.get("speed")
     if not speed:
@@ -108,8 +119,14 @@ def check_gates(report: dict[str, Any], baseline: dict[str, Any], gates: Gates,
     else:
         worst = min(speed["per_topic"].items(), key=lambda kv: kv[1]["speedup"])
         ok = speed["min_topic_speedup"] >= gates.min_speedup
-        out.append(GateResult("speedup", ok, f"slowest topic {worst[0]} {speed['min_topic_speedup']:.2f}x "
-                                             f"(min {gates.min_speedup}x; overall {speed['overall']['speedup']:.2f}x)"))
+        out.append(
+            GateResult(
+                "speedup",
+                ok,
+                f"slowest topic {worst[0]} {speed['min_topic_speedup']:.2f}x "
+                f"(min {gates.min_speedup}x; overall {speed['overall']['speedup']:.2f}x)",
+            )
+        )
 
     if gates.require_identical:
         problems = []
@@ -119,8 +136,9 @@ def check_gates(report: dict[str, Any], baseline: dict[str, Any], gates: Gates,
             problems.append(f"greedy outputs differ from the base in {len(speed['mismatches'])} request pair(s)")
         if comparison is not None and not comparison["all_answers_identical"]:
             problems.append(f"MMLU answers differ from the baseline on {len(comparison['differing'])} question(s)")
-        out.append(GateResult("identical", not problems, "; ".join(problems) or
-                              "greedy outputs and MMLU answers identical"))
+        out.append(
+            GateResult("identical", not problems, "; ".join(problems) or "greedy outputs and MMLU answers identical")
+        )
     return out
 
 
@@ -199,8 +217,14 @@ class Outcome:
     previous: str | None
 
 
-def promote(candidate: str | Path, report_path: str | Path, baseline_path: str | Path, registry: str | Path,
-            gates: Gates = Gates(), lock_timeout: float = 600.0) -> Outcome:
+def promote(
+    candidate: str | Path,
+    report_path: str | Path,
+    baseline_path: str | Path,
+    registry: str | Path,
+    gates: Gates = Gates(),
+    lock_timeout: float = 600.0,
+) -> Outcome:
     """Check the gates; on success install the candidate and make it ``current``. Always records history."""
     if gates.mmlu_metric not in MMLU_METRICS:
         raise ForgeError(f"unknown MMLU metric {gates.mmlu_metric!r}; use micro or macro")
@@ -214,18 +238,29 @@ def promote(candidate: str | Path, report_path: str | Path, baseline_path: str |
     reg = Registry(registry)
     try:
         with reg.lock(lock_timeout):
-            entry = {"action": "promote" if passed else "reject", **_who(), "candidate": fingerprint,
-                     "engine_kind": manifest.kind, "report": str(_report_file(report_path).resolve()),
-                     "baseline": str(_report_file(baseline_path).resolve()), "gates_config": asdict(gates),
-                     "gates": [asdict(g) for g in results], "current_before": reg.link("current")}
+            entry = {
+                "action": "promote" if passed else "reject",
+                **_who(),
+                "candidate": fingerprint,
+                "engine_kind": manifest.kind,
+                "report": str(_report_file(report_path).resolve()),
+                "baseline": str(_report_file(baseline_path).resolve()),
+                "gates_config": asdict(gates),
+                "gates": [asdict(g) for g in results],
+                "current_before": reg.link("current"),
+            }
             version = None
             if passed:
                 version = reg.next_version()
-                reg.install(candidate, version, {
-                    "promotion.json": {**entry, "version": version},
-                    "eval/report.json": report,
-                    "eval/baseline_mmlu.json": baseline,
-                })
+                reg.install(
+                    candidate,
+                    version,
+                    {
+                        "promotion.json": {**entry, "version": version},
+                        "eval/report.json": report,
+                        "eval/baseline_mmlu.json": baseline,
+                    },
+                )
                 reg.switch(version)
             reg.record({**entry, "version": version, "current_after": reg.link("current")})
             return Outcome(passed, version, results, reg.link("current"), reg.link("previous"))

@@ -23,15 +23,16 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
+from medusa_forge.errors import ForgeError
 from medusa_forge.eval.backends import Backend
 from medusa_forge.eval.cache import ResultCache
-from medusa_forge.errors import ForgeError
 from medusa_forge.prompts import Prompt
 
 MODELS = ("base", "medusa")
@@ -54,7 +55,7 @@ def clip_prompt(text: str, max_chars: int) -> str:
         return text
     tail = text[-max_chars:]
     cut = tail.find("\n")
-    return tail[cut + 1:] if 0 <= cut < len(tail) // 2 else tail
+    return tail[cut + 1 :] if 0 <= cut < len(tail) // 2 else tail
 
 
 def prompts_digest(prompts: list[Prompt]) -> str:
@@ -72,10 +73,17 @@ def measure(backend: Backend, prompt: str, cfg: SpeedConfig, count_tokens: Calla
         n = count_tokens(c.text)
     else:
         raise ForgeError(f"model {backend.label} returns no output_tokens; pass --tokenizer DIR to count tokens")
-    return {"tokens": n, "ttft_s": c.ttft_s, "total_s": c.total_s,
-            "steps": len(c.accepted_per_step), "step_tokens": sum(c.accepted_per_step),
-            "accepted_drafts": c.total_accepted_draft_tokens, "draft_tokens": c.total_draft_tokens,
-            "ids": c.output_tokens, "text": c.text}
+    return {
+        "tokens": n,
+        "ttft_s": c.ttft_s,
+        "total_s": c.total_s,
+        "steps": len(c.accepted_per_step),
+        "step_tokens": sum(c.accepted_per_step),
+        "accepted_drafts": c.total_accepted_draft_tokens,
+        "draft_tokens": c.total_draft_tokens,
+        "ids": c.output_tokens,
+        "text": c.text,
+    }
 
 
 def _same_output(a: dict, b: dict) -> tuple[bool, int | None]:
@@ -86,8 +94,15 @@ def _same_output(a: dict, b: dict) -> tuple[bool, int | None]:
     return False, next((i for i, (u, v) in enumerate(zip(x, y)) if u != v), min(len(x), len(y)))
 
 
-def run_pairs(prompts: list[Prompt], base: Backend, medusa: Backend, cfg: SpeedConfig, cache: ResultCache,
-              count_tokens: Callable[[str], int] | None = None, progress: bool = True) -> dict[str, dict]:
+def run_pairs(
+    prompts: list[Prompt],
+    base: Backend,
+    medusa: Backend,
+    cfg: SpeedConfig,
+    cache: ResultCache,
+    count_tokens: Callable[[str], int] | None = None,
+    progress: bool = True,
+) -> dict[str, dict]:
     """Measure every (trial, prompt) pair not yet cached; return all pairs by key ``t{trial}/p{index}``."""
     keys = [(t, i) for t in range(cfg.trials) for i in range(len(prompts))]
     todo = [(t, i) for t, i in keys if f"t{t}/p{i}" not in cache]
@@ -97,8 +112,9 @@ def run_pairs(prompts: list[Prompt], base: Backend, medusa: Backend, cfg: SpeedC
             for w in range(cfg.warmup):
                 for b in (base, medusa):
                     measure(b, prompts[w % len(prompts)].prompt, cfg, count_tokens)
-        for t, i in tqdm(todo, desc="speed", unit="pair", initial=len(keys) - len(todo), total=len(keys),
-                         disable=not progress):
+        for t, i in tqdm(
+            todo, desc="speed", unit="pair", initial=len(keys) - len(todo), total=len(keys), disable=not progress
+        ):
             order = MODELS if (t + i) % 2 == 0 else MODELS[::-1]
             pair = {name: measure(by_name[name], prompts[i].prompt, cfg, count_tokens) for name in order}
             pair["order"] = list(order)
@@ -106,8 +122,10 @@ def run_pairs(prompts: list[Prompt], base: Backend, medusa: Backend, cfg: SpeedC
     except BaseException as e:
         cache.flush()
         if isinstance(e, ForgeError):
-            raise ForgeError(f"{e} ({len(cache.results)} of {len(keys)} pairs kept in {cache.path}; "
-                             "rerun the same command to resume)") from None
+            raise ForgeError(
+                f"{e} ({len(cache.results)} of {len(keys)} pairs kept in {cache.path}; "
+                "rerun the same command to resume)"
+            ) from None
         raise
     cache.flush()
     return {f"t{t}/p{i}": cache.get(f"t{t}/p{i}") for t, i in keys}
@@ -138,10 +156,18 @@ def summarize(records: list[dict]) -> dict[str, Any]:
         "tokens": tokens,
         "seconds": round(seconds, 6),
         "tokens_per_s": round(tokens / seconds, 3) if seconds else 0.0,
-        "ttft_ms": {"mean": round(float(np.mean(ttft)), 3) if ttft else 0.0, "p50": round(_pct(ttft, 50), 3),
-                    "p90": round(_pct(ttft, 90), 3), "p99": round(_pct(ttft, 99), 3)},
-        "latency_ms": {"mean": round(float(np.mean(lat)), 3) if lat else 0.0, "p50": round(_pct(lat, 50), 3),
-                       "p90": round(_pct(lat, 90), 3), "p99": round(_pct(lat, 99), 3)},
+        "ttft_ms": {
+            "mean": round(float(np.mean(ttft)), 3) if ttft else 0.0,
+            "p50": round(_pct(ttft, 50), 3),
+            "p90": round(_pct(ttft, 90), 3),
+            "p99": round(_pct(ttft, 99), 3),
+        },
+        "latency_ms": {
+            "mean": round(float(np.mean(lat)), 3) if lat else 0.0,
+            "p50": round(_pct(lat, 50), 3),
+            "p90": round(_pct(lat, 90), 3),
+            "p99": round(_pct(lat, 99), 3),
+        },
         "tpot_ms": round(float(np.mean(tpot)), 3) if tpot else 0.0,
         "mean_acceptance_length": round(acceptance, 4) if acceptance is not None else None,
         "acceptance_rate": round(sum(accepted) / sum(drafts), 4) if drafts and sum(drafts) else None,
@@ -155,9 +181,14 @@ def _group(pairs: list[tuple[Prompt, int, dict]]) -> dict[str, Any]:
     for _, i, p in pairs:
         prompts[i] = prompts.get(i, True) and _same_output(p["base"], p["medusa"])[0]
     identical = sum(prompts.values())
-    return {"prompts": len(prompts), "base": base, "medusa": med,
-            "speedup": round(med["tokens_per_s"] / base["tokens_per_s"], 4) if base["tokens_per_s"] else 0.0,
-            "identical": identical, "identical_fraction": round(identical / len(prompts), 4) if prompts else 0.0}
+    return {
+        "prompts": len(prompts),
+        "base": base,
+        "medusa": med,
+        "speedup": round(med["tokens_per_s"] / base["tokens_per_s"], 4) if base["tokens_per_s"] else 0.0,
+        "identical": identical,
+        "identical_fraction": round(identical / len(prompts), 4) if prompts else 0.0,
+    }
 
 
 def build_result(prompts: list[Prompt], pairs: dict[str, dict], cfg: SpeedConfig, meta: dict[str, Any]) -> dict:
@@ -170,18 +201,37 @@ def build_result(prompts: list[Prompt], pairs: dict[str, dict], cfg: SpeedConfig
         rows.append((p, i, pair))
         same, first = _same_output(pair["base"], pair["medusa"])
         if not same:
-            mismatches.append({"topic": p.topic, "source": p.source, "prompt_index": i, "trial": t,
-                               "first_diff": first})
+            mismatches.append(
+                {"topic": p.topic, "source": p.source, "prompt_index": i, "trial": t, "first_diff": first}
+            )
         for name in MODELS:
             r = pair[name]
-            requests.append({"topic": p.topic, "prompt_index": i, "trial": t, "model": name,
-                             "sent": pair["order"].index(name), "tokens": r["tokens"],
-                             "ttft_s": round(r["ttft_s"], 6), "total_s": round(r["total_s"], 6), "steps": r["steps"]})
+            requests.append(
+                {
+                    "topic": p.topic,
+                    "prompt_index": i,
+                    "trial": t,
+                    "model": name,
+                    "sent": pair["order"].index(name),
+                    "tokens": r["tokens"],
+                    "ttft_s": round(r["ttft_s"], 6),
+                    "total_s": round(r["total_s"], 6),
+                    "steps": r["steps"],
+                }
+            )
     topics = sorted({p.topic for p, _, _ in rows})
     per_topic = {topic: _group([r for r in rows if r[0].topic == topic]) for topic in topics}
     overall = _group(rows)
     overall["min_topic_speedup"] = min((v["speedup"] for v in per_topic.values()), default=0.0)
     overall["all_identical"] = not mismatches
-    return {"kind": "speed", "complete": True, **meta, "config": asdict(cfg),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "per_topic": per_topic, "overall": overall,
-            "mismatches": mismatches, "requests": requests}
+    return {
+        "kind": "speed",
+        "complete": True,
+        **meta,
+        "config": asdict(cfg),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "per_topic": per_topic,
+        "overall": overall,
+        "mismatches": mismatches,
+        "requests": requests,
+    }

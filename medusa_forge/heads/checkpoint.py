@@ -32,8 +32,15 @@ from medusa_forge.heads.layouts.keys import FASTERDECODING
 from medusa_forge.heads.layouts.store import write_safetensors
 from medusa_forge.heads.medusa_head import MedusaHeads
 
-__all__ = ["HEADS_SAFETENSORS", "HEADS_PT", "MAX_HEADS", "heads_to_fasterdecoding", "read_heads_config",
-           "load_heads", "save_heads"]
+__all__ = [
+    "HEADS_SAFETENSORS",
+    "HEADS_PT",
+    "MAX_HEADS",
+    "heads_to_fasterdecoding",
+    "read_heads_config",
+    "load_heads",
+    "save_heads",
+]
 
 
 def heads_to_fasterdecoding(heads: MedusaHeads) -> dict[str, Tensor]:
@@ -50,8 +57,9 @@ def read_heads_config(heads_dir: Path) -> dict:
     return {**src.config, "medusa_num_heads": src.num_heads, "medusa_num_layers": src.num_layers}
 
 
-def load_heads(heads_dir: str | Path, hidden_size: int, vocab_size: int,
-               dtype: torch.dtype = torch.float32, device="cpu") -> MedusaHeads:
+def load_heads(
+    heads_dir: str | Path, hidden_size: int, vocab_size: int, dtype: torch.dtype = torch.float32, device="cpu"
+) -> MedusaHeads:
     """Load heads in any supported layout and check them against the base model's sizes."""
     src = detect(heads_dir)
     return collect(src, hidden_size, vocab_size).to_module(hidden_size, vocab_size, dtype, device)

@@ -21,8 +21,14 @@ def heads() -> None:
 
 @heads.command("inspect")
 @click.argument("directory", type=click.Path())
-@click.option("--base-model", "--model_dir", "base_model", type=click.Path(), default=None,
-              help="Base model dir: check sizes (and vLLM's stored lm_head) against it.")
+@click.option(
+    "--base-model",
+    "--model_dir",
+    "base_model",
+    type=click.Path(),
+    default=None,
+    help="Base model dir: check sizes (and vLLM's stored lm_head) against it.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
 @click.pass_context
 def inspect_cmd(ctx: click.Context, directory: str, base_model: str | None, as_json: bool) -> None:
@@ -43,12 +49,23 @@ def _lines(rep) -> list[tuple[str, str]]:
     def show(v) -> str:
         return "?" if v is None else str(v)
 
-    lm_head = ("?" if rep.shared_lm_head is None else
-               "shared base lm_head (version 2)" if rep.shared_lm_head else "per-head projections (v1)")
-    out = [("directory", rep.directory),
-           ("layout", f"{rep.layout} ({', '.join(f.rsplit('/', 1)[-1] for f in rep.files)})" if rep.layout else "?"),
-           ("heads", show(rep.heads)), ("layers", f"{show(rep.layers)} ResBlock(s) per head"),
-           ("hidden", show(rep.hidden)), ("vocab", show(rep.vocab)), ("lm_head", lm_head), ("dtype", show(rep.dtype))]
+    lm_head = (
+        "?"
+        if rep.shared_lm_head is None
+        else "shared base lm_head (version 2)"
+        if rep.shared_lm_head
+        else "per-head projections (v1)"
+    )
+    out = [
+        ("directory", rep.directory),
+        ("layout", f"{rep.layout} ({', '.join(f.rsplit('/', 1)[-1] for f in rep.files)})" if rep.layout else "?"),
+        ("heads", show(rep.heads)),
+        ("layers", f"{show(rep.layers)} ResBlock(s) per head"),
+        ("hidden", show(rep.hidden)),
+        ("vocab", show(rep.vocab)),
+        ("lm_head", lm_head),
+        ("dtype", show(rep.dtype)),
+    ]
     if rep.base_model_name_or_path:
         out.append(("base model", rep.base_model_name_or_path))
     if rep.loads_in:
@@ -60,15 +77,33 @@ def _lines(rep) -> list[tuple[str, str]]:
 
 
 @heads.command("export")
-@click.option("--from", "--medusa_model_dir", "src", required=True, type=click.Path(),
-              help="Heads directory in any supported layout (TensorRT-LLM's --medusa_model_dir).")
-@click.option("--to", "target", required=True, type=click.Choice(TARGET_NAMES),
-              help="Layout to write, exactly as that tool loads it.")
-@click.option("--out", "--output_dir", "out", required=True, type=click.Path(),
-              help="Output directory (written atomically).")
-@click.option("--base-model", "--model_dir", "base_model", type=click.Path(), default=None,
-              help="Base model dir: needed to give shared-lm_head heads per-head projections (trtllm-medusa-dir, "
-                   "axolotl, tgi with >1 layer), for vLLM's lm_head copy, and for axolotl's full model.")
+@click.option(
+    "--from",
+    "--medusa_model_dir",
+    "src",
+    required=True,
+    type=click.Path(),
+    help="Heads directory in any supported layout (TensorRT-LLM's --medusa_model_dir).",
+)
+@click.option(
+    "--to",
+    "target",
+    required=True,
+    type=click.Choice(TARGET_NAMES),
+    help="Layout to write, exactly as that tool loads it.",
+)
+@click.option(
+    "--out", "--output_dir", "out", required=True, type=click.Path(), help="Output directory (written atomically)."
+)
+@click.option(
+    "--base-model",
+    "--model_dir",
+    "base_model",
+    type=click.Path(),
+    default=None,
+    help="Base model dir: needed to give shared-lm_head heads per-head projections (trtllm-medusa-dir, "
+    "axolotl, tgi with >1 layer), for vLLM's lm_head copy, and for axolotl's full model.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 def export_cmd(src: str, target: str, out: str, base_model: str | None, overwrite: bool, as_json: bool) -> None:
@@ -82,10 +117,14 @@ def export_cmd(src: str, target: str, out: str, base_model: str | None, overwrit
         click.echo(json.dumps(asdict(res)))
         return
     version = "shared base lm_head" if res.shared_lm_head else "per-head projections"
-    click.echo(f"exported {res.num_heads} heads x {res.num_layers} layers ({version}) from {res.layout} to {res.target}: "
-               f"{res.out} [{', '.join(res.files)}]")
+    click.echo(
+        f"exported {res.num_heads} heads x {res.num_layers} layers ({version}) from {res.layout} to {res.target}: "
+        f"{res.out} [{', '.join(res.files)}]"
+    )
     if res.expanded:
         click.echo("shared lm_head copied into each head's projection (the target needs one per head)")
     if target == "trtllm-medusa-dir":
-        click.echo(f"next: python examples/medusa/convert_checkpoint.py --model_dir <base> --medusa_model_dir {res.out} "
-                   f"--num_medusa_heads {res.num_heads} --num_medusa_layers {res.num_layers} --output_dir <ckpt>")
+        click.echo(
+            f"next: python examples/medusa/convert_checkpoint.py --model_dir <base> --medusa_model_dir {res.out} "
+            f"--num_medusa_heads {res.num_heads} --num_medusa_layers {res.num_layers} --output_dir <ckpt>"
+        )

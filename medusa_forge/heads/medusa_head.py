@@ -43,7 +43,7 @@ class MedusaHeads(nn.Module):
         self.proj_weight = None if cfg.shared_lm_head else nn.Parameter(torch.zeros(K, V, H))
 
     @classmethod
-    def from_lm_head(cls, cfg: MedusaHeadsConfig, lm_head_weight: Tensor) -> "MedusaHeads":
+    def from_lm_head(cls, cfg: MedusaHeadsConfig, lm_head_weight: Tensor) -> MedusaHeads:
         """Fresh heads as Medusa-1 trains them: ResBlocks at zero, projections copied from lm_head."""
         heads = cls(cfg).to(device=lm_head_weight.device, dtype=lm_head_weight.dtype)
         if heads.proj_weight is not None:

@@ -34,8 +34,7 @@ _enabled = os.environ.get("MEDUSA_FORGE_TRITON", "1") != "0"
 
 def use_triton(t: Tensor) -> bool:
     """True when ``t``'s op should run as a Triton kernel: CUDA, Triton importable, no autograd."""
-    return (_enabled and HAVE_TRITON and t.is_cuda
-            and not (t.requires_grad and torch.is_grad_enabled()))
+    return _enabled and HAVE_TRITON and t.is_cuda and not (t.requires_grad and torch.is_grad_enabled())
 
 
 @contextmanager
@@ -57,9 +56,11 @@ _interpreted = False  # Triton's CPU interpreter (TRITON_INTERPRET=1) was active
 
 def _source(**jit_kwargs):
     """Register a kernel body; :func:`_kernel` wraps it with ``triton.jit`` on first launch."""
+
     def register(fn):
         _SOURCES[fn.__name__] = (fn, jit_kwargs)
         return fn
+
     return register
 
 

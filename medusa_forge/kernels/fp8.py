@@ -59,6 +59,16 @@ def quantize_fp8_triton(x: Tensor, input_scale: Tensor | None) -> tuple[Tensor, 
     M, N = x.shape
     q, scale = _fp8_outputs(M, N, input_scale, x.device)
     block = triton.next_power_of_2(N)
-    _kernel("_quantize_fp8_kernel")[(M,)](x, scale, q, scale, N, x.stride(0), q.stride(0),
-                                          DYNAMIC=input_scale is None, BLOCK=block, num_warps=_quant_warps(block))
+    _kernel("_quantize_fp8_kernel")[(M,)](
+        x,
+        scale,
+        q,
+        scale,
+        N,
+        x.stride(0),
+        q.stride(0),
+        DYNAMIC=input_scale is None,
+        BLOCK=block,
+        num_warps=_quant_warps(block),
+    )
     return q, scale

@@ -66,8 +66,22 @@ if HAVE_TRITON:
             v = tl.where(idx == i, float("-inf"), v)
 
     @_source(do_not_specialize=["H"])
-    def _heads_resblock_kernel(X, ROW, W, B, OUT, H, stride_xk, stride_xr, stride_wk, stride_wn, stride_bk,
-                               stride_ok, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _heads_resblock_kernel(
+        X,
+        ROW,
+        W,
+        B,
+        OUT,
+        H,
+        stride_xk,
+        stride_xr,
+        stride_wk,
+        stride_wn,
+        stride_bk,
+        stride_ok,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
         """One (head, output block) of a Medusa residual block at one position, out = x + SiLU(W x + b),
         x = row ROW[0] of X (stride_xk 0: all heads read the base's hidden state). The gather of the
         row, the GEMV, the bias, SiLU and the residual in one launch, rounded where torch rounds."""
@@ -80,8 +94,11 @@ if HAVE_TRITON:
             c = k0 + tl.arange(0, BLOCK_K)
             c_ok = c < H
             x = tl.load(x_row + c, mask=c_ok, other=0.0).to(tl.float32)
-            w = tl.load(W + head * stride_wk + n[:, None] * stride_wn + c[None, :],
-                        mask=n_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+            w = tl.load(
+                W + head * stride_wk + n[:, None] * stride_wn + c[None, :],
+                mask=n_ok[:, None] & c_ok[None, :],
+                other=0.0,
+            ).to(tl.float32)
             acc += tl.reduce(w * x[None, :], 1, _add)
         DT = OUT.dtype.element_ty
         y = _round(acc + tl.load(B + head * stride_bk + n, mask=n_ok, other=0.0).to(tl.float32), DT).to(tl.float32)
@@ -112,7 +129,9 @@ if HAVE_TRITON:
         n = tl.arange(0, NB)
         ok = n < N
         t = tl.load(TIDX + n, mask=ok, other=0)
-        tok = tl.where(t == 0, tl.load(ROOT + n * 0, mask=ok, other=0), tl.load(TOPK + t - 1, mask=ok & (t > 0), other=0))
+        tok = tl.where(
+            t == 0, tl.load(ROOT + n * 0, mask=ok, other=0), tl.load(TOPK + t - 1, mask=ok & (t > 0), other=0)
+        )
         cur = tl.load(CUR + n * 0, mask=ok, other=0)
         tl.store(TOKENS + n, tok, mask=ok)
         tl.store(POSITIONS + n, cur + tl.load(DEPTH + n, mask=ok, other=0), mask=ok)
@@ -130,8 +149,9 @@ if HAVE_TRITON:
         tl.store(CUR + i, tl.load(CUR + i) + 1)
 
     @_source(do_not_specialize=["P", "W"])
-    def _greedy_commit_kernel(PRED, TOK, RET, VALID, CUR, STEP_OUT, ROOT, LAST, SRC, DST, P, W, stride_r,
-                              PB: tl.constexpr, WB: tl.constexpr):
+    def _greedy_commit_kernel(
+        PRED, TOK, RET, VALID, CUR, STEP_OUT, ROOT, LAST, SRC, DST, P, W, stride_r, PB: tl.constexpr, WB: tl.constexpr
+    ):
         """One program: greedy acceptance over the tree's paths and the step's bookkeeping.
 
         The same results as ``acceptance.greedy_accept`` + ``acceptance.commit_path`` (the CPU
@@ -182,8 +202,9 @@ def row_argmax_triton(x: Tensor) -> Tensor:
     if V > 2 * ROW_CHUNK:  # a long row (Llama-3's 128k vocab): chunks in parallel, then merge (top-1)
         return topk_indices_triton(x, 1)[:, 0]
     out = torch.empty(R, dtype=torch.long, device=x.device)
-    _kernel("_row_argmax_kernel")[(R,)](x, out, V, x.stride(0), BLOCK=min(ROW_CHUNK, triton.next_power_of_2(V)),
-                                        num_warps=8)
+    _kernel("_row_argmax_kernel")[(R,)](
+        x, out, V, x.stride(0), BLOCK=min(ROW_CHUNK, triton.next_power_of_2(V)), num_warps=8
+    )
     return out
 
 
@@ -202,10 +223,12 @@ def topk_indices_triton(x: Tensor, k: int, out: Tensor | None = None) -> Tensor:
     if out is None:
         out = torch.empty(R, k, dtype=torch.long, device=x.device)
     assert out.shape == (R, k) and out.dtype == torch.long and out.is_contiguous()
-    _kernel("_topk_partial_kernel")[(R, chunks)](x, val, idx, V, x.stride(0), K=k, KB=kb, BLOCK=block,
-                                                  num_warps=8 if block >= ROW_CHUNK else 4)
-    _kernel("_topk_merge_kernel")[(R,)](val, idx, out, chunks, K=k, KB=kb,
-                                         CB=triton.next_power_of_2(chunks * kb), num_warps=4)
+    _kernel("_topk_partial_kernel")[(R, chunks)](
+        x, val, idx, V, x.stride(0), K=k, KB=kb, BLOCK=block, num_warps=8 if block >= ROW_CHUNK else 4
+    )
+    _kernel("_topk_merge_kernel")[(R,)](
+        val, idx, out, chunks, K=k, KB=kb, CB=triton.next_power_of_2(chunks * kb), num_warps=4
+    )
     return out
 
 
@@ -229,8 +252,22 @@ def heads_resblocks_triton(x: Tensor, row: Tensor, res_weight: Tensor, res_bias:
         out = torch.empty(K, H, dtype=x.dtype, device=x.device)
         w, b = res_weight[:, j], res_bias[:, j]
         _kernel("_heads_resblock_kernel")[(K, triton.cdiv(H, block_n))](
-            h, row, w, b, out, H, stride_xk, stride_xr, w.stride(0), w.stride(1), b.stride(0), out.stride(0),
-            BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+            h,
+            row,
+            w,
+            b,
+            out,
+            H,
+            stride_xk,
+            stride_xr,
+            w.stride(0),
+            w.stride(1),
+            b.stride(0),
+            out.stride(0),
+            BLOCK_N=block_n,
+            BLOCK_K=block_k,
+            num_warps=4,
+        )
         h, stride_xk, stride_xr = out, out.stride(0), 0
     return h
 
@@ -241,21 +278,35 @@ def move_kv_triton(kv: Tensor, src: Tensor, dst: Tensor) -> None:
     S, D = kv.shape[-2:]
     rows = kv.numel() // (S * D)
     W = src.shape[0]
-    _kernel("_move_kv_kernel")[(rows,)](kv, src, dst, W, S * D, D, WB=triton.next_power_of_2(W), D=D,
-                                        num_warps=1 if W * D <= 1024 else 4)
+    _kernel("_move_kv_kernel")[(rows,)](
+        kv, src, dst, W, S * D, D, WB=triton.next_power_of_2(W), D=D, num_warps=1 if W * D <= 1024 else 4
+    )
 
 
-def tree_inputs_triton(root: Tensor, head_topk: Tensor, tree_indices: Tensor, depth: Tensor,
-                       cur_len: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def tree_inputs_triton(
+    root: Tensor, head_topk: Tensor, tree_indices: Tensor, depth: Tensor, cur_len: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
     n = tree_indices.shape[0]
     tokens, positions, slots = (torch.empty(n, dtype=torch.long, device=root.device) for _ in range(3))
-    _kernel("_tree_inputs_kernel")[(1,)](root, head_topk.contiguous(), tree_indices, depth, cur_len, tokens,
-                                         positions, slots, n, NB=triton.next_power_of_2(n), num_warps=1)
+    _kernel("_tree_inputs_kernel")[(1,)](
+        root,
+        head_topk.contiguous(),
+        tree_indices,
+        depth,
+        cur_len,
+        tokens,
+        positions,
+        slots,
+        n,
+        NB=triton.next_power_of_2(n),
+        num_warps=1,
+    )
     return tokens, positions, slots
 
 
-def tree_inputs(root: Tensor, head_topk: Tensor, tree_indices: Tensor, depth: Tensor, cur_len: Tensor,
-                node_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def tree_inputs(
+    root: Tensor, head_topk: Tensor, tree_indices: Tensor, depth: Tensor, cur_len: Tensor, node_ids: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
     """(tokens, positions, slots) of a tree step's nodes: cat([root, topk.flatten()])[tree_indices],
     cur_len + depth, cur_len + node: one kernel on CUDA instead of four."""
     if use_triton(head_topk):
@@ -263,15 +314,39 @@ def tree_inputs(root: Tensor, head_topk: Tensor, tree_indices: Tensor, depth: Te
     return torch.cat([root, head_topk.flatten()])[tree_indices], cur_len + depth, cur_len + node_ids
 
 
-def greedy_commit_triton(logits: Tensor, tree_tokens: Tensor, path_nodes: Tensor, path_valid: Tensor,
-                         cur_len: Tensor, step_out: Tensor, root: Tensor, last: Tensor, src: Tensor,
-                         dst: Tensor) -> None:
+def greedy_commit_triton(
+    logits: Tensor,
+    tree_tokens: Tensor,
+    path_nodes: Tensor,
+    path_valid: Tensor,
+    cur_len: Tensor,
+    step_out: Tensor,
+    root: Tensor,
+    last: Tensor,
+    src: Tensor,
+    dst: Tensor,
+) -> None:
     """``acceptance.greedy_accept`` + ``acceptance.commit_path`` in two launches instead of ~25."""
     pred = row_argmax_triton(logits)
     P, W = path_nodes.shape
     _kernel("_greedy_commit_kernel")[(1,)](
-        pred, tree_tokens, path_nodes, path_valid.view(torch.uint8), cur_len, step_out, root, last, src, dst,
-        P, W, path_nodes.stride(0), PB=triton.next_power_of_2(P), WB=triton.next_power_of_2(W), num_warps=4)
+        pred,
+        tree_tokens,
+        path_nodes,
+        path_valid.view(torch.uint8),
+        cur_len,
+        step_out,
+        root,
+        last,
+        src,
+        dst,
+        P,
+        W,
+        path_nodes.stride(0),
+        PB=triton.next_power_of_2(P),
+        WB=triton.next_power_of_2(W),
+        num_warps=4,
+    )
 
 
 def plain_commit(pred: Tensor, root: Tensor, step_out: Tensor, cur_len: Tensor) -> None:

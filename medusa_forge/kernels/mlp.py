@@ -29,13 +29,15 @@ def silu_mul_ref(gate_up: Tensor) -> Tensor:
 
 
 if HAVE_TRITON:
+
     @_source()
     def _silu_mul_kernel(GU, OUT, I, stride_gu, stride_o, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         ok = cols < I
-        tl.store(OUT + row * stride_o + cols, _silu_times(GU + row * stride_gu, cols, ok, I, OUT.dtype.element_ty),
-                 mask=ok)
+        tl.store(
+            OUT + row * stride_o + cols, _silu_times(GU + row * stride_gu, cols, ok, I, OUT.dtype.element_ty), mask=ok
+        )
 
     @_source()
     def _silu_times(GU_ROW, cols, ok, I, DT: tl.constexpr):
@@ -47,8 +49,9 @@ if HAVE_TRITON:
         return _round(s * u, DT)
 
     @_source()
-    def _silu_mul_fp8_kernel(GU, ROUND, Q, SCALE, SOUT, I, stride_gu, stride_q, DYNAMIC: tl.constexpr,
-                             BLOCK: tl.constexpr):
+    def _silu_mul_fp8_kernel(
+        GU, ROUND, Q, SCALE, SOUT, I, stride_gu, stride_q, DYNAMIC: tl.constexpr, BLOCK: tl.constexpr
+    ):
         """silu(gate) * up written as the down projection's e4m3 input (FP8Linear's quantization fused
         in, same bits): static SCALE, or (DYNAMIC, BLOCK covering the row) amax * (1/448) to SOUT."""
         row = tl.program_id(0).to(tl.int64)
@@ -64,7 +67,8 @@ def silu_mul_triton(gate_up: Tensor) -> Tensor:
     out = torch.empty(g2.shape[0], inter, dtype=gate_up.dtype, device=gate_up.device)
     block = min(1024, triton.next_power_of_2(inter))
     _kernel("_silu_mul_kernel")[(g2.shape[0], triton.cdiv(inter, block))](
-        g2, out, inter, g2.stride(0), out.stride(0), BLOCK=block, num_warps=4)
+        g2, out, inter, g2.stride(0), out.stride(0), BLOCK=block, num_warps=4
+    )
     return out.view(*gate_up.shape[:-1], inter)
 
 
@@ -78,8 +82,18 @@ def silu_mul_fp8_triton(gate_up: Tensor, input_scale: Tensor | None) -> tuple[Te
     block = triton.next_power_of_2(inter) if dynamic else min(1024, triton.next_power_of_2(inter))
     rounding = torch.empty(1, dtype=gate_up.dtype, device=gate_up.device)  # silu_mul's output dtype
     _kernel("_silu_mul_fp8_kernel")[(M, triton.cdiv(inter, block))](
-        g2, rounding, q, scale, scale, inter, g2.stride(0), q.stride(0), DYNAMIC=dynamic, BLOCK=block,
-        num_warps=_quant_warps(block))
+        g2,
+        rounding,
+        q,
+        scale,
+        scale,
+        inter,
+        g2.stride(0),
+        q.stride(0),
+        DYNAMIC=dynamic,
+        BLOCK=block,
+        num_warps=_quant_warps(block),
+    )
     return q, scale
 
 

@@ -35,10 +35,29 @@ def add_rms_norm_ref(x: Tensor, delta: Tensor, weight: Tensor, eps: float) -> tu
 
 
 if HAVE_TRITON:
+
     @_source()
-    def _rms_norm_kernel(X, DELTA, W, OUT, RES, Q, SCALE, SOUT, stride_x, stride_d, stride_o, stride_r, stride_q,
-                         N, eps, HAS_DELTA: tl.constexpr, QUANT: tl.constexpr, DYNAMIC: tl.constexpr,
-                         BLOCK: tl.constexpr):
+    def _rms_norm_kernel(
+        X,
+        DELTA,
+        W,
+        OUT,
+        RES,
+        Q,
+        SCALE,
+        SOUT,
+        stride_x,
+        stride_d,
+        stride_o,
+        stride_r,
+        stride_q,
+        N,
+        eps,
+        HAS_DELTA: tl.constexpr,
+        QUANT: tl.constexpr,
+        DYNAMIC: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
         """One row of (add +) RMSNorm. QUANT: the normalised row (rounded to OUT's dtype, as an
         unfused norm stores it) goes out as the next FP8 GEMM's e4m3 input Q instead, scaled by
         the static SCALE or (DYNAMIC) amax(|row|) * (1/448) stored to SOUT: FP8Linear's
@@ -66,8 +85,9 @@ def _norm_warps(block: int) -> int:
     return 4 if block <= 2048 else 8
 
 
-def _rms_norm_launch(x: Tensor, weight: Tensor, eps: float, delta: Tensor | None, fp8: bool,
-                     input_scale: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+def _rms_norm_launch(
+    x: Tensor, weight: Tensor, eps: float, delta: Tensor | None, fp8: bool, input_scale: Tensor | None = None
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """The one launcher of ``_rms_norm_kernel``: (normalised rows [M, N], or their e4m3 bytes when
     ``fp8``; the fp8 scale or None; the residual x + delta or None)."""
     x2 = _rows(x)
@@ -83,9 +103,27 @@ def _rms_norm_launch(x: Tensor, weight: Tensor, eps: float, delta: Tensor | None
         src = x2 if x2.dtype == res_dtype else x2.to(res_dtype)
     block = triton.next_power_of_2(N)
     _kernel("_rms_norm_kernel")[(M,)](
-        src, d2, weight, out, res, q, scale, scale, src.stride(0), d2.stride(0), 0 if fp8 else out.stride(0),
-        res.stride(0), q.stride(0) if fp8 else 0, N, eps, HAS_DELTA=delta is not None, QUANT=fp8,
-        DYNAMIC=fp8 and input_scale is None, BLOCK=block, num_warps=_norm_warps(block))
+        src,
+        d2,
+        weight,
+        out,
+        res,
+        q,
+        scale,
+        scale,
+        src.stride(0),
+        d2.stride(0),
+        0 if fp8 else out.stride(0),
+        res.stride(0),
+        q.stride(0) if fp8 else 0,
+        N,
+        eps,
+        HAS_DELTA=delta is not None,
+        QUANT=fp8,
+        DYNAMIC=fp8 and input_scale is None,
+        BLOCK=block,
+        num_warps=_norm_warps(block),
+    )
     shape = (*x.shape[:-1], N)
     return (q if fp8 else out.view(shape)), (scale if fp8 else None), (None if delta is None else res.view(shape))
 
@@ -99,8 +137,9 @@ def add_rms_norm_triton(x: Tensor, delta: Tensor, weight: Tensor, eps: float) ->
     return out, res
 
 
-def rms_norm_fp8_triton(x: Tensor, weight: Tensor, eps: float, input_scale: Tensor | None,
-                        delta: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+def rms_norm_fp8_triton(
+    x: Tensor, weight: Tensor, eps: float, input_scale: Tensor | None, delta: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor | None]:
     """(e4m3 q [M, N], scale, residual x + delta or None): rms_norm(x [+ delta]) quantized as
     ``quantize_fp8_triton`` would quantize it (static ``input_scale``, or per-row dynamic scales
     [M, 1] when None), in one launch: the norm's output never reaches memory in bf16 (the kernel

@@ -20,8 +20,18 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotated * sin
 
 
-def rope_qkv_to_cache_ref(qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor,
-                          n_heads: int, n_kv: int, head_dim: int, positions: Tensor | None = None) -> Tensor:
+def rope_qkv_to_cache_ref(
+    qkv: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    slots: Tensor,
+    n_heads: int,
+    n_kv: int,
+    head_dim: int,
+    positions: Tensor | None = None,
+) -> Tensor:
     B, T, _ = qkv.shape
     if positions is not None:  # cos/sin are the whole tables
         cos, sin = cos[positions], sin[positions]
@@ -37,10 +47,31 @@ def rope_qkv_to_cache_ref(qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor
 
 
 if HAVE_TRITON:
+
     @_source()
-    def _rope_qkv_kernel(QKV, COS, SIN, POS, KC, VC, SLOTS, QOUT, T, stride_row, stride_cos, stride_sin,
-                         stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
-                         H: tl.constexpr, KV: tl.constexpr, D: tl.constexpr):
+    def _rope_qkv_kernel(
+        QKV,
+        COS,
+        SIN,
+        POS,
+        KC,
+        VC,
+        SLOTS,
+        QOUT,
+        T,
+        stride_row,
+        stride_cos,
+        stride_sin,
+        stride_kb,
+        stride_kh,
+        stride_ks,
+        stride_vb,
+        stride_vh,
+        stride_vs,
+        H: tl.constexpr,
+        KV: tl.constexpr,
+        D: tl.constexpr,
+    ):
         row = tl.program_id(0)  # b * T + t
         head = tl.program_id(1)  # q heads, then k heads, then v heads (the fused GEMM's order)
         b, t = row // T, row % T
@@ -65,8 +96,18 @@ if HAVE_TRITON:
             tl.store(VC + b * stride_vb + (head - H - KV) * stride_vh + slot * stride_vs + d, x)
 
 
-def rope_qkv_to_cache_triton(qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor,
-                             n_heads: int, n_kv: int, head_dim: int, positions: Tensor | None = None) -> Tensor:
+def rope_qkv_to_cache_triton(
+    qkv: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    slots: Tensor,
+    n_heads: int,
+    n_kv: int,
+    head_dim: int,
+    positions: Tensor | None = None,
+) -> Tensor:
     B, T, W = qkv.shape
     assert W == (n_heads + 2 * n_kv) * head_dim, "qkv is not the fused [q | k | v] projection"
     if positions is None:  # cos/sin are already per token
@@ -75,14 +116,44 @@ def rope_qkv_to_cache_triton(qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Ten
     assert cos.stride(-1) == 1 and sin.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
     q = torch.empty(B, T, n_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
     _kernel("_rope_qkv_kernel")[(B * T, n_heads + 2 * n_kv)](
-        qkv, cos, sin, positions, k_cache, v_cache, slots, q, T, qkv.stride(1), cos.stride(0), sin.stride(0),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        H=n_heads, KV=n_kv, D=head_dim, num_warps=1 if head_dim <= 64 else 2)
+        qkv,
+        cos,
+        sin,
+        positions,
+        k_cache,
+        v_cache,
+        slots,
+        q,
+        T,
+        qkv.stride(1),
+        cos.stride(0),
+        sin.stride(0),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        H=n_heads,
+        KV=n_kv,
+        D=head_dim,
+        num_warps=1 if head_dim <= 64 else 2,
+    )
     return q
 
 
-def rope_qkv_to_cache(qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor,
-                      n_heads: int, n_kv: int, head_dim: int, positions: Tensor | None = None) -> Tensor:
+def rope_qkv_to_cache(
+    qkv: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    slots: Tensor,
+    n_heads: int,
+    n_kv: int,
+    head_dim: int,
+    positions: Tensor | None = None,
+) -> Tensor:
     """Split the fused QKV projection [B, T, (H+2KV)*D], rotate q and k (cos/sin in qkv's dtype:
     [T, D], or whole [S, D] tables read at ``positions`` [T]), write k and v to the caches
     [B, KV, S, D] at ``slots`` [T]; return rotated q [B, T, H, D]."""

@@ -11,8 +11,8 @@ converter and reader build on it.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -38,8 +38,10 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
         files = [f for f in files if not f.name.startswith("medusa_")]
     if not files:
         if list(model_dir.glob("*.bin")):
-            raise ForgeError(f"{model_dir}: only PyTorch .bin weights found; convert them to safetensors first "
-                             "(pickled checkpoints are not loaded)")
+            raise ForgeError(
+                f"{model_dir}: only PyTorch .bin weights found; convert them to safetensors first "
+                "(pickled checkpoints are not loaded)"
+            )
         raise ForgeError(f"{model_dir}: no *.safetensors weights found")
     for f in files:
         if not f.is_file():
@@ -67,24 +69,31 @@ def expected_hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         shapes["lm_head.weight"] = (cfg.vocab_size, h)
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
-        shapes.update({
-            p + "input_layernorm.weight": (h,),
-            p + "post_attention_layernorm.weight": (h,),
-            p + "self_attn.q_proj.weight": (q, h),
-            p + "self_attn.k_proj.weight": (kv, h),
-            p + "self_attn.v_proj.weight": (kv, h),
-            p + "self_attn.o_proj.weight": (h, q),
-            p + "mlp.gate_proj.weight": (cfg.intermediate_size, h),
-            p + "mlp.up_proj.weight": (cfg.intermediate_size, h),
-            p + "mlp.down_proj.weight": (h, cfg.intermediate_size),
-        })
+        shapes.update(
+            {
+                p + "input_layernorm.weight": (h,),
+                p + "post_attention_layernorm.weight": (h,),
+                p + "self_attn.q_proj.weight": (q, h),
+                p + "self_attn.k_proj.weight": (kv, h),
+                p + "self_attn.v_proj.weight": (kv, h),
+                p + "self_attn.o_proj.weight": (h, q),
+                p + "mlp.gate_proj.weight": (cfg.intermediate_size, h),
+                p + "mlp.up_proj.weight": (cfg.intermediate_size, h),
+                p + "mlp.down_proj.weight": (h, cfg.intermediate_size),
+            }
+        )
         if cfg.qkv_bias:
-            shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
-                           p + "self_attn.v_proj.bias": (kv,)})
+            shapes.update(
+                {
+                    p + "self_attn.q_proj.bias": (q,),
+                    p + "self_attn.k_proj.bias": (kv,),
+                    p + "self_attn.v_proj.bias": (kv,),
+                }
+            )
     return shapes
 
 
-def hf_to_native(cfg: ModelConfig, get: "callable[[str], Tensor]") -> dict[str, Tensor]:
+def hf_to_native(cfg: ModelConfig, get: callable[[str], Tensor]) -> dict[str, Tensor]:
     """Build our state dict from HF tensors (fusing QKV and gate/up), given a getter by HF name."""
     sd = {"embed.weight": get("model.embed_tokens.weight"), "norm.weight": get("model.norm.weight")}
     sd["lm_head.weight"] = sd["embed.weight"] if cfg.tie_word_embeddings else get("lm_head.weight")
@@ -112,8 +121,9 @@ def build_model(cfg: ModelConfig, state_dict: dict[str, Tensor], dtype: torch.dt
     return model.eval().requires_grad_(False)
 
 
-def load_hf_model(model_dir: str | Path, dtype: str | torch.dtype = "float32", device="cpu",
-                  cfg: ModelConfig | None = None) -> Transformer:
+def load_hf_model(
+    model_dir: str | Path, dtype: str | torch.dtype = "float32", device="cpu", cfg: ModelConfig | None = None
+) -> Transformer:
     """Load and validate a HF checkpoint directory into our decoder (``cfg``: its config.json, already read)."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
@@ -127,12 +137,16 @@ def load_hf_model(model_dir: str | Path, dtype: str | torch.dtype = "float32", d
                 continue
             raise ForgeError(f"{model_dir}: tensor {name} missing from the checkpoint")
         if headers[name][1] != shape:
-            raise ForgeError(f"{headers[name][0]}: tensor {name} has shape {list(headers[name][1])}, "
-                             f"config.json implies {list(shape)}")
+            raise ForgeError(
+                f"{headers[name][0]}: tensor {name} has shape {list(headers[name][1])}, "
+                f"config.json implies {list(shape)}"
+            )
     return build_model(cfg, hf_to_native(cfg, tensor_getter(headers)), parse_dtype(dtype), device)
 
 
-def tensor_getter(headers: dict[str, tuple[Path, tuple[int, ...]]], what: str = "checkpoint") -> Callable[[str], Tensor]:
+def tensor_getter(
+    headers: dict[str, tuple[Path, tuple[int, ...]]], what: str = "checkpoint"
+) -> Callable[[str], Tensor]:
     """name -> tensor, each shard opened once; a missing or unreadable tensor is one ForgeError naming it."""
     handles: dict[Path, object] = {}
 

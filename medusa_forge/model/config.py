@@ -36,7 +36,7 @@ class ModelConfig:
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @classmethod
-    def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json") -> "ModelConfig":
+    def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json") -> ModelConfig:
         archs = d.get("architectures") or [d.get("model_type", "?")]
         arch = archs[0]
         if arch not in SUPPORTED_ARCHITECTURES:
@@ -65,7 +65,9 @@ class ModelConfig:
         eos_ids = tuple(int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None)
         num_kv = int(d.get("num_key_value_heads") or num_heads)
         if num_heads % num_kv:
-            raise ForgeError(f"{source}: num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv}")
+            raise ForgeError(
+                f"{source}: num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv}"
+            )
         return cls(
             vocab_size=int(d["vocab_size"]),
             hidden_size=hidden,
@@ -89,7 +91,7 @@ class ModelConfig:
         )
 
     @classmethod
-    def from_dir(cls, model_dir: str | Path) -> "ModelConfig":
+    def from_dir(cls, model_dir: str | Path) -> ModelConfig:
         path = Path(model_dir) / "config.json"
         d = read_json_object(path, "not found (expected a Hugging Face model directory)")
         return cls.from_hf_dict(d, source=str(path))
@@ -100,7 +102,7 @@ class ModelConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         d = dict(d)
         d["eos_token_ids"] = tuple(d.get("eos_token_ids", (2,)))
         return cls(**d)

@@ -7,8 +7,16 @@ import torch
 from medusa_forge.errors import ForgeError
 
 # accepted spelling -> canonical name (fp8 is an engine dtype: FP8 GEMMs, compute in a torch dtype)
-DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
-               "bfloat16": "bfloat16", "bf16": "bfloat16", "fp8": "fp8", "float8": "fp8"}
+DTYPE_NAMES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "float16": "float16",
+    "fp16": "float16",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "fp8": "fp8",
+    "float8": "fp8",
+}
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -26,7 +34,9 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
         return name
     canonical = DTYPE_NAMES.get(name.lower())
     if canonical not in TORCH_DTYPES:
-        raise ForgeError(f"unknown dtype {name!r}; choose one of {', '.join(k for k, v in DTYPE_NAMES.items() if v != 'fp8')}")
+        raise ForgeError(
+            f"unknown dtype {name!r}; choose one of {', '.join(k for k, v in DTYPE_NAMES.items() if v != 'fp8')}"
+        )
     return TORCH_DTYPES[canonical]
 
 

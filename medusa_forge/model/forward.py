@@ -19,8 +19,10 @@ from medusa_forge.model.step_meta import StepMeta
 def ensure_caches(model: Transformer, batch: int, length: int) -> None:
     """Give the model a KV cache of exactly ``batch`` rows and at least ``length`` slots."""
     if length > model.config.max_position_embeddings:
-        raise ForgeError(f"sequence of {length} tokens exceeds the model's max_position_embeddings "
-                         f"({model.config.max_position_embeddings})")
+        raise ForgeError(
+            f"sequence of {length} tokens exceeds the model's max_position_embeddings "
+            f"({model.config.max_position_embeddings})"
+        )
     cache = model.layers[0].attn.kv_cache
     if cache is None or cache.k.shape[0] != batch or model.max_seq_len < length:
         model.setup_caches(batch, -(-length // 64) * 64 if length > 64 else length)

@@ -28,9 +28,9 @@ one shared scale so fusing them at load is exact.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -65,14 +65,18 @@ def fp8_backend(device: torch.device | str, emulate: bool, activation: str = "dy
         return "emulate"
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
-        raise ForgeError("fp8 needs a CUDA GPU with FP8 tensor cores (H100 or newer); this machine has none "
-                         "- pass --fp8-emulate to emulate FP8 numerics in software (slow; for checks only)")
+        raise ForgeError(
+            "fp8 needs a CUDA GPU with FP8 tensor cores (H100 or newer); this machine has none "
+            "- pass --fp8-emulate to emulate FP8 numerics in software (slow; for checks only)"
+        )
     need = (9, 0) if activation == "dynamic" else (8, 9)
     cap = torch.cuda.get_device_capability(device)
     if cap < need:
-        raise ForgeError(f"fp8 with {activation} activation scales needs compute capability "
-                         f"{need[0]}.{need[1]}+, this GPU has {cap[0]}.{cap[1]}; "
-                         "use --fp8-activation static (8.9+) or --fp8-emulate")
+        raise ForgeError(
+            f"fp8 with {activation} activation scales needs compute capability "
+            f"{need[0]}.{need[1]}+, this GPU has {cap[0]}.{cap[1]}; "
+            "use --fp8-activation static (8.9+) or --fp8-emulate"
+        )
     return "scaled_mm"
 
 
@@ -101,8 +105,9 @@ class FP8Activation:
 class FP8Linear(nn.Module):
     """y = x W^T with W in e4m3 (one scale) and x quantized per token (dynamic) or per tensor (static)."""
 
-    def __init__(self, weight_fp8: Tensor, weight_scale: Tensor, input_scale: Tensor | None,
-                 out_dtype: torch.dtype, backend: str):
+    def __init__(
+        self, weight_fp8: Tensor, weight_scale: Tensor, input_scale: Tensor | None, out_dtype: torch.dtype, backend: str
+    ):
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"unknown FP8 backend {backend!r}")
@@ -113,8 +118,9 @@ class FP8Linear(nn.Module):
         dev = weight_fp8.device
         self.register_buffer("weight", weight_fp8.contiguous())
         self.register_buffer("weight_scale", weight_scale.detach().float().reshape(()).to(dev))
-        self.register_buffer("input_scale", None if input_scale is None else
-                             input_scale.detach().float().reshape(()).to(dev))
+        self.register_buffer(
+            "input_scale", None if input_scale is None else input_scale.detach().float().reshape(()).to(dev)
+        )
         # Row-wise _scaled_mm (per-token activations) takes the weight scale as a [1, N] vector.
         self.register_buffer("weight_scale_row", self.weight_scale.expand(1, self.out_features).contiguous())
         self._dequantized: Tensor | None = None  # emulate: e4m3 weight * scale in fp32, made once
@@ -126,7 +132,7 @@ class FP8Linear(nn.Module):
         return self._dequantized
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, backend: str, input_scale: Tensor | None = None) -> "FP8Linear":
+    def from_linear(cls, linear: nn.Linear, backend: str, input_scale: Tensor | None = None) -> FP8Linear:
         if linear.bias is not None:
             raise ValueError("FP8Linear does not support a bias")
         w_fp8, scale = quantize_tensor(linear.weight)
@@ -137,8 +143,10 @@ class FP8Linear(nn.Module):
         return "dynamic" if self.input_scale is None else "static"
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"activation={self.activation}, backend={self.backend}, out_dtype={self.out_dtype}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"activation={self.activation}, backend={self.backend}, out_dtype={self.out_dtype}"
+        )
 
     def normed_input(self, norm: nn.Module, x: Tensor, delta: Tensor | None) -> tuple[FP8Activation, Tensor] | None:
         """(norm(x [+ delta]) quantized for this GEMM, x [+ delta]) in one launch on CUDA (the norm
@@ -157,12 +165,17 @@ class FP8Linear(nn.Module):
         q, scale = kernels.silu_mul_fp8_triton(gate_up, self.input_scale)
         return FP8Activation(q, scale, (*gate_up.shape[:-1], gate_up.shape[-1] // 2))
 
-    def forward(self, x: "Tensor | FP8Activation") -> Tensor:
-        if not isinstance(x, FP8Activation) and self.backend == "scaled_mm" and kernels.use_triton(x) \
-                and x.stride(-1) == 1:
+    def forward(self, x: Tensor | FP8Activation) -> Tensor:
+        if (
+            not isinstance(x, FP8Activation)
+            and self.backend == "scaled_mm"
+            and kernels.use_triton(x)
+            and x.stride(-1) == 1
+        ):
             # one fused launch for the activation quantization (the ops below are four)
-            x = FP8Activation(*kernels.quantize_fp8_triton(x.reshape(-1, self.in_features), self.input_scale),
-                              tuple(x.shape))
+            x = FP8Activation(
+                *kernels.quantize_fp8_triton(x.reshape(-1, self.in_features), self.input_scale), tuple(x.shape)
+            )
         if isinstance(x, FP8Activation):
             scale_b = self.weight_scale_row if self.input_scale is None else self.weight_scale
             y = torch._scaled_mm(x.q, self.weight.t(), scale_a=x.scale, scale_b=scale_b, out_dtype=self.out_dtype)
@@ -182,13 +195,13 @@ class FP8Linear(nn.Module):
             # tree step would not reproduce plain decoding. One-row GEMMs make every token's bits
             # independent of its batch; emulation is for tests and CPUs, never the fast path.
             xd, w = xq.float() * sx, self.dequantized_weight()
-            y = torch.cat([F.linear(xd[i:i + 1], w) for i in range(xd.shape[0])]).to(self.out_dtype)
+            y = torch.cat([F.linear(xd[i : i + 1], w) for i in range(xd.shape[0])]).to(self.out_dtype)
         elif self.input_scale is None:
-            y = torch._scaled_mm(xq, self.weight.t(), scale_a=sx, scale_b=self.weight_scale_row,
-                                 out_dtype=self.out_dtype)
+            y = torch._scaled_mm(
+                xq, self.weight.t(), scale_a=sx, scale_b=self.weight_scale_row, out_dtype=self.out_dtype
+            )
         else:
-            y = torch._scaled_mm(xq, self.weight.t(), scale_a=sx, scale_b=self.weight_scale,
-                                 out_dtype=self.out_dtype)
+            y = torch._scaled_mm(xq, self.weight.t(), scale_a=sx, scale_b=self.weight_scale, out_dtype=self.out_dtype)
         return y.reshape(*lead, self.out_features)
 
 
@@ -198,8 +211,9 @@ def linear_names(model: Transformer) -> list[str]:
     return [f"layers.{i}.{name}" for i in range(len(model.layers)) for name in QUANTIZED_LINEARS]
 
 
-def swap_linears(model: Transformer, backend: str, input_scales: dict[str, float] | None = None,
-                 keep: Iterable[str] = ()) -> list[str]:
+def swap_linears(
+    model: Transformer, backend: str, input_scales: dict[str, float] | None = None, keep: Iterable[str] = ()
+) -> list[str]:
     """Replace the block GEMMs by FP8Linear in place; returns the names swapped.
 
     ``input_scales`` (module path -> scale) selects static activation scaling; None is dynamic.
@@ -248,8 +262,10 @@ def read_quantization_config(model_dir: Path) -> dict:
     config = json.loads((model_dir / "config.json").read_text())
     qc = config.get("quantization_config") or {}
     if qc.get("quant_method") != "fp8" or qc.get("activation_scheme") not in ACTIVATION_SCHEMES:
-        raise ForgeError(f"{model_dir}/config.json: no FP8 quantization_config (quant_method fp8, activation_scheme "
-                         "dynamic|static); was this engine built with `medusa-forge build native --dtype fp8`?")
+        raise ForgeError(
+            f"{model_dir}/config.json: no FP8 quantization_config (quant_method fp8, activation_scheme "
+            "dynamic|static); was this engine built with `medusa-forge build native --dtype fp8`?"
+        )
     return qc
 
 
@@ -266,7 +282,9 @@ def load_fp8_model(model_dir: str | Path, compute_dtype: torch.dtype, device, ba
         if name not in headers:
             raise ForgeError(f"{model_dir}: tensor {name} missing from the FP8 checkpoint")
         if headers[name][1] != shape:
-            raise ForgeError(f"{headers[name][0]}: tensor {name} has shape {list(headers[name][1])}, expected {list(shape)}")
+            raise ForgeError(
+                f"{headers[name][0]}: tensor {name} has shape {list(headers[name][1])}, expected {list(shape)}"
+            )
     get = tensor_getter(headers, "FP8 checkpoint")
     raw = hf_to_native(cfg, get)
     sources = native_sources(cfg, shapes)
@@ -276,12 +294,22 @@ def load_fp8_model(model_dir: str | Path, compute_dtype: torch.dtype, device, ba
     for name in linear_names(model):
         weight = raw.pop(name + ".weight")
         if weight.dtype == E4M3:
-            linears[name] = _fp8_linear_from_shards(name, weight, sources[name + ".weight"], get, headers,
-                                                    qc["activation_scheme"], compute_dtype, device, backend)
+            linears[name] = _fp8_linear_from_shards(
+                name,
+                weight,
+                sources[name + ".weight"],
+                get,
+                headers,
+                qc["activation_scheme"],
+                compute_dtype,
+                device,
+                backend,
+            )
         else:
             raw[name + ".weight"] = weight  # a GEMM left unquantized (dims not multiples of 16)
-    model.load_state_dict({k: v.to(device=device, dtype=compute_dtype) for k, v in raw.items()},
-                          strict=False, assign=True)
+    model.load_state_dict(
+        {k: v.to(device=device, dtype=compute_dtype) for k, v in raw.items()}, strict=False, assign=True
+    )
     for name, module in linears.items():
         parent_name, attr = name.rsplit(".", 1)
         setattr(model.get_submodule(parent_name), attr, module)
@@ -319,8 +347,9 @@ def emulation_requested(emulate: bool | None) -> bool:
     return os.environ.get("MEDUSA_FORGE_FP8_EMULATE", "").lower() in ("1", "true", "yes")
 
 
-def open_fp8_model(model_dir: str | Path, manifest_extra: dict, device: str | None, dtype: str | None,
-                   emulate: bool | None) -> tuple[Transformer, str]:
+def open_fp8_model(
+    model_dir: str | Path, manifest_extra: dict, device: str | None, dtype: str | None, emulate: bool | None
+) -> tuple[Transformer, str]:
     """Load an fp8 engine's ``model/`` for ``load_engine``; returns (model, compute dtype name).
 
     Compute dtype: an explicit non-fp8 ``dtype``, else fp32 when emulating on CPU, else the dtype the

@@ -24,8 +24,8 @@ CPU engines are left alone (their path is checked token for token against transf
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -82,8 +82,13 @@ class LayoutChoice:
         return all(self.invariant.values())
 
     def to_dict(self) -> dict:
-        return {"layouts": self.layouts, "row_invariant": self.invariant, "row_padded": self.row_padded,
-                "rows_checked": list(self.rows_checked), "exact": self.exact}
+        return {
+            "layouts": self.layouts,
+            "row_invariant": self.invariant,
+            "row_padded": self.row_padded,
+            "rows_checked": list(self.rows_checked),
+            "exact": self.exact,
+        }
 
 
 def linear_groups(model: nn.Module) -> dict[str, list[tuple[nn.Module, str]]]:
@@ -111,12 +116,12 @@ def rows_invariant(weight: Tensor, rows: tuple[int, ...], layout: str, seed: int
         x = torch.randn(r, weight.shape[1], generator=g, device=weight.device, dtype=torch.float32).to(weight.dtype)
         full = linear(x)
         for i in sorted({0, r // 2, r - 1}):
-            if not torch.equal(linear(x[i:i + 1])[0], full[i]):
+            if not torch.equal(linear(x[i : i + 1])[0], full[i]):
                 return False
     return True
 
 
-def pick_layout(invariant: "Callable[[str, bool], bool]") -> tuple[str, bool, bool]:
+def pick_layout(invariant: Callable[[str, bool], bool]) -> tuple[str, bool, bool]:
     """(layout, row padded, exact) from ``invariant(layout, padded)``: [K, N], else [N, K], else
     [K, N] row padded, else [K, N] inexact."""
     for layout in (KN, NK):

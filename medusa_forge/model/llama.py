@@ -107,14 +107,25 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         cache = self.kv_cache
         rope = meta.rope
-        q = kernels.rope_qkv_to_cache(self.wqkv(x), rope[0], rope[1], cache.k, cache.v, meta.slots,
-                                      self.n_heads, self.n_kv, self.head_dim, meta.positions)  # [B, T, H, D]
+        q = kernels.rope_qkv_to_cache(
+            self.wqkv(x),
+            rope[0],
+            rope[1],
+            cache.k,
+            cache.v,
+            meta.slots,
+            self.n_heads,
+            self.n_kv,
+            self.head_dim,
+            meta.positions,
+        )  # [B, T, H, D]
         if meta.prefix_len is not None and B == 1 and kernels.use_triton(q):
             # A row-padded wo (see gemm_layout) gets the attention output written into its padded input.
             buf = self.wo.input_buffer(T, q) if isinstance(self.wo, RowPaddedLinear) else None
             out = buf[:T].view(T, self.n_heads, self.head_dim) if buf is not None else None
-            y = kernels.cache_attention(q[0], cache.k[0], cache.v[0], meta.prefix_len, meta.tree_mask,
-                                        meta.tree_ancestors, out=out)
+            y = kernels.cache_attention(
+                q[0], cache.k[0], cache.v[0], meta.prefix_len, meta.tree_mask, meta.tree_ancestors, out=out
+            )
             if buf is not None:
                 return self.wo.forward_buffer(buf, T)[None]
             y = y[None]
@@ -135,21 +146,35 @@ class Attention(nn.Module):
         if kernels.use_triton(qkv):
             for seg in meta.segments:
                 rows = slice(seg.start, seg.stop)
-                q = kernels.rope_qkv_to_cache(qkv[:, rows], meta.rope[0], meta.rope[1], k_all[seg.row: seg.row + 1],
-                                              v_all[seg.row: seg.row + 1], meta.slots[rows], self.n_heads, self.n_kv,
-                                              self.head_dim, meta.positions[rows])
-                kernels.cache_attention(q[0], k_all[seg.row], v_all[seg.row], seg.prefix, seg.tree_mask,
-                                        seg.tree_ancestors, out=out[rows])
+                q = kernels.rope_qkv_to_cache(
+                    qkv[:, rows],
+                    meta.rope[0],
+                    meta.rope[1],
+                    k_all[seg.row : seg.row + 1],
+                    v_all[seg.row : seg.row + 1],
+                    meta.slots[rows],
+                    self.n_heads,
+                    self.n_kv,
+                    self.head_dim,
+                    meta.positions[rows],
+                )
+                kernels.cache_attention(
+                    q[0], k_all[seg.row], v_all[seg.row], seg.prefix, seg.tree_mask, seg.tree_ancestors, out=out[rows]
+                )
         else:
             q = self._rope_rows(qkv[0], meta, k_all, v_all)
             g = self.n_heads // self.n_kv
             for seg in meta.segments:
                 # kernels.masked_attention's SDPA call, its GQA mask repeated once per step, not per layer
                 T, seen = seg.stop - seg.start, seg.mask.shape[-1]  # the slot's prefix and new rows
-                qh = q[seg.start: seg.stop].transpose(0, 1).reshape(1, self.n_kv, g * T, self.head_dim)
-                y = F.scaled_dot_product_attention(qh, k_all[seg.row: seg.row + 1, :, :seen],
-                                                   v_all[seg.row: seg.row + 1, :, :seen], attn_mask=seg.mask)
-                out[seg.start: seg.stop] = y.reshape(self.n_heads, T, self.head_dim).transpose(0, 1)
+                qh = q[seg.start : seg.stop].transpose(0, 1).reshape(1, self.n_kv, g * T, self.head_dim)
+                y = F.scaled_dot_product_attention(
+                    qh,
+                    k_all[seg.row : seg.row + 1, :, :seen],
+                    v_all[seg.row : seg.row + 1, :, :seen],
+                    attn_mask=seg.mask,
+                )
+                out[seg.start : seg.stop] = y.reshape(self.n_heads, T, self.head_dim).transpose(0, 1)
         return linear_rows(self.wo, out.view(1, R, -1), meta.gemm_rows)
 
     def _rope_rows(self, qkv: Tensor, meta: StepMeta, k_all: Tensor, v_all: Tensor) -> Tensor:
@@ -246,8 +271,9 @@ class Transformer(nn.Module):
             max_seq_len = cfg.max_position_embeddings
         p = self.lm_head.weight
         # One tensor [layers, k/v, batch, kv_heads, seq, head_dim]; each layer holds views of it.
-        self.kv = torch.zeros(cfg.num_layers, 2, batch, cfg.num_kv_heads, max_seq_len, cfg.head_dim,
-                              dtype=p.dtype, device=p.device)
+        self.kv = torch.zeros(
+            cfg.num_layers, 2, batch, cfg.num_kv_heads, max_seq_len, cfg.head_dim, dtype=p.dtype, device=p.device
+        )
         for i, layer in enumerate(self.layers):
             layer.attn.kv_cache = KVCache(self.kv[i, 0], self.kv[i, 1])
         # In the compute dtype once, not at every step; the kernels gather its rows by position.
@@ -268,7 +294,11 @@ class Transformer(nn.Module):
 
     def move_kv(self, src_slots: Tensor, dst_slots: Tensor) -> None:
         """Copy cache entries src -> dst in every layer (gather first, so overlapping ranges are safe)."""
-        if kernels.use_triton(self.kv) and self.kv.is_contiguous() and self.config.head_dim & (self.config.head_dim - 1) == 0:
+        if (
+            kernels.use_triton(self.kv)
+            and self.kv.is_contiguous()
+            and self.config.head_dim & (self.config.head_dim - 1) == 0
+        ):
             kernels.move_kv_triton(self.kv, src_slots, dst_slots)
         else:
             self.kv.index_copy_(4, dst_slots, self.kv.index_select(4, src_slots))

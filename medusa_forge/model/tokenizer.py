@@ -31,8 +31,10 @@ class Tokenizer:
     def check_fits(self, vocab_size: int) -> None:
         """Ids past the model's vocab would index outside its embedding: refuse such a pairing up front."""
         if self.vocab_size > vocab_size:
-            raise ForgeError(f"{self.source}: tokenizer has {self.vocab_size} tokens but the model's vocab_size is "
-                             f"{vocab_size} (config.json); use the tokenizer the model was trained with")
+            raise ForgeError(
+                f"{self.source}: tokenizer has {self.vocab_size} tokens but the model's vocab_size is "
+                f"{vocab_size} (config.json); use the tokenizer the model was trained with"
+            )
 
     @property
     def eos_token_id(self) -> int | None:

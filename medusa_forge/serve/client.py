@@ -26,8 +26,8 @@ import contextlib
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
@@ -68,13 +68,20 @@ def _status(exc: Exception) -> str:
 
 
 # What gRPC says when no connection could be made at all (nothing listens, wrong host).
-_NO_CONNECTION = ("failed to connect", "connection refused", "name resolution", "dns resolution",
-                  "no route to host", "could not contact")
+_NO_CONNECTION = (
+    "failed to connect",
+    "connection refused",
+    "name resolution",
+    "dns resolution",
+    "no route to host",
+    "could not contact",
+)
 
 
 class TritonLLMClient:
-    def __init__(self, url: str = "localhost:8001", model: str = MODEL_NAME, timeout_s: float = 120.0,
-                 keep_stream: bool = False):
+    def __init__(
+        self, url: str = "localhost:8001", model: str = MODEL_NAME, timeout_s: float = 120.0, keep_stream: bool = False
+    ):
         grpcclient, _ = _grpc()
         self.url = url.removeprefix("grpc://")
         self.model = model
@@ -89,7 +96,7 @@ class TritonLLMClient:
         self._close_stream(cancel=True)
         self._client.close()
 
-    def __enter__(self) -> "TritonLLMClient":
+    def __enter__(self) -> TritonLLMClient:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -116,8 +123,12 @@ class TritonLLMClient:
 
     def model_config(self, model: str | None = None) -> dict:
         """The served ``config.pbtxt`` of ``model`` (default: this client's), as JSON."""
-        return self._call(f"reading the config of model '{model or self.model}'", self._client.get_model_config,
-                          model or self.model, as_json=True).get("config", {})
+        return self._call(
+            f"reading the config of model '{model or self.model}'",
+            self._client.get_model_config,
+            model or self.model,
+            as_json=True,
+        ).get("config", {})
 
     @property
     def decoupled(self) -> bool:
@@ -128,15 +139,27 @@ class TritonLLMClient:
             flag = bool(cfg.get("model_transaction_policy", {}).get("decoupled", False))
             if not flag and cfg.get("platform") == "ensemble":
                 steps = cfg.get("ensemble_scheduling", {}).get("step", [])
-                flag = any(self.model_config(s["model_name"]).get("model_transaction_policy", {}).get("decoupled")
-                           for s in steps if s.get("model_name"))
+                flag = any(
+                    self.model_config(s["model_name"]).get("model_transaction_policy", {}).get("decoupled")
+                    for s in steps
+                    if s.get("model_name")
+                )
             self._decoupled = flag
         return self._decoupled
 
     # --------------------------------------------------------------- requests
-    def make_inputs(self, prompt: str, max_tokens: int, stream: bool, stop_words: tuple[str, ...] = (),
-                    temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-                    end_id: int | None = None, random_seed: int | None = None):
+    def make_inputs(
+        self,
+        prompt: str,
+        max_tokens: int,
+        stream: bool,
+        stop_words: tuple[str, ...] = (),
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        end_id: int | None = None,
+        random_seed: int | None = None,
+    ):
         grpcclient, _ = _grpc()
         values = {
             "text_input": np.array([[prompt.encode("utf-8")]], dtype=np.object_),
@@ -147,8 +170,13 @@ class TritonLLMClient:
             values["stop_words"] = np.array([[s.encode("utf-8") for s in stop_words]], dtype=np.object_)
         if temperature and top_k is None and top_p is None:
             top_p = 1.0  # sample from the whole distribution: top_k = top_p = 0 would be greedy (TensorRT-LLM's rule)
-        scalars = {"temperature": (temperature, np.float32), "top_k": (top_k, np.int32), "top_p": (top_p, np.float32),
-                   "end_id": (end_id, np.int32), "random_seed": (random_seed, np.uint64)}
+        scalars = {
+            "temperature": (temperature, np.float32),
+            "top_k": (top_k, np.int32),
+            "top_p": (top_p, np.float32),
+            "end_id": (end_id, np.int32),
+            "random_seed": (random_seed, np.uint64),
+        }
         for name, (value, dtype) in scalars.items():
             if value is not None:
                 values[name] = np.array([[value]], dtype=dtype)
@@ -159,8 +187,14 @@ class TritonLLMClient:
             inputs.append(tensor)
         return inputs
 
-    def generate(self, prompt: str, max_tokens: int, stream: bool = False,
-                 on_text: Callable[[str], None] | None = None, **sampling) -> GenerationReply:
+    def generate(
+        self,
+        prompt: str,
+        max_tokens: int,
+        stream: bool = False,
+        on_text: Callable[[str], None] | None = None,
+        **sampling,
+    ) -> GenerationReply:
         """One completion; ``stream`` needs a decoupled model; ``on_text`` receives text as it arrives."""
         return self.send(self.make_inputs(prompt, max_tokens, stream, **sampling), on_text)
 
@@ -203,8 +237,10 @@ class TritonLLMClient:
                 try:
                     result, error = responses.get(timeout=max(0.0, deadline - time.perf_counter()))
                 except queue.Empty:
-                    raise ForgeError(f"no response from {self.url} (model '{self.model}') within "
-                                     f"{self.timeout_s:g} s; is the server alive? (--timeout to wait longer)") from None
+                    raise ForgeError(
+                        f"no response from {self.url} (model '{self.model}') within "
+                        f"{self.timeout_s:g} s; is the server alive? (--timeout to wait longer)"
+                    ) from None
                 if error is not None:  # a request error or a broken stream: either way start afresh
                     raise self._failure(error, acc.count)
                 text = acc.add(result)
@@ -228,19 +264,25 @@ class TritonLLMClient:
         reply.ttft_s = ttft if ttft is not None else reply.total_s
         return reply
 
-
     def _failure(self, error: Exception, responses: int) -> ForgeError:
         """One line naming the server and what went wrong: nothing listens there, the connection was
         lost (a crashed or killed server), or the model's own error for this request."""
         detail = _message(error)
         busy = "retry later" in detail  # the model's own UNAVAILABLE (a full queue), not a lost server
-        if (_status(error) == "StatusCode.UNAVAILABLE" and not busy) or "Socket closed" in detail or "Stream removed" in detail:
+        if (
+            (_status(error) == "StatusCode.UNAVAILABLE" and not busy)
+            or "Socket closed" in detail
+            or "Stream removed" in detail
+        ):
             if responses == 0 and any(k in detail.lower() for k in _NO_CONNECTION):
-                return ForgeError(f"Triton server at {self.url} is unreachable ({detail}); is it running? "
-                                  "(check --url)")
-            return ForgeError(f"lost the connection to the Triton server at {self.url} during a request to model "
-                              f"'{self.model}' after {responses} response(s) ({detail}); did the server die? "
-                              "(check its log)")
+                return ForgeError(
+                    f"Triton server at {self.url} is unreachable ({detail}); is it running? (check --url)"
+                )
+            return ForgeError(
+                f"lost the connection to the Triton server at {self.url} during a request to model "
+                f"'{self.model}' after {responses} response(s) ({detail}); did the server die? "
+                "(check its log)"
+            )
         return ForgeError(f"model '{self.model}' on {self.url}: {detail}")
 
 
@@ -272,12 +314,22 @@ class _Accumulator:
         steps = result.as_numpy("accepted_per_step")
         if steps is not None:
             self.stats["accepted_per_step"] = [int(t) for t in steps.reshape(steps.shape[0], -1)[0] if t >= 0]
-        for name, cast in (("acceptance_rate", float), ("total_accepted_draft_tokens", int), ("total_draft_tokens", int)):
+        for name, cast in (
+            ("acceptance_rate", float),
+            ("total_accepted_draft_tokens", int),
+            ("total_draft_tokens", int),
+        ):
             value = result.as_numpy(name)
             if value is not None and value.size:
                 self.stats[name] = cast(value.reshape(-1)[0])
         return text
 
     def reply(self, t0: float, t1: float) -> GenerationReply:
-        return GenerationReply(text="".join(self.text), ttft_s=t1 - t0, total_s=t1 - t0, output_tokens=self.tokens,
-                               responses=self.count, **self.stats)
+        return GenerationReply(
+            text="".join(self.text),
+            ttft_s=t1 - t0,
+            total_s=t1 - t0,
+            output_tokens=self.tokens,
+            responses=self.count,
+            **self.stats,
+        )

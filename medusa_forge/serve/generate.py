@@ -17,16 +17,38 @@ from medusa_forge.errors import ForgeError
 @click.option("--prompt", default=None, help="Prompt text.")
 @click.option("--prompt-file", type=click.Path(), default=None, help="JSONL with a 'prompt' field per line.")
 @click.option("--max-new-tokens", "--max_output_len", "max_new_tokens", default=128, show_default=True)
-@click.option("--temperature", default=0.0, show_default=True,
-              help="0 = greedy (exact); >0 = typical acceptance with Medusa, sampling without.")
+@click.option(
+    "--temperature",
+    default=0.0,
+    show_default=True,
+    help="0 = greedy (exact); >0 = typical acceptance with Medusa, sampling without.",
+)
 @click.option("--top-k", default=0, show_default=True)
 @click.option("--top-p", default=1.0, show_default=True)
 @click.option("--stop", "stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--seed", default=None, type=int)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per prompt.")
 @click.option("--stats", is_flag=True, help="After each text, print tokens, steps, tokens/step and tokens/s (stderr).")
-def generate(model, medusa, tree, device, dtype, max_seq_len, compile_, no_medusa, prompt, prompt_file,
-             max_new_tokens, temperature, top_k, top_p, stop, seed, as_json, stats=False):
+def generate(
+    model,
+    medusa,
+    tree,
+    device,
+    dtype,
+    max_seq_len,
+    compile_,
+    no_medusa,
+    prompt,
+    prompt_file,
+    max_new_tokens,
+    temperature,
+    top_k,
+    top_p,
+    stop,
+    seed,
+    as_json,
+    stats=False,
+):
     """Generate text with the native engine: Medusa when it has heads (an engine dir's own, or --medusa),
     unless --no-medusa."""
     from medusa_forge.build.open import open_engine
@@ -39,8 +61,15 @@ def generate(model, medusa, tree, device, dtype, max_seq_len, compile_, no_medus
         raise ForgeError("empty prompt: give at least one token of input")
     texts = [prompt] if prompt is not None else [p.prompt for p in read_prompts(prompt_file)]
     engine = open_engine(model, medusa, tree, device, dtype, max_seq_len, compile_, with_heads=not no_medusa)
-    gcfg = GenerationConfig(max_new_tokens=max_new_tokens, use_medusa=uses_heads(engine, no_medusa),
-                            temperature=temperature, top_k=top_k, top_p=top_p, stop_strings=tuple(stop), seed=seed)
+    gcfg = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        use_medusa=uses_heads(engine, no_medusa),
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        stop_strings=tuple(stop),
+        seed=seed,
+    )
     for text in texts:
         if as_json:
             result = engine.generate(text, gcfg)
@@ -50,8 +79,11 @@ def generate(model, medusa, tree, device, dtype, max_seq_len, compile_, no_medus
             click.echo()
         sys.stdout.flush()
         if stats:
-            click.echo(f"[{len(result.tokens)} tokens in {result.steps} decoding steps after the prefill: "
-                       f"{result.mean_accepted:.2f} tokens/step, {result.tokens_per_s:.1f} tokens/s]", err=True)
+            click.echo(
+                f"[{len(result.tokens)} tokens in {result.steps} decoding steps after the prefill: "
+                f"{result.mean_accepted:.2f} tokens/step, {result.tokens_per_s:.1f} tokens/s]",
+                err=True,
+            )
 
 
 def _printer(engine):
@@ -62,7 +94,7 @@ def _printer(engine):
     def emit(new: list[int]) -> None:
         seen.extend(new)
         text = engine.tokenizer.decode(seen)
-        click.echo(text[printed[0]:], nl=False)
+        click.echo(text[printed[0] :], nl=False)
         printed[0] = len(text)
 
     return emit

@@ -54,8 +54,9 @@ REFUSED = {
 }
 
 
-def parse_llm_request(inputs: dict[str, np.ndarray], use_medusa: bool, max_batch_size: int,
-                      decoupled: bool) -> list[RowRequest]:
+def parse_llm_request(
+    inputs: dict[str, np.ndarray], use_medusa: bool, max_batch_size: int, decoupled: bool
+) -> list[RowRequest]:
     """One :class:`RowRequest` (with ``prompt_ids``) per batch row of the tensorrt_llm model's inputs."""
     check_names(inputs, LLM_INPUTS)
     ids = inputs["input_ids"]
@@ -63,8 +64,10 @@ def parse_llm_request(inputs: dict[str, np.ndarray], use_medusa: bool, max_batch
     if batch < 1:
         raise ForgeError(f"input 'input_ids' has shape {list(ids.shape)}; send [batch, tokens]")
     if "stop" in inputs and any(_bool(v, "stop") for v in _rows("stop", inputs["stop"], batch).reshape(-1)):
-        raise ForgeError("input 'stop': stop requests are not supported; cancel the request instead "
-                         "(stop_stream(cancel_requests=True), or cancel() on the call's future)")
+        raise ForgeError(
+            "input 'stop': stop requests are not supported; cancel the request instead "
+            "(stop_stream(cancel_requests=True), or cancel() on the call's future)"
+        )
     for name, why in REFUSED.items():
         if name in inputs and inputs[name].size:
             raise ForgeError(f"input '{name}': {why}")
@@ -83,31 +86,43 @@ def _parse_row(inputs: dict[str, np.ndarray], batch: int, row: int, use_medusa: 
         raise ForgeError(f"input 'request_output_len' must be >= 1, got {max_tokens}")
     stream = _optional(_bool, "streaming", inputs, batch, row) or False
     if stream and not decoupled:
-        raise ForgeError("streaming=true needs a decoupled model; regenerate the repository with "
-                         "`medusa-forge triton-repo --decoupled`")
+        raise ForgeError(
+            "streaming=true needs a decoupled model; regenerate the repository with "
+            "`medusa-forge triton-repo --decoupled`"
+        )
     beam_width = _optional(_int, "beam_width", inputs, batch, row)
     if beam_width is not None and beam_width != 1:
         raise ForgeError(f"input 'beam_width' must be 1 (the native engine decodes a single beam), got {beam_width}")
     decay = _optional(_float, "runtime_top_p_decay", inputs, batch, row)
     if decay is not None and decay != 1.0:
         raise ForgeError(f"input 'runtime_top_p_decay' must be 1 (top-p decay is not supported), got {decay}")
-    for name, convert in (("len_penalty", _float), ("early_stopping", _bool), ("beam_search_diversity_rate", _float),
-                          ("runtime_top_p_min", _float)):
+    for name, convert in (
+        ("len_penalty", _float),
+        ("early_stopping", _bool),
+        ("beam_search_diversity_rate", _float),
+        ("runtime_top_p_min", _float),
+    ):
         _optional(convert, name, inputs, batch, row)  # beam search / top-p decay only: checked, then unused
     end_id = _optional(_int, "end_id", inputs, batch, row)
     pad_id = _optional(_int, "pad_id", inputs, batch, row)
-    settings = LogitsSettings(**penalties(inputs, batch, row), embedding_bias=_dense_bias(inputs, batch, row),
-                              bad_words=word_list("bad_words_list", inputs, batch, row),
-                              end_ids=(end_id,) if end_id is not None and end_id >= 0 else ())
+    settings = LogitsSettings(
+        **penalties(inputs, batch, row),
+        embedding_bias=_dense_bias(inputs, batch, row),
+        bad_words=word_list("bad_words_list", inputs, batch, row),
+        end_ids=(end_id,) if end_id is not None and end_id >= 0 else (),
+    )
     gcfg = GenerationConfig(
-        max_new_tokens=max_tokens, use_medusa=use_medusa,
+        max_new_tokens=max_tokens,
+        use_medusa=use_medusa,
         **sampling(inputs, batch, row, top_k_name="runtime_top_k", top_p_name="runtime_top_p"),
         eos_token_ids=(end_id,) if end_id is not None and end_id >= 0 else None,
-        ignore_eos=end_id is not None and end_id < 0, logits_settings=settings if settings.active else None,
+        ignore_eos=end_id is not None and end_id < 0,
+        logits_settings=settings if settings.active else None,
         stop_words=word_list("stop_words_list", inputs, batch, row),
         return_log_probs=_optional(_bool, "return_log_probs", inputs, batch, row) or False,
         return_context_logits=_optional(_bool, "return_context_logits", inputs, batch, row) or False,
-        return_generation_logits=_optional(_bool, "return_generation_logits", inputs, batch, row) or False)
+        return_generation_logits=_optional(_bool, "return_generation_logits", inputs, batch, row) or False,
+    )
     return RowRequest("", gcfg, stream, pad_id if pad_id is not None else -1, prompt)
 
 
@@ -128,8 +143,10 @@ def word_list(name: str, inputs: dict[str, np.ndarray], batch: int, row: int) ->
         return ()
     array = inputs[name]
     if array.ndim != 3 or array.shape[0] != batch or array.shape[1] != 2:
-        raise ForgeError(f"input '{name}' has shape {list(array.shape)}; expected [{batch}, 2, L] "
-                         "(ids, then cumulative end offsets padded with -1)")
+        raise ForgeError(
+            f"input '{name}' has shape {list(array.shape)}; expected [{batch}, 2, L] "
+            "(ids, then cumulative end offsets padded with -1)"
+        )
     flat = [_int(v, name) for v in array[row, 0]]
     ends = [e for e in (_int(v, name) for v in array[row, 1]) if e >= 0]
     if any(b < a for a, b in zip([0, *ends], ends)) or (ends and ends[-1] > len(flat)):

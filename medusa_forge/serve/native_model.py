@@ -81,14 +81,18 @@ class TritonPythonModel:
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(config)
         settings = NativeModelSettings.from_parameters(params)
         if settings.batch_size != max(1, self.max_batch_size):
-            raise ForgeError(f"config max_batch_size {self.max_batch_size} differs from parameter max_batch_size "
-                             f"{settings.batch_size}; regenerate the repository with `medusa-forge triton-repo`")
+            raise ForgeError(
+                f"config max_batch_size {self.max_batch_size} differs from parameter max_batch_size "
+                f"{settings.batch_size}; regenerate the repository with `medusa-forge triton-repo`"
+            )
         device_id = args.get("model_instance_device_id")
         self.service = NativeService(settings, device_id=int(device_id) if device_id not in (None, "") else None)
         self.contract = served_contract(settings.contract)
         # The speculation policy and the cost model it measured decide every step's tree: say which.
-        _log_info(f"medusa-forge scheduler of {args.get('model_name', 'this model')}: "
-                  f"{json.dumps(self.service.scheduler.describe(), sort_keys=True)}")
+        _log_info(
+            f"medusa-forge scheduler of {args.get('model_name', 'this model')}: "
+            f"{json.dumps(self.service.scheduler.describe(), sort_keys=True)}"
+        )
 
     def _rows(self, request):
         inputs = {}
@@ -96,8 +100,9 @@ class TritonPythonModel:
             tensor = pb_utils.get_input_tensor_by_name(request, spec.name)
             if tensor is not None:
                 inputs[spec.name] = tensor.as_numpy()
-        return self.contract.parse(inputs, self.service.use_medusa, self.max_batch_size, self.decoupled,
-                                   self.service.engine.tokenizer)
+        return self.contract.parse(
+            inputs, self.service.use_medusa, self.max_batch_size, self.decoupled, self.service.engine.tokenizer
+        )
 
     def execute(self, requests):
         for request in requests:
@@ -105,6 +110,7 @@ class TritonPythonModel:
             try:
                 rows = self._rows(request)  # the request's tensors are freed once execute returns
                 if rows[0].stream:
+
                     def send(tensors, last: bool, sender=sender) -> None:
                         sender.send(_response(tensors), flags=_FINAL if last else 0)
 
@@ -114,9 +120,12 @@ class TritonPythonModel:
             except Exception as e:  # noqa: BLE001 - bad request, full queue, caller gone: its error response
                 _send_error(sender, e)
                 continue
-            threading.Thread(target=_answer, args=(pending, sender, rows[0].stream, rows[0].pad_id, self.contract),
-                             daemon=True,
-                             name="native-reply").start()
+            threading.Thread(
+                target=_answer,
+                args=(pending, sender, rows[0].stream, rows[0].pad_id, self.contract),
+                daemon=True,
+                name="native-reply",
+            ).start()
 
     def finalize(self) -> None:
         service, self.service = getattr(self, "service", None), None

@@ -34,8 +34,15 @@ from medusa_forge.serve.replies import Reply
 from medusa_forge.serve.request import RowRequest
 from medusa_forge.serve.text_stream import TextDeltas
 
-__all__ = ["NativeModelSettings", "NativeService", "Pending", "Reply", "RequestCancelled", "RequestTimedOut",
-           "make_scheduler"]
+__all__ = [
+    "NativeModelSettings",
+    "NativeService",
+    "Pending",
+    "Reply",
+    "RequestCancelled",
+    "RequestTimedOut",
+    "make_scheduler",
+]
 
 CANCEL_POLL_S = 0.02  # asking Triton "cancelled?" is an IPC round trip (~30 us): not more often than this
 
@@ -71,7 +78,9 @@ class NativeModelSettings:
     def from_parameters(cls, params: dict[str, str]) -> NativeModelSettings:
         known = {f.name for f in fields(cls)}
         if not params.get("engine_dir"):
-            raise ForgeError("model config has no 'engine_dir' parameter; regenerate it with `medusa-forge triton-repo`")
+            raise ForgeError(
+                "model config has no 'engine_dir' parameter; regenerate it with `medusa-forge triton-repo`"
+            )
         return cls(**{k: v for k, v in params.items() if k in known})
 
     @property
@@ -118,8 +127,10 @@ def make_scheduler(engine, max_batch_size: int, max_queue: int = 0, speculation:
     except ModuleNotFoundError as e:
         if e.name != "medusa_forge.engine.batcher":
             raise
-        raise ForgeError(f"max_batch_size {max_batch_size} needs the in-flight batcher (medusa_forge/engine/"
-                         "batcher.py), which this install lacks; serve with --max-batch-size 1") from None
+        raise ForgeError(
+            f"max_batch_size {max_batch_size} needs the in-flight batcher (medusa_forge/engine/"
+            "batcher.py), which this install lacks; serve with --max-batch-size 1"
+        ) from None
     return InflightBatcher(engine, max_batch_size, max_queue, speculation)
 
 
@@ -249,18 +260,28 @@ class NativeService:
         self.settings = settings
         self.timeout_s = settings.timeout_s
         batch, queue = settings.batch_size, settings.queue_bound  # bad values fail before the engine loads
-        self.engine = open_engine(settings.engine_dir, settings.medusa_dir or None, settings.medusa_choices or None,
-                                  device=device, dtype=settings.dtype or None,
-                                  max_seq_len=int(settings.max_seq_len) if settings.max_seq_len else None,
-                                  compile=_true(settings.compile), with_heads=settings.wants_medusa)
+        self.engine = open_engine(
+            settings.engine_dir,
+            settings.medusa_dir or None,
+            settings.medusa_choices or None,
+            device=device,
+            dtype=settings.dtype or None,
+            max_seq_len=int(settings.max_seq_len) if settings.max_seq_len else None,
+            compile=_true(settings.compile),
+            with_heads=settings.wants_medusa,
+        )
         if settings.wants_medusa and self.engine.tree is None:
             raise ForgeError(f"{settings.engine_dir} has no Medusa heads; serve it with `triton-repo --no-medusa`")
         self.use_medusa = settings.wants_medusa
         if int(settings.warmup_tokens or 0) > 0:
             from medusa_forge.engine.generation import GenerationConfig
 
-            self.engine.generate("def", GenerationConfig(max_new_tokens=int(settings.warmup_tokens),
-                                                         use_medusa=self.use_medusa, ignore_eos=True))
+            self.engine.generate(
+                "def",
+                GenerationConfig(
+                    max_new_tokens=int(settings.warmup_tokens), use_medusa=self.use_medusa, ignore_eos=True
+                ),
+            )
         self.scheduler = make_scheduler(self.engine, batch, queue, settings.speculation or "auto")
         self.watch = _CancelWatch()
         self.outbox = _Outbox()
@@ -272,8 +293,12 @@ class NativeService:
     def reply(self, result) -> Reply:
         return Reply.from_result(result)
 
-    def submit(self, rows: list[RowRequest], on_tokens: Callable[[list[int]], None] | None = None,
-               cancelled: Callable[[], bool] | None = None) -> Pending:
+    def submit(
+        self,
+        rows: list[RowRequest],
+        on_tokens: Callable[[list[int]], None] | None = None,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> Pending:
         """Hand the rows of one request to the scheduler and return at once.
 
         Raises ForgeError for a bad row or a full queue (no row of the request is left running) and
@@ -294,8 +319,12 @@ class NativeService:
             self.watch.add(tickets, cancelled)
         return Pending(self, tickets)
 
-    def submit_streaming(self, row: RowRequest, send: Callable[[dict[str, np.ndarray], bool], None],
-                         cancelled: Callable[[], bool] | None = None) -> Pending:
+    def submit_streaming(
+        self,
+        row: RowRequest,
+        send: Callable[[dict[str, np.ndarray], bool], None],
+        cancelled: Callable[[], bool] | None = None,
+    ) -> Pending:
         """Stream one row: ``send(tensors, final)`` per decoding step with the settled text delta and the
         step's token ids (from the outbox thread, in order); :meth:`Pending.wait` sends the final
         response with the remaining text and the statistics. A chunk that cannot be sent (the client
@@ -322,13 +351,21 @@ class NativeService:
         pending.outbox, pending.send_final = self.outbox, final
         return pending
 
-    def run(self, row: RowRequest, on_tokens: Callable[[list[int]], None] | None = None,
-            cancelled: Callable[[], bool] | None = None) -> Reply:
+    def run(
+        self,
+        row: RowRequest,
+        on_tokens: Callable[[list[int]], None] | None = None,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> Reply:
         """Generate for one row and wait: the in-process form of :meth:`submit`."""
         return self.submit([row], on_tokens, cancelled).wait()[0]
 
-    def run_streaming(self, row: RowRequest, send: Callable[[dict[str, np.ndarray], bool], None],
-                      cancelled: Callable[[], bool] | None = None) -> Reply:
+    def run_streaming(
+        self,
+        row: RowRequest,
+        send: Callable[[dict[str, np.ndarray], bool], None],
+        cancelled: Callable[[], bool] | None = None,
+    ) -> Reply:
         return self.submit_streaming(row, send, cancelled).wait()[0]
 
     def close(self) -> None:

@@ -23,8 +23,10 @@ import numpy as np
 from medusa_forge.engine.generation import GenerationConfig, GenerationResult
 
 PLACEHOLDERS = {  # the v0.11.0 postprocessing's stand-ins, by the flag that asks for the tensor
-    "return_log_probs": {"cum_log_probs": np.zeros((1, 1), np.float32),
-                         "output_log_probs": np.zeros((1, 1, 1), np.float32)},
+    "return_log_probs": {
+        "cum_log_probs": np.zeros((1, 1), np.float32),
+        "output_log_probs": np.zeros((1, 1, 1), np.float32),
+    },
     "return_context_logits": {"context_logits": np.zeros((1, 1, 1), np.float32)},
     "return_generation_logits": {"generation_logits": np.zeros((1, 1, 1, 1), np.float32)},
 }
@@ -42,8 +44,15 @@ class Reply:
 
     @classmethod
     def from_result(cls, result: GenerationResult) -> Reply:
-        return cls(result.text, list(result.tokens), list(result.accepted_per_step), list(result.drafts_per_step),
-                   result.log_probs, result.context_logits, result.generation_logits)
+        return cls(
+            result.text,
+            list(result.tokens),
+            list(result.accepted_per_step),
+            list(result.drafts_per_step),
+            result.log_probs,
+            result.context_logits,
+            result.generation_logits,
+        )
 
     @property
     def total_accepted_draft_tokens(self) -> int:
@@ -58,23 +67,28 @@ class Reply:
         return self.total_accepted_draft_tokens / self.total_draft_tokens if self.total_draft_tokens else 0.0
 
 
-def reply_tensors(reply: Reply | None, text: str, tokens: list[int], final: bool,
-                  gcfg: GenerationConfig | None = None) -> dict[str, np.ndarray]:
+def reply_tensors(
+    reply: Reply | None, text: str, tokens: list[int], final: bool, gcfg: GenerationConfig | None = None
+) -> dict[str, np.ndarray]:
     """Contract outputs for one response, batch dimension included ([1, ...]).
 
     A streamed chunk carries its text delta and token ids (and the placeholders of what ``gcfg``
     asked for); the final response (or the only one) adds the per-request statistics and the log
     probs / logits the request asked for.
     """
-    out = {"text_output": np.array([text.encode("utf-8")], dtype=np.object_),
-           "output_tokens": np.array([tokens], dtype=np.int32).reshape(1, -1)}
+    out = {
+        "text_output": np.array([text.encode("utf-8")], dtype=np.object_),
+        "output_tokens": np.array([tokens], dtype=np.int32).reshape(1, -1),
+    }
     if final and reply is not None:
-        out.update({
-            "acceptance_rate": np.array([[reply.acceptance_rate]], dtype=np.float32),
-            "total_accepted_draft_tokens": np.array([[reply.total_accepted_draft_tokens]], dtype=np.int32),
-            "total_draft_tokens": np.array([[reply.total_draft_tokens]], dtype=np.int32),
-            "accepted_per_step": np.array([reply.accepted_per_step], dtype=np.int32).reshape(1, -1),
-        })
+        out.update(
+            {
+                "acceptance_rate": np.array([[reply.acceptance_rate]], dtype=np.float32),
+                "total_accepted_draft_tokens": np.array([[reply.total_accepted_draft_tokens]], dtype=np.int32),
+                "total_draft_tokens": np.array([[reply.total_draft_tokens]], dtype=np.int32),
+                "accepted_per_step": np.array([reply.accepted_per_step], dtype=np.int32).reshape(1, -1),
+            }
+        )
         out.update(_asked(reply))
     elif gcfg is not None:
         for flag, tensors in PLACEHOLDERS.items():
@@ -106,19 +120,26 @@ def stack_rows(per_row: list[dict[str, np.ndarray]], pad_id: int = -1) -> dict[s
         arrays = [r[name] for r in per_row]
         shape = np.max([a.shape for a in arrays], axis=0)
         fill = pad_id if np.issubdtype(arrays[0].dtype, np.integer) else 0
-        arrays = [a if a.shape == tuple(shape) else
-                  np.pad(a, [(0, 0)] + [(0, int(m - d)) for m, d in zip(shape[1:], a.shape[1:])], constant_values=fill)
-                  for a in arrays]
+        arrays = [
+            a
+            if a.shape == tuple(shape)
+            else np.pad(a, [(0, 0)] + [(0, int(m - d)) for m, d in zip(shape[1:], a.shape[1:])], constant_values=fill)
+            for a in arrays
+        ]
         out[name] = np.concatenate(arrays, axis=0)
     return out
 
 
-def llm_reply_tensors(reply: Reply | None, tokens: list[int], final: bool,
-                      gcfg: GenerationConfig | None = None) -> dict[str, np.ndarray]:
+def llm_reply_tensors(
+    reply: Reply | None, tokens: list[int], final: bool, gcfg: GenerationConfig | None = None
+) -> dict[str, np.ndarray]:
     """The tensorrt_llm model's outputs for one response: ``output_ids`` [1, 1, k] and
     ``sequence_length`` [1, 1] of this response's new ids (the prompt excluded, as triton-repo sets
     ``exclude_input_in_output`` for TensorRT-LLM), then what :func:`reply_tensors` adds."""
     out = reply_tensors(reply, "", tokens, final, gcfg)
     del out["text_output"]
-    return {"output_ids": np.array(tokens, dtype=np.int32).reshape(1, 1, -1),
-            "sequence_length": np.array([[len(tokens)]], dtype=np.int32), **out}
+    return {
+        "output_ids": np.array(tokens, dtype=np.int32).reshape(1, 1, -1),
+        "sequence_length": np.array([[len(tokens)]], dtype=np.int32),
+        **out,
+    }

@@ -26,9 +26,9 @@ from medusa_forge.errors import ForgeError
 
 REFUSED = {
     "prompt_embedding_table": "prompt tuning (prompt_embedding_table / prompt_vocab_size) is not supported by the "
-                              "native engine; leave both inputs out",
+    "native engine; leave both inputs out",
     "prompt_vocab_size": "prompt tuning (prompt_embedding_table / prompt_vocab_size) is not supported by the "
-                         "native engine; leave both inputs out",
+    "native engine; leave both inputs out",
 }
 
 
@@ -48,8 +48,9 @@ def check_names(inputs: dict[str, np.ndarray], specs) -> None:
         raise ForgeError(f"input(s) {', '.join(not_arrays)} must be arrays with a batch dimension")
     unknown = sorted(set(inputs) - {spec.name for spec in specs})
     if unknown:
-        raise ForgeError(f"unknown input(s) {', '.join(unknown)}; this model takes "
-                         f"{', '.join(spec.name for spec in specs)}")
+        raise ForgeError(
+            f"unknown input(s) {', '.join(unknown)}; this model takes {', '.join(spec.name for spec in specs)}"
+        )
     for spec in specs:
         if not spec.optional and spec.name not in inputs:
             raise ForgeError(f"missing required input '{spec.name}'")
@@ -58,8 +59,9 @@ def check_names(inputs: dict[str, np.ndarray], specs) -> None:
 def _rows(name: str, array: np.ndarray, batch: int) -> np.ndarray:
     """[batch, ...] with at least one value per row."""
     if array.ndim == 0 or array.shape[0] != batch:
-        raise ForgeError(f"input '{name}' has shape {list(array.shape)}; expected its first dimension to be the "
-                         f"batch size {batch}")
+        raise ForgeError(
+            f"input '{name}' has shape {list(array.shape)}; expected its first dimension to be the batch size {batch}"
+        )
     flat = array.reshape(batch, -1)
     return flat
 
@@ -110,8 +112,9 @@ def _text(value, name: str) -> str:
     raise ForgeError(f"input '{name}' must be a string (BYTES), got {type(value).__name__}")
 
 
-def parse_request(inputs: dict[str, np.ndarray], use_medusa: bool, max_batch_size: int,
-                  decoupled: bool, tokenizer=None) -> list[RowRequest]:
+def parse_request(
+    inputs: dict[str, np.ndarray], use_medusa: bool, max_batch_size: int, decoupled: bool, tokenizer=None
+) -> list[RowRequest]:
     """One :class:`RowRequest` per batch row of ``inputs`` (name -> array with the batch dimension).
 
     ``tokenizer`` (the engine's) turns bad / stop / embedding-bias words into ids; a request with
@@ -128,25 +131,28 @@ def parse_request(inputs: dict[str, np.ndarray], use_medusa: bool, max_batch_siz
         raise ForgeError(f"batch of {batch} prompts exceeds max_batch_size {max_batch_size}")
     rows = [_parse_row(inputs, batch, row, use_medusa, decoupled, tokenizer) for row in range(batch)]
     if batch > 1 and any(r.stream for r in rows):
-        raise ForgeError("streaming (stream=true) takes one prompt per request; got a batch of "
-                         f"{batch}")
+        raise ForgeError(f"streaming (stream=true) takes one prompt per request; got a batch of {batch}")
     return rows
 
 
-def _parse_row(inputs: dict[str, np.ndarray], batch: int, row: int, use_medusa: bool, decoupled: bool,
-               tokenizer) -> RowRequest:
+def _parse_row(
+    inputs: dict[str, np.ndarray], batch: int, row: int, use_medusa: bool, decoupled: bool, tokenizer
+) -> RowRequest:
     prompt_cells = _rows("text_input", inputs["text_input"], batch)[row]
     prompt = _text(prompt_cells[0], "text_input") if prompt_cells.size else ""
     if not prompt:
         raise ForgeError("input 'text_input' is an empty prompt; give at least one token of input")
     if any(_strings("decoder_text_input", inputs, batch, row)):
-        raise ForgeError("input 'decoder_text_input' is for encoder-decoder models; the native engine is "
-                         "decoder-only: send it empty or leave it out")
+        raise ForgeError(
+            "input 'decoder_text_input' is for encoder-decoder models; the native engine is "
+            "decoder-only: send it empty or leave it out"
+        )
     max_tokens = _max_tokens(inputs, batch, row)
     stream = _optional(_bool, "stream", inputs, batch, row) or False
     if stream and not decoupled:
-        raise ForgeError("stream=true needs a decoupled model; regenerate the repository with "
-                         "`medusa-forge triton-repo --decoupled`")
+        raise ForgeError(
+            "stream=true needs a decoupled model; regenerate the repository with `medusa-forge triton-repo --decoupled`"
+        )
     beam_width = _optional(_int, "beam_width", inputs, batch, row)
     if beam_width is not None and beam_width != 1:
         raise ForgeError(f"input 'beam_width' must be 1 (the native engine decodes a single beam), got {beam_width}")
@@ -154,14 +160,17 @@ def _parse_row(inputs: dict[str, np.ndarray], batch: int, row: int, use_medusa: 
     end_id = _optional(_int, "end_id", inputs, batch, row)
     pad_id = _optional(_int, "pad_id", inputs, batch, row)
     gcfg = GenerationConfig(
-        max_new_tokens=max_tokens, use_medusa=use_medusa, **sampling(inputs, batch, row),
+        max_new_tokens=max_tokens,
+        use_medusa=use_medusa,
+        **sampling(inputs, batch, row),
         eos_token_ids=(end_id,) if end_id is not None and end_id >= 0 else None,
         ignore_eos=end_id is not None and end_id < 0,
         logits_settings=_logits_settings(inputs, batch, row, tokenizer, end_id),
         stop_words=_word_ids("stop_words", inputs, batch, row, tokenizer),
         return_log_probs=_optional(_bool, "return_log_probs", inputs, batch, row) or False,
         return_context_logits=_optional(_bool, "return_context_logits", inputs, batch, row) or False,
-        return_generation_logits=_optional(_bool, "return_generation_logits", inputs, batch, row) or False)
+        return_generation_logits=_optional(_bool, "return_generation_logits", inputs, batch, row) or False,
+    )
     return RowRequest(prompt, gcfg, stream, pad_id if pad_id is not None else -1)
 
 
@@ -170,16 +179,19 @@ def _max_tokens(inputs: dict[str, np.ndarray], batch: int, row: int) -> int:
     if cells.size < 1:
         raise ForgeError("input 'max_tokens' is empty; give the number of tokens to generate")
     if cells.size > 1:
-        raise ForgeError(f"input 'max_tokens' has shape {list(inputs['max_tokens'].shape)}; send one value per prompt "
-                         f"(shape [{batch}, 1])")
+        raise ForgeError(
+            f"input 'max_tokens' has shape {list(inputs['max_tokens'].shape)}; send one value per prompt "
+            f"(shape [{batch}, 1])"
+        )
     value = _int(cells[0], "max_tokens")
     if value < 1:
         raise ForgeError(f"input 'max_tokens' must be >= 1, got {value}")
     return value
 
 
-def sampling(inputs: dict[str, np.ndarray], batch: int, row: int, top_k_name: str = "top_k",
-             top_p_name: str = "top_p") -> dict:
+def sampling(
+    inputs: dict[str, np.ndarray], batch: int, row: int, top_k_name: str = "top_k", top_p_name: str = "top_p"
+) -> dict:
     """temperature / top_k / top_p / seed of one row, read as TensorRT-LLM 0.11 reads them: top_k and
     top_p both 0 (their defaults when not sent) is greedy whatever the temperature (the sampling
     layers' runtime-argument setup turns k 0, p 0 into k 1), and so is top_k 1; greedy is temperature
@@ -205,6 +217,7 @@ def sampling(inputs: dict[str, np.ndarray], batch: int, row: int, top_k_name: st
 
 def penalties(inputs: dict[str, np.ndarray], batch: int, row: int) -> dict:
     """LogitsSettings' repetition / presence / frequency penalties and min_length of one row."""
+
     def finite(name: str, default: float) -> float:
         value = _optional(_float, name, inputs, batch, row)
         if value is not None and not np.isfinite(value):
@@ -217,16 +230,23 @@ def penalties(inputs: dict[str, np.ndarray], batch: int, row: int) -> dict:
     min_length = _optional(_int, "min_length", inputs, batch, row) or 0
     if min_length < 0:
         raise ForgeError(f"input 'min_length' must be >= 0, got {min_length}")
-    return {"repetition_penalty": repetition, "presence_penalty": finite("presence_penalty", 0.0),
-            "frequency_penalty": finite("frequency_penalty", 0.0), "min_length": min_length}
+    return {
+        "repetition_penalty": repetition,
+        "presence_penalty": finite("presence_penalty", 0.0),
+        "frequency_penalty": finite("frequency_penalty", 0.0),
+        "min_length": min_length,
+    }
 
 
-def _logits_settings(inputs: dict[str, np.ndarray], batch: int, row: int, tokenizer,
-                     end_id: int | None) -> LogitsSettings | None:
+def _logits_settings(
+    inputs: dict[str, np.ndarray], batch: int, row: int, tokenizer, end_id: int | None
+) -> LogitsSettings | None:
     settings = LogitsSettings(
-        **penalties(inputs, batch, row), embedding_bias=_embedding_bias(inputs, batch, row, tokenizer),
+        **penalties(inputs, batch, row),
+        embedding_bias=_embedding_bias(inputs, batch, row, tokenizer),
         bad_words=_word_ids("bad_words", inputs, batch, row, tokenizer),
-        end_ids=(end_id,) if end_id is not None and end_id >= 0 else ())
+        end_ids=(end_id,) if end_id is not None and end_id >= 0 else (),
+    )
     return settings if settings.active else None
 
 
@@ -256,11 +276,15 @@ def _embedding_bias(inputs: dict[str, np.ndarray], batch: int, row: int, tokeniz
         if words:
             raise ForgeError("input 'embedding_bias_words' needs 'embedding_bias_weights' (one weight per word)")
         return ()
-    weights = [_float(w, "embedding_bias_weights")
-               for w in _rows("embedding_bias_weights", inputs["embedding_bias_weights"], batch)[row]]
+    weights = [
+        _float(w, "embedding_bias_weights")
+        for w in _rows("embedding_bias_weights", inputs["embedding_bias_weights"], batch)[row]
+    ]
     if len(words) != len(weights):
-        raise ForgeError(f"inputs 'embedding_bias_words' ({len(words)} words) and 'embedding_bias_weights' "
-                         f"({len(weights)} weights) must have the same length")
+        raise ForgeError(
+            f"inputs 'embedding_bias_words' ({len(words)} words) and 'embedding_bias_weights' "
+            f"({len(weights)} weights) must have the same length"
+        )
     if not all(np.isfinite(w) for w in weights):
         raise ForgeError(f"input 'embedding_bias_weights' must be finite numbers, got {weights}")
     if not words:

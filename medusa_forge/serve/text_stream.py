@@ -9,7 +9,7 @@ one request concatenate to exactly its final ``text_output``.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 REPLACEMENT = "\ufffd"
 
@@ -32,14 +32,14 @@ class TextDeltas:
             safe = min([safe - self.hold, *hits])
         if safe <= len(self.sent) or not text.startswith(self.sent):
             return ""
-        delta = text[len(self.sent):safe]
+        delta = text[len(self.sent) : safe]
         self.sent += delta
         return delta
 
     def finish(self, final_text: str) -> str:
         """The rest of ``final_text`` after what was sent (it always extends what was sent)."""
         if not final_text.startswith(self.sent):  # a tokenizer that re-decodes earlier text: send the tail we can
-            return final_text[len(self.sent):]
-        delta = final_text[len(self.sent):]
+            return final_text[len(self.sent) :]
+        delta = final_text[len(self.sent) :]
         self.sent = final_text
         return delta

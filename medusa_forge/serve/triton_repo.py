@@ -113,8 +113,9 @@ def engine_kind(engine: Path) -> tuple[str, EngineManifest | None]:
         return manifest.kind, manifest
     if (engine / "config.json").is_file():
         return "native", None  # a HF model directory, opened by load_engine like `generate` does
-    raise ForgeError(f"--engine {engine}: neither an engine directory (medusa_forge.json) nor a HF model "
-                     "directory (config.json)")
+    raise ForgeError(
+        f"--engine {engine}: neither an engine directory (medusa_forge.json) nor a HF model directory (config.json)"
+    )
 
 
 def write_triton_repo(req: RepoRequest) -> ServedModel:
@@ -132,8 +133,10 @@ def write_triton_repo(req: RepoRequest) -> ServedModel:
         writer, model = _trtllm_plan(req, engine, manifest, existing)
     clash = _clashes(existing, model, req.overwrite)
     if any("preprocessing" in m.directories for m in clash) and len(existing.trtllm_llm_models()) > 1:
-        raise ForgeError(f"model {req.name!r} owns the preprocessing/postprocessing that other TensorRT-LLM models "
-                         "of the repository share; write a new repository instead of replacing it")
+        raise ForgeError(
+            f"model {req.name!r} owns the preprocessing/postprocessing that other TensorRT-LLM models "
+            "of the repository share; write a new repository instead of replacing it"
+        )
     with atomic_output_dir(req.out, overwrite=req.overwrite or req.add) as tmp:
         if req.add:
             _copy_models(Path(req.out), tmp, existing, replaced=clash)
@@ -156,8 +159,9 @@ def _clashes(existing: RepoInfo, model: ServedModel, overwrite: bool) -> list[Se
     """Models of ``existing`` that the new one replaces (same name or a directory it writes)."""
     clash = [m for m in existing.models if m.name == model.name or set(m.directories) & set(model.directories)]
     if clash and not overwrite:
-        raise ForgeError(f"the repository already has model {clash[0].name!r}; pick another --name or pass "
-                         "--overwrite to replace it")
+        raise ForgeError(
+            f"the repository already has model {clash[0].name!r}; pick another --name or pass --overwrite to replace it"
+        )
     return clash
 
 
@@ -169,7 +173,9 @@ def _copy_models(src: Path, dst: Path, existing: RepoInfo, replaced: list[Served
                 shutil.copytree(src / d, dst / d, symlinks=True)
 
 
-def _native_plan(req: RepoRequest, engine: Path, manifest: EngineManifest | None) -> tuple[NativeRepoConfig, ServedModel]:
+def _native_plan(
+    req: RepoRequest, engine: Path, manifest: EngineManifest | None
+) -> tuple[NativeRepoConfig, ServedModel]:
     if req.tokenizer_dir or req.tensorrtllm_backend:
         raise ForgeError("--tokenizer-dir / --tensorrtllm-backend apply to TensorRT-LLM engines only")
     if manifest is None and req.tree and not req.medusa:
@@ -178,26 +184,45 @@ def _native_plan(req: RepoRequest, engine: Path, manifest: EngineManifest | None
         raise ForgeError(f"--medusa {req.medusa}: no such directory")
     has_heads = bool(req.medusa) if manifest is None else bool(manifest.num_medusa_heads or req.medusa)
     if req.use_medusa and not has_heads:
-        raise ForgeError(f"--engine {engine} has no Medusa heads: pass --medusa DIR, or --no-medusa to serve "
-                         "plain decoding")
+        raise ForgeError(
+            f"--engine {engine} has no Medusa heads: pass --medusa DIR, or --no-medusa to serve plain decoding"
+        )
     if req.request_timeout_s <= 0:
         raise ForgeError(f"--request-timeout must be > 0, got {req.request_timeout_s:g}")
     tree = read_tree(req.tree) if req.tree and req.use_medusa else None  # fail now, not at server start
     if req.use_medusa:
         _check_heads_fit(engine, manifest, Path(req.medusa) if req.medusa else None, tree)
     settings = NativeModelSettings(
-        engine_dir=str(engine), medusa_dir=str(Path(req.medusa).absolute()) if req.medusa and req.use_medusa else "",
-        medusa_choices=json.dumps(tree.to_list()) if tree else "", device=req.device or "", dtype=req.dtype or "",
-        max_seq_len=str(req.max_seq_len or ""), use_medusa="true" if req.use_medusa else "false",
-        torch_threads=str(req.torch_threads or ""), compile="true" if req.compile else "false",
-        request_timeout_s=f"{req.request_timeout_s:g}", max_queue=str(req.max_queue), speculation=req.speculation)
+        engine_dir=str(engine),
+        medusa_dir=str(Path(req.medusa).absolute()) if req.medusa and req.use_medusa else "",
+        medusa_choices=json.dumps(tree.to_list()) if tree else "",
+        device=req.device or "",
+        dtype=req.dtype or "",
+        max_seq_len=str(req.max_seq_len or ""),
+        use_medusa="true" if req.use_medusa else "false",
+        torch_threads=str(req.torch_threads or ""),
+        compile="true" if req.compile else "false",
+        request_timeout_s=f"{req.request_timeout_s:g}",
+        max_queue=str(req.max_queue),
+        speculation=req.speculation,
+    )
     batch = req.max_batch_size or (manifest.max_batch_size if manifest else 1)
     _check_batching(batch, req.max_queue, req.speculation)
     cfg = NativeRepoConfig(settings, req.name, batch, req.decoupled, req.instances)
-    model = ServedModel(req.name, "native", str(engine), req.use_medusa, req.decoupled, batch,
-                        directories=[req.name],
-                        details={"instances": req.instances, "max_queue": req.max_queue,
-                                 "parameters": settings.to_parameters() | {"max_batch_size": str(batch)}})
+    model = ServedModel(
+        req.name,
+        "native",
+        str(engine),
+        req.use_medusa,
+        req.decoupled,
+        batch,
+        directories=[req.name],
+        details={
+            "instances": req.instances,
+            "max_queue": req.max_queue,
+            "parameters": settings.to_parameters() | {"max_batch_size": str(batch)},
+        },
+    )
     return cfg, model
 
 
@@ -210,15 +235,18 @@ def _check_batching(batch: int, max_queue: int, speculation: str) -> None:
             raise ForgeError(f"--speculation {speculation} steers the in-flight batcher; it needs --max-batch-size > 1")
         return
     if importlib.util.find_spec("medusa_forge.engine.batcher") is None:
-        raise ForgeError(f"--max-batch-size {batch} needs the in-flight batcher (medusa_forge/engine/batcher.py), "
-                         "which this install lacks; use --max-batch-size 1")
+        raise ForgeError(
+            f"--max-batch-size {batch} needs the in-flight batcher (medusa_forge/engine/batcher.py), "
+            "which this install lacks; use --max-batch-size 1"
+        )
     from medusa_forge.engine.speculation import parse_speculation
 
     parse_speculation(speculation)
 
 
-def _check_heads_fit(engine: Path, manifest: EngineManifest | None, medusa: Path | None,
-                     tree: ChoiceTree | None) -> None:
+def _check_heads_fit(
+    engine: Path, manifest: EngineManifest | None, medusa: Path | None, tree: ChoiceTree | None
+) -> None:
     """Heads of another model, or a tree deeper than the heads, fail here rather than when the
     server loads the model (where they would show only in tritonserver's log)."""
     from medusa_forge.heads.layouts import collect, detect
@@ -245,14 +273,20 @@ def _trtllm_plan(req: RepoRequest, engine: Path, manifest: EngineManifest, exist
     )
 
     if req.medusa or req.device or req.dtype or req.max_seq_len or req.torch_threads or req.compile:
-        raise ForgeError("--medusa/--device/--dtype/--max-seq-len/--torch-threads/--compile apply to native engines; a "
-                         "TensorRT-LLM engine fixed them at build time")
+        raise ForgeError(
+            "--medusa/--device/--dtype/--max-seq-len/--torch-threads/--compile apply to native engines; a "
+            "TensorRT-LLM engine fixed them at build time"
+        )
     if req.max_queue or req.speculation != "auto":
-        raise ForgeError("--max-queue/--speculation apply to native engines; TensorRT-LLM's batch manager queues and "
-                         "schedules its own requests")
+        raise ForgeError(
+            "--max-queue/--speculation apply to native engines; TensorRT-LLM's batch manager queues and "
+            "schedules its own requests"
+        )
     if not req.use_medusa and manifest.num_medusa_heads:
-        raise ForgeError("--no-medusa: a TensorRT-LLM Medusa engine always decodes with its heads; build a base "
-                         "engine (`medusa-forge build` without --medusa) and --add that one")
+        raise ForgeError(
+            "--no-medusa: a TensorRT-LLM Medusa engine always decodes with its heads; build a base "
+            "engine (`medusa-forge build` without --medusa) and --add that one"
+        )
     params = trtllm_params(req, engine, manifest)
     extra = manifest.extra or {}
     world = int(extra.get("tp_size", 1)) * int(extra.get("pp_size", 1))
@@ -262,12 +296,25 @@ def _trtllm_plan(req: RepoRequest, engine: Path, manifest: EngineManifest, exist
     names = TrtllmNames.for_model(req.name, first=not first)
     checkout = find_backend_checkout(req.tensorrtllm_backend)
     model = ServedModel(
-        req.name, "tensorrt_llm", str(engine), bool(manifest.num_medusa_heads), req.decoupled,
-        params.triton_max_batch_size, world_size=world, directories=list(names.directories().values()),
-        details={"tensorrtllm_backend": {"version": BACKEND_VERSION, "commit": BACKEND_COMMIT,
-                                         "python_models_from": str(checkout)},
-                 "composing": {"tensorrt_llm": names.tensorrt_llm, "bls": names.bls},
-                 "tokenizer_dir": str(params.tokenizer_dir), "fill_template": params.substitutions()})
+        req.name,
+        "tensorrt_llm",
+        str(engine),
+        bool(manifest.num_medusa_heads),
+        req.decoupled,
+        params.triton_max_batch_size,
+        world_size=world,
+        directories=list(names.directories().values()),
+        details={
+            "tensorrtllm_backend": {
+                "version": BACKEND_VERSION,
+                "commit": BACKEND_COMMIT,
+                "python_models_from": str(checkout),
+            },
+            "composing": {"tensorrt_llm": names.tensorrt_llm, "bls": names.bls},
+            "tokenizer_dir": str(params.tokenizer_dir),
+            "fill_template": params.substitutions(),
+        },
+    )
     if first:  # preprocessing / postprocessing belong to the first engine's entry
         model.directories = [d for d in model.directories if d not in ("preprocessing", "postprocessing")]
     return (lambda tmp: write_trtllm_models(params, tmp, checkout, names)), model
@@ -276,14 +323,20 @@ def _trtllm_plan(req: RepoRequest, engine: Path, manifest: EngineManifest, exist
 def _check_shareable(first, params, world: int) -> None:
     """A second TensorRT-LLM engine reuses the first one's preprocessing/postprocessing."""
     if world > 1 or first.world_size > 1:
-        raise ForgeError("only tensor-parallel size 1 engines can share a repository (tensorrtllm_backend's "
-                         "multi-model mode); serve the other engine from its own repository")
+        raise ForgeError(
+            "only tensor-parallel size 1 engines can share a repository (tensorrtllm_backend's "
+            "multi-model mode); serve the other engine from its own repository"
+        )
     if first.details.get("tokenizer_dir") != str(params.tokenizer_dir):
-        raise ForgeError(f"--add: the repository's preprocessing uses tokenizer {first.details.get('tokenizer_dir')}, "
-                         f"this engine {params.tokenizer_dir}; engines sharing a repository need the same tokenizer")
+        raise ForgeError(
+            f"--add: the repository's preprocessing uses tokenizer {first.details.get('tokenizer_dir')}, "
+            f"this engine {params.tokenizer_dir}; engines sharing a repository need the same tokenizer"
+        )
     if first.max_batch_size != params.triton_max_batch_size:
-        raise ForgeError(f"--add: the repository's models take max_batch_size {first.max_batch_size}; pass "
-                         f"--max-batch-size {first.max_batch_size}")
+        raise ForgeError(
+            f"--add: the repository's models take max_batch_size {first.max_batch_size}; pass "
+            f"--max-batch-size {first.max_batch_size}"
+        )
 
 
 def trtllm_params(req: RepoRequest, engine: Path, manifest: EngineManifest) -> TrtllmRepoParams:  # noqa: F821
@@ -301,24 +354,44 @@ def trtllm_params(req: RepoRequest, engine: Path, manifest: EngineManifest) -> T
         tree.check_heads(manifest.num_medusa_heads)
         draft = int(extra.get("max_draft_len", len(tree.paths)))
         if len(tree.paths) > draft:
-            raise ForgeError(f"choice tree has {len(tree.paths)} nodes but the engine was built with "
-                             f"max_draft_len {draft}; use a tree of <= {draft} nodes")
+            raise ForgeError(
+                f"choice tree has {len(tree.paths)} nodes but the engine was built with "
+                f"max_draft_len {draft}; use a tree of <= {draft} nodes"
+            )
     batch = req.max_batch_size or manifest.max_batch_size
     if batch > manifest.max_batch_size:
         raise ForgeError(f"--max-batch-size {batch} exceeds the engine's max_batch_size {manifest.max_batch_size}")
-    return TrtllmRepoParams(engine_dir=engine, tokenizer_dir=_tokenizer_dir(req, engine, manifest),
-                            triton_max_batch_size=batch, decoupled=req.decoupled,
-                            medusa_choices=tree.to_trtllm() if tree else None, instances=req.instances,
-                            repo_dir=Path(req.out).absolute(), dtype=manifest.dtype, **req.trtllm)
+    return TrtllmRepoParams(
+        engine_dir=engine,
+        tokenizer_dir=_tokenizer_dir(req, engine, manifest),
+        triton_max_batch_size=batch,
+        decoupled=req.decoupled,
+        medusa_choices=tree.to_trtllm() if tree else None,
+        instances=req.instances,
+        repo_dir=Path(req.out).absolute(),
+        dtype=manifest.dtype,
+        **req.trtllm,
+    )
 
 
 def _tokenizer_dir(req: RepoRequest, engine: Path, manifest: EngineManifest) -> Path:
-    candidates = [req.tokenizer_dir] if req.tokenizer_dir else [
-        manifest.sources.get("tokenizer"), manifest.sources.get("model"), manifest.sources.get("checkpoint"), engine]
+    candidates = (
+        [req.tokenizer_dir]
+        if req.tokenizer_dir
+        else [
+            manifest.sources.get("tokenizer"),
+            manifest.sources.get("model"),
+            manifest.sources.get("checkpoint"),
+            engine,
+        ]
+    )
     for c in filter(None, candidates):
         path = Path(c).absolute()
-        if (path / "tokenizer.json").is_file() or (path / "tokenizer.model").is_file() \
-                or (path / "tokenizer_config.json").is_file():
+        if (
+            (path / "tokenizer.json").is_file()
+            or (path / "tokenizer.model").is_file()
+            or (path / "tokenizer_config.json").is_file()
+        ):
             return path
         if req.tokenizer_dir:
             raise ForgeError(f"--tokenizer-dir {c}: no tokenizer.json / tokenizer.model / tokenizer_config.json there")

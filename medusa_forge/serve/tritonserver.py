@@ -37,9 +37,10 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Callable, Sequence
+from typing import IO
 
 from medusa_forge.atomic import atomic_output_dir
 from medusa_forge.errors import ForgeError
@@ -251,7 +252,7 @@ class TritonServer:
         return self.cfg.http_url
 
     # ----------------------------------------------------------------- lifecycle
-    def start(self) -> "TritonServer":
+    def start(self) -> TritonServer:
         if self.proc is not None and self.proc.poll() is None:
             raise ForgeError("this tritonserver is already running")
         self._pick_ports()
@@ -354,7 +355,7 @@ class TritonServer:
         if self.proc is not None:
             self.proc.wait()
 
-    def __enter__(self) -> "TritonServer":
+    def __enter__(self) -> TritonServer:
         for attempt in range(_PORT_RETRIES if self.auto_ports else 1):
             self.start()
             try:

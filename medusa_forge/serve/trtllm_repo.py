@@ -76,15 +76,27 @@ class TemplateSet:
 
 
 TEMPLATE_SETS = {
-    "0.11": TemplateSet("0.11", BACKEND_VERSION, "git clone -b v0.11.0 https://github.com/triton-inference-server/"
-                        "tensorrtllm_backend", TEMPLATE_DIR, TEMPLATE_BLOBS),
-    "1.2": TemplateSet("1.2", "v1.2.1", "TensorRT-LLM v1.2.1 triton_backend/all_models/inflight_batcher_llm (in the "
-                       "26.07 image: /app/all_models/inflight_batcher_llm)", TEMPLATES / "tensorrt_llm_v1.2.1", {
-                           "ensemble": "c07a5ab6de444e3ded5d02d81d03eba00443f123",
-                           "preprocessing": "0b3f054cea0f4526e0e42bd9b297d6d8a1903819",
-                           "postprocessing": "9f3655ef4d78fc0631db9899c03041300f86b00f",
-                           "tensorrt_llm": "f5f6cb41a4b8c5644a663abcbebfb6a4d4f3e2f7",
-                           "tensorrt_llm_bls": "7f38bf903a6a301fc415a172c5972ffc6c04e20e"}),
+    "0.11": TemplateSet(
+        "0.11",
+        BACKEND_VERSION,
+        "git clone -b v0.11.0 https://github.com/triton-inference-server/tensorrtllm_backend",
+        TEMPLATE_DIR,
+        TEMPLATE_BLOBS,
+    ),
+    "1.2": TemplateSet(
+        "1.2",
+        "v1.2.1",
+        "TensorRT-LLM v1.2.1 triton_backend/all_models/inflight_batcher_llm (in the "
+        "26.07 image: /app/all_models/inflight_batcher_llm)",
+        TEMPLATES / "tensorrt_llm_v1.2.1",
+        {
+            "ensemble": "c07a5ab6de444e3ded5d02d81d03eba00443f123",
+            "preprocessing": "0b3f054cea0f4526e0e42bd9b297d6d8a1903819",
+            "postprocessing": "9f3655ef4d78fc0631db9899c03041300f86b00f",
+            "tensorrt_llm": "f5f6cb41a4b8c5644a663abcbebfb6a4d4f3e2f7",
+            "tensorrt_llm_bls": "7f38bf903a6a301fc415a172c5972ffc6c04e20e",
+        },
+    ),
 }
 BACKEND_DIR_CANDIDATES = ("/opt/tensorrtllm_backend", "/tensorrtllm_backend", "/app")
 PLACEHOLDER = re.compile(r"\$\{(\w+)\}")
@@ -156,20 +168,30 @@ class TrtllmRepoParams:
         if self.instances < 1:
             raise ForgeError(f"--instances must be >= 1, got {self.instances}")
         if not 0.0 < self.kv_cache_free_gpu_mem_fraction <= 1.0:
-            raise ForgeError(f"--kv-cache-free-gpu-mem-fraction must be in (0, 1], got {self.kv_cache_free_gpu_mem_fraction}")
-        strategies = ("inflight_fused_batching",) if self.templates == "1.2" else (
-            "inflight_fused_batching", "inflight_batching", "V1")  # 1.x's backend runs only the fused one
+            raise ForgeError(
+                f"--kv-cache-free-gpu-mem-fraction must be in (0, 1], got {self.kv_cache_free_gpu_mem_fraction}"
+            )
+        strategies = (
+            ("inflight_fused_batching",)
+            if self.templates == "1.2"
+            else ("inflight_fused_batching", "inflight_batching", "V1")
+        )  # 1.x's backend runs only the fused one
         if self.batching_strategy not in strategies:
-            raise ForgeError(f"--batching-strategy {self.batching_strategy!r}: TensorRT-LLM "
-                             f"{TEMPLATE_SETS[self.templates].version} takes {' or '.join(strategies)}")
+            raise ForgeError(
+                f"--batching-strategy {self.batching_strategy!r}: TensorRT-LLM "
+                f"{TEMPLATE_SETS[self.templates].version} takes {' or '.join(strategies)}"
+            )
         if self.batch_scheduler_policy not in ("guaranteed_no_evict", "max_utilization"):
-            raise ForgeError(f"--batch-scheduler-policy {self.batch_scheduler_policy!r}: choose guaranteed_no_evict "
-                             "or max_utilization")
+            raise ForgeError(
+                f"--batch-scheduler-policy {self.batch_scheduler_policy!r}: choose guaranteed_no_evict "
+                "or max_utilization"
+            )
         for what, path in (("engine dir", self.engine_dir), ("tokenizer dir", self.tokenizer_dir)):
             pbtxt_string(str(path), what)
 
     def substitutions(self) -> dict[str, dict[str, str]]:
         """Per model, the ``key: value`` pairs one would pass to fill_template.py."""
+
         def opt(v) -> str:
             return "" if v is None else str(v)
 
@@ -178,13 +200,26 @@ class TrtllmRepoParams:
         tokenizer, engine = self.path(self.tokenizer_dir), self.path(self.engine_dir)
         out = {
             "ensemble": {"triton_max_batch_size": batch},
-            "preprocessing": {"tokenizer_dir": tokenizer, "triton_max_batch_size": batch,
-                              "preprocessing_instance_count": count, "add_special_tokens": "True"},
-            "postprocessing": {"tokenizer_dir": tokenizer, "triton_max_batch_size": batch,
-                               "postprocessing_instance_count": count, "skip_special_tokens": "True"},
-            "tensorrt_llm_bls": {"triton_max_batch_size": batch, "decoupled_mode": _bool(self.decoupled),
-                                 "bls_instance_count": count, "accumulate_tokens": "False",
-                                 "tensorrt_llm_model_name": "tensorrt_llm", "tensorrt_llm_draft_model_name": ""},
+            "preprocessing": {
+                "tokenizer_dir": tokenizer,
+                "triton_max_batch_size": batch,
+                "preprocessing_instance_count": count,
+                "add_special_tokens": "True",
+            },
+            "postprocessing": {
+                "tokenizer_dir": tokenizer,
+                "triton_max_batch_size": batch,
+                "postprocessing_instance_count": count,
+                "skip_special_tokens": "True",
+            },
+            "tensorrt_llm_bls": {
+                "triton_max_batch_size": batch,
+                "decoupled_mode": _bool(self.decoupled),
+                "bls_instance_count": count,
+                "accumulate_tokens": "False",
+                "tensorrt_llm_model_name": "tensorrt_llm",
+                "tensorrt_llm_draft_model_name": "",
+            },
             "tensorrt_llm": {
                 "triton_backend": "tensorrtllm",
                 "triton_max_batch_size": batch,
@@ -231,16 +266,41 @@ class TrtllmRepoParams:
         table = "TYPE_BF16" if self.dtype in ("bfloat16", "bf16") else "TYPE_FP16"
         out["ensemble"]["logits_datatype"] = logits
         out["tensorrt_llm_bls"].update(logits_datatype=logits, multimodal_encoders_name="")
-        out["preprocessing"].update(engine_dir=engine, hf_model_path="", max_num_images="", multimodal_model_path="",
-                                    max_queue_delay_microseconds=delay, max_queue_size="0")
+        out["preprocessing"].update(
+            engine_dir=engine,
+            hf_model_path="",
+            max_num_images="",
+            multimodal_model_path="",
+            max_queue_delay_microseconds=delay,
+            max_queue_size="0",
+        )
         out["tensorrt_llm"].update(
-            logits_datatype=logits, encoder_input_features_data_type="TYPE_FP16",
-            prompt_embedding_table_data_type=table, max_queue_size="0", tokenizer_dir=tokenizer,
-            **dict.fromkeys(("cross_kv_cache_fraction", "participant_ids", "num_nodes", "lora_prefetch_dir",
-                             "lookahead_window_size", "lookahead_ngram_size", "lookahead_verification_set_size",
-                             "eagle_choices", "enable_context_fmha_fp32_acc", "multi_block_mode", "cuda_graph_mode",
-                             "cuda_graph_cache_size", "speculative_decoding_fast_logits", "guided_decoding_backend",
-                             "xgrammar_tokenizer_info_path"), ""))
+            logits_datatype=logits,
+            encoder_input_features_data_type="TYPE_FP16",
+            prompt_embedding_table_data_type=table,
+            max_queue_size="0",
+            tokenizer_dir=tokenizer,
+            **dict.fromkeys(
+                (
+                    "cross_kv_cache_fraction",
+                    "participant_ids",
+                    "num_nodes",
+                    "lora_prefetch_dir",
+                    "lookahead_window_size",
+                    "lookahead_ngram_size",
+                    "lookahead_verification_set_size",
+                    "eagle_choices",
+                    "enable_context_fmha_fp32_acc",
+                    "multi_block_mode",
+                    "cuda_graph_mode",
+                    "cuda_graph_cache_size",
+                    "speculative_decoding_fast_logits",
+                    "guided_decoding_backend",
+                    "xgrammar_tokenizer_info_path",
+                ),
+                "",
+            ),
+        )
 
 
 def fill(template: str, values: dict[str, str], model: str) -> str:
@@ -248,8 +308,10 @@ def fill(template: str, values: dict[str, str], model: str) -> str:
     missing = placeholders(template) - set(values)
     extra = set(values) - placeholders(template)
     if missing or extra:
-        raise ForgeError(f"{model}/config.pbtxt: placeholders {sorted(missing)} have no value and values "
-                         f"{sorted(extra)} have no placeholder (template of another release?)")
+        raise ForgeError(
+            f"{model}/config.pbtxt: placeholders {sorted(missing)} have no value and values "
+            f"{sorted(extra)} have no placeholder (template of another release?)"
+        )
     text = Template(template).safe_substitute(values)
     if "${" in text:
         raise ForgeError(f"{model}/config.pbtxt: a ${{...}} placeholder survived filling")
@@ -318,16 +380,23 @@ def find_backend_checkout(explicit: str | Path | None) -> Path:
     /tensorrtllm_backend, /app)."""
     candidates = [explicit] if explicit else [os.environ.get("TENSORRTLLM_BACKEND_DIR"), *BACKEND_DIR_CANDIDATES]
     for c in filter(None, candidates):
-        for root in (Path(c), Path(c) / "all_models" / "inflight_batcher_llm",
-                     Path(c) / "triton_backend" / "all_models" / "inflight_batcher_llm"):
+        for root in (
+            Path(c),
+            Path(c) / "all_models" / "inflight_batcher_llm",
+            Path(c) / "triton_backend" / "all_models" / "inflight_batcher_llm",
+        ):
             if (root / "tensorrt_llm" / "config.pbtxt").is_file() and (root / "preprocessing").is_dir():
                 return root
         if explicit:
-            raise ForgeError(f"--tensorrtllm-backend {explicit}: no all_models/inflight_batcher_llm/ with the five "
-                             "models found there")
-    raise ForgeError("a TensorRT-LLM repository needs the backend's Python models: for a 1.2 engine "
-                     f"{TEMPLATE_SETS['1.2'].source}; for 0.11 {TEMPLATE_SETS['0.11'].source}; pass "
-                     "--tensorrtllm-backend DIR")
+            raise ForgeError(
+                f"--tensorrtllm-backend {explicit}: no all_models/inflight_batcher_llm/ with the five "
+                "models found there"
+            )
+    raise ForgeError(
+        "a TensorRT-LLM repository needs the backend's Python models: for a 1.2 engine "
+        f"{TEMPLATE_SETS['1.2'].source}; for 0.11 {TEMPLATE_SETS['0.11'].source}; pass "
+        "--tensorrtllm-backend DIR"
+    )
 
 
 def write_trtllm_models(params: TrtllmRepoParams, repo: Path, checkout: Path, names: TrtllmNames | None = None) -> None:
@@ -341,8 +410,10 @@ def write_trtllm_models(params: TrtllmRepoParams, repo: Path, checkout: Path, na
         src = checkout / model
         blob = git_blob_id((src / "config.pbtxt").read_bytes()) if (src / "config.pbtxt").is_file() else None
         if blob != tset.blobs[model]:
-            raise ForgeError(f"{src}/config.pbtxt is not TensorRT-LLM {tset.version}'s (the engine's release); use "
-                             f"{tset.source} (its Python models must match the configs we fill)")
+            raise ForgeError(
+                f"{src}/config.pbtxt is not TensorRT-LLM {tset.version}'s (the engine's release); use "
+                f"{tset.source} (its Python models must match the configs we fill)"
+            )
         dst = repo / directory
         dst.mkdir(parents=True)
         if (src / "1").is_dir():

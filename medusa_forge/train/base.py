@@ -30,8 +30,15 @@ def _pick(logits: Tensor, temperature: float, generator: torch.Generator | None)
 
 
 @torch.no_grad()
-def _generate_batch(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float,
-                    generator: torch.Generator | None, eos_ids: Sequence[int], pad_id: int) -> list[list[int]]:
+def _generate_batch(
+    model: Transformer,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    temperature: float,
+    generator: torch.Generator | None,
+    eos_ids: Sequence[int],
+    pad_id: int,
+) -> list[list[int]]:
     dev = model.lm_head.weight.device
     B, P = len(prompts), max(len(p) for p in prompts)
     ensure_caches(model, B, P + max_new_tokens)
@@ -39,8 +46,8 @@ def _generate_batch(model: Transformer, prompts: Sequence[Sequence[int]], max_ne
     tokens = torch.full((B, P), pad_id, dtype=torch.long)
     valid = torch.zeros(B, S, dtype=torch.bool)
     for b, p in enumerate(prompts):
-        tokens[b, P - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
-        valid[b, P - len(p):P] = True
+        tokens[b, P - len(p) :] = torch.as_tensor(list(p), dtype=torch.long)
+        valid[b, P - len(p) : P] = True
     tokens, valid = tokens.to(dev), valid.to(dev)
     cols = torch.arange(S, device=dev)
     rows = torch.arange(P, device=dev)
@@ -70,10 +77,20 @@ def _generate_batch(model: Transformer, prompts: Sequence[Sequence[int]], max_ne
     return result
 
 
-def batched_generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
-                     batch_size: int, temperature: float = 0.0, seed: int = 0, eos_ids: Sequence[int] = (),
-                     pad_id: int = 0, progress: bool = True, desc: str = "generate",
-                     on_batch: Callable[[int], None] | None = None) -> list[list[int]]:
+def batched_generate(
+    model: Transformer,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    batch_size: int,
+    temperature: float = 0.0,
+    seed: int = 0,
+    eos_ids: Sequence[int] = (),
+    pad_id: int = 0,
+    progress: bool = True,
+    desc: str = "generate",
+    on_batch: Callable[[int], None] | None = None,
+) -> list[list[int]]:
     """New tokens for every prompt (up to and including the first EOS), greedy unless temperature > 0.
 
     Prompts are batched by length (least padding); results come back in the input order.
@@ -87,8 +104,10 @@ def batched_generate(model: Transformer, prompts: Sequence[Sequence[int]], max_n
     bar = tqdm(total=len(prompts), desc=desc, unit="seq", disable=not progress, dynamic_ncols=True)
     produced = 0
     for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        outs = _generate_batch(model, [prompts[i] for i in idx], max_new_tokens, temperature, generator, eos_ids, pad_id)
+        idx = order[start : start + batch_size]
+        outs = _generate_batch(
+            model, [prompts[i] for i in idx], max_new_tokens, temperature, generator, eos_ids, pad_id
+        )
         for i, o in zip(idx, outs):
             results[i] = o
         produced += sum(len(o) for o in outs)

@@ -43,17 +43,28 @@ def _load(path: Path) -> dict:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is one user-facing line
-        raise ForgeError(f"{path}: unreadable training checkpoint ({type(e).__name__}: {e}); "
-                         "start over with --overwrite") from None
+        raise ForgeError(
+            f"{path}: unreadable training checkpoint ({type(e).__name__}: {e}); start over with --overwrite"
+        ) from None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT_VERSION:
-        raise ForgeError(f"{path}: not a train-heads checkpoint of format {FORMAT_VERSION}; start over with --overwrite")
+        raise ForgeError(
+            f"{path}: not a train-heads checkpoint of format {FORMAT_VERSION}; start over with --overwrite"
+        )
     return obj
 
 
 def save_data(ckpt: Path, train: list[Example], val: list[Example], evals: list[Example], meta: dict) -> None:
     """The prepared examples: training, held-out split, and eval-prompt continuations."""
-    _atomic_save({"format": FORMAT_VERSION, "train": examples_to_tensors(train), "val": examples_to_tensors(val),
-                  "eval": examples_to_tensors(evals), "meta": meta}, ckpt / DATA_FILE)
+    _atomic_save(
+        {
+            "format": FORMAT_VERSION,
+            "train": examples_to_tensors(train),
+            "val": examples_to_tensors(val),
+            "eval": examples_to_tensors(evals),
+            "meta": meta,
+        },
+        ckpt / DATA_FILE,
+    )
 
 
 def load_data(ckpt: Path) -> tuple[list[Example], list[Example], list[Example], dict] | None:
@@ -61,8 +72,12 @@ def load_data(ckpt: Path) -> tuple[list[Example], list[Example], list[Example], 
     if not path.is_file():
         return None
     d = _load(path)
-    return (examples_from_tensors(d["train"]), examples_from_tensors(d["val"]), examples_from_tensors(d["eval"]),
-            d["meta"])
+    return (
+        examples_from_tensors(d["train"]),
+        examples_from_tensors(d["val"]),
+        examples_from_tensors(d["eval"]),
+        d["meta"],
+    )
 
 
 def save_state(ckpt: Path, state: dict) -> None:
@@ -77,10 +92,16 @@ def load_state(ckpt: Path) -> dict | None:
 def check_resumable(state: dict, cfg: MedusaHeadsConfig, where: Path) -> None:
     """The checkpoint's heads must fit the base model and the requested head shape exactly."""
     saved = state["heads_config"]
-    for key, flag in (("hidden_size", "base model hidden size"), ("vocab_size", "base model vocab size"),
-                      ("num_heads", "--num-heads"), ("num_layers", "--num-layers"),
-                      ("shared_lm_head", "--shared-lm-head")):
+    for key, flag in (
+        ("hidden_size", "base model hidden size"),
+        ("vocab_size", "base model vocab size"),
+        ("num_heads", "--num-heads"),
+        ("num_layers", "--num-layers"),
+        ("shared_lm_head", "--shared-lm-head"),
+    ):
         if saved[key] != getattr(cfg, key):
-            raise ForgeError(f"{where}: cannot resume: checkpoint has {key}={saved[key]} but this run has "
-                             f"{getattr(cfg, key)} ({flag}); resume with the original --model and head flags, "
-                             "or start over with --overwrite")
+            raise ForgeError(
+                f"{where}: cannot resume: checkpoint has {key}={saved[key]} but this run has "
+                f"{getattr(cfg, key)} ({flag}); resume with the original --model and head flags, "
+                "or start over with --overwrite"
+            )

@@ -14,20 +14,46 @@ CONTEXT = {"max_content_width": 110}
 
 
 @click.command(context_settings=CONTEXT)
-@click.option("--model", "--model_name_or_path", "model", required=True, type=click.Path(),
-              help="Base HF checkpoint directory (frozen).")
-@click.option("--out", "--output_dir", "out", required=True, type=click.Path(),
-              help="Heads directory to write (FasterDecoding layout + train_report.*).")
-@click.option("--data", type=click.Path(), default=None,
-              help="JSONL with text, prompt/completion, or messages (chat template).")
+@click.option(
+    "--model",
+    "--model_name_or_path",
+    "model",
+    required=True,
+    type=click.Path(),
+    help="Base HF checkpoint directory (frozen).",
+)
+@click.option(
+    "--out",
+    "--output_dir",
+    "out",
+    required=True,
+    type=click.Path(),
+    help="Heads directory to write (FasterDecoding layout + train_report.*).",
+)
+@click.option(
+    "--data", type=click.Path(), default=None, help="JSONL with text, prompt/completion, or messages (chat template)."
+)
 @click.option("--self-distill", is_flag=True, help="Let the base model write the targets from prompts.")
 @click.option("--prompts", type=click.Path(), default=None, help="Self-distillation prompts (JSONL, 'prompt').")
-@click.option("--prompts-from-python-sources", default=0, show_default=True,
-              help="Self-distillation prompts cut from this Python's stdlib/site-packages (N prompts).")
-@click.option("--sources-root", "sources_roots", multiple=True, type=click.Path(),
-              help="Where to take Python sources from instead (repeatable).")
-@click.option("--exclude-sources", type=click.Path(), default=None,
-              help="Held-out JSONL whose 'source' paths/prompts are never trained on (default: --eval-prompts).")
+@click.option(
+    "--prompts-from-python-sources",
+    default=0,
+    show_default=True,
+    help="Self-distillation prompts cut from this Python's stdlib/site-packages (N prompts).",
+)
+@click.option(
+    "--sources-root",
+    "sources_roots",
+    multiple=True,
+    type=click.Path(),
+    help="Where to take Python sources from instead (repeatable).",
+)
+@click.option(
+    "--exclude-sources",
+    type=click.Path(),
+    default=None,
+    help="Held-out JSONL whose 'source' paths/prompts are never trained on (default: --eval-prompts).",
+)
 @click.option("--distill-new-tokens", default=128, show_default=True)
 @click.option("--distill-samples-per-prompt", default=1, show_default=True)
 @click.option("--distill-temperature", default=0.0, show_default=True, help="0 = greedy continuations.")
@@ -37,8 +63,12 @@ CONTEXT = {"max_content_width": 110}
 @click.option("--shared-lm-head", is_flag=True, help="'Version 2' heads: no own vocab projection.")
 @click.option("--epochs", default=3, show_default=True)
 @click.option("--max-steps", default=0, show_default=True, help="Stop after N steps (0: run all epochs).")
-@click.option("--max-train-minutes", default=0.0, show_default=True,
-              help="Stop training after this long (then evaluate and save as usual); 0: no limit.")
+@click.option(
+    "--max-train-minutes",
+    default=0.0,
+    show_default=True,
+    help="Stop training after this long (then evaluate and save as usual); 0: no limit.",
+)
 @click.option("--lr", "--learning_rate", "lr", default=1e-3, show_default=True)
 @click.option("--schedule", type=click.Choice(SCHEDULES), default="cosine", show_default=True)
 @click.option("--warmup-ratio", default=0.03, show_default=True)
@@ -50,11 +80,19 @@ CONTEXT = {"max_content_width": 110}
 @click.option("--decay-coefficient", default=0.8, show_default=True)
 @click.option("--val-fraction", default=0.05, show_default=True, help="Held-out split of the training data.")
 @click.option("--eval-every", default=0, show_default=True, help="Steps between evaluations (0: ~10 per run).")
-@click.option("--eval-prompts", type=click.Path(), default=None,
-              help="Held-out prompts JSONL: report head accuracy on the base's greedy continuations.")
+@click.option(
+    "--eval-prompts",
+    type=click.Path(),
+    default=None,
+    help="Held-out prompts JSONL: report head accuracy on the base's greedy continuations.",
+)
 @click.option("--eval-new-tokens", default=128, show_default=True)
-@click.option("--eval-acceptance", default=0, show_default=True,
-              help="Also decode N eval prompts with the native engine and report mean acceptance length.")
+@click.option(
+    "--eval-acceptance",
+    default=0,
+    show_default=True,
+    help="Also decode N eval prompts with the native engine and report mean acceptance length.",
+)
 @click.option("--eval-tree", "--medusa-choices", "eval_tree", default="mc_sim_7b_63", show_default=True)
 @click.option("--device", default=None, help="cuda or cpu (default: cuda when available).")
 @click.option("--bf16/--no-bf16", default=None, help="Base model in bf16 + autocast (default: on for CUDA).")

@@ -80,8 +80,10 @@ class TrainConfig:
         if not 0 <= self.num_layers <= MAX_LAYERS:
             raise ForgeError(f"--num-layers {self.num_layers} is out of range (0..{MAX_LAYERS})")
         if self.data is None and not self.self_distill:
-            raise ForgeError("no training data: give --data FILE, or --self-distill with --prompts FILE "
-                             "and/or --prompts-from-python-sources N")
+            raise ForgeError(
+                "no training data: give --data FILE, or --self-distill with --prompts FILE "
+                "and/or --prompts-from-python-sources N"
+            )
         if self.self_distill and not self.prompts and self.prompts_from_python_sources <= 0:
             raise ForgeError("--self-distill needs prompts: --prompts FILE and/or --prompts-from-python-sources N")
         if not self.self_distill and (self.prompts or self.prompts_from_python_sources):
@@ -89,14 +91,18 @@ class TrainConfig:
         if self.max_seq_len < 8:
             raise ForgeError(f"--max-seq-len {self.max_seq_len} is too short (at least 8 tokens)")
         if self.self_distill and self.distill_new_tokens >= self.max_seq_len:
-            raise ForgeError(f"--distill-new-tokens {self.distill_new_tokens} leaves no room for the prompt "
-                             f"within --max-seq-len {self.max_seq_len}")
+            raise ForgeError(
+                f"--distill-new-tokens {self.distill_new_tokens} leaves no room for the prompt "
+                f"within --max-seq-len {self.max_seq_len}"
+            )
         checks = [
             (self.distill_new_tokens >= 1, "--distill-new-tokens must be >= 1"),
             (self.distill_samples_per_prompt >= 1, "--distill-samples-per-prompt must be >= 1"),
             (self.distill_temperature >= 0, "--distill-temperature must be >= 0"),
-            (self.distill_samples_per_prompt == 1 or self.distill_temperature > 0,
-             "--distill-samples-per-prompt > 1 needs --distill-temperature > 0 (greedy samples are identical)"),
+            (
+                self.distill_samples_per_prompt == 1 or self.distill_temperature > 0,
+                "--distill-samples-per-prompt > 1 needs --distill-temperature > 0 (greedy samples are identical)",
+            ),
             (self.epochs >= 1, "--epochs must be >= 1"),
             (self.max_steps >= 0, "--max-steps must be >= 0"),
             (self.max_train_minutes >= 0, "--max-train-minutes must be >= 0"),

@@ -57,8 +57,14 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
 
 def _chat_split(tok: Tokenizer, messages: list, where: str) -> tuple[str, str]:
     """(prompt text with the generation prompt, assistant completion text) from a chat."""
-    if not isinstance(messages, list) or not messages or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages):
+    if (
+        not isinstance(messages, list)
+        or not messages
+        or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages
+        )
+    ):
         raise ForgeError(f"{where}: messages must be a non-empty list of {{role, content}} strings")
     full = tok.apply_chat_template(messages)  # raises when the tokenizer has no chat template
     if messages[-1]["role"] != "assistant":
@@ -66,11 +72,11 @@ def _chat_split(tok: Tokenizer, messages: list, where: str) -> tuple[str, str]:
     prompt = tok.hf.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
     if not full.startswith(prompt):
         return "", full
-    return prompt, full[len(prompt):]
+    return prompt, full[len(prompt) :]
 
 
 def _windows(ids: list[int], size: int) -> list[list[int]]:
-    return [ids[i:i + size] for i in range(0, len(ids), size)]
+    return [ids[i : i + size] for i in range(0, len(ids), size)]
 
 
 def record_examples(obj: dict, tok: Tokenizer, max_seq_len: int, where: str) -> list[Example]:
@@ -78,7 +84,9 @@ def record_examples(obj: dict, tok: Tokenizer, max_seq_len: int, where: str) -> 
     if "text" in obj:
         if not isinstance(obj["text"], str):
             raise ForgeError(f"{where}: field text must be a string")
-        return [make_example(w, 0) for w in _windows(tok.encode(obj["text"]), max_seq_len)] if obj["text"].strip() else []
+        return (
+            [make_example(w, 0) for w in _windows(tok.encode(obj["text"]), max_seq_len)] if obj["text"].strip() else []
+        )
     if "prompt" in obj and "completion" in obj:
         if not isinstance(obj["prompt"], str) or not isinstance(obj["completion"], str):
             raise ForgeError(f"{where}: fields prompt and completion must be strings")
@@ -100,8 +108,10 @@ def load_examples(path: str | Path, tok: Tokenizer, max_seq_len: int) -> list[Ex
     examples = [ex for n, obj in rows for ex in record_examples(obj, tok, max_seq_len, f"{path}:{n}")]
     examples = [ex for ex in examples if ex.num_targets > 0]
     if not examples:
-        raise ForgeError(f"{path}: no usable text ({len(rows)} records, none with at least {MIN_TOKENS} "
-                         f"target tokens within --max-seq-len {max_seq_len})")
+        raise ForgeError(
+            f"{path}: no usable text ({len(rows)} records, none with at least {MIN_TOKENS} "
+            f"target tokens within --max-seq-len {max_seq_len})"
+        )
     return examples
 
 
@@ -109,7 +119,11 @@ def split_examples(examples: list[Example], val_fraction: float, seed: int) -> t
     """Deterministic held-out split; at least one example on each side when there are two or more."""
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
-    n_val = 0 if val_fraction <= 0 or len(examples) < 2 else min(len(examples) - 1, max(1, round(val_fraction * len(examples))))
+    n_val = (
+        0
+        if val_fraction <= 0 or len(examples) < 2
+        else min(len(examples) - 1, max(1, round(val_fraction * len(examples))))
+    )
     val = [examples[i] for i in sorted(order[:n_val])]
     train = [examples[i] for i in sorted(order[n_val:])]
     return train, val
@@ -123,7 +137,7 @@ def collate(batch: list[Example], pad_id: int) -> tuple[Tensor, Tensor]:
     for b, ex in enumerate(batch):
         n = len(ex.ids)
         tokens[b, :n] = ex.ids
-        labels[b, ex.prompt_len:n] = ex.ids[ex.prompt_len:]
+        labels[b, ex.prompt_len : n] = ex.ids[ex.prompt_len :]
     return tokens, labels
 
 

@@ -55,8 +55,9 @@ def autocast(device: torch.device, enabled: bool):
 
 
 @torch.no_grad()
-def evaluate_heads(model: Transformer, heads: MedusaHeads, examples: list[Example], *, batch_size: int,
-                   pad_id: int, amp: bool) -> HeadMetrics:
+def evaluate_heads(
+    model: Transformer, heads: MedusaHeads, examples: list[Example], *, batch_size: int, pad_id: int, amp: bool
+) -> HeadMetrics:
     """Mean CE, top-1 and top-5 accuracy of every head over the targets of ``examples``."""
     K = heads.res_weight.shape[0]
     dev = model.lm_head.weight.device
@@ -67,7 +68,7 @@ def evaluate_heads(model: Transformer, heads: MedusaHeads, examples: list[Exampl
     was_training = heads.training
     heads.eval()
     for start in range(0, len(ordered), batch_size):
-        tokens, labels = collate(ordered[start:start + batch_size], pad_id)
+        tokens, labels = collate(ordered[start : start + batch_size], pad_id)
         tokens, labels = tokens.to(dev), labels.to(dev)
         hidden = hidden_states(model, tokens)
         targets = shifted_targets(labels, K)
@@ -94,16 +95,33 @@ def encode_eval_prompts(tok: Tokenizer, path: str | Path, max_tokens: int) -> li
     return [tok.encode(p.prompt)[:max_tokens] for p in read_prompts(path)]
 
 
-def prompt_continuations(model: Transformer, prompts: list[list[int]], *, new_tokens: int, batch_size: int,
-                         eos_ids: tuple[int, ...], pad_id: int, progress: bool) -> list[Example]:
+def prompt_continuations(
+    model: Transformer,
+    prompts: list[list[int]],
+    *,
+    new_tokens: int,
+    batch_size: int,
+    eos_ids: tuple[int, ...],
+    pad_id: int,
+    progress: bool,
+) -> list[Example]:
     """prompt + greedy continuation of the base model, the continuation being the target."""
-    outs = batched_generate(model, prompts, new_tokens, batch_size=batch_size, eos_ids=eos_ids, pad_id=pad_id,
-                            progress=progress, desc="eval continuations")
+    outs = batched_generate(
+        model,
+        prompts,
+        new_tokens,
+        batch_size=batch_size,
+        eos_ids=eos_ids,
+        pad_id=pad_id,
+        progress=progress,
+        desc="eval continuations",
+    )
     return [make_example(p + o, len(p)) for p, o in zip(prompts, outs)]
 
 
-def acceptance_length(model: Transformer, heads: MedusaHeads, tok: Tokenizer, prompts: list[list[int]], *,
-                      tree: str, new_tokens: int) -> dict:
+def acceptance_length(
+    model: Transformer, heads: MedusaHeads, tok: Tokenizer, prompts: list[list[int]], *, tree: str, new_tokens: int
+) -> dict:
     """Mean tokens per Medusa step of the native engine (greedy, so output = plain greedy decoding)."""
     choice_tree = ChoiceTree.parse(tree)
     # room for the tree beyond prompt + new tokens (the engine keeps a step ahead in flight): generous
@@ -111,8 +129,9 @@ def acceptance_length(model: Transformer, heads: MedusaHeads, tok: Tokenizer, pr
     limit = model.config.max_position_embeddings
     keep = limit - new_tokens - margin
     if keep < 1:
-        raise ForgeError(f"--eval-new-tokens {new_tokens} plus the {choice_tree.name} tree do not fit the model's "
-                         f"{limit} positions")
+        raise ForgeError(
+            f"--eval-new-tokens {new_tokens} plus the {choice_tree.name} tree do not fit the model's {limit} positions"
+        )
     prompts = [p[:keep] for p in prompts]
     max_len = min(max(len(p) for p in prompts) + new_tokens + margin, limit)
     engine = MedusaEngine(model, heads, choice_tree, tok, max_seq_len=max_len)
@@ -125,8 +144,11 @@ def acceptance_length(model: Transformer, heads: MedusaHeads, tok: Tokenizer, pr
             steps += r.steps
             accepted += sum(r.accepted_per_step)
     return {
-        "tree": choice_tree.name, "tree_nodes": choice_tree.num_nodes, "prompts": len(prompts),
-        "new_tokens": new_tokens, "steps": steps,
+        "tree": choice_tree.name,
+        "tree_nodes": choice_tree.num_nodes,
+        "prompts": len(prompts),
+        "new_tokens": new_tokens,
+        "steps": steps,
         "mean_accepted": round(accepted / steps, 4) if steps else 0.0,
         "per_prompt_median": round(statistics.median(per_prompt), 4) if per_prompt else 0.0,
         "per_prompt_min": round(min(per_prompt), 4) if per_prompt else 0.0,

@@ -45,8 +45,9 @@ def medusa_loss(logits: Tensor, targets: Tensor, weights: list[float]) -> tuple[
     A head with no target in the batch contributes zero.
     """
     K, M, V = logits.shape
-    ce = F.cross_entropy(logits.reshape(K * M, V).float(), targets.reshape(K * M),
-                         ignore_index=IGNORE_INDEX, reduction="none").view(K, M)
+    ce = F.cross_entropy(
+        logits.reshape(K * M, V).float(), targets.reshape(K * M), ignore_index=IGNORE_INDEX, reduction="none"
+    ).view(K, M)
     valid = targets != IGNORE_INDEX
     counts = valid.sum(1)
     per_head = ce.sum(1) / counts.clamp(min=1)

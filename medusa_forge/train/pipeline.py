@@ -48,8 +48,10 @@ def _preflight(cfg: TrainConfig) -> None:
     if cfg.resume and not has_ckpt:
         raise ForgeError(f"--resume: no checkpoint found at {ckpt}")
     if has_ckpt and not cfg.resume and not cfg.overwrite:
-        raise ForgeError(f"a checkpoint of an earlier run exists at {ckpt}; pass --resume to continue it "
-                         "or --overwrite to start over")
+        raise ForgeError(
+            f"a checkpoint of an earlier run exists at {ckpt}; pass --resume to continue it "
+            "or --overwrite to start over"
+        )
     if cfg.eval_acceptance:
         ChoiceTree.parse(cfg.eval_tree).check_heads(cfg.num_heads)
 
@@ -58,8 +60,9 @@ def heads_as(heads: MedusaHeads, dtype: torch.dtype, device) -> MedusaHeads:
     """A detached copy of ``heads`` in another dtype/device (what gets saved or served)."""
     with torch.device("meta"):
         copy = MedusaHeads(heads.config)
-    copy.load_state_dict({k: v.detach().to(device=device, dtype=dtype) for k, v in heads.state_dict().items()},
-                         assign=True)
+    copy.load_state_dict(
+        {k: v.detach().to(device=device, dtype=dtype) for k, v in heads.state_dict().items()}, assign=True
+    )
     return copy.eval().requires_grad_(False)
 
 
@@ -75,10 +78,18 @@ def train_heads(cfg: TrainConfig) -> dict:
     mc = model.config
     tok.check_fits(mc.vocab_size)
     if cfg.max_seq_len > mc.max_position_embeddings:
-        raise ForgeError(f"--max-seq-len {cfg.max_seq_len} exceeds the model's max_position_embeddings "
-                         f"({mc.max_position_embeddings})")
-    heads_cfg = MedusaHeadsConfig(cfg.num_heads, cfg.num_layers, mc.hidden_size, mc.vocab_size,
-                                  shared_lm_head=cfg.shared_lm_head, base_model_name_or_path=str(cfg.model))
+        raise ForgeError(
+            f"--max-seq-len {cfg.max_seq_len} exceeds the model's max_position_embeddings "
+            f"({mc.max_position_embeddings})"
+        )
+    heads_cfg = MedusaHeadsConfig(
+        cfg.num_heads,
+        cfg.num_layers,
+        mc.hidden_size,
+        mc.vocab_size,
+        shared_lm_head=cfg.shared_lm_head,
+        base_model_name_or_path=str(cfg.model),
+    )
     ckpt = cfg.checkpoint_dir
     saved = ckpt_io.load_state(ckpt) if cfg.resume else None
     if saved is not None:
@@ -92,15 +103,18 @@ def train_heads(cfg: TrainConfig) -> dict:
     amp = dtype == torch.bfloat16
     if data is None:
         t0 = time.perf_counter()
-        train, val, evals, meta = prepare_data(cfg, model, tok, pad_id=pad_id, eos_ids=eos_ids,
-                                               distill_batch=gen_batch, eval_batch=gen_batch)
+        train, val, evals, meta = prepare_data(
+            cfg, model, tok, pad_id=pad_id, eos_ids=eos_ids, distill_batch=gen_batch, eval_batch=gen_batch
+        )
         meta["prepare_seconds"] = round(time.perf_counter() - t0, 3)
         ckpt_io.save_data(ckpt, train, val, evals, meta)
     else:
         train, val, evals, meta = data
         say(f"resuming from {ckpt}: prepared data reused")
-    say(f"data: {meta['train_examples']} train / {meta['val_examples']} val examples, {meta['train_targets']} "
-        f"train targets, {len(evals)} eval sequences; prepared in {meta.get('prepare_seconds', 0):.1f} s")
+    say(
+        f"data: {meta['train_examples']} train / {meta['val_examples']} val examples, {meta['train_targets']} "
+        f"train targets, {len(evals)} eval sequences; prepared in {meta.get('prepare_seconds', 0):.1f} s"
+    )
 
     heads = MedusaHeads.from_lm_head(heads_cfg, model.lm_head.weight.float())
     opt = make_optimizer(heads, cfg)
@@ -114,14 +128,22 @@ def train_heads(cfg: TrainConfig) -> dict:
         row = {}
         for name, examples in (("val", val), ("eval_prompts", evals)):
             if examples:
-                row[name] = evaluate_heads(model, heads, examples, batch_size=cfg.batch_size, pad_id=pad_id,
-                                           amp=amp).to_dict()
+                row[name] = evaluate_heads(
+                    model, heads, examples, batch_size=cfg.batch_size, pad_id=pad_id, amp=amp
+                ).to_dict()
         return row
 
     def save() -> None:
-        ckpt_io.save_state(ckpt, {"heads_config": heads_cfg.to_dict(),
-                                  "heads": {k: v.detach().cpu() for k, v in heads.state_dict().items()},
-                                  "optimizer": opt.state_dict(), "loop": loop.to_dict(), "config": cfg.to_dict()})
+        ckpt_io.save_state(
+            ckpt,
+            {
+                "heads_config": heads_cfg.to_dict(),
+                "heads": {k: v.detach().cpu() for k, v in heads.state_dict().items()},
+                "optimizer": opt.state_dict(),
+                "loop": loop.to_dict(),
+                "config": cfg.to_dict(),
+            },
+        )
 
     if loop.step >= total_steps(cfg, len(train)) and not loop.evals:
         loop.evals.append({"step": loop.step, **evaluate()})
@@ -133,11 +155,20 @@ def train_heads(cfg: TrainConfig) -> dict:
         acceptance = None
         if cfg.eval_acceptance:
             served = load_heads(tmp, mc.hidden_size, mc.vocab_size, dtype=dtype, device=dev)
-            prompts = [ex.ids[:ex.prompt_len].tolist() for ex in evals[:cfg.eval_acceptance]]
-            acceptance = acceptance_length(model, served, tok, prompts, tree=cfg.eval_tree,
-                                           new_tokens=cfg.eval_new_tokens)
-        report = build_report(cfg, heads_cfg, meta, loop, acceptance, device=str(dev), dtype=str(dtype).split(".")[-1],
-                              saved_dtype=str(save_dtype).split(".")[-1],
-                              wall_seconds=time.perf_counter() - t_start)
+            prompts = [ex.ids[: ex.prompt_len].tolist() for ex in evals[: cfg.eval_acceptance]]
+            acceptance = acceptance_length(
+                model, served, tok, prompts, tree=cfg.eval_tree, new_tokens=cfg.eval_new_tokens
+            )
+        report = build_report(
+            cfg,
+            heads_cfg,
+            meta,
+            loop,
+            acceptance,
+            device=str(dev),
+            dtype=str(dtype).split(".")[-1],
+            saved_dtype=str(save_dtype).split(".")[-1],
+            wall_seconds=time.perf_counter() - t_start,
+        )
         write_report(tmp, report)
     return report

@@ -45,17 +45,32 @@ def check_no_overlap(prompts: Sequence[str], held_out: HeldOut, source: str) -> 
     """Refuse to train on the evaluation prompts."""
     hits = sum(held_out.overlaps(p) for p in prompts)
     if hits:
-        raise ForgeError(f"{source}: {hits} prompt(s) overlap the held-out evaluation prompts; "
-                         "training on them would make the head-quality report meaningless")
+        raise ForgeError(
+            f"{source}: {hits} prompt(s) overlap the held-out evaluation prompts; "
+            "training on them would make the head-quality report meaningless"
+        )
 
 
-def distill(model: Transformer, prompts: Sequence[Sequence[int]], *, new_tokens: int, max_seq_len: int,
-            samples_per_prompt: int = 1, temperature: float = 0.0, batch_size: int = 64, seed: int = 0,
-            eos_ids: Sequence[int] = (), pad_id: int = 0, progress: bool = True) -> tuple[list[Example], DistillStats]:
+def distill(
+    model: Transformer,
+    prompts: Sequence[Sequence[int]],
+    *,
+    new_tokens: int,
+    max_seq_len: int,
+    samples_per_prompt: int = 1,
+    temperature: float = 0.0,
+    batch_size: int = 64,
+    seed: int = 0,
+    eos_ids: Sequence[int] = (),
+    pad_id: int = 0,
+    progress: bool = True,
+) -> tuple[list[Example], DistillStats]:
     """Prompt + base continuation examples (loss on the continuation), batched on the model's device."""
     keep = max_seq_len - new_tokens
     if keep < 1:
-        raise ForgeError(f"--distill-new-tokens {new_tokens} leaves no room for a prompt in --max-seq-len {max_seq_len}")
+        raise ForgeError(
+            f"--distill-new-tokens {new_tokens} leaves no room for a prompt in --max-seq-len {max_seq_len}"
+        )
     cut = [list(p[:keep]) for p in prompts if len(p)]
     if not cut:
         raise ForgeError("self-distillation got no non-empty prompts")
@@ -64,9 +79,18 @@ def distill(model: Transformer, prompts: Sequence[Sequence[int]], *, new_tokens:
     generated, eos_hits = 0, 0
     eos_set = set(eos_ids)
     for s in range(samples_per_prompt):
-        outs = batched_generate(model, cut, new_tokens, batch_size=batch_size, temperature=temperature,
-                                seed=seed + s, eos_ids=eos_ids, pad_id=pad_id, progress=progress,
-                                desc=f"self-distill {s + 1}/{samples_per_prompt}")
+        outs = batched_generate(
+            model,
+            cut,
+            new_tokens,
+            batch_size=batch_size,
+            temperature=temperature,
+            seed=seed + s,
+            eos_ids=eos_ids,
+            pad_id=pad_id,
+            progress=progress,
+            desc=f"self-distill {s + 1}/{samples_per_prompt}",
+        )
         for p, o in zip(cut, outs):
             generated += len(o)
             eos_hits += bool(o) and o[-1] in eos_set
@@ -77,5 +101,6 @@ def distill(model: Transformer, prompts: Sequence[Sequence[int]], *, new_tokens:
     n = len(cut) * samples_per_prompt
     if not examples:
         raise ForgeError("self-distillation produced no usable continuation (every one ended at once)")
-    return examples, DistillStats(len(cut), samples_per_prompt, temperature, new_tokens, generated,
-                                  round(eos_hits / n, 4), round(seconds, 3))
+    return examples, DistillStats(
+        len(cut), samples_per_prompt, temperature, new_tokens, generated, round(eos_hits / n, 4), round(seconds, 3)
+    )

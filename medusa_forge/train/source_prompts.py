@@ -115,9 +115,17 @@ def _cut(lines: list[str], start: int, target_tokens: int) -> str:
     return "".join(out)
 
 
-def source_prompts(n: int, tok: Tokenizer, held_out: HeldOut, *, roots: list[Path] | None = None,
-                   min_tokens: int = 32, max_tokens: int = 384, prefix_fraction: float = 0.7,
-                   seed: int = 0) -> tuple[list[list[int]], dict]:
+def source_prompts(
+    n: int,
+    tok: Tokenizer,
+    held_out: HeldOut,
+    *,
+    roots: list[Path] | None = None,
+    min_tokens: int = 32,
+    max_tokens: int = 384,
+    prefix_fraction: float = 0.7,
+    seed: int = 0,
+) -> tuple[list[list[int]], dict]:
     """``n`` prompts (token ids, BOS first) and a summary of where they came from."""
     roots = [Path(r).resolve() for r in (roots or default_roots())]
     for r in roots:
@@ -153,7 +161,13 @@ def source_prompts(n: int, tok: Tokenizer, held_out: HeldOut, *, roots: list[Pat
         prompts.append(ids)
     if not prompts:
         raise ForgeError(f"could not cut any prompt of >= {min_tokens} tokens from {len(files)} source files")
-    summary = {"roots": [str(r) for r in roots], "files": len(files), "excluded_by_path": excluded_paths,
-               "excluded_by_content": excluded_text, "prompts": len(prompts),
-               "files_used": len({p for p, _ in used}), "prompt_tokens": sum(map(len, prompts))}
+    summary = {
+        "roots": [str(r) for r in roots],
+        "files": len(files),
+        "excluded_by_path": excluded_paths,
+        "excluded_by_content": excluded_text,
+        "prompts": len(prompts),
+        "files_used": len({p for p, _ in used}),
+        "prompt_tokens": sum(map(len, prompts)),
+    }
     return prompts, summary

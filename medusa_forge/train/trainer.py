@@ -77,13 +77,24 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 
 def make_optimizer(heads: MedusaHeads, cfg: TrainConfig) -> torch.optim.Optimizer:
     fused = heads.res_weight.device.type == "cuda"
-    return torch.optim.AdamW(heads.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay,
-                             fused=fused)
+    return torch.optim.AdamW(
+        heads.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, fused=fused
+    )
 
 
-def train_loop(model: Transformer, heads: MedusaHeads, opt: torch.optim.Optimizer, train: list[Example],
-               cfg: TrainConfig, state: LoopState, *, amp: bool, pad_id: int,
-               evaluate: Callable[[], dict], save: Callable[[], None]) -> None:
+def train_loop(
+    model: Transformer,
+    heads: MedusaHeads,
+    opt: torch.optim.Optimizer,
+    train: list[Example],
+    cfg: TrainConfig,
+    state: LoopState,
+    *,
+    amp: bool,
+    pad_id: int,
+    evaluate: Callable[[], dict],
+    save: Callable[[], None],
+) -> None:
     """Run from ``state.step`` to the last step, logging, evaluating and checkpointing on the way."""
     dev = model.lm_head.weight.device
     K = heads.res_weight.shape[0]
@@ -98,15 +109,16 @@ def train_loop(model: Transformer, heads: MedusaHeads, opt: torch.optim.Optimize
     acc = torch.zeros(3, K, device=dev)  # loss sum, top-1 hits, targets
     acc_loss, acc_steps, acc_tokens = torch.zeros((), device=dev), 0, 0
     heads.train()
-    bar = tqdm(total=total, initial=state.step, desc="train-heads", unit="step", disable=not cfg.progress,
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=total, initial=state.step, desc="train-heads", unit="step", disable=not cfg.progress, dynamic_ncols=True
+    )
     t_log = time.perf_counter()
     deadline = time.perf_counter() + 60 * cfg.max_train_minutes if cfg.max_train_minutes else math.inf
     while state.step < total:
         epoch, i = divmod(state.step, spe)
         if epoch != order_epoch:
             order, order_epoch = epoch_order(len(train), cfg.seed, epoch), epoch
-        tokens, labels = collate([train[j] for j in order[i * B:(i + 1) * B]], pad_id)
+        tokens, labels = collate([train[j] for j in order[i * B : (i + 1) * B]], pad_id)
         tokens, labels = tokens.to(dev, non_blocking=True), labels.to(dev, non_blocking=True)
         hidden = hidden_states(model, tokens)  # frozen base, no grad
         targets = shifted_targets(labels, K)
@@ -136,16 +148,23 @@ def train_loop(model: Transformer, heads: MedusaHeads, opt: torch.optim.Optimize
             dt = time.perf_counter() - t_log
             state.seconds += dt
             n = acc[2].clamp(min=1)
-            row = {"step": state.step, "epoch": round(state.step / spe, 3), "lr": lr,
-                   "loss": acc_loss.item() / acc_steps,
-                   "head_loss": (acc[0] / n).tolist(), "head_top1": (acc[1] / n).tolist(),
-                   "tokens_per_s": round(acc_tokens / dt, 1) if dt > 0 else 0.0}
+            row = {
+                "step": state.step,
+                "epoch": round(state.step / spe, 3),
+                "lr": lr,
+                "loss": acc_loss.item() / acc_steps,
+                "head_loss": (acc[0] / n).tolist(),
+                "head_top1": (acc[1] / n).tolist(),
+                "tokens_per_s": round(acc_tokens / dt, 1) if dt > 0 else 0.0,
+            }
             state.targets_seen += int(acc[2, 0].item())
             state.history.append(row)
             bar.set_postfix(loss=f"{row['loss']:.4f}", top1=f"{row['head_top1'][0]:.3f}")
             if not cfg.progress:
-                say(f"step {state.step}/{total} loss {row['loss']:.4f} lr {lr:.2e} "
-                    f"top1 [{_heads_str(row['head_top1'])}] {row['tokens_per_s']:.0f} tok/s")
+                say(
+                    f"step {state.step}/{total} loss {row['loss']:.4f} lr {lr:.2e} "
+                    f"top1 [{_heads_str(row['head_top1'])}] {row['tokens_per_s']:.0f} tok/s"
+                )
             acc.zero_()
             acc_loss.zero_()
             acc_steps, acc_tokens = 0, 0
@@ -155,7 +174,9 @@ def train_loop(model: Transformer, heads: MedusaHeads, opt: torch.optim.Optimize
             state.evals.append({"step": state.step, **evaluate()})
             for split, m in state.evals[-1].items():
                 if split != "step":
-                    say(f"eval step {state.step} {split}: top1 [{_heads_str(m['top1'])}] top5 [{_heads_str(m['top5'])}]")
+                    say(
+                        f"eval step {state.step} {split}: top1 [{_heads_str(m['top1'])}] top5 [{_heads_str(m['top5'])}]"
+                    )
             t_log += time.perf_counter() - t_eval  # evaluation is not training time
         if state.step % save_every == 0 or last:
             t_save = time.perf_counter()

@@ -11,9 +11,9 @@ root first, then paths sorted by (length, path).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -31,13 +31,18 @@ class ChoiceTree:
     name: str = "custom"
 
     @classmethod
-    def from_paths(cls, paths: Sequence[Sequence[int]], name: str = "custom", max_nodes: int = MAX_TREE_NODES,
-                   topk: int = TOPK) -> "ChoiceTree":
+    def from_paths(
+        cls, paths: Sequence[Sequence[int]], name: str = "custom", max_nodes: int = MAX_TREE_NODES, topk: int = TOPK
+    ) -> ChoiceTree:
         if not isinstance(paths, (list, tuple)) or not paths:
             raise ForgeError(f"choice tree {name!r}: expected a non-empty list of paths like [[0], [0, 0], [1]]")
         norm: list[tuple[int, ...]] = []
         for p in paths:
-            if not isinstance(p, (list, tuple)) or not p or not all(isinstance(r, int) and not isinstance(r, bool) for r in p):
+            if (
+                not isinstance(p, (list, tuple))
+                or not p
+                or not all(isinstance(r, int) and not isinstance(r, bool) for r in p)
+            ):
                 raise ForgeError(f"choice tree {name!r}: path {p!r} is not a non-empty list of integers")
             if any(r < 0 or r >= topk for r in p):
                 raise ForgeError(f"choice tree {name!r}: path {list(p)} has a rank outside 0..{topk - 1}")
@@ -48,13 +53,15 @@ class ChoiceTree:
         present = set(norm)
         for p in norm:
             if len(p) > 1 and p[:-1] not in present:
-                raise ForgeError(f"choice tree {name!r}: path {list(p)} has no parent {list(p[:-1])} (trees must be prefix-closed)")
+                raise ForgeError(
+                    f"choice tree {name!r}: path {list(p)} has no parent {list(p[:-1])} (trees must be prefix-closed)"
+                )
         if len(norm) > max_nodes:
             raise ForgeError(f"choice tree {name!r}: {len(norm)} nodes exceed the limit of {max_nodes} (root excluded)")
         return cls(tuple(sorted(norm, key=lambda p: (len(p), p))), name)
 
     @classmethod
-    def parse(cls, spec: str | Sequence[Sequence[int]], **kw) -> "ChoiceTree":
+    def parse(cls, spec: str | Sequence[Sequence[int]], **kw) -> ChoiceTree:
         """A preset name, a JSON list literal, or a JSON file holding a list of paths (or an object with
         ``medusa_choices`` or ``paths``). Not an engine manifest: ``manifest.read_tree`` reads those."""
         if not isinstance(spec, str):
@@ -75,8 +82,10 @@ class ChoiceTree:
                 raise ForgeError(f"{path}: not valid JSON ({e})") from None
             if isinstance(data, dict):
                 if "kind" in data:
-                    raise ForgeError(f"{path}: an engine manifest, not a choice tree; its tree is read with "
-                                     "EngineManifest.choice_tree (manifest.read_tree)")
+                    raise ForgeError(
+                        f"{path}: an engine manifest, not a choice tree; its tree is read with "
+                        "EngineManifest.choice_tree (manifest.read_tree)"
+                    )
                 data = data.get("medusa_choices", data.get("paths"))
             return cls.from_paths(data, name=path.stem, **kw)
         raise ForgeError(f"choice tree {spec!r}: not a preset ({', '.join(sorted(named))}), JSON list, or file")
@@ -92,8 +101,10 @@ class ChoiceTree:
 
     def check_heads(self, num_heads: int) -> None:
         if self.depth > num_heads:
-            raise ForgeError(f"choice tree {self.name!r} has depth {self.depth} but the model has only "
-                             f"{num_heads} Medusa heads; use a tree of depth <= {num_heads}")
+            raise ForgeError(
+                f"choice tree {self.name!r} has depth {self.depth} but the model has only "
+                f"{num_heads} Medusa heads; use a tree of depth <= {num_heads}"
+            )
 
     def to_list(self) -> list[list[int]]:
         return [list(p) for p in self.paths]
@@ -125,10 +136,21 @@ class TreeBuffers:
     parents: Tensor
     ancestors: Tensor
 
-    def to(self, device) -> "TreeBuffers":
-        return TreeBuffers(*(t.to(device) for t in (self.attn_mask, self.tree_indices, self.positions,
-                                                     self.retrieve_indices, self.retrieve_valid, self.parents,
-                                                     self.ancestors)))
+    def to(self, device) -> TreeBuffers:
+        return TreeBuffers(
+            *(
+                t.to(device)
+                for t in (
+                    self.attn_mask,
+                    self.tree_indices,
+                    self.positions,
+                    self.retrieve_indices,
+                    self.retrieve_valid,
+                    self.parents,
+                    self.ancestors,
+                )
+            )
+        )
 
 
 def tree_buffers(tree: ChoiceTree, topk: int = TOPK, device="cpu") -> TreeBuffers:

@@ -12,5 +12,16 @@ from medusa_forge.heads.layouts.collect import HeadsCheckpoint, Source, collect
 from medusa_forge.heads.layouts.convert import TARGETS, ExportResult, Inspection, export_heads, inspect_heads, read
 from medusa_forge.heads.layouts.detect import LAYOUTS, detect
 
-__all__ = ["HeadsCheckpoint", "Source", "collect", "detect", "read", "export_heads", "inspect_heads", "TARGETS",
-           "LAYOUTS", "ExportResult", "Inspection"]
+__all__ = [
+    "HeadsCheckpoint",
+    "Source",
+    "collect",
+    "detect",
+    "read",
+    "export_heads",
+    "inspect_heads",
+    "TARGETS",
+    "LAYOUTS",
+    "ExportResult",
+    "Inspection",
+]

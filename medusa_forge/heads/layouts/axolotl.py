@@ -31,7 +31,9 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
 def has_model_shards(directory: Path) -> bool:
-    return (directory / INDEX).is_file() or any(not f.name.startswith("medusa_") for f in directory.glob("*.safetensors"))
+    return (directory / INDEX).is_file() or any(
+        not f.name.startswith("medusa_") for f in directory.glob("*.safetensors")
+    )
 
 
 def open_source(directory: Path, config: dict) -> Source:
@@ -39,12 +41,24 @@ def open_source(directory: Path, config: dict) -> Source:
     files = checkpoint_files(directory)
     store = TensorStore.from_safetensors(files, keep=lambda n: n if n.startswith(AXOLOTL.prefix) else None)
     if not store.keys():
-        raise ForgeError(f"{directory}: config.json has {field} but the model shards hold no "
-                         f"{AXOLOTL.prefix}* tensors (and there is no medusa_lm_head.safetensors or .pt)")
-    return Source(layout="axolotl", directory=directory, files=tuple(files), config=config, num_heads=K, num_layers=L,
-                  names=AXOLOTL, store=store, heads_field=field,
-                  hidden_hint=config.get("hidden_size"), vocab_hint=config.get("vocab_size"),
-                  base_model_name_or_path=str(config.get("_name_or_path") or ""))
+        raise ForgeError(
+            f"{directory}: config.json has {field} but the model shards hold no "
+            f"{AXOLOTL.prefix}* tensors (and there is no medusa_lm_head.safetensors or .pt)"
+        )
+    return Source(
+        layout="axolotl",
+        directory=directory,
+        files=tuple(files),
+        config=config,
+        num_heads=K,
+        num_layers=L,
+        names=AXOLOTL,
+        store=store,
+        heads_field=field,
+        hidden_hint=config.get("hidden_size"),
+        vocab_hint=config.get("vocab_size"),
+        base_model_name_or_path=str(config.get("_name_or_path") or ""),
+    )
 
 
 def write_axolotl(ckpt: HeadsCheckpoint, out: Path, base_name: str, base: BaseModel) -> dict:
@@ -69,11 +83,16 @@ def write_axolotl(ckpt: HeadsCheckpoint, out: Path, base_name: str, base: BaseMo
     weight_map.update({name: shard[-1] for name in heads})
     for f in out.glob("model-*.safetensors"):
         total += f.stat().st_size
-    (out / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
-                                        indent=2) + "\n")
+    (out / INDEX).write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n"
+    )
     for f in sorted(base.directory.iterdir()):
         if f.is_file() and f.name not in ("config.json", INDEX) and not f.name.endswith(_WEIGHT_SUFFIXES):
             shutil.copyfile(f, out / f.name)
     config = json.loads((base.directory / "config.json").read_text())
     # _name_or_path: what FasterDecoding's MedusaModelABC takes as base_model_name_or_path (its tokenizer)
-    return config | {"_name_or_path": base_name, "medusa_num_heads": ckpt.num_heads, "medusa_num_layers": ckpt.num_layers}
+    return config | {
+        "_name_or_path": base_name,
+        "medusa_num_heads": ckpt.num_heads,
+        "medusa_num_layers": ckpt.num_layers,
+    }

@@ -21,7 +21,7 @@ class BaseModel:
     headers: dict[str, tuple[Path, tuple[int, ...]]]
 
     @classmethod
-    def open(cls, directory: str | Path) -> "BaseModel":
+    def open(cls, directory: str | Path) -> BaseModel:
         directory = Path(directory)
         if not directory.is_dir():
             raise ForgeError(f"{directory}: base model directory not found")
@@ -41,10 +41,14 @@ class BaseModel:
         """``lm_head.weight``, or the embedding when the two are tied (as load_hf_model does)."""
         name = "lm_head.weight" if "lm_head.weight" in self.headers else "model.embed_tokens.weight"
         if name not in self.headers:
-            raise ForgeError(f"{self.directory}: neither lm_head.weight nor model.embed_tokens.weight in the checkpoint")
+            raise ForgeError(
+                f"{self.directory}: neither lm_head.weight nor model.embed_tokens.weight in the checkpoint"
+            )
         path, shape = self.headers[name]
         if shape != (self.vocab_size, self.hidden_size):
-            raise ForgeError(f"{path}: tensor {name} has shape {list(shape)}, config.json implies "
-                             f"{[self.vocab_size, self.hidden_size]}")
+            raise ForgeError(
+                f"{path}: tensor {name} has shape {list(shape)}, config.json implies "
+                f"{[self.vocab_size, self.hidden_size]}"
+            )
         with safe_open(str(path), framework="pt") as f:
             return f.get_tensor(name)

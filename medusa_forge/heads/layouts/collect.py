@@ -56,16 +56,27 @@ class HeadsCheckpoint:
         return self.res_weight.dtype
 
     @classmethod
-    def from_module(cls, heads: MedusaHeads) -> "HeadsCheckpoint":
+    def from_module(cls, heads: MedusaHeads) -> HeadsCheckpoint:
         cfg = heads.config
         proj = None if heads.proj_weight is None else heads.proj_weight.detach()
-        return cls(heads.res_weight.detach(), heads.res_bias.detach(), proj, cfg.base_model_name_or_path,
-                   cfg.vocab_size if cfg.vocab_size > 0 else None)
+        return cls(
+            heads.res_weight.detach(),
+            heads.res_bias.detach(),
+            proj,
+            cfg.base_model_name_or_path,
+            cfg.vocab_size if cfg.vocab_size > 0 else None,
+        )
 
     def to_module(self, hidden_size: int, vocab_size: int, dtype: torch.dtype, device) -> MedusaHeads:
         """The one head module, for a base model of ``hidden_size``/``vocab_size`` (checked by collect)."""
-        cfg = MedusaHeadsConfig(self.num_heads, self.num_layers, hidden_size, vocab_size,
-                                shared_lm_head=self.shared_lm_head, base_model_name_or_path=self.base_model_name_or_path)
+        cfg = MedusaHeadsConfig(
+            self.num_heads,
+            self.num_layers,
+            hidden_size,
+            vocab_size,
+            shared_lm_head=self.shared_lm_head,
+            base_model_name_or_path=self.base_model_name_or_path,
+        )
         with torch.device("meta"):
             heads = MedusaHeads(cfg)
         sd = {"res_weight": self.res_weight, "res_bias": self.res_bias}
@@ -74,7 +85,7 @@ class HeadsCheckpoint:
         heads.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in sd.items()}, assign=True)
         return heads.eval().requires_grad_(False)
 
-    def with_projections(self, lm_head_weight: Tensor) -> "HeadsCheckpoint":
+    def with_projections(self, lm_head_weight: Tensor) -> HeadsCheckpoint:
         """Shared-lm_head heads as per-head projections: each head gets a copy of the base lm_head."""
         if self.proj_weight is not None:
             return self
@@ -150,8 +161,9 @@ def scan(src: Source) -> Scan:
             biases += kind == "bias"
             hidden = hidden or (shape[-1] if kind == "weight" and shape else None)
     dtypes = sorted({src.store.dtype(n) for n in src.store.keys() if n not in src.extra_names})
-    return Scan(sorted(heads), max(blocks) + 1 if blocks else 0, sorted(proj), biases, sorted(unknown), dtypes,
-                hidden, vocab)
+    return Scan(
+        sorted(heads), max(blocks) + 1 if blocks else 0, sorted(proj), biases, sorted(unknown), dtypes, hidden, vocab
+    )
 
 
 def collect(src: Source, hidden_size: int | None = None, vocab_size: int | None = None) -> HeadsCheckpoint:
@@ -164,8 +176,10 @@ def collect(src: Source, hidden_size: int | None = None, vocab_size: int | None 
     shared = _decide_version(src, found)
     if not src.bias and found.biases:
         name = next(n for n in src.store.keys() if (p := src.names.parse(n)) and p[0] == "bias")
-        raise ForgeError(f"{where}: tensor {name} present but {src.bias_reason} (the loader would ignore it): "
-                         "ambiguous, fix config.json or drop the biases")
+        raise ForgeError(
+            f"{where}: tensor {name} present but {src.bias_reason} (the loader would ignore it): "
+            "ambiguous, fix config.json or drop the biases"
+        )
     base_known = hidden_size is not None
     H = hidden_size or found.hidden or src.hidden_hint
     V = vocab_size if vocab_size is not None else (found.vocab or src.vocab_hint)
@@ -184,8 +198,11 @@ def collect(src: Source, hidden_size: int | None = None, vocab_size: int | None 
         got = src.store.shape(name)
         if len(got) != len(shape) or any(e is not None and g != e for g, e in zip(got, shape)):
             expect = [e if e is not None else g for g, e in zip(got, shape)] if len(got) == len(shape) else list(shape)
-            why = (f"(base model hidden size {hidden_size}, vocab {vocab_size}): heads do not match the base" if base_known
-                   else f"(hidden size {H} from the first block{f', vocab {V}' if V else ''}): inconsistent heads")
+            why = (
+                f"(base model hidden size {hidden_size}, vocab {vocab_size}): heads do not match the base"
+                if base_known
+                else f"(hidden size {H} from the first block{f', vocab {V}' if V else ''}): inconsistent heads"
+            )
             raise ForgeError(f"{where}: tensor {name} has shape {list(got)}, expected {expect} {why}")
         return src.store.get(name)
 
@@ -225,21 +242,32 @@ def _check_counts(src: Source, found: Scan) -> None:
     extra_heads = [k for k in found.heads if k >= K]
     if extra_heads:
         n = max(found.heads) + 1
-        raise ForgeError(f"{where}: holds {n} Medusa heads (0..{n - 1}) but config.json says {src.heads_field}={K}: "
-                         f"fix {src.heads_field} in config.json")
+        raise ForgeError(
+            f"{where}: holds {n} Medusa heads (0..{n - 1}) but config.json says {src.heads_field}={K}: "
+            f"fix {src.heads_field} in config.json"
+        )
     missing = [k for k in range(K) if k not in found.heads]
     if found.heads and missing:
-        raise ForgeError(f"{where}: config.json says {src.heads_field}={K} but head(s) {missing} have no tensors "
-                         f"(found heads {found.heads})")
+        raise ForgeError(
+            f"{where}: config.json says {src.heads_field}={K} but head(s) {missing} have no tensors "
+            f"(found heads {found.heads})"
+        )
     if found.heads and found.layers != L and found.layers > 0:
-        raise ForgeError(f"{where}: holds {found.layers} ResBlock(s) per head but config.json says "
-                         f"{src.layers_field}={L}: fix {src.layers_field} in config.json")
-    projection_index = [src.names.parse(n)[2] for n in src.store.keys()
-                        if n not in src.extra_names and (p := src.names.parse(n)) and p[0] == "proj"]
+        raise ForgeError(
+            f"{where}: holds {found.layers} ResBlock(s) per head but config.json says "
+            f"{src.layers_field}={L}: fix {src.layers_field} in config.json"
+        )
+    projection_index = [
+        src.names.parse(n)[2]
+        for n in src.store.keys()
+        if n not in src.extra_names and (p := src.names.parse(n)) and p[0] == "proj"
+    ]
     if "{L}" in src.names.proj and any(i != L for i in projection_index):
         bad = sorted(set(projection_index) - {L})
-        raise ForgeError(f"{where}: vocab projections stored after {bad} block(s) but config.json says "
-                         f"{src.layers_field}={L}: fix {src.layers_field} in config.json")
+        raise ForgeError(
+            f"{where}: vocab projections stored after {bad} block(s) but config.json says "
+            f"{src.layers_field}={L}: fix {src.layers_field} in config.json"
+        )
 
 
 def _decide_version(src: Source, found: Scan) -> bool:
@@ -247,18 +275,24 @@ def _decide_version(src: Source, found: Scan) -> bool:
     K, L, where = src.num_heads, src.num_layers, src.where
     have = found.proj_heads
     if src.shared is True and have:
-        raise ForgeError(f"{where}: {src.shared_reason} (heads use the base lm_head) but "
-                         f"{src.names.projection(have[0], L)} (a per-head vocab projection) is present: mixed versions")
+        raise ForgeError(
+            f"{where}: {src.shared_reason} (heads use the base lm_head) but "
+            f"{src.names.projection(have[0], L)} (a per-head vocab projection) is present: mixed versions"
+        )
     if src.shared is True:
         return True
     if have and len(have) < K:
         lacking = [k for k in range(K) if k not in have]
-        raise ForgeError(f"{where}: mixed versions: head(s) {have} have their own vocab projection "
-                         f"({src.names.projection(have[0], L)}) but head(s) {lacking} do not "
-                         f"({src.names.projection(lacking[0], L)} missing; version 2 heads use the base lm_head)")
+        raise ForgeError(
+            f"{where}: mixed versions: head(s) {have} have their own vocab projection "
+            f"({src.names.projection(have[0], L)}) but head(s) {lacking} do not "
+            f"({src.names.projection(lacking[0], L)} missing; version 2 heads use the base lm_head)"
+        )
     if src.shared is False and not have:
-        raise ForgeError(f"{where}: no per-head vocab projections ({src.names.projection(0, L)} missing) and "
-                         f"{src.shared_reason or 'the config'} does not declare a shared lm_head")
+        raise ForgeError(
+            f"{where}: no per-head vocab projections ({src.names.projection(0, L)} missing) and "
+            f"{src.shared_reason or 'the config'} does not declare a shared lm_head"
+        )
     return not have
 
 

@@ -9,9 +9,9 @@ layer); both the copy and vLLM's stored lm_head come from ``--base-model``.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -29,31 +29,57 @@ class Target:
     loader: str  # what reads the output, for docs and messages
     expand: Callable[[HeadsCheckpoint], str | None]  # why shared heads need a projection per head, or None
     base: Callable[[HeadsCheckpoint], str | None]  # why the base model is needed otherwise, or None
-    write: Callable[[HeadsCheckpoint, Path, str, "BaseModel | None"], dict]
+    write: Callable[[HeadsCheckpoint, Path, str, BaseModel | None], dict]
 
 
 def _never(ckpt: HeadsCheckpoint) -> None:
     return None
 
 
-TARGETS: dict[str, Target] = {t.name: t for t in (
-    Target("fasterdecoding", "FasterDecoding MedusaModel.from_pretrained (medusa_lm_head.pt)", _never, _never,
-           lambda c, out, name, base: fasterdecoding.write_fasterdecoding(c, out, name)),
-    Target("tgi", "TGI --model-id DIR (medusa_lm_head.safetensors)",
-           lambda c: "TGI runs shared-lm_head heads only with 1 layer (MedusaHeadV2)" if c.num_layers != 1 else None,
-           _never, lambda c, out, name, base: fasterdecoding.write_tgi(c, out, name)),
-    Target("vllm", "vLLM speculative_config model=DIR (model_type medusa)", _never,
-           lambda c: "vLLM keeps its own copy of the base lm_head for shared heads (original_lm_head)"
-           if c.shared_lm_head else None,
-           lambda c, out, name, base: vllm.write_vllm(c, out, name, base.lm_head() if base else None)),
-    Target("trtllm-medusa-dir", "TensorRT-LLM examples/medusa/convert_checkpoint.py --medusa_model_dir DIR",
-           lambda c: "TensorRT-LLM reads a vocab projection per head ({h}.{L}.weight)", _never,
-           lambda c, out, name, base: fasterdecoding.write_trtllm(c, out, name)),
-    Target("axolotl", "transformers / axolotl / FasterDecoding MedusaModelABC full model (medusa_head.* in the shards)",
-           lambda c: "axolotl heads end in their own Linear(H, V)",
-           lambda c: "axolotl checkpoints are full models (base weights + medusa_head.*)",
-           lambda c, out, name, base: axolotl.write_axolotl(c, out, name, base)),
-)}
+TARGETS: dict[str, Target] = {
+    t.name: t
+    for t in (
+        Target(
+            "fasterdecoding",
+            "FasterDecoding MedusaModel.from_pretrained (medusa_lm_head.pt)",
+            _never,
+            _never,
+            lambda c, out, name, base: fasterdecoding.write_fasterdecoding(c, out, name),
+        ),
+        Target(
+            "tgi",
+            "TGI --model-id DIR (medusa_lm_head.safetensors)",
+            lambda c: "TGI runs shared-lm_head heads only with 1 layer (MedusaHeadV2)" if c.num_layers != 1 else None,
+            _never,
+            lambda c, out, name, base: fasterdecoding.write_tgi(c, out, name),
+        ),
+        Target(
+            "vllm",
+            "vLLM speculative_config model=DIR (model_type medusa)",
+            _never,
+            lambda c: (
+                "vLLM keeps its own copy of the base lm_head for shared heads (original_lm_head)"
+                if c.shared_lm_head
+                else None
+            ),
+            lambda c, out, name, base: vllm.write_vllm(c, out, name, base.lm_head() if base else None),
+        ),
+        Target(
+            "trtllm-medusa-dir",
+            "TensorRT-LLM examples/medusa/convert_checkpoint.py --medusa_model_dir DIR",
+            lambda c: "TensorRT-LLM reads a vocab projection per head ({h}.{L}.weight)",
+            _never,
+            lambda c, out, name, base: fasterdecoding.write_trtllm(c, out, name),
+        ),
+        Target(
+            "axolotl",
+            "transformers / axolotl / FasterDecoding MedusaModelABC full model (medusa_head.* in the shards)",
+            lambda c: "axolotl heads end in their own Linear(H, V)",
+            lambda c: "axolotl checkpoints are full models (base weights + medusa_head.*)",
+            lambda c, out, name, base: axolotl.write_axolotl(c, out, name, base),
+        ),
+    )
+}
 
 
 def read(directory: str | Path, base: BaseModel | None = None) -> tuple[Source, HeadsCheckpoint]:
@@ -63,8 +89,10 @@ def read(directory: str | Path, base: BaseModel | None = None) -> tuple[Source, 
     if base is not None:
         copy = vllm.lm_head_copy(src)
         if copy is not None and not torch.equal(copy, base.lm_head().to(copy.dtype)):
-            raise ForgeError(f"{src.where}: the stored {src.extra_names[0]} differs from {base.directory}'s lm_head; "
-                             "these heads were trained against another base model")
+            raise ForgeError(
+                f"{src.where}: the stored {src.extra_names[0]} differs from {base.directory}'s lm_head; "
+                "these heads were trained against another base model"
+            )
     return src, ckpt
 
 
@@ -81,8 +109,9 @@ class ExportResult:
     shared_lm_head: bool
 
 
-def export_heads(src_dir: str | Path, target: str, out: str | Path, base_model: str | Path | None = None,
-                 overwrite: bool = False) -> ExportResult:
+def export_heads(
+    src_dir: str | Path, target: str, out: str | Path, base_model: str | Path | None = None, overwrite: bool = False
+) -> ExportResult:
     if target not in TARGETS:
         raise ForgeError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
     t = TARGETS[target]
@@ -101,8 +130,17 @@ def export_heads(src_dir: str | Path, target: str, out: str | Path, base_model: 
         config = t.write(ckpt, tmp, name, base)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         files = sorted(f.name for f in tmp.iterdir())
-    return ExportResult(str(src.directory), src.layout, target, str(Path(out)), files, expanded,
-                        ckpt.num_heads, ckpt.num_layers, ckpt.shared_lm_head)
+    return ExportResult(
+        str(src.directory),
+        src.layout,
+        target,
+        str(Path(out)),
+        files,
+        expanded,
+        ckpt.num_heads,
+        ckpt.num_layers,
+        ckpt.shared_lm_head,
+    )
 
 
 @dataclass
@@ -165,14 +203,26 @@ def compatibility(src: Source, ckpt: HeadsCheckpoint) -> tuple[list[str], dict[s
             need[target] = why
 
     verdict("fasterdecoding", None if fd and suffix == ".pt" else "MedusaModel.from_pretrained opens medusa_lm_head.pt")
-    tgi_why = ("TGI opens medusa_lm_head.safetensors" if not (fd and suffix == ".safetensors") else
-               "config.json has 'architectures', so TGI does not treat it as Medusa" if "architectures" in src.config else
-               "config.json lacks base_model_name_or_path" if not src.base_model_name_or_path else
-               "TGI runs shared-lm_head heads with 1 layer only" if ckpt.shared_lm_head and ckpt.num_layers != 1 else None)
+    tgi_why = (
+        "TGI opens medusa_lm_head.safetensors"
+        if not (fd and suffix == ".safetensors")
+        else "config.json has 'architectures', so TGI does not treat it as Medusa"
+        if "architectures" in src.config
+        else "config.json lacks base_model_name_or_path"
+        if not src.base_model_name_or_path
+        else "TGI runs shared-lm_head heads with 1 layer only"
+        if ckpt.shared_lm_head and ckpt.num_layers != 1
+        else None
+    )
     verdict("tgi", tgi_why)
     verdict("vllm", None if src.layout == "vllm" else "vLLM needs model_type medusa and blocks.*/lm_heads.* names")
-    trt_why = ("TensorRT-LLM reads medusa_lm_head.pt/.safetensors" if not fd else
-               "TensorRT-LLM needs a vocab projection per head" if ckpt.shared_lm_head else None)
+    trt_why = (
+        "TensorRT-LLM reads medusa_lm_head.pt/.safetensors"
+        if not fd
+        else "TensorRT-LLM needs a vocab projection per head"
+        if ckpt.shared_lm_head
+        else None
+    )
     verdict("trtllm-medusa-dir", trt_why)
     verdict("axolotl", None if src.layout == "axolotl" else "a full model with medusa_head.* shards")
     return ok, need

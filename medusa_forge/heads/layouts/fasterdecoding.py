@@ -43,8 +43,10 @@ def head_counts(config: dict, path: Path) -> tuple[int, int, str]:
     """``(heads, layers, name of the heads field)`` from a FasterDecoding-style config, validated."""
     present = {f: config[f] for f in HEADS_FIELDS if f in config}
     if len(set(map(str, present.values()))) > 1:
-        raise ForgeError(f"{path}: medusa_num_heads={present['medusa_num_heads']} and "
-                         f"num_medusa_heads={present['num_medusa_heads']} disagree (ambiguous head count)")
+        raise ForgeError(
+            f"{path}: medusa_num_heads={present['medusa_num_heads']} and "
+            f"num_medusa_heads={present['num_medusa_heads']} disagree (ambiguous head count)"
+        )
     field = next(iter(present), "medusa_num_heads")
     for key in (field, "medusa_num_layers"):
         v = config.get(key)
@@ -65,16 +67,29 @@ def open_source(directory: Path, config: dict) -> Source:
     if not files:
         raise ForgeError(f"{directory}: no {HEADS_SAFETENSORS} or {HEADS_PT} found")
     if len(files) == 2:
-        raise ForgeError(f"{directory}: both {HEADS_SAFETENSORS} and {HEADS_PT} present: ambiguous (TGI reads the "
-                         ".safetensors, FasterDecoding and TensorRT-LLM the .pt); keep one")
+        raise ForgeError(
+            f"{directory}: both {HEADS_SAFETENSORS} and {HEADS_PT} present: ambiguous (TGI reads the "
+            ".safetensors, FasterDecoding and TensorRT-LLM the .pt); keep one"
+        )
     f = files[0]
     store = TensorStore.from_safetensors([f]) if f.suffix == ".safetensors" else TensorStore.from_pt(f)
     v2 = str(config.get("version", "")) == "2"
-    return Source(layout="fasterdecoding", directory=directory, files=(f,), config=config, num_heads=K,
-                  num_layers=L, names=FASTERDECODING, store=store, shared=True if v2 else None,
-                  shared_reason='config.json says version "2"', heads_field=field,
-                  hidden_hint=_int(config.get("hidden_size")), vocab_hint=_int(config.get("vocab_size")),
-                  base_model_name_or_path=str(config.get("base_model_name_or_path") or ""))
+    return Source(
+        layout="fasterdecoding",
+        directory=directory,
+        files=(f,),
+        config=config,
+        num_heads=K,
+        num_layers=L,
+        names=FASTERDECODING,
+        store=store,
+        shared=True if v2 else None,
+        shared_reason='config.json says version "2"',
+        heads_field=field,
+        hidden_hint=_int(config.get("hidden_size")),
+        vocab_hint=_int(config.get("vocab_size")),
+        base_model_name_or_path=str(config.get("base_model_name_or_path") or ""),
+    )
 
 
 def _int(v) -> int | None:
@@ -83,8 +98,12 @@ def _int(v) -> int | None:
 
 def heads_config(ckpt: HeadsCheckpoint, base_name: str) -> dict:
     """The fields every FasterDecoding-style loader reads, plus sizes for readers without the base model."""
-    conf = {"medusa_num_heads": ckpt.num_heads, "medusa_num_layers": ckpt.num_layers,
-            "base_model_name_or_path": base_name, "hidden_size": ckpt.hidden_size}
+    conf = {
+        "medusa_num_heads": ckpt.num_heads,
+        "medusa_num_layers": ckpt.num_layers,
+        "base_model_name_or_path": base_name,
+        "hidden_size": ckpt.hidden_size,
+    }
     if ckpt.vocab_size:
         conf["vocab_size"] = ckpt.vocab_size
     if ckpt.shared_lm_head:
@@ -101,11 +120,15 @@ def write_fasterdecoding(ckpt: HeadsCheckpoint, out: Path, base_name: str) -> di
 def write_tgi(ckpt: HeadsCheckpoint, out: Path, base_name: str) -> dict:
     """``medusa_lm_head.safetensors`` and a config without ``architectures``; version-2 heads need L == 1."""
     if not base_name:
-        raise ForgeError("TGI loads the base model from config.json's base_model_name_or_path, which these heads "
-                         "do not record: pass --base-model")
+        raise ForgeError(
+            "TGI loads the base model from config.json's base_model_name_or_path, which these heads "
+            "do not record: pass --base-model"
+        )
     if ckpt.shared_lm_head and ckpt.num_layers != 1:
-        raise ForgeError(f"TGI runs shared-lm_head heads only with 1 layer (MedusaHeadV2); these have "
-                         f"{ckpt.num_layers}: pass --base-model to give each head its own projection")
+        raise ForgeError(
+            f"TGI runs shared-lm_head heads only with 1 layer (MedusaHeadV2); these have "
+            f"{ckpt.num_layers}: pass --base-model to give each head its own projection"
+        )
     write_safetensors(named_tensors(ckpt, FASTERDECODING), out / HEADS_SAFETENSORS)
     return heads_config(ckpt, base_name)
 
@@ -113,7 +136,9 @@ def write_tgi(ckpt: HeadsCheckpoint, out: Path, base_name: str) -> dict:
 def write_trtllm(ckpt: HeadsCheckpoint, out: Path, base_name: str) -> dict:
     """``medusa_lm_head.pt`` (read first by every TensorRT-LLM version) with a projection per head."""
     if ckpt.shared_lm_head:
-        raise ForgeError("TensorRT-LLM needs a vocab projection per head ({h}.{L}.weight); these heads share the "
-                         "base lm_head: pass --base-model")
+        raise ForgeError(
+            "TensorRT-LLM needs a vocab projection per head ({h}.{L}.weight); these heads share the "
+            "base lm_head: pass --base-model"
+        )
     write_pt(named_tensors(ckpt, FASTERDECODING), out / HEADS_PT)
     return heads_config(ckpt, base_name) | {"num_medusa_heads": ckpt.num_heads}

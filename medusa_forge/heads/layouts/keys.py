@@ -42,8 +42,10 @@ class KeyNames:
     _patterns: tuple = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        pats = tuple((kind, re.compile(self._regex(fmt))) for kind, fmt in
-                     (("weight", self.block_weight), ("bias", self.block_bias), ("proj", self.proj)))
+        pats = tuple(
+            (kind, re.compile(self._regex(fmt)))
+            for kind, fmt in (("weight", self.block_weight), ("bias", self.block_bias), ("proj", self.proj))
+        )
         object.__setattr__(self, "_patterns", pats)
 
     def _regex(self, fmt: str) -> str:

@@ -8,8 +8,8 @@ are refused.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -18,9 +18,20 @@ from torch import Tensor
 
 from medusa_forge.errors import ForgeError
 
-_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
-              "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
-              "BOOL": "bool"}
+_ST_DTYPES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
 
 
 class TensorStore:
@@ -37,7 +48,7 @@ class TensorStore:
         self._getters[name] = get
 
     @classmethod
-    def from_safetensors(cls, files: Iterable[Path], keep: Callable[[str], str | None] = lambda n: n) -> "TensorStore":
+    def from_safetensors(cls, files: Iterable[Path], keep: Callable[[str], str | None] = lambda n: n) -> TensorStore:
         """Index the safetensors ``files``; ``keep`` maps a stored name to the store's name, or None to skip it."""
         store = cls()
         for f in files:
@@ -55,11 +66,13 @@ class TensorStore:
         return store
 
     @classmethod
-    def from_pt(cls, path: Path, keep: Callable[[str], str | None] = lambda n: n) -> "TensorStore":
+    def from_pt(cls, path: Path, keep: Callable[[str], str | None] = lambda n: n) -> TensorStore:
         try:
             obj = _load_pt(path)
         except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
-            raise ForgeError(f"{path}: cannot be loaded with weights_only=True ({type(e).__name__}: {_first_line(e)})") from None
+            raise ForgeError(
+                f"{path}: cannot be loaded with weights_only=True ({type(e).__name__}: {_first_line(e)})"
+            ) from None
         if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()):
             raise ForgeError(f"{path}: expected a flat dict of tensors")
         store = cls()

@@ -48,8 +48,10 @@ def _renamed(config: dict, path: Path) -> tuple[int, int]:
         if not hits:
             raise ForgeError(f"{path}: field {field} missing (vLLM would fall back to its default)")
         if len({json.dumps(v) for v in hits.values()}) > 1:
-            raise ForgeError(f"{path}: {', '.join(f'{k}={v}' for k, v in hits.items())} disagree; vLLM maps all of "
-                             f"them to {field} (ambiguous)")
+            raise ForgeError(
+                f"{path}: {', '.join(f'{k}={v}' for k, v in hits.items())} disagree; vLLM maps all of "
+                f"them to {field} (ambiguous)"
+            )
         v = next(iter(hits.values()))
         if not isinstance(v, int) or isinstance(v, bool) or v < (1 if field == "num_heads" else 0):
             raise ForgeError(f"{path}: field {field} missing or not a valid integer")
@@ -79,26 +81,45 @@ def open_source(directory: Path, config: dict) -> Source:
     vocab = config.get("vocab_size")
     truncated = config.get("truncated_vocab_size")
     if truncated is not None and vocab is not None and truncated != vocab:
-        raise ForgeError(f"{path}: truncated_vocab_size={truncated} < vocab_size={vocab} (a token_map draft vocab) "
-                         "is not supported: heads must predict over the full vocabulary")
+        raise ForgeError(
+            f"{path}: truncated_vocab_size={truncated} < vocab_size={vocab} (a token_map draft vocab) "
+            "is not supported: heads must predict over the full vocabulary"
+        )
     store = TensorStore.from_safetensors(files, keep=lambda n: n.removeprefix(VLLM_STRIPPED_PREFIX))
     shared = bool(config.get("original_lm_head", False))
     extra: tuple[str, ...] = ()
     if shared:
         copies = [n for n in (VLLM_LM_HEAD, VLLM_LM_HEAD_ALIAS) if n in store]
         if not copies:
-            raise ForgeError(f"{directory}: original_lm_head is true but {VLLM_LM_HEAD} (vLLM's copy of the base "
-                             "lm_head) is missing")
+            raise ForgeError(
+                f"{directory}: original_lm_head is true but {VLLM_LM_HEAD} (vLLM's copy of the base lm_head) is missing"
+            )
         if len(copies) > 1:
-            raise ForgeError(f"{directory}: both {VLLM_LM_HEAD} and {VLLM_LM_HEAD_ALIAS} present with original_lm_head "
-                             "(vLLM loads both into one lm_head): ambiguous")
+            raise ForgeError(
+                f"{directory}: both {VLLM_LM_HEAD} and {VLLM_LM_HEAD_ALIAS} present with original_lm_head "
+                "(vLLM loads both into one lm_head): ambiguous"
+            )
         extra = (copies[0],)
-    return Source(layout="vllm", directory=directory, files=tuple(files), config=config, num_heads=K, num_layers=L,
-                  names=VLLM, store=store, shared=shared, shared_reason=f"original_lm_head is {str(shared).lower()}",
-                  bias=bool(config.get("medusa_fc_bias", False)), bias_reason="medusa_fc_bias is false in config.json",
-                  heads_field="num_heads", layers_field="num_hidden_layers",
-                  hidden_hint=config.get("hidden_size"), vocab_hint=vocab,
-                  base_model_name_or_path=str(config.get("base_model_name_or_path") or ""), extra_names=extra)
+    return Source(
+        layout="vllm",
+        directory=directory,
+        files=tuple(files),
+        config=config,
+        num_heads=K,
+        num_layers=L,
+        names=VLLM,
+        store=store,
+        shared=shared,
+        shared_reason=f"original_lm_head is {str(shared).lower()}",
+        bias=bool(config.get("medusa_fc_bias", False)),
+        bias_reason="medusa_fc_bias is false in config.json",
+        heads_field="num_heads",
+        layers_field="num_hidden_layers",
+        hidden_hint=config.get("hidden_size"),
+        vocab_hint=vocab,
+        base_model_name_or_path=str(config.get("base_model_name_or_path") or ""),
+        extra_names=extra,
+    )
 
 
 def lm_head_copy(src: Source) -> Tensor | None:
@@ -111,12 +132,23 @@ def write_vllm(ckpt: HeadsCheckpoint, out: Path, base_name: str, lm_head: Tensor
     tensors = named_tensors(ckpt, VLLM)
     if ckpt.shared_lm_head:
         if lm_head is None:
-            raise ForgeError("vLLM keeps its own copy of the lm_head for shared-lm_head heads (original_lm_head): "
-                             "pass --base-model")
+            raise ForgeError(
+                "vLLM keeps its own copy of the lm_head for shared-lm_head heads (original_lm_head): pass --base-model"
+            )
         tensors[VLLM_LM_HEAD] = lm_head.to(ckpt.dtype)
     vocab = ckpt.vocab_size if ckpt.vocab_size else (lm_head.shape[0] if lm_head is not None else None)
     write_safetensors(tensors, out / WEIGHTS)
-    return {"model_type": "medusa", "architectures": ["MedusaModel"], "hidden_size": ckpt.hidden_size,
-            "vocab_size": vocab, "num_heads": ckpt.num_heads, "num_hidden_layers": ckpt.num_layers,
-            "max_paths": 64, "topk": 10, "truncated_vocab_size": vocab, "medusa_fc_bias": True,
-            "original_lm_head": ckpt.shared_lm_head, "base_model_name_or_path": base_name}
+    return {
+        "model_type": "medusa",
+        "architectures": ["MedusaModel"],
+        "hidden_size": ckpt.hidden_size,
+        "vocab_size": vocab,
+        "num_heads": ckpt.num_heads,
+        "num_hidden_layers": ckpt.num_layers,
+        "max_paths": 64,
+        "topk": 10,
+        "truncated_vocab_size": vocab,
+        "medusa_fc_bias": True,
+        "original_lm_head": ckpt.shared_lm_head,
+        "base_model_name_or_path": base_name,
+    }
