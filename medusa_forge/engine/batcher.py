@@ -26,7 +26,7 @@ from medusa_forge.engine.batch_step import BatchSlots, Work
 from medusa_forge.engine.generation import GenerationConfig
 from medusa_forge.engine.request_stream import RequestStream
 from medusa_forge.engine.speculation import CostModel, Ladder, Policy, parse_speculation
-from medusa_forge.engine.tickets import QueueFull, RequestCancelled, Ticket
+from medusa_forge.engine.tickets import RequestCancelled, Ticket, check_room
 from medusa_forge.errors import ForgeError
 from medusa_forge.model.step_meta import RowChunks
 
@@ -102,17 +102,11 @@ class InflightBatcher:
         timeout_s: float | None = None,
     ) -> Ticket:
         self.engine.check_request(prompt_ids, gcfg)
-        if gcfg.stop_strings and self.engine.tokenizer is None:
-            raise ForgeError("stop strings need a tokenizer")
         ticket = Ticket(list(prompt_ids), gcfg, on_tokens, timeout_s)
         with self._cond:
             if self._closed:
                 raise ForgeError("the batcher is closed; no new requests")
-            if self.max_queue and len(self._waiting) >= self.max_queue:
-                raise QueueFull(
-                    f"request queue is full ({self.max_queue} waiting for a slot of "
-                    f"{self.max_batch_size}); retry later or raise --max-queue"
-                )
+            check_room(len(self._waiting), self.max_queue, self.max_batch_size)
             self._waiting.append(ticket)
             self._cond.notify()
         return ticket

@@ -282,6 +282,8 @@ class MedusaEngine:
             raise ForgeError("empty prompt: give at least one token of input")
         if gcfg.max_new_tokens < 1:
             raise ForgeError(f"max_new_tokens must be >= 1, got {gcfg.max_new_tokens}")
+        if gcfg.stop_strings and self.tokenizer is None:
+            raise ForgeError("stop strings need a tokenizer")
         # Room for the last tree plus the one step the host loop runs ahead.
         margin = 2 * (self.tree.num_nodes if (self.tree is not None and gcfg.use_medusa) else 1)
         max_input = self.max_seq_len - margin - 1
@@ -374,8 +376,6 @@ class MedusaEngine:
         """Decode until EOS, a stop string or max_new_tokens; ``on_tokens`` streams token chunks."""
         eos = set(() if gcfg.ignore_eos else (gcfg.eos_token_ids if gcfg.eos_token_ids is not None
                                               else self.cfg.eos_token_ids))
-        if gcfg.stop_strings and self.tokenizer is None:
-            raise ForgeError("stop strings need a tokenizer")
         tokens: list[int] = []
         accepted: list[int] = []
         reason, ttft = "length", 0.0

@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import Callable
 
 from medusa_forge.engine.generation import GenerationConfig
-from medusa_forge.engine.tickets import QueueFull, RequestCancelled, Ticket
+from medusa_forge.engine.tickets import RequestCancelled, Ticket, check_room
 from medusa_forge.errors import ForgeError
 
 
@@ -49,11 +49,7 @@ class SerialScheduler:
         with self._wake:
             if self._closed:
                 raise ForgeError("the scheduler is closed; the model is unloading")
-            if self.max_queue and len(self._queue) >= self.max_queue:
-                raise QueueFull(
-                    f"request queue is full ({self.max_queue} waiting for a slot of 1); retry later "
-                    "or raise --max-queue"
-                )
+            check_room(len(self._queue), self.max_queue, 1)
             self._queue.append(ticket)
             self._wake.notify()
         return ticket

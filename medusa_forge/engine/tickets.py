@@ -30,6 +30,14 @@ class QueueFull(ForgeError):
     (Triton's UNAVAILABLE, not a bad request)."""
 
 
+def check_room(waiting: int, max_queue: int, slots: int) -> None:
+    """Refuse a request when ``max_queue`` (0: unbounded) requests already wait for one of ``slots``."""
+    if max_queue and waiting >= max_queue:
+        raise QueueFull(
+            f"request queue is full ({max_queue} waiting for a slot of {slots}); retry later or raise --max-queue"
+        )
+
+
 class Ticket:
     """One submitted request: its inputs, a cancel switch, and its outcome once the loop ends it."""
 
