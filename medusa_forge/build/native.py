@@ -27,6 +27,7 @@ from medusa_forge.atomic import atomic_output_dir
 from medusa_forge.build.compare import split_prompts
 from medusa_forge.build.tree_search import SearchConfig, device_name, encode_prompts, search_tree, tree_report
 from medusa_forge.convert import fp8_native
+from medusa_forge.convert.trtllm_checkpoint import TOKENIZER_FILES
 from medusa_forge.engine.generation import GenerationConfig
 from medusa_forge.engine.load import DEFAULT_TREE, load_engine
 from medusa_forge.errors import ForgeError
@@ -39,17 +40,6 @@ from medusa_forge.model.dtypes import canonical_dtype, resolve_device_dtype
 from medusa_forge.model.tokenizer import Tokenizer
 from medusa_forge.prompts import read_prompts
 
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer.model",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "generation_config.json",
-    "chat_template.jinja",
-)
 SHARD_BYTES = 4 << 30
 VERIFY_PROMPT = "def main():\n"
 

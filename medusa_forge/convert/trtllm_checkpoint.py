@@ -63,6 +63,7 @@ TOKENIZER_FILES = (
     "vocab.json",
     "merges.txt",
     "generation_config.json",
+    "chat_template.jinja",
 )
 
 

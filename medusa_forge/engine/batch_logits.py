@@ -11,28 +11,16 @@ the vectorised path.
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import torch
 from torch import Tensor
 
 from medusa_forge.engine.generation import GenerationConfig, GenerationResult
 from medusa_forge.engine.logits_processing import (
-    LogitsSettings,
     process,
     token_log_probs,
 )
-from medusa_forge.engine.processed_steps import Recorded
-
-
-def resolve_settings(engine, gcfg: GenerationConfig) -> LogitsSettings | None:
-    """The request's settings, min_length holding back the engine's end ids when none are given."""
-    s = gcfg.logits_settings
-    if s is not None and s.min_length > 0 and not s.end_ids and not gcfg.ignore_eos:
-        ends = gcfg.eos_token_ids if gcfg.eos_token_ids is not None else engine.cfg.eos_token_ids
-        s = dataclasses.replace(s, end_ids=tuple(ends or ()))
-    return s
+from medusa_forge.engine.processed_steps import Recorded, resolve_settings
 
 
 class RowLogits:

@@ -58,7 +58,7 @@ class Recorded:
             result.generation_logits = rows.float().cpu().numpy()
 
 
-def _settings(engine, gcfg: GenerationConfig) -> LogitsSettings | None:
+def resolve_settings(engine, gcfg: GenerationConfig) -> LogitsSettings | None:
     """The request's settings, with min_length holding back the engine's end ids when none are given."""
     s = gcfg.logits_settings
     if s is not None and s.min_length > 0 and not s.end_ids and not gcfg.ignore_eos:
@@ -70,7 +70,7 @@ def _settings(engine, gcfg: GenerationConfig) -> LogitsSettings | None:
 class _Loop:
     def __init__(self, engine, prompt_ids: list[int], gcfg: GenerationConfig, record: Recorded):
         self.e, self.prompt, self.gcfg, self.record = engine, prompt_ids, gcfg, record
-        self.settings = _settings(engine, gcfg)
+        self.settings = resolve_settings(engine, gcfg)
         self.out: list[int] = []  # every token emitted so far (the pending root included)
         self.generator = None
         if gcfg.temperature > 0 and not gcfg.use_medusa:
