@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # One GPU session's measurements, in priority order, each step bounded in time.
 #
-#   bash bench/device_run.sh train    # self-distilled heads -> runs/heads (skipped when present), GPU tests
+#   bash bench/device_run.sh train    # self-distilled heads -> runs/heads and runs/demo-heads (skipped when present)
 #   bash bench/device_run.sh suite    # every engine side by side + Llama-3-8B-shape step latencies
 #   bash bench/device_run.sh checks   # auto tree vs presets, fp8 vs bf16, eval speed + MMLU
-#   bash bench/device_run.sh serve    # batched serving: bench serve sweep (plain/Medusa x serial/batched)
-#                                     # and batch invariance of 256 requests on the GPU (needs train's heads)
-#   bash bench/device_run.sh probe    # bit identity (tokens + KV), kernel profiles (no heads needed;
+#   bash bench/device_run.sh serve    # batched serving: bench serve sweep (plain/Medusa x serial/batched);
+#                                     # needs tritonserver: carry the nvidia-pytriton wheel (bench/README.md)
+#   bash bench/device_run.sh probe    # bit identity (tokens + KV), GPU tests, batch invariance of 256
+#                                     # requests, kernel profiles (no heads needed;
 #                                     # FULL_PROBE=1 adds fp8 + GEMM rows, SWEEP=1 attention tiles)
 # A phase after `train` needs the heads it left in runs/ (the device machine keeps ignored paths
 # while it stays warm).
@@ -18,8 +19,8 @@
 #
 # Budget (30 device-minutes a session, H200, measured): a cold start costs 1-2 min of device time
 # beyond the wall time, and a start the pool refuses still costs ~2 min; probe ~2 min (FULL_PROBE
-# +20 s, SWEEP +20 s); train ~7.5 min (160000 prompts x 4 epochs: data 78 s, training 166 s, 434 s
-# for the step; its GPU tests +62 s); checks ~5 min (SKIP_DONE=1: 2.6 min); suite ~3-4 min. Heads
+# +20 s, SWEEP +20 s); train ~8 min (both runs at once, 160000 prompts each: data 109 s, training
+# capped at 3.5 min, 462 s for the step); checks ~5 min (SKIP_DONE=1: 2.6 min); suite ~3-4 min. Heads
 # live only while the machine stays warm, which it does only while calls follow each other at once:
 # run train, checks, suite back to back before anything optional (a probe goes first or last, never
 # in between). Name the commit (MEDUSA_FORGE_COMMIT=<sha>): the device's copy of the tree may carry
@@ -141,6 +142,9 @@ if [ "$PHASE" = serve ]; then
   # against serial, one run
   CLIENTS=1,4,16,32,64 SWEEP_TOKENS=128
   [ -n "${SMOKE:-}" ] && CLIENTS=1,2 SWEEP_TOKENS=8
+  # tritonserver's Python stubs run isolated from PYTHONPATH: a .pth puts this tree (and any carried
+  # wheels' target) on the device interpreter's path
+  [ -z "${SMOKE:-}" ] && tr ':' '\n' <<< "$PYTHONPATH" > "$(python3 -c 'import site; print(site.getsitepackages()[0])')/medusa_forge_dev.pth"
   step serve_sweep 540 $MF bench serve --engine "$MODEL" --medusa "$HEADS" --medusa-choices mc_sim_7b_63 \
     --dtype $([ $DEVICE = cuda ] && echo bf16 || echo fp32) --clients $CLIENTS --max-batch-size 64 \
     --max-tokens $SWEEP_TOKENS --requests ${SWEEP_REQUESTS:-2} --prompts "$PROMPTS" --out "$RESULTS/serve_sweep.json"

@@ -115,7 +115,11 @@ def test_the_shipped_assets_are_small_and_complete():
     config = json.loads((heads / "config.json").read_text())
     assert config["medusa_num_heads"] >= 3 and (heads / "tree.json").is_file()
     report = json.loads((heads / "train_report.json").read_text())
-    assert report["config"]["shared_lm_head"] and report["config"]["device"] == "cpu"
+    tree = json.loads((heads / "tree.json").read_text())
+    assert report["config"]["shared_lm_head"] and report["config"]["eval_tree"].endswith("tree.json")
+    # the run judged the heads on the shipped tree (plus its root) over every held-out prompt
+    assert report["acceptance"]["tree_nodes"] == len(tree) + 1 and report["acceptance"]["prompts"] == 158
+    assert report["acceptance"]["mean_accepted"] >= 2.0
     assert {p.name.rsplit("_", 1)[0] for p in (shipped_mmlu() / "test").glob("*.csv")} == {
         p.name.rsplit("_", 1)[0] for p in (shipped_mmlu() / "dev").glob("*.csv")
     }

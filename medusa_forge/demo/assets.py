@@ -1,6 +1,6 @@
 """What the package ships for the demo: small Medusa heads for pycoder-26m and MMLU-format questions.
 
-``medusa_forge/data/heads/pycoder-26m/`` holds heads the project trained on a CPU (the command is
+``medusa_forge/data/heads/pycoder-26m/`` holds heads the project trained on one GPU (the command is
 in docs/train.md and in the directory's ``train_report.json``), in bf16, with ``tree.json``: the
 choice tree the demo's engine uses on a CPU. ``medusa_forge/data/mmlu/`` holds questions written for
 this project in the original MMLU release's CSV layout; they check the pipeline, not a model.
