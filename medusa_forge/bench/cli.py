@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from medusa_forge.atomic import atomic_write_json, atomic_write_text
+from medusa_forge.bench.batch_sweep import batch_cmd
 from medusa_forge.bench.meta import run_metadata, source_commit  # noqa: F401 - source_commit: bench.cli's API
 from medusa_forge.bench.serve_sweep import DEFAULT_BATCH, MODES
 from medusa_forge.bench.soak import soak as _soak
@@ -325,3 +326,4 @@ def _exit_unless_passed(doc: dict, error_samples: list[str]) -> None:
 
 # `bench soak` lives with its load loop (also runnable as `python -m medusa_forge.bench.soak`).
 bench.add_command(_soak, "soak")
+bench.add_command(batch_cmd, "batch")

@@ -192,6 +192,13 @@ def markdown(doc: dict[str, Any]) -> str:
         f"- {c['requests']} request(s) per client, {c['max_tokens']} new tokens each (EOS ignored), "
         f"{c['num_prompts']} prompt(s)",
         "- checks: " + ", ".join(f"{k} {'ok' if v else 'FAILED'}" for k, v in doc["checks"].items()),
+    ]
+    return "\n".join(lines + table_lines(doc)) + "\n"
+
+
+def table_lines(doc: dict[str, Any]) -> list[str]:
+    """The rows, then batched / serial at each client count (Markdown)."""
+    lines = [
         "",
         "| mode | clients | tok/s | req/s | p50 ms | p99 ms | TTFT p50 ms | TTFT p99 ms | errors | identical |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -216,10 +223,10 @@ def markdown(doc: dict[str, Any]) -> str:
         for dec, by_n in bvs.items():
             for n, v in by_n.items():
                 lines.append(f"| {dec} | {n} | {v['tokens_per_s']} | {v['latency_p50']} | {v['ttft_p50']} |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
-def plot(doc: dict[str, Any], path: Path) -> None:
+def plot(doc: dict[str, Any], path: Path, title: str = "bench serve sweep") -> None:
     """Aggregate tokens/s, p50 latency and p50 TTFT against clients, one line per mode."""
     import matplotlib
 
@@ -243,7 +250,7 @@ def plot(doc: dict[str, Any], path: Path) -> None:
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"bench serve sweep ({doc['machine']['cpu']})", fontsize=9)
+    fig.suptitle(f"{title} ({doc['machine']['cpu']})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

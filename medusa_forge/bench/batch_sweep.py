@@ -1,0 +1,222 @@
+"""``medusa-forge bench batch``: the serve sweep in process. The same client counts and modes as
+``bench serve`` (plain or Medusa, serial or batched), each client a thread handing requests straight
+to the engine's scheduler (the serial loop, or the in-flight batcher with ``--max-batch-size``
+slots): no tritonserver, no gRPC. It isolates what the scheduler and the engine do under load from
+the serving layer, and runs where no tritonserver does.
+
+Every answer must equal the engine's own one-at-a-time greedy output for its prompt; reported per
+(mode, clients): aggregate tokens/s, p50/p99 latency and time to first token, as ``bench serve``'s
+sweep reports them (the same JSON rows, Markdown and PNG).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+
+from medusa_forge.atomic import atomic_write_json, atomic_write_text
+from medusa_forge.bench.meta import machine
+from medusa_forge.bench.serve_sweep import MODES, parse_modes, plot, ratios, summary_lines, table_lines
+from medusa_forge.bench.stats import percentiles
+from medusa_forge.engine.batcher import InflightBatcher
+from medusa_forge.engine.generation import GenerationConfig
+from medusa_forge.engine.options import engine_options
+from medusa_forge.engine.serial import SerialScheduler
+from medusa_forge.errors import ForgeError
+from medusa_forge.prompts import read_prompts
+
+
+@dataclass
+class BatchSweepConfig:
+    clients: list[int]
+    modes: list[str]
+    requests: int = 4  # per client
+    max_tokens: int = 32
+    max_batch_size: int = 8
+    speculation: str = "auto"
+    timeout_s: float = 300.0
+
+
+def run_batch_sweep(engine, prompts: list[list[int]], cfg: BatchSweepConfig, progress=print) -> dict[str, Any]:
+    """Run every (clients, mode) pair in turn; ``passed``: no error and every answer the reference."""
+    if not cfg.clients or min(cfg.clients) < 1:
+        raise ForgeError("--clients: every client count must be >= 1")
+    if engine.heads is None:
+        cfg.modes = [m for m in cfg.modes if not m.startswith("medusa")]
+    t_start = time.perf_counter()
+    reference = [engine.generate_ids(ids, _gcfg(cfg, medusa=False)).tokens for ids in prompts]
+    schedulers = {m: _scheduler(engine, m, cfg) for m in cfg.modes}
+    rows = []
+    try:
+        for n in cfg.clients:
+            for mode in cfg.modes:  # interleaved, so a drift of the machine's speed touches every mode alike
+                progress(f"{mode}: {n} client(s) x {cfg.requests} request(s), {cfg.max_tokens} tokens each")
+                records, wall = _load(schedulers[mode], prompts, n, cfg, medusa=mode.startswith("medusa"))
+                rows.append(_row(mode, n, cfg, records, wall, reference))
+        described = {m: s.describe() for m, s in schedulers.items()}
+    finally:
+        for s in schedulers.values():
+            s.close()
+    checks = {
+        "zero_errors": all(r["errors"] == 0 for r in rows),
+        "answers_identical_to_sequential": all(r["mismatches"] == 0 for r in rows),
+    }
+    return {
+        "kind": "batch_sweep",
+        "passed": all(checks.values()),
+        "checks": checks,
+        "config": {
+            **{k: v for k, v in vars(cfg).items()},
+            "num_prompts": len(prompts),
+            "engine_dtype": str(engine.model.lm_head.weight.dtype).removeprefix("torch."),
+            "device": str(engine.device),
+            "tree_nodes": engine.tree.num_nodes if engine.tree is not None else 0,
+            "schedulers": described,
+        },
+        "machine": machine(),
+        "rows": rows,
+        "ratios": ratios(rows),
+        "elapsed_s": round(time.perf_counter() - t_start, 3),
+    }
+
+
+def _gcfg(cfg: BatchSweepConfig, medusa: bool) -> GenerationConfig:
+    return GenerationConfig(max_new_tokens=cfg.max_tokens, use_medusa=medusa, ignore_eos=True)
+
+
+def _scheduler(engine, mode: str, cfg: BatchSweepConfig):
+    if mode.endswith("serial"):
+        return SerialScheduler(engine)
+    return InflightBatcher(engine, cfg.max_batch_size, speculation=cfg.speculation)
+
+
+def _load(scheduler, prompts: list[list[int]], clients: int, cfg: BatchSweepConfig, medusa: bool):
+    """``clients`` threads, each sending ``cfg.requests`` requests one after another (prompts in rotation)."""
+    records: list[dict] = []
+    lock = threading.Lock()
+    gcfg = _gcfg(cfg, medusa)
+
+    def client(i: int) -> None:
+        for r in range(cfg.requests):
+            p = (i * cfg.requests + r) % len(prompts)
+            first: list[float] = []
+            t0 = time.perf_counter()
+            try:
+                ticket = scheduler.submit(
+                    prompts[p], gcfg, on_tokens=lambda _t: first or first.append(time.perf_counter())
+                )
+                res = ticket.result(timeout=cfg.timeout_s)
+                rec = {"prompt": p, "tokens": res.tokens, "latency_ms": (time.perf_counter() - t0) * 1e3}
+                rec["ttft_ms"] = ((first[0] if first else time.perf_counter()) - t0) * 1e3
+            except Exception as e:  # one request's failure is a counted error, not the end of the run
+                rec = {"prompt": p, "error": f"{type(e).__name__}: {e}"}
+            with lock:
+                records.append(rec)
+
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return records, time.perf_counter() - t0
+
+
+def _row(mode: str, clients: int, cfg: BatchSweepConfig, records: list[dict], wall: float, reference) -> dict:
+    ok = [r for r in records if "error" not in r]
+    mismatched = [r for r in ok if r["tokens"] != reference[r["prompt"]]]
+    tokens = sum(len(r["tokens"]) for r in ok)
+    return {
+        "mode": mode,
+        "decoding": mode.split("-")[0],
+        "batching": mode.split("-")[1],
+        "max_batch_size": 1 if mode.endswith("serial") else cfg.max_batch_size,
+        "clients": clients,
+        "requests": clients * cfg.requests,
+        "completed": len(ok),
+        "errors": len(records) - len(ok) + clients * cfg.requests - len(records),
+        "error_samples": sorted({r["error"] for r in records if "error" in r})[:5],
+        "mismatches": len(mismatched),
+        "identical_to_sequential": len(ok) - len(mismatched),
+        "wall_s": round(wall, 3),
+        "requests_per_s": round(len(ok) / wall, 3) if wall else 0.0,
+        "tokens_per_s": round(tokens / wall, 3) if wall else 0.0,
+        "latency_ms": percentiles([r["latency_ms"] for r in ok]),
+        "ttft_ms": percentiles([r["ttft_ms"] for r in ok]),
+    }
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    c, m = doc["config"], doc["machine"]
+    lines = [
+        f"# Batch sweep in process: clients x modes ({'PASSED' if doc['passed'] else 'FAILED'})",
+        "",
+        f"- machine: {m['cpu']}, {m['usable_cores']} usable core(s){', ' + m['cuda'] if m['cuda'] else ''}; "
+        "clients are threads calling the engine's scheduler (no tritonserver, no gRPC)",
+        f"- engine: native {c['engine_dtype']} on {c['device']}, Medusa tree of {c['tree_nodes']} nodes; batched "
+        f"modes {c['max_batch_size']} slots, speculation `{c['speculation']}`; serial one request at a time",
+        f"- {c['requests']} request(s) per client, {c['max_tokens']} new tokens each (EOS ignored), "
+        f"{c['num_prompts']} prompt(s)",
+        "- checks: " + ", ".join(f"{k} {'ok' if v else 'FAILED'}" for k, v in doc["checks"].items()),
+    ]
+    return "\n".join(lines + table_lines(doc)) + "\n"
+
+
+@click.command("batch")
+@engine_options
+@click.option("--prompts", required=True, type=click.Path(), help="JSONL with a 'prompt' per line.")
+@click.option("--num-prompts", default=8, show_default=True, help="Distinct prompts used (the first N).")
+@click.option("--max-prompt-tokens", default=128, show_default=True, help="Keep the last N tokens of each prompt.")
+@click.option("--clients", default="1,2,4,8,16,32", show_default=True, help="Concurrent clients (threads).")
+@click.option("--modes", default=",".join(MODES), show_default=True, help="plain|medusa x serial|batched.")
+@click.option("--max-batch-size", default=8, show_default=True, help="Request slots of the batched modes.")
+@click.option("--speculation", default="auto", show_default=True, help="Batched Medusa: auto, fixed, off-above:N.")
+@click.option("--requests", default=4, show_default=True, help="Requests per client.")
+@click.option("--max-tokens", default=32, show_default=True, help="New tokens per request (EOS ignored).")
+@click.option("--out", default=None, type=click.Path(), help="Write the JSON here (.md and .png beside it).")
+def batch_cmd(
+    model,
+    medusa,
+    tree,
+    device,
+    dtype,
+    max_seq_len,
+    compile_,
+    prompts,
+    num_prompts,
+    max_prompt_tokens,
+    clients,
+    modes,
+    max_batch_size,
+    speculation,
+    requests,
+    max_tokens,
+    out,
+):
+    """The serve sweep in process: clients x modes against the engine's schedulers directly.
+    Exit 1 if a request fails or an answer differs from the engine's own one-at-a-time output."""
+    from medusa_forge.engine.load import load_engine
+
+    counts = sorted({int(c) for c in clients.split(",") if c.strip()})
+    engine = load_engine(
+        model, medusa, tree=tree, device=device, dtype=dtype, max_seq_len=max_seq_len, compile=compile_
+    )
+    texts = [p.prompt for p in read_prompts(prompts, limit=num_prompts)]
+    ids = [engine.tokenizer.encode(t)[-max_prompt_tokens:] for t in texts]
+    cfg = BatchSweepConfig(counts, parse_modes(modes), requests, max_tokens, max_batch_size, speculation)
+    doc = run_batch_sweep(engine, ids, cfg, progress=lambda m: click.echo(m, err=True))
+    for line in summary_lines(doc):
+        click.echo(line)
+    if out:
+        path = Path(out)
+        atomic_write_json(path, doc)
+        atomic_write_text(path.with_suffix(".md"), markdown(doc))
+        plot(doc, path.with_suffix(".png"), title="bench batch (in process)")
+        click.echo(f"wrote {path} (+ .md, .png)")
+    if not doc["passed"]:
+        raise SystemExit(1)
