@@ -21,7 +21,7 @@ import click
 
 from medusa_forge.atomic import atomic_write_json, atomic_write_text
 from medusa_forge.bench.meta import machine
-from medusa_forge.bench.serve_sweep import MODES, parse_modes, plot, ratios, summary_lines, table_lines
+from medusa_forge.bench.serve_sweep import MODES, document, parse_modes, plot, ratios, summary_lines
 from medusa_forge.bench.stats import percentiles
 from medusa_forge.engine.batcher import InflightBatcher
 from medusa_forge.engine.generation import GenerationConfig
@@ -152,19 +152,14 @@ def _row(mode: str, clients: int, cfg: BatchSweepConfig, records: list[dict], wa
 
 
 def markdown(doc: dict[str, Any]) -> str:
-    c, m = doc["config"], doc["machine"]
-    lines = [
-        f"# Batch sweep in process: clients x modes ({'PASSED' if doc['passed'] else 'FAILED'})",
-        "",
-        f"- machine: {m['cpu']}, {m['usable_cores']} usable core(s){', ' + m['cuda'] if m['cuda'] else ''}; "
+    c = doc["config"]
+    return document(
+        doc,
+        "Batch sweep in process: clients x modes",
         "clients are threads calling the engine's scheduler (no tritonserver, no gRPC)",
-        f"- engine: native {c['engine_dtype']} on {c['device']}, Medusa tree of {c['tree_nodes']} nodes; batched "
-        f"modes {c['max_batch_size']} slots, speculation `{c['speculation']}`; serial one request at a time",
-        f"- {c['requests']} request(s) per client, {c['max_tokens']} new tokens each (EOS ignored), "
-        f"{c['num_prompts']} prompt(s)",
-        "- checks: " + ", ".join(f"{k} {'ok' if v else 'FAILED'}" for k, v in doc["checks"].items()),
-    ]
-    return "\n".join(lines + table_lines(doc)) + "\n"
+        f"native {c['engine_dtype']} on {c['device']}, Medusa tree of {c['tree_nodes']} nodes; batched modes "
+        f"{c['max_batch_size']} slots, speculation `{c['speculation']}`; serial one request at a time",
+    )
 
 
 @click.command("batch")
@@ -179,41 +174,27 @@ def markdown(doc: dict[str, Any]) -> str:
 @click.option("--requests", default=4, show_default=True, help="Requests per client.")
 @click.option("--max-tokens", default=32, show_default=True, help="New tokens per request (EOS ignored).")
 @click.option("--out", default=None, type=click.Path(), help="Write the JSON here (.md and .png beside it).")
-def batch_cmd(
-    model,
-    medusa,
-    tree,
-    device,
-    dtype,
-    max_seq_len,
-    compile_,
-    prompts,
-    num_prompts,
-    max_prompt_tokens,
-    clients,
-    modes,
-    max_batch_size,
-    speculation,
-    requests,
-    max_tokens,
-    out,
-):
+def batch_cmd(model, medusa, tree, device, dtype, max_seq_len, compile_, **opts):
     """The serve sweep in process: clients x modes against the engine's schedulers directly.
     Exit 1 if a request fails or an answer differs from the engine's own one-at-a-time output."""
     from medusa_forge.engine.load import load_engine
 
-    counts = sorted({int(c) for c in clients.split(",") if c.strip()})
+    counts = sorted({int(c) for c in opts["clients"].split(",") if c.strip()})
     engine = load_engine(
         model, medusa, tree=tree, device=device, dtype=dtype, max_seq_len=max_seq_len, compile=compile_
     )
-    texts = [p.prompt for p in read_prompts(prompts, limit=num_prompts)]
-    ids = [engine.tokenizer.encode(t)[-max_prompt_tokens:] for t in texts]
-    cfg = BatchSweepConfig(counts, parse_modes(modes), requests, max_tokens, max_batch_size, speculation)
+    texts = [p.prompt for p in read_prompts(opts["prompts"], limit=opts["num_prompts"])]
+    ids = [engine.tokenizer.encode(t)[-opts["max_prompt_tokens"] :] for t in texts]
+    cfg = BatchSweepConfig(
+        counts,
+        parse_modes(opts["modes"]),
+        **{k: opts[k] for k in ("requests", "max_tokens", "max_batch_size", "speculation")},
+    )
     doc = run_batch_sweep(engine, ids, cfg, progress=lambda m: click.echo(m, err=True))
     for line in summary_lines(doc):
         click.echo(line)
-    if out:
-        path = Path(out)
+    if opts["out"]:
+        path = Path(opts["out"])
         atomic_write_json(path, doc)
         atomic_write_text(path.with_suffix(".md"), markdown(doc))
         plot(doc, path.with_suffix(".png"), title="bench batch (in process)")

@@ -181,14 +181,24 @@ def _compare(a: dict, b: dict) -> dict[str, float | None]:
 
 
 def markdown(doc: dict[str, Any]) -> str:
+    c = doc["config"]
+    return document(
+        doc,
+        "Serve sweep: clients x modes",
+        f"torch threads {c['torch_threads']}; tritonserver on 127.0.0.1, gRPC, streaming",
+        f"native {c['engine_dtype']}, Medusa tree of {c['tree_nodes']} nodes; batched modes "
+        f"`--max-batch-size {c['max_batch_size']}`, serial `1`; {c['instances']} instance(s) each",
+    )
+
+
+def document(doc: dict[str, Any], title: str, setting: str, engine: str) -> str:
+    """A sweep's Markdown: what ran (``setting``: how clients reach the engine), then its tables."""
     c, m = doc["config"], doc["machine"]
     lines = [
-        f"# Serve sweep: clients x modes ({'PASSED' if doc['passed'] else 'FAILED'})",
+        f"# {title} ({'PASSED' if doc['passed'] else 'FAILED'})",
         "",
-        f"- machine: {m['cpu']}, {m['usable_cores']} usable core(s), torch threads {c['torch_threads']}"
-        f"{', ' + m['cuda'] if m['cuda'] else ''}; tritonserver on 127.0.0.1, gRPC, streaming",
-        f"- engine: native {c['engine_dtype']}, Medusa tree of {c['tree_nodes']} nodes; batched modes "
-        f"`--max-batch-size {c['max_batch_size']}`, serial `1`; {c['instances']} instance(s) each",
+        f"- machine: {m['cpu']}, {m['usable_cores']} usable core(s){', ' + m['cuda'] if m['cuda'] else ''}; {setting}",
+        f"- engine: {engine}",
         f"- {c['requests']} request(s) per client, {c['max_tokens']} new tokens each (EOS ignored), "
         f"{c['num_prompts']} prompt(s)",
         "- checks: " + ", ".join(f"{k} {'ok' if v else 'FAILED'}" for k, v in doc["checks"].items()),
