@@ -6,7 +6,7 @@ TensorRT and a GPU), so the command is pinned through --dry-run, and the build p
 atomic output) runs against a stand-in executable that writes what trtllm-build writes.
 
 The pinned flags are those of TensorRT-LLM 0.11.0 (NVIDIA/TensorRT-LLM, commit 05316d33, the release in
-nvcr.io/nvidia/tritonserver:24.07-trtllm-python-py3 that the Dockerfile uses):
+nvcr.io/nvidia/tritonserver:24.07-trtllm-python-py3 that the Dockerfile uses with TRTLLM=0.11):
 - examples/medusa/README.md: `trtllm-build --checkpoint_dir .. --output_dir .. --gemm_plugin float16
   --speculative_decoding_mode medusa --max_batch_size 4`, and for the FP8 base checkpoint of
   `quantize.py --qformat fp8 --medusa_model_dir ..` the same plus `--gpt_attention_plugin float16`;

@@ -28,6 +28,7 @@ from medusa_forge.build.open import open_engine
 from medusa_forge.convert.trtllm_checkpoint import ConvertOptions, convert_trtllm
 from medusa_forge.engine.generation import GenerationConfig
 from medusa_forge.errors import ForgeError
+from medusa_forge.model.fp8_linear import FP8Linear
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -255,7 +256,7 @@ def test_heads_that_config_under_counts_need_num_heads_and_then_convert(family, 
 
 
 @pytest.mark.parametrize("family", ["qwen2"], indirect=True)  # q/k/v biases are Qwen2's
-def test_fp8_qwen2_converts_and_reads_back_dequantized_but_not_as_a_biased_fp8_gemm(family, tmp_path):
+def test_fp8_qwen2_converts_and_reads_back_dequantized_and_as_biased_fp8_gemms(family, tmp_path):
     from medusa_forge.convert.trtllm_reader import load_trtllm_checkpoint
 
     out = tmp_path / "fp8"
@@ -276,8 +277,8 @@ def test_fp8_qwen2_converts_and_reads_back_dequantized_but_not_as_a_biased_fp8_g
         assert f.get_tensor("transformer.layers.0.attention.qkv.bias").dtype == torch.float16
     loaded = load_trtllm_checkpoint(out, device="cpu", dequantize=True)
     assert loaded.model.layers[0].attn.wqkv.bias is not None
-    with pytest.raises(ForgeError, match="dequantize=True"):
-        load_trtllm_checkpoint(out, device="cpu", fp8_emulate=True)
+    fp8 = load_trtllm_checkpoint(out, device="cpu", fp8_emulate=True).model.layers[0].attn.wqkv
+    assert isinstance(fp8, FP8Linear) and torch.equal(fp8.bias, loaded.model.layers[0].attn.wqkv.bias)
 
 
 def test_convert_reads_the_model_config_json_once(family, tmp_path):

@@ -139,13 +139,9 @@ def _swap_fp8(model: Transformer, name: str, parts, dtype: torch.dtype, backend:
     parent = model.get_submodule(parent_name)
     if not isinstance(getattr(parent, attr), nn.Linear):
         raise ForgeError(f"{name}: expected a linear layer to hold FP8 weights")
-    if getattr(parent, attr).bias is not None:  # Qwen2's qkv: the native FP8 GEMM has no bias term
-        raise ForgeError(
-            f"{name}: an FP8 GEMM with a bias (Qwen2 q/k/v) does not run natively; load the "
-            "checkpoint with dequantize=True"
-        )
     dev = model.lm_head.weight.device
-    setattr(parent, attr, FP8Linear(w8.to(dev), torch.tensor(w_scale), torch.tensor(a_scale), dtype, backend))
+    bias = getattr(parent, attr).bias  # Qwen2's q/k/v: kept in the compute dtype, added after the GEMM
+    setattr(parent, attr, FP8Linear(w8.to(dev), torch.tensor(w_scale), torch.tensor(a_scale), dtype, backend, bias))
 
 
 def _heads(ckpt: CheckpointConfig, tensors: dict[str, Tensor], lm_head: Tensor) -> MedusaHeads:

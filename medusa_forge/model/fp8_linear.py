@@ -103,10 +103,19 @@ class FP8Activation:
 
 
 class FP8Linear(nn.Module):
-    """y = x W^T with W in e4m3 (one scale) and x quantized per token (dynamic) or per tensor (static)."""
+    """y = x W^T + b with W in e4m3 (one scale) and x quantized per token (dynamic) or per tensor (static).
+
+    A bias (Qwen2's q/k/v) stays in the compute dtype and is added after the scaled GEMM, as TensorRT-LLM's
+    FP8 linear adds its bias to the dequantized output: quantizing it would gain nothing (it is a vector)."""
 
     def __init__(
-        self, weight_fp8: Tensor, weight_scale: Tensor, input_scale: Tensor | None, out_dtype: torch.dtype, backend: str
+        self,
+        weight_fp8: Tensor,
+        weight_scale: Tensor,
+        input_scale: Tensor | None,
+        out_dtype: torch.dtype,
+        backend: str,
+        bias: Tensor | None = None,
     ):
         super().__init__()
         if backend not in BACKENDS:
@@ -123,6 +132,9 @@ class FP8Linear(nn.Module):
         )
         # Row-wise _scaled_mm (per-token activations) takes the weight scale as a [1, N] vector.
         self.register_buffer("weight_scale_row", self.weight_scale.expand(1, self.out_features).contiguous())
+        if bias is not None and tuple(bias.shape) != (self.out_features,):
+            raise ValueError(f"FP8Linear bias has shape {list(bias.shape)}, expected [{self.out_features}]")
+        self.register_buffer("bias", None if bias is None else bias.detach().to(device=dev, dtype=out_dtype))
         self._dequantized: Tensor | None = None  # emulate: e4m3 weight * scale in fp32, made once
 
     def dequantized_weight(self) -> Tensor:
@@ -133,10 +145,8 @@ class FP8Linear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, backend: str, input_scale: Tensor | None = None) -> FP8Linear:
-        if linear.bias is not None:
-            raise ValueError("FP8Linear does not support a bias")
         w_fp8, scale = quantize_tensor(linear.weight)
-        return cls(w_fp8, scale, input_scale, linear.weight.dtype, backend)
+        return cls(w_fp8, scale, input_scale, linear.weight.dtype, backend, linear.bias)
 
     @property
     def activation(self) -> str:
@@ -145,7 +155,8 @@ class FP8Linear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"activation={self.activation}, backend={self.backend}, out_dtype={self.out_dtype}"
+            f"activation={self.activation}, backend={self.backend}, out_dtype={self.out_dtype}, "
+            f"bias={self.bias is not None}"
         )
 
     def normed_input(self, norm: nn.Module, x: Tensor, delta: Tensor | None) -> tuple[FP8Activation, Tensor] | None:
@@ -166,6 +177,10 @@ class FP8Linear(nn.Module):
         return FP8Activation(q, scale, (*gate_up.shape[:-1], gate_up.shape[-1] // 2))
 
     def forward(self, x: Tensor | FP8Activation) -> Tensor:
+        y = self._gemm(x)
+        return y if self.bias is None else y + self.bias
+
+    def _gemm(self, x: Tensor | FP8Activation) -> Tensor:
         if (
             not isinstance(x, FP8Activation)
             and self.backend == "scaled_mm"
@@ -304,6 +319,7 @@ def load_fp8_model(model_dir: str | Path, compute_dtype: torch.dtype, device, ba
                 compute_dtype,
                 device,
                 backend,
+                raw.pop(name + ".bias", None),  # Qwen2's q/k/v bias, kept in the compute dtype
             )
         else:
             raw[name + ".weight"] = weight  # a GEMM left unquantized (dims not multiples of 16)
@@ -321,7 +337,7 @@ def load_fp8_model(model_dir: str | Path, compute_dtype: torch.dtype, device, ba
     return model.eval().requires_grad_(False)
 
 
-def _fp8_linear_from_shards(name, weight, shards, get, headers, activation, compute_dtype, device, backend):
+def _fp8_linear_from_shards(name, weight, shards, get, headers, activation, compute_dtype, device, backend, bias):
     """One FP8Linear from its fused shards; shards with different scales are requantized to the max."""
     scales = [get(hf.removesuffix(".weight") + ".weight_scale").float().reshape(()) for hf, _ in shards]
     scale = torch.stack(scales).max()
@@ -335,7 +351,7 @@ def _fp8_linear_from_shards(name, weight, shards, get, headers, activation, comp
         if any(k not in headers for k in keys):
             raise ForgeError(f"FP8 checkpoint: static activation scheme but {keys[0]} is missing")
         input_scale = torch.stack([get(k).float().reshape(()) for k in keys]).max()
-    return FP8Linear(weight.to(device), scale, input_scale, compute_dtype, backend)
+    return FP8Linear(weight.to(device), scale, input_scale, compute_dtype, backend, bias)
 
 
 def emulation_requested(emulate: bool | None) -> bool:
