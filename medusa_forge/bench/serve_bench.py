@@ -49,8 +49,8 @@ from medusa_forge.bench.harness import (
     settled_stats,
 )
 from medusa_forge.bench.meta import machine
-from medusa_forge.bench.stats import percentiles
 from medusa_forge.errors import ForgeError
+from medusa_forge.stats import percentiles
 
 DEFAULT_PROMPTS = (
     "def fibonacci(n):",

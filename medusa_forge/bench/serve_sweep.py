@@ -29,8 +29,8 @@ from medusa_forge.bench.serve_bench import (
     tally,
     workdir,
 )
-from medusa_forge.bench.stats import percentiles
 from medusa_forge.errors import ForgeError
+from medusa_forge.stats import percentiles
 
 MODES = ("plain-serial", "plain-batched", "medusa-serial", "medusa-batched")
 DEFAULT_CLIENTS = (1, 2, 4, 8, 16, 32)

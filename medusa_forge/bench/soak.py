@@ -40,8 +40,8 @@ import click
 import numpy as np
 
 from medusa_forge.bench.harness import ServedModel, sequential_answers, serving
-from medusa_forge.bench.stats import percentiles
 from medusa_forge.errors import ForgeError
+from medusa_forge.stats import percentiles
 
 
 @dataclass
