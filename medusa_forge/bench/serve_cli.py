@@ -127,7 +127,7 @@ def bench_serve_cmd(
     One --clients count: p50/p90/p99 latency and the gRPC overhead against the same engine in process.
     Several: aggregate tok/s, p50/p99 latency and TTFT per client count for plain and Medusa decoding,
     batched against serial (JSON, Markdown, PNG). Exit 1 if a check fails."""
-    from medusa_forge.bench.serve_bench import ServeBenchConfig
+    from medusa_forge.bench.serve_config import ServeBenchConfig
 
     counts = _client_counts(clients)
     cfg = ServeBenchConfig(
@@ -171,7 +171,7 @@ def _client_counts(text: str) -> list[int]:
 
 
 def _serve_prompts(path, num_prompts: int, max_prompt_chars: int) -> list[str]:
-    from medusa_forge.bench.serve_bench import DEFAULT_PROMPTS
+    from medusa_forge.bench.serve_config import DEFAULT_PROMPTS
     from medusa_forge.eval.speed import clip_prompt
 
     texts = list(DEFAULT_PROMPTS)
