@@ -41,6 +41,43 @@ PICKLE = (
     "whose module posix is blocked.)"
 )
 NOT_EMPTY = "is not empty; pass --overwrite to replace it"
+
+
+def truncated_weights(c: Ctx) -> str:
+    return (
+        f"{c.bad['truncated']}/model.safetensors: not a readable safetensors file (Error while deserializing "
+        "header: incomplete metadata, file not fully covered)"
+    )
+
+
+def heads_hidden_256(c: Ctx) -> str:
+    return (
+        f"{c.bad['heads_hidden256']}/medusa_lm_head.safetensors: tensor 0.0.linear.weight has shape [256, 256], "
+        f"expected [512, 512] {HEADS_NOT_BASE}"
+    )
+
+
+def heads_vocab_4096(c: Ctx) -> str:
+    return (
+        f"{c.bad['heads_vocab4096']}/medusa_lm_head.safetensors: tensor 0.1.weight has shape [4096, 512], "
+        f"expected [8192, 512] {HEADS_NOT_BASE}"
+    )
+
+
+def unknown_architecture(c: Ctx) -> str:
+    return (
+        f"{c.bad['gpt2']}/config.json: unsupported architecture 'GPT2LMHeadModel'; supported: LlamaForCausalLM, "
+        "MistralForCausalLM, Qwen2ForCausalLM"
+    )
+
+
+def tokenizer_too_big(c: Ctx) -> str:
+    return (
+        f"{c.bad['big_tokenizer']}: tokenizer has 8193 tokens but the model's vocab_size is 8192 (config.json); "
+        "use the tokenizer the model was trained with"
+    )
+
+
 Case = tuple[str, Callable[[Ctx], list], Callable[[Ctx], str]]
 CASES: list[Case] = [
     # ---- weights
@@ -52,18 +89,12 @@ CASES: list[Case] = [
     (
         "build: truncated safetensors",
         lambda c: ["build", "native", "--model", c.bad["truncated"], "--out", c.out / "e"],
-        lambda c: (
-            f"{c.bad['truncated']}/model.safetensors: not a readable safetensors file (Error while deserializing "
-            "header: incomplete metadata, file not fully covered)"
-        ),
+        truncated_weights,
     ),
     (
         "train-heads: truncated safetensors",
         lambda c: ["train-heads", "--model", c.bad["truncated"], "--out", c.out / "h", "--data", c.bad["data"]],
-        lambda c: (
-            f"{c.bad['truncated']}/model.safetensors: not a readable safetensors file (Error while deserializing "
-            "header: incomplete metadata, file not fully covered)"
-        ),
+        truncated_weights,
     ),
     # ---- heads that do not fit the base
     (
@@ -80,10 +111,7 @@ CASES: list[Case] = [
             "--out",
             c.out / "e",
         ],
-        lambda c: (
-            f"{c.bad['heads_hidden256']}/medusa_lm_head.safetensors: tensor 0.0.linear.weight has shape [256, 256], "
-            f"expected [512, 512] {HEADS_NOT_BASE}"
-        ),
+        heads_hidden_256,
     ),
     (
         "heads export: heads hidden 256",
@@ -99,10 +127,7 @@ CASES: list[Case] = [
             "--out",
             c.out / "x",
         ],
-        lambda c: (
-            f"{c.bad['heads_hidden256']}/medusa_lm_head.safetensors: tensor 0.0.linear.weight has shape [256, 256], "
-            f"expected [512, 512] {HEADS_NOT_BASE}"
-        ),
+        heads_hidden_256,
     ),
     (
         "convert: heads vocab 4096",
@@ -116,10 +141,7 @@ CASES: list[Case] = [
             "--out",
             c.out / "ckpt",
         ],
-        lambda c: (
-            f"{c.bad['heads_vocab4096']}/medusa_lm_head.safetensors: tensor 0.1.weight has shape [4096, 512], "
-            f"expected [8192, 512] {HEADS_NOT_BASE}"
-        ),
+        heads_vocab_4096,
     ),
     (
         "build: pickle heads",
@@ -242,26 +264,17 @@ CASES: list[Case] = [
     (
         "build: unknown architecture",
         lambda c: ["build", "native", "--model", c.bad["gpt2"], "--out", c.out / "e"],
-        lambda c: (
-            f"{c.bad['gpt2']}/config.json: unsupported architecture 'GPT2LMHeadModel'; supported: LlamaForCausalLM, "
-            "MistralForCausalLM, Qwen2ForCausalLM"
-        ),
+        unknown_architecture,
     ),
     (
         "train-heads: unknown architecture",
         lambda c: ["train-heads", "--model", c.bad["gpt2"], "--out", c.out / "h", "--data", c.bad["data"]],
-        lambda c: (
-            f"{c.bad['gpt2']}/config.json: unsupported architecture 'GPT2LMHeadModel'; supported: LlamaForCausalLM, "
-            "MistralForCausalLM, Qwen2ForCausalLM"
-        ),
+        unknown_architecture,
     ),
     (
         "generate: tokenizer bigger than the vocab",
         lambda c: ["generate", "--model", c.bad["big_tokenizer"], "--prompt", "x"],
-        lambda c: (
-            f"{c.bad['big_tokenizer']}: tokenizer has 8193 tokens but the model's vocab_size is 8192 (config.json); "
-            "use the tokenizer the model was trained with"
-        ),
+        tokenizer_too_big,
     ),
     (
         "build: tokenizer bigger than the vocab",
@@ -277,18 +290,12 @@ CASES: list[Case] = [
             "--out",
             c.out / "e",
         ],
-        lambda c: (
-            f"{c.bad['big_tokenizer']}: tokenizer has 8193 tokens but the model's vocab_size is 8192 (config.json); "
-            "use the tokenizer the model was trained with"
-        ),
+        tokenizer_too_big,
     ),
     (
         "train-heads: tokenizer bigger than the vocab",
         lambda c: ["train-heads", "--model", c.bad["big_tokenizer"], "--out", c.out / "h", "--data", c.bad["data"]],
-        lambda c: (
-            f"{c.bad['big_tokenizer']}: tokenizer has 8193 tokens but the model's vocab_size is 8192 (config.json); "
-            "use the tokenizer the model was trained with"
-        ),
+        tokenizer_too_big,
     ),
     # ---- outputs that exist
     (
@@ -366,10 +373,7 @@ CASES: list[Case] = [
             "--out",
             c.out / "r",
         ],
-        lambda c: (
-            f"{c.bad['heads_vocab4096']}/medusa_lm_head.safetensors: tensor 0.1.weight has shape [4096, 512], "
-            f"expected [8192, 512] {HEADS_NOT_BASE}"
-        ),
+        heads_vocab_4096,
     ),
     # ---- eval and promote
     (
