@@ -45,7 +45,7 @@ from medusa_forge.bench.harness import (
     serving,
     settled_stats,
 )
-from medusa_forge.bench.meta import machine
+from medusa_forge.bench.meta import served_result
 from medusa_forge.bench.serve_config import MODEL, ServeBenchConfig
 from medusa_forge.bench.serve_overhead import SequentialAnswers
 from medusa_forge.errors import ForgeError
@@ -141,22 +141,20 @@ def run_serve_bench(cfg: ServeBenchConfig, progress=print) -> dict[str, Any]:
         "model": MODEL,
         "decoupled": True,
     }
-    return {
-        "kind": "serve_load",
-        "passed": all(checks.values()),
-        "checks": checks,
-        "config": config,
-        "machine": machine(),
-        "server": server,
-        "sequential": {
+    return served_result(
+        "serve_load",
+        checks,
+        config,
+        server,
+        sequential={
             "prompts": len(cfg.prompts),
             "tokens_per_answer": [len(s) for s in seq.answers],
             "mismatch_prompts_in_process": sorted(set(seq.mismatch)),
         },
-        "overhead": overhead,
-        "load": load,
-        "elapsed_s": round(time.perf_counter() - t_start, 3),
-    }
+        overhead=overhead,
+        load=load,
+        elapsed_s=round(time.perf_counter() - t_start, 3),
+    )
 
 
 def workdir(path: Path | None, stack: ExitStack, prefix: str) -> Path:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from medusa_forge.bench.harness import ServedModel, sequential_answers, serving
-from medusa_forge.bench.meta import machine
+from medusa_forge.bench.meta import served_result
 from medusa_forge.bench.serve_bench import (
     ServeBenchConfig,
     _engine_dir,
@@ -123,17 +123,15 @@ def run_serve_sweep(cfg: ServeBenchConfig, clients: list[int], modes: list[str],
         "tree_nodes": len(manifest.medusa_choices or []),
         "stream": True,
     }
-    return {
-        "kind": "serve_sweep",
-        "passed": all(checks.values()),
-        "checks": checks,
-        "config": config,
-        "machine": machine(),
-        "server": server,
-        "rows": rows,
-        "ratios": ratios(rows),
-        "elapsed_s": round(time.perf_counter() - t_start, 3),
-    }
+    return served_result(
+        "serve_sweep",
+        checks,
+        config,
+        server,
+        rows=rows,
+        ratios=ratios(rows),
+        elapsed_s=round(time.perf_counter() - t_start, 3),
+    )
 
 
 def _row(mode: str, clients: int, requests: int, run, reference: dict, max_batch_size: int) -> dict[str, Any]:
