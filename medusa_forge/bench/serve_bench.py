@@ -97,15 +97,11 @@ def run_serve_bench(cfg: ServeBenchConfig, progress=print) -> dict[str, Any]:
     """Run the benchmark; returns the result document (``passed`` says whether every check held)."""
     import torch
 
-    from medusa_forge.manifest import EngineManifest
-
     cfg.check()
     t_start = time.perf_counter()
     threads = cfg.torch_threads or torch.get_num_threads()
     with ExitStack() as stack:
-        work = workdir(cfg.workdir, stack, "mf-serve-bench-")
-        engine, built = _engine_dir(cfg, work)
-        manifest = EngineManifest.load(engine)
+        work, engine, built, manifest = served_engine(cfg, stack, "mf-serve-bench-")
         use_medusa = bool(manifest.num_medusa_heads) if cfg.use_medusa is None else cfg.use_medusa
         model = ServedModel(MODEL, use_medusa, cfg.max_batch_size, cfg.instances)
         progress(f"engine {engine}{' (built)' if built else ''}")
@@ -155,6 +151,15 @@ def run_serve_bench(cfg: ServeBenchConfig, progress=print) -> dict[str, Any]:
         load=load,
         elapsed_s=round(time.perf_counter() - t_start, 3),
     )
+
+
+def served_engine(cfg: ServeBenchConfig, stack: ExitStack, prefix: str) -> tuple[Path, Path, bool, Any]:
+    """(work directory, native engine directory, built here?, its manifest) for a served benchmark."""
+    from medusa_forge.manifest import EngineManifest
+
+    work = workdir(cfg.workdir, stack, prefix)
+    engine, built = _engine_dir(cfg, work)
+    return work, engine, built, EngineManifest.load(engine)
 
 
 def workdir(path: Path | None, stack: ExitStack, prefix: str) -> Path:

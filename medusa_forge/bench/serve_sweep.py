@@ -24,10 +24,9 @@ from medusa_forge.bench.harness import ServedModel, sequential_answers, serving
 from medusa_forge.bench.meta import served_result
 from medusa_forge.bench.serve_bench import (
     ServeBenchConfig,
-    _engine_dir,
     load_phase,
+    served_engine,
     tally,
-    workdir,
 )
 from medusa_forge.errors import ForgeError
 from medusa_forge.stats import percentiles
@@ -55,8 +54,6 @@ def run_serve_sweep(cfg: ServeBenchConfig, clients: list[int], modes: list[str],
     """Run the sweep; returns the result document (``passed``: no error, every answer the sequential one)."""
     import torch
 
-    from medusa_forge.manifest import EngineManifest
-
     cfg.check()
     if not clients or min(clients) < 1:
         raise ForgeError("--clients: every client count must be >= 1")
@@ -64,9 +61,7 @@ def run_serve_sweep(cfg: ServeBenchConfig, clients: list[int], modes: list[str],
     t_start = time.perf_counter()
     threads = cfg.torch_threads or torch.get_num_threads()
     with ExitStack() as stack:
-        work = workdir(cfg.workdir, stack, "mf-serve-sweep-")
-        engine, built = _engine_dir(cfg, work)
-        manifest = EngineManifest.load(engine)
+        work, engine, built, manifest = served_engine(cfg, stack, "mf-serve-sweep-")
         if not manifest.num_medusa_heads or cfg.use_medusa is False:
             modes = [m for m in modes if not m.startswith("medusa")]
         if not modes:
