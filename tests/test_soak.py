@@ -1,4 +1,4 @@
-"""The soak (medusa_forge/bench/soak.py), short: 16 streaming clients for 15 s against the session's
+"""The soak (medusa_forge/bench/soak.py, rss.py), short: 16 streaming clients for 15 s against the session's
 tritonserver (native engine, `medusa` and `base`), 1 in 5 walking away mid-stream.
 
 The full run (64 clients, 120 s, its own server) is in bench/results/*-cpu-soak/.
@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 
-from medusa_forge.bench.soak import RssProbe, _proc_children, rss_summary
+from medusa_forge.bench.rss import RssProbe, _proc_children, rss_summary
 
 
 def test_short_soak_has_no_errors_sequential_answers_and_bounded_memory(native_triton, prompts_path, tmp_path):

@@ -20,7 +20,7 @@ import json
 import math
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from medusa_forge import kernels as K
+from medusa_forge.bench.shapes import LLAMA3_8B
 from medusa_forge.engine.cuda_graphs import capture
 from medusa_forge.model.config import ModelConfig
 from medusa_forge.model.llama import rope_cache
@@ -36,15 +37,7 @@ from medusa_forge.tree import ChoiceTree, tree_buffers
 LAYERS = 32
 
 
-@dataclass(frozen=True)
-class Shape:
-    hidden: int = 4096
-    intermediate: int = 14336
-    heads: int = 32
-    kv_heads: int = 8
-    head_dim: int = 128
-    cache: int = 2048
-    eps: float = 1e-5
+CACHE = 2048  # KV-cache slots every check allocates
 
 
 def time_us(fn: Callable[[], object], reps: int = 20, iters: int = 25) -> float:
@@ -112,54 +105,46 @@ class Check:
         )
 
 
-def inputs(sh: Shape, T: int, seed: int) -> dict[str, torch.Tensor]:
+def inputs(sh: ModelConfig, T: int, seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator(device="cuda").manual_seed(seed)
 
     def rnd(*shape, scale=1.0):
         return (torch.randn(*shape, generator=g, device="cuda") * scale).to(torch.bfloat16)
 
     return dict(
-        x=rnd(T, sh.hidden),
-        delta=rnd(T, sh.hidden),
-        w=1 + rnd(sh.hidden, scale=0.1),
-        qkv=rnd(1, T, (sh.heads + 2 * sh.kv_heads) * sh.head_dim),
-        gate_up=rnd(T, 2 * sh.intermediate, scale=2.0),
-        q=rnd(T, sh.heads, sh.head_dim),
+        x=rnd(T, sh.hidden_size),
+        delta=rnd(T, sh.hidden_size),
+        w=1 + rnd(sh.hidden_size, scale=0.1),
+        qkv=rnd(1, T, (sh.num_heads + 2 * sh.num_kv_heads) * sh.head_dim),
+        gate_up=rnd(T, 2 * sh.intermediate_size, scale=2.0),
+        q=rnd(T, sh.num_heads, sh.head_dim),
     )
 
 
-def check_elementwise(chk: Check, sh: Shape, context: int) -> None:
-    cfg = ModelConfig(
-        vocab_size=128256,
-        hidden_size=sh.hidden,
-        intermediate_size=sh.intermediate,
-        num_layers=1,
-        num_heads=sh.heads,
-        num_kv_heads=sh.kv_heads,
-        head_dim=sh.head_dim,
-        rope_theta=500000.0,
-    )
-    table = rope_cache(cfg, sh.cache).cuda()
-    caches = [torch.zeros(1, sh.kv_heads, sh.cache, sh.head_dim, dtype=torch.bfloat16, device="cuda") for _ in range(4)]
+def check_elementwise(chk: Check, sh: ModelConfig, context: int) -> None:
+    table = rope_cache(sh, CACHE).cuda()
+    caches = [
+        torch.zeros(1, sh.num_kv_heads, CACHE, sh.head_dim, dtype=torch.bfloat16, device="cuda") for _ in range(4)
+    ]
     for T in (1, 64):
         a = inputs(sh, T, seed=T)
         slots = torch.arange(context, context + T, device="cuda")
         cos, sin = table[:, slots].to(torch.bfloat16)
         ops = {
             "rms_norm": (
-                lambda: K.rms_norm_triton(a["x"], a["w"], sh.eps),
-                lambda: K.rms_norm_ref(a["x"], a["w"], sh.eps),
+                lambda: K.rms_norm_triton(a["x"], a["w"], sh.rms_norm_eps),
+                lambda: K.rms_norm_ref(a["x"], a["w"], sh.rms_norm_eps),
             ),
             "add_rms_norm": (
-                lambda: K.add_rms_norm_triton(a["x"], a["delta"], a["w"], sh.eps),
-                lambda: K.add_rms_norm_ref(a["x"], a["delta"], a["w"], sh.eps),
+                lambda: K.add_rms_norm_triton(a["x"], a["delta"], a["w"], sh.rms_norm_eps),
+                lambda: K.add_rms_norm_ref(a["x"], a["delta"], a["w"], sh.rms_norm_eps),
             ),
             "rope_qkv_to_cache": (
                 lambda: K.rope_qkv_to_cache_triton(
-                    a["qkv"], cos, sin, caches[0], caches[1], slots, sh.heads, sh.kv_heads, sh.head_dim
+                    a["qkv"], cos, sin, caches[0], caches[1], slots, sh.num_heads, sh.num_kv_heads, sh.head_dim
                 ),
                 lambda: K.rope_qkv_to_cache_ref(
-                    a["qkv"], cos, sin, caches[2], caches[3], slots, sh.heads, sh.kv_heads, sh.head_dim
+                    a["qkv"], cos, sin, caches[2], caches[3], slots, sh.num_heads, sh.num_kv_heads, sh.head_dim
                 ),
             ),
             "silu_mul": (lambda: K.silu_mul_triton(a["gate_up"]), lambda: K.silu_mul_ref(a["gate_up"])),
@@ -184,9 +169,9 @@ def check_elementwise(chk: Check, sh: Shape, context: int) -> None:
                         k: (v[:, i : i + 1] if k == "qkv" else v[i : i + 1]) if k != "w" else v for k, v in a.items()
                     }
                     if name == "rms_norm":
-                        r = K.rms_norm_triton(one["x"], a["w"], sh.eps)[0]
+                        r = K.rms_norm_triton(one["x"], a["w"], sh.rms_norm_eps)[0]
                     elif name == "add_rms_norm":
-                        r = K.add_rms_norm_triton(one["x"], one["delta"], a["w"], sh.eps)[0][0]
+                        r = K.add_rms_norm_triton(one["x"], one["delta"], a["w"], sh.rms_norm_eps)[0][0]
                     elif name == "silu_mul":
                         r = K.silu_mul_triton(one["gate_up"])[0]
                     else:
@@ -197,18 +182,18 @@ def check_elementwise(chk: Check, sh: Shape, context: int) -> None:
                             caches[0],
                             caches[1],
                             slots[i : i + 1],
-                            sh.heads,
-                            sh.kv_heads,
+                            sh.num_heads,
+                            sh.num_kv_heads,
                             sh.head_dim,
                         )[0, 0]
                     rows.append(torch.equal(r, full[0, i] if name == "rope_qkv_to_cache" else full[i]))
                 chk.invariant(f"{name}: row alone == row in T=64", all(rows), f"{sum(rows)}/{T} rows")
 
 
-def check_attention(chk: Check, sh: Shape, context: int, tree: str) -> None:
+def check_attention(chk: Check, sh: ModelConfig, context: int, tree: str) -> None:
     g = torch.Generator(device="cuda").manual_seed(7)
     k, v = (
-        torch.randn(sh.kv_heads, sh.cache, sh.head_dim, generator=g, device="cuda").to(torch.bfloat16) for _ in "kv"
+        torch.randn(sh.num_kv_heads, CACHE, sh.head_dim, generator=g, device="cuda").to(torch.bfloat16) for _ in "kv"
     )
     prefix = torch.tensor(context, device="cuda")
     mask = tree_buffers(ChoiceTree.parse(tree)).attn_mask.cuda()
@@ -218,9 +203,9 @@ def check_attention(chk: Check, sh: Shape, context: int, tree: str) -> None:
         (f"tree {tree}", n, prefix, mask),
         ("prefill", context, torch.tensor(0, device="cuda"), None),
     ):
-        q = torch.randn(T, sh.heads, sh.head_dim, generator=g, device="cuda").to(torch.bfloat16)
+        q = torch.randn(T, sh.num_heads, sh.head_dim, generator=g, device="cuda").to(torch.bfloat16)
         got = K.cache_attention_triton(q, k, v, pre, tm)
-        full_mask = K.cache_mask(pre, tm, T, sh.cache)
+        full_mask = K.cache_mask(pre, tm, T, CACHE)
         want32 = K.masked_attention(q[None].float(), k[None].float(), v[None].float(), full_mask)[0]
         sdpa = K.masked_attention(q[None], k[None], v[None], full_mask)[0]
         # The bound: 2e-3 absolute, or 1.25x what torch's own bf16 SDPA gets wrong on the same input
@@ -262,11 +247,11 @@ def check_attention(chk: Check, sh: Shape, context: int, tree: str) -> None:
             )
 
 
-def check_gemm(chk: Check, sh: Shape) -> None:
+def check_gemm(chk: Check, sh: ModelConfig) -> None:
     """Diagnostic, not ours: is a cuBLAS bf16 GEMM row the same at M=1 and M=64?"""
     g = torch.Generator(device="cuda").manual_seed(3)
-    w = (torch.randn(sh.intermediate * 2, sh.hidden, generator=g, device="cuda") * 0.02).to(torch.bfloat16)
-    x = torch.randn(64, sh.hidden, generator=g, device="cuda").to(torch.bfloat16)
+    w = (torch.randn(sh.intermediate_size * 2, sh.hidden_size, generator=g, device="cuda") * 0.02).to(torch.bfloat16)
+    x = torch.randn(64, sh.hidden_size, generator=g, device="cuda").to(torch.bfloat16)
     full = F.linear(x, w)
     same = [torch.equal(F.linear(x[i : i + 1], w)[0], full[i]) for i in range(64)]
     chk.invariant(
@@ -275,13 +260,16 @@ def check_gemm(chk: Check, sh: Shape) -> None:
 
 
 SWEEP_SHAPES = {  # name -> (shape, committed tokens): the 8B shape and pycoder-26m's (a typical eval context)
-    "llama3-8b": (Shape(), 1024),
+    "llama3-8b": (LLAMA3_8B, 1024),
     # the same shape with the prefix mid-split: the tail pass then reads 76 committed keys per token
     # and the tree's deeper nodes spill into a second split (1024 is split-aligned: new keys only)
-    "llama3-8b@1100": (Shape(), 1100),
+    "llama3-8b@1100": (LLAMA3_8B, 1100),
     # no split wholly below the prefix: the main pass has nothing to do, so this times the tail pass
-    "llama3-8b@100": (Shape(), 100),
-    "pycoder-26m": (Shape(hidden=512, intermediate=1408, heads=8, kv_heads=4, head_dim=64), 384),
+    "llama3-8b@100": (LLAMA3_8B, 100),
+    "pycoder-26m": (
+        replace(LLAMA3_8B, hidden_size=512, intermediate_size=1408, num_heads=8, num_kv_heads=4, head_dim=64),
+        384,
+    ),
 }
 
 
@@ -292,7 +280,8 @@ def sweep(chk: Check, tree: str) -> None:
     mask = tree_buffers(ChoiceTree.parse(tree)).attn_mask.cuda()
     for name, (sh, context) in SWEEP_SHAPES.items():
         k, v = (
-            torch.randn(sh.kv_heads, sh.cache, sh.head_dim, generator=g, device="cuda").to(torch.bfloat16) for _ in "kv"
+            torch.randn(sh.num_kv_heads, CACHE, sh.head_dim, generator=g, device="cuda").to(torch.bfloat16)
+            for _ in "kv"
         )
         prefix = torch.tensor(context, device="cuda")
         configs = [
@@ -306,7 +295,7 @@ def sweep(chk: Check, tree: str) -> None:
         configs += [K.AttentionConfig(combine_rows=rows) for rows in (2, 4, 8)]
         for cfg in configs:
             for T, tm in ((1, None), (mask.shape[0], mask)):
-                q = torch.randn(T, sh.heads, sh.head_dim, generator=g, device="cuda").to(torch.bfloat16)
+                q = torch.randn(T, sh.num_heads, sh.head_dim, generator=g, device="cuda").to(torch.bfloat16)
                 try:  # a tile choice Triton cannot compile (registers, shared memory) is a row, not the end
                     us = time_us(lambda: K.cache_attention_triton(q, k, v, prefix, tm, cfg))
                 except Exception as e:  # noqa: BLE001
@@ -385,7 +374,7 @@ def main(context: int, tree: str, do_sweep: bool, json_path: Path | None) -> Non
         raise click.ClickException("kernels_check needs CUDA and triton")
     import triton
 
-    sh = Shape()
+    sh = LLAMA3_8B
     chk = Check()
     with torch.inference_mode():
         check_elementwise(chk, sh, context)
@@ -395,7 +384,7 @@ def main(context: int, tree: str, do_sweep: bool, json_path: Path | None) -> Non
             sweep(chk, tree)
     print(
         f"{torch.cuda.get_device_name()}  triton {triton.__version__}  torch {torch.__version__}  "
-        f"attention {K.attention_config(sh.heads // sh.kv_heads, sh.head_dim)}"
+        f"attention {K.attention_config(sh.num_heads // sh.num_kv_heads, sh.head_dim)}"
     )
     print(report(chk))
     if json_path is not None:

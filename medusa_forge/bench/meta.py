@@ -69,3 +69,16 @@ def machine() -> dict[str, Any]:
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "platform": platform.platform(),
     }
+
+
+def served_result(kind: str, checks: dict[str, bool], config: dict, server: dict, **rest: Any) -> dict[str, Any]:
+    """A served benchmark's document: what ran, whether every check held, on what, then its figures."""
+    return {
+        "kind": kind,
+        "passed": all(checks.values()),
+        "checks": checks,
+        "config": config,
+        "machine": machine(),
+        "server": server,
+        **rest,
+    }

@@ -21,16 +21,15 @@ from pathlib import Path
 from typing import Any
 
 from medusa_forge.bench.harness import ServedModel, sequential_answers, serving
-from medusa_forge.bench.meta import machine
+from medusa_forge.bench.meta import served_result
 from medusa_forge.bench.serve_bench import (
     ServeBenchConfig,
-    _engine_dir,
     load_phase,
+    served_engine,
     tally,
-    workdir,
 )
-from medusa_forge.bench.stats import percentiles
 from medusa_forge.errors import ForgeError
+from medusa_forge.stats import percentiles
 
 MODES = ("plain-serial", "plain-batched", "medusa-serial", "medusa-batched")
 DEFAULT_CLIENTS = (1, 2, 4, 8, 16, 32)
@@ -55,8 +54,6 @@ def run_serve_sweep(cfg: ServeBenchConfig, clients: list[int], modes: list[str],
     """Run the sweep; returns the result document (``passed``: no error, every answer the sequential one)."""
     import torch
 
-    from medusa_forge.manifest import EngineManifest
-
     cfg.check()
     if not clients or min(clients) < 1:
         raise ForgeError("--clients: every client count must be >= 1")
@@ -64,9 +61,7 @@ def run_serve_sweep(cfg: ServeBenchConfig, clients: list[int], modes: list[str],
     t_start = time.perf_counter()
     threads = cfg.torch_threads or torch.get_num_threads()
     with ExitStack() as stack:
-        work = workdir(cfg.workdir, stack, "mf-serve-sweep-")
-        engine, built = _engine_dir(cfg, work)
-        manifest = EngineManifest.load(engine)
+        work, engine, built, manifest = served_engine(cfg, stack, "mf-serve-sweep-")
         if not manifest.num_medusa_heads or cfg.use_medusa is False:
             modes = [m for m in modes if not m.startswith("medusa")]
         if not modes:
@@ -123,17 +118,15 @@ def run_serve_sweep(cfg: ServeBenchConfig, clients: list[int], modes: list[str],
         "tree_nodes": len(manifest.medusa_choices or []),
         "stream": True,
     }
-    return {
-        "kind": "serve_sweep",
-        "passed": all(checks.values()),
-        "checks": checks,
-        "config": config,
-        "machine": machine(),
-        "server": server,
-        "rows": rows,
-        "ratios": ratios(rows),
-        "elapsed_s": round(time.perf_counter() - t_start, 3),
-    }
+    return served_result(
+        "serve_sweep",
+        checks,
+        config,
+        server,
+        rows=rows,
+        ratios=ratios(rows),
+        elapsed_s=round(time.perf_counter() - t_start, 3),
+    )
 
 
 def _row(mode: str, clients: int, requests: int, run, reference: dict, max_batch_size: int) -> dict[str, Any]:

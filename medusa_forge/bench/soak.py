@@ -37,11 +37,11 @@ from pathlib import Path
 from typing import Any
 
 import click
-import numpy as np
 
 from medusa_forge.bench.harness import ServedModel, sequential_answers, serving
-from medusa_forge.bench.stats import percentiles
+from medusa_forge.bench.rss import RssProbe, Sampler, rss_summary
 from medusa_forge.errors import ForgeError
+from medusa_forge.stats import percentiles
 
 
 @dataclass
@@ -55,109 +55,6 @@ class SoakConfig:
     sample_every_s: float = 0.5
     timeout_s: float = 300.0  # per request (queueing included)
     seed: int = 0
-
-
-# ---------------------------------------------------------------------------------------------- memory
-def _proc_status_kb(pid: int, key: str = "VmRSS") -> int | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    except (OSError, ValueError):
-        return None
-    return None
-
-
-def _proc_children(pid: int) -> list[int]:
-    """Descendants of ``pid`` from /proc (every process's parent), breadth first."""
-    parents: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat[stat.rindex(")") + 2:].split()[1])  # fields after "(comm)": state, ppid, ...
-        parents.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        kids = parents.get(todo.pop(0), [])
-        out += kids
-        todo += kids
-    return out
-
-
-class RssProbe:
-    """RSS in MiB of one process, and of it plus its descendants."""
-
-    def __init__(self, pid: int):
-        self.pid = pid
-        try:
-            import psutil
-
-            self._proc = psutil.Process(pid)
-            self.source = "psutil"
-        except ImportError:
-            self._proc = None
-            self.source = "/proc/PID/status VmRSS"
-
-    def sample(self) -> tuple[float, float, int]:
-        """(process MiB, process + descendants MiB, number of processes)."""
-        if self._proc is not None:
-            import psutil
-
-            procs = [self._proc] + self._proc.children(recursive=True)
-            sizes = []
-            for p in procs:
-                try:
-                    sizes.append(p.memory_info().rss / 2**20)
-                except psutil.NoSuchProcess:
-                    pass
-            return sizes[0] if sizes else 0.0, sum(sizes), len(sizes)
-        own = _proc_status_kb(self.pid)
-        kids = [kb for kb in (_proc_status_kb(c) for c in _proc_children(self.pid)) if kb is not None]
-        own_mb = (own or 0) / 1024
-        return own_mb, own_mb + sum(kids) / 1024, 1 + len(kids)
-
-
-class Sampler(threading.Thread):
-    def __init__(self, probe: RssProbe, every_s: float, t0: float):
-        super().__init__(daemon=True)
-        self.probe, self.every_s, self.t0 = probe, every_s, t0
-        self.samples: list[tuple[float, float, float, int]] = []  # t, server MiB, total MiB, processes
-        self.done = threading.Event()
-
-    def run(self) -> None:
-        while not self.done.is_set():
-            self.samples.append((time.monotonic() - self.t0, *self.probe.sample()))
-            self.done.wait(self.every_s)
-
-    def stop(self) -> None:
-        self.done.set()
-        self.join()
-        self.samples.append((time.monotonic() - self.t0, *self.probe.sample()))
-
-
-def rss_summary(samples: list[tuple[float, float, float, int]], warmup_s: float, bound_mb: float,
-                source: str) -> dict[str, Any]:
-    """Growth from the end of the warm-up to the peak after it, per series; slope as information."""
-    after = [s for s in samples if s[0] >= warmup_s]
-    if not after:
-        raise ForgeError(f"no memory sample after the warm-up of {warmup_s:g} s; run longer than the warm-up")
-    out: dict[str, Any] = {"source": source, "bound_mb": bound_mb, "warmup_s": warmup_s,
-                           "processes": after[-1][3], "samples": len(samples)}
-    for key, col in (("server", 1), ("total", 2)):
-        base, peak = after[0][col], max(s[col] for s in after)
-        t = np.array([s[0] for s in after])
-        y = np.array([s[col] for s in after])
-        slope = float(np.polyfit(t, y, 1)[0] * 60) if len(after) > 2 and np.ptp(t) > 0 else 0.0
-        out[key] = {"start_mb": round(samples[0][col], 1), "baseline_mb": round(base, 1), "peak_mb": round(peak, 1),
-                    "final_mb": round(after[-1][col], 1), "growth_mb": round(peak - base, 1),
-                    "slope_mb_per_min": round(slope, 2)}
-    out["bounded"] = all(out[k]["growth_mb"] <= bound_mb for k in ("server", "total"))
-    out["series"] = [[round(s[0], 2), round(s[1], 1), round(s[2], 1)] for s in samples]
-    return out
 
 
 # ---------------------------------------------------------------------------------------------- clients
@@ -174,8 +71,17 @@ class _Tally:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-def _client_loop(i: int, url: str, models: list[str], prompts: list[str], reference: dict, cfg: SoakConfig,
-                 deadline: float, t0: float, tally: _Tally) -> None:
+def _client_loop(
+    i: int,
+    url: str,
+    models: list[str],
+    prompts: list[str],
+    reference: dict,
+    cfg: SoakConfig,
+    deadline: float,
+    t0: float,
+    tally: _Tally,
+) -> None:
     from medusa_forge.serve.client import TritonLLMClient
 
     rng = random.Random(cfg.seed * 1_000_003 + i)
@@ -195,6 +101,7 @@ def _client_loop(i: int, url: str, models: list[str], prompts: list[str], refere
                     if chunks[0] >= cut:
                         client.close()  # the connection goes away with the stream open
                         raise _Walkaway()
+
             try:
                 reply = client.generate(prompts[k], cfg.max_tokens, stream=True, end_id=-1, on_text=on_text)
             except _Walkaway:
@@ -209,8 +116,14 @@ def _client_loop(i: int, url: str, models: list[str], prompts: list[str], refere
                 client = TritonLLMClient(url, model, cfg.timeout_s)
                 continue
             want_tokens, want_text = reference[model, k]
-            record = {"model": model, "prompt": k, "start_s": started, "total_s": reply.total_s,
-                      "ttft_s": reply.ttft_s, "tokens": len(reply.output_tokens or [])}
+            record = {
+                "model": model,
+                "prompt": k,
+                "start_s": started,
+                "total_s": reply.total_s,
+                "ttft_s": reply.ttft_s,
+                "tokens": len(reply.output_tokens or []),
+            }
             with tally.lock:
                 tally.completed.append(record)
                 if reply.output_tokens != want_tokens or reply.text != want_text:
@@ -219,8 +132,14 @@ def _client_loop(i: int, url: str, models: list[str], prompts: list[str], refere
         client.close()
 
 
-def run_soak(url: str, models: list[str], prompts: list[str], server_pid: int, cfg: SoakConfig,
-             progress: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
+def run_soak(
+    url: str,
+    models: list[str],
+    prompts: list[str],
+    server_pid: int,
+    cfg: SoakConfig,
+    progress: Callable[[str], None] = lambda m: None,
+) -> dict[str, Any]:
     """Soak the server at ``url`` (process ``server_pid``); returns the result document."""
     if cfg.clients < 1 or cfg.duration_s <= 0 or cfg.max_tokens < 1 or not prompts or not models:
         raise ForgeError("soak needs --clients >= 1, --duration > 0, --max-tokens >= 1, prompts and models")
@@ -236,11 +155,17 @@ def run_soak(url: str, models: list[str], prompts: list[str], server_pid: int, c
     sampler.start()
     deadline = t0 + cfg.duration_s
     tally = _Tally()
-    threads = [threading.Thread(target=_client_loop, args=(i, url, models, prompts, reference, cfg, deadline, t0, tally),
-                                daemon=True) for i in range(cfg.clients)]
-    progress(f"soak: {cfg.clients} streaming clients for {cfg.duration_s:g} s "
-             f"({sum(1 for i in range(cfg.clients) if cfg.disconnect_one_in and i % cfg.disconnect_one_in == cfg.disconnect_one_in - 1)} "
-             "disconnecting mid-stream)")
+    threads = [
+        threading.Thread(
+            target=_client_loop, args=(i, url, models, prompts, reference, cfg, deadline, t0, tally), daemon=True
+        )
+        for i in range(cfg.clients)
+    ]
+    progress(
+        f"soak: {cfg.clients} streaming clients for {cfg.duration_s:g} s "
+        f"({sum(1 for i in range(cfg.clients) if cfg.disconnect_one_in and i % cfg.disconnect_one_in == cfg.disconnect_one_in - 1)} "
+        "disconnecting mid-stream)"
+    )
     for t in threads:
         t.start()
     for t in threads:
@@ -253,14 +178,21 @@ def run_soak(url: str, models: list[str], prompts: list[str], server_pid: int, c
     done = tally.completed
     steady = [r for r in done if r["start_s"] >= cfg.warmup_s]
     rss = rss_summary(sampler.samples, cfg.warmup_s, cfg.rss_bound_mb, probe.source)
-    per_model = {m: {"completed": sum(r["model"] == m for r in done),
-                     "tokens": sum(r["tokens"] for r in done if r["model"] == m)} for m in models}
+    per_model = {
+        m: {
+            "completed": sum(r["model"] == m for r in done),
+            "tokens": sum(r["tokens"] for r in done if r["model"] == m),
+        }
+        for m in models
+    }
     checks = {
         "zero_errors": not tally.errors,
         "answers_equal_sequential": not tally.mismatches,
         "rss_bounded": rss["bounded"],
         "answers_completed": len(steady) > 0,
-        "disconnects_happened": tally.abandoned > 0 or cfg.disconnect_one_in == 0 or cfg.clients < cfg.disconnect_one_in,
+        "disconnects_happened": tally.abandoned > 0
+        or cfg.disconnect_one_in == 0
+        or cfg.clients < cfg.disconnect_one_in,
     }
     return {
         "kind": "soak",
@@ -271,10 +203,18 @@ def run_soak(url: str, models: list[str], prompts: list[str], server_pid: int, c
         "wall_s": round(wall, 2),
         "cpus": os.cpu_count(),
         "load_average": {"before": [round(x, 2) for x in load_before], "after": [round(x, 2) for x in os.getloadavg()]},
-        "requests": {"completed": len(done), "completed_after_warmup": len(steady), "abandoned": tally.abandoned,
-                     "errors": len(tally.errors), "mismatches": len(tally.mismatches), "per_model": per_model},
-        "throughput": {"answers_per_s": round(len(done) / wall, 3),
-                       "tokens_per_s": round(sum(r["tokens"] for r in done) / wall, 2)},
+        "requests": {
+            "completed": len(done),
+            "completed_after_warmup": len(steady),
+            "abandoned": tally.abandoned,
+            "errors": len(tally.errors),
+            "mismatches": len(tally.mismatches),
+            "per_model": per_model,
+        },
+        "throughput": {
+            "answers_per_s": round(len(done) / wall, 3),
+            "tokens_per_s": round(sum(r["tokens"] for r in done) / wall, 2),
+        },
         "latency_ms": percentiles([1e3 * r["total_s"] for r in steady]),
         "ttft_ms": percentiles([1e3 * r["ttft_s"] for r in steady]),
         "rss": rss,
@@ -300,27 +240,39 @@ def summary_lines(doc: dict[str, Any]) -> list[str]:
     ]
     for key, what in (("server", "tritonserver"), ("total", f"tritonserver + stubs ({rss['processes']} processes)")):
         s = rss[key]
-        lines.append(f"RSS {what}: {s['start_mb']:.0f} MiB at start, {s['baseline_mb']:.0f} after warm-up, peak "
-                     f"{s['peak_mb']:.0f}, final {s['final_mb']:.0f}: growth {s['growth_mb']:+.1f} MiB (bound "
-                     f"{rss['bound_mb']:g}), slope {s['slope_mb_per_min']:+.2f} MiB/min")
-    lines.append(f"machine: {doc['cpus']} CPUs, load average (1/5/15 min) {doc['load_average']['before']} before, "
-                 f"{doc['load_average']['after']} after (clients, server and anything else on the machine)")
+        lines.append(
+            f"RSS {what}: {s['start_mb']:.0f} MiB at start, {s['baseline_mb']:.0f} after warm-up, peak "
+            f"{s['peak_mb']:.0f}, final {s['final_mb']:.0f}: growth {s['growth_mb']:+.1f} MiB (bound "
+            f"{rss['bound_mb']:g}), slope {s['slope_mb_per_min']:+.2f} MiB/min"
+        )
+    lines.append(
+        f"machine: {doc['cpus']} CPUs, load average (1/5/15 min) {doc['load_average']['before']} before, "
+        f"{doc['load_average']['after']} after (clients, server and anything else on the machine)"
+    )
     if "serial" in doc:
         s = doc["serial"]
-        lines.append(f"serial phase ({', '.join(s['models'])}, --max-batch-size 1): {s['requests']['completed']} "
-                     f"completed, {s['requests']['errors']} errors, {s['requests']['mismatches']} mismatches; TTFT "
-                     f"p50 {s['ttft_ms']['p50']:.0f} ms vs {doc['ttft_ms']['p50']:.0f} ms "
-                     f"({doc['ttft_p50_serial_over_batched']}x)")
+        lines.append(
+            f"serial phase ({', '.join(s['models'])}, --max-batch-size 1): {s['requests']['completed']} "
+            f"completed, {s['requests']['errors']} errors, {s['requests']['mismatches']} mismatches; TTFT "
+            f"p50 {s['ttft_ms']['p50']:.0f} ms vs {doc['ttft_ms']['p50']:.0f} ms "
+            f"({doc['ttft_p50_serial_over_batched']}x)"
+        )
     lines.append("checks: " + ", ".join(f"{k} {'ok' if v else 'FAILED'}" for k, v in doc["checks"].items()))
     return lines
 
 
 def markdown(doc: dict[str, Any]) -> str:
     meta = doc.get("meta", {})
-    head = ["# Soak: native engine behind tritonserver (CPU)", "",
-            f"Commit `{meta.get('commit', '?')}`, {meta.get('device', '?')}, {meta.get('date', '?')}; "
-            f"`{doc.get('command', '')}`", ""]
-    return "\n".join(head + [f"- {line}" for line in summary_lines(doc)] + ["", f"Result: {'PASS' if doc['passed'] else 'FAIL'}", ""])
+    head = [
+        "# Soak: native engine behind tritonserver (CPU)",
+        "",
+        f"Commit `{meta.get('commit', '?')}`, {meta.get('device', '?')}, {meta.get('date', '?')}; "
+        f"`{doc.get('command', '')}`",
+        "",
+    ]
+    return "\n".join(
+        head + [f"- {line}" for line in summary_lines(doc)] + ["", f"Result: {'PASS' if doc['passed'] else 'FAIL'}", ""]
+    )
 
 
 # ---------------------------------------------------------------------------------------------- serving
@@ -343,34 +295,71 @@ def fold_serial_phase(doc: dict[str, Any], serial: dict[str, Any]) -> None:
 
 
 @click.command(context_settings={"max_content_width": 110})
-@click.option("--engine", type=click.Path(), default=None, help="Native engine directory (`medusa-forge build native`).")
+@click.option(
+    "--engine", type=click.Path(), default=None, help="Native engine directory (`medusa-forge build native`)."
+)
 @click.option("--url", default=None, help="Soak this running server instead (HOST:PORT; needs --server-pid, --models).")
 @click.option("--server-pid", type=int, default=None, help="With --url: the tritonserver process whose RSS is sampled.")
 @click.option("--models", default=None, help="With --url: comma-separated model names (default: medusa,base).")
-@click.option("--prompts", type=click.Path(), default=None,
-              help="Prompts JSONL (default: $MEDUSA_FORGE_SHARED or ../shared, then data/code_prompts.jsonl).")
+@click.option(
+    "--prompts",
+    type=click.Path(),
+    default=None,
+    help="Prompts JSONL (default: $MEDUSA_FORGE_SHARED or ../shared, then data/code_prompts.jsonl).",
+)
 @click.option("--num-prompts", default=16, show_default=True, help="Distinct prompts (spread over the file).")
 @click.option("--max-prompt-chars", default=200, show_default=True, help="Keep the last N characters of each prompt.")
 @click.option("--clients", default=64, show_default=True)
 @click.option("--duration", "duration_s", default=120.0, show_default=True, help="Seconds of load.")
 @click.option("--warmup", "warmup_s", default=20.0, show_default=True, help="Seconds before the RSS baseline.")
-@click.option("--disconnect-one-in", default=5, show_default=True, help="Every N-th client disconnects mid-stream (0: none).")
+@click.option(
+    "--disconnect-one-in", default=5, show_default=True, help="Every N-th client disconnects mid-stream (0: none)."
+)
 @click.option("--max-tokens", default=16, show_default=True, help="Tokens per answer (EOS ignored).")
 @click.option("--rss-bound-mb", default=64.0, show_default=True, help="Allowed RSS growth after the warm-up (MiB).")
 @click.option("--sample-every", "sample_every_s", default=0.5, show_default=True, help="Seconds between RSS samples.")
-@click.option("--timeout", "timeout_s", default=300.0, show_default=True, help="Seconds per request, queueing included.")
+@click.option(
+    "--timeout", "timeout_s", default=300.0, show_default=True, help="Seconds per request, queueing included."
+)
 @click.option("--torch-threads", type=int, default=1, show_default=True, help="Intra-op threads per served model.")
-@click.option("--max-batch-size", type=int, default=None,
-              help="With --engine: request slots each served model decodes together (1: serial; default: the engine's).")
-@click.option("--compare-serial", is_flag=True,
-              help="With --engine: then soak `medusa-serial`/`base-serial` (--max-batch-size 1) the same way in the "
-                   "same run; reports the TTFT p50 of each phase.")
+@click.option(
+    "--max-batch-size",
+    type=int,
+    default=None,
+    help="With --engine: request slots each served model decodes together (1: serial; default: the engine's).",
+)
+@click.option(
+    "--compare-serial",
+    is_flag=True,
+    help="With --engine: then soak `medusa-serial`/`base-serial` (--max-batch-size 1) the same way in the "
+    "same run; reports the TTFT p50 of each phase.",
+)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--workdir", type=click.Path(), default=None, help="Keep the repository and tritonserver.log here.")
 @click.option("--out", type=click.Path(), default=None, help="Directory for soak.json and soak.md.")
-def soak(engine, url, server_pid, models, prompts, num_prompts, max_prompt_chars, clients, duration_s, warmup_s,
-         disconnect_one_in, max_tokens, rss_bound_mb, sample_every_s, timeout_s, torch_threads, max_batch_size, compare_serial,
-         seed, workdir, out):
+def soak(
+    engine,
+    url,
+    server_pid,
+    models,
+    prompts,
+    num_prompts,
+    max_prompt_chars,
+    clients,
+    duration_s,
+    warmup_s,
+    disconnect_one_in,
+    max_tokens,
+    rss_bound_mb,
+    sample_every_s,
+    timeout_s,
+    torch_threads,
+    max_batch_size,
+    compare_serial,
+    seed,
+    workdir,
+    out,
+):
     """Many streaming clients, some walking away mid-stream, for a while: zero errors, every answer the
     sequential one, bounded server memory (exit 1 when a check fails)."""
     from medusa_forge.atomic import atomic_write_json, atomic_write_text
@@ -389,8 +378,9 @@ def soak(engine, url, server_pid, models, prompts, num_prompts, max_prompt_chars
     items = read_prompts(path)
     step = max(1, len(items) // max(1, num_prompts))
     texts = [clip_prompt(p.prompt, max_prompt_chars) for p in items[::step][:num_prompts]]
-    cfg = SoakConfig(clients, duration_s, warmup_s, disconnect_one_in, max_tokens, rss_bound_mb, sample_every_s,
-                     timeout_s, seed)
+    cfg = SoakConfig(
+        clients, duration_s, warmup_s, disconnect_one_in, max_tokens, rss_bound_mb, sample_every_s, timeout_s, seed
+    )
     say = lambda m: click.echo(m, err=True)  # noqa: E731
     with contextlib.ExitStack() as stack:
         names = [m for m in (models or "medusa,base").split(",") if m]
@@ -400,8 +390,9 @@ def soak(engine, url, server_pid, models, prompts, num_prompts, max_prompt_chars
             work.mkdir(parents=True, exist_ok=True)
             served = _served_models(Path(engine), max_batch_size)
             serial = _served_models(Path(engine), 1, "-serial") if compare_serial else []
-            live = stack.enter_context(serving(Path(engine), work, served + serial, torch_threads, exit_timeout_s=10,
-                                               progress=say))
+            live = stack.enter_context(
+                serving(Path(engine), work, served + serial, torch_threads, exit_timeout_s=10, progress=say)
+            )
             server, names = live.server, [m.name for m in served]
             url, server_pid = live.url, server.proc.pid
         doc = run_soak(url, names, texts, server_pid, cfg, say)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -29,6 +28,8 @@ from medusa_forge.engine.cuda_graphs import capture
 from medusa_forge.engine.generation import GenerationConfig, GenerationResult
 from medusa_forge.engine.logits_processing import stop_cut
 from medusa_forge.engine.processed_steps import Recorded, iter_processed_steps
+from medusa_forge.engine.request_limits import check_request
+from medusa_forge.engine.step_graphs import PREFILL_MIN_BUCKET, PrefillGraph, StepGraph, prefill_bucket
 from medusa_forge.errors import ForgeError
 from medusa_forge.heads.medusa_head import MedusaHeads
 from medusa_forge.model.gemm_layout import choose_layouts
@@ -36,40 +37,18 @@ from medusa_forge.model.llama import Transformer
 from medusa_forge.model.step_meta import StepMeta, causal_mask
 from medusa_forge.tree.choice_tree import TOPK, ChoiceTree, tree_buffers
 
-PREFILL_MIN_BUCKET = 16  # prompts are padded to a power of two >= this on CUDA (one graph per bucket)
-
-
-@dataclass
-class _PrefillGraph:
-    """A captured prefill of ``tokens.shape[1]`` tokens; ``slots`` and ``zero`` are inputs it reads
-    too: a graph holds no Python references, so they must live as long as it does (or their memory
-    is reused by the next capture while the graph still reads it)."""
-
-    graph: torch.cuda.CUDAGraph
-    tokens: Tensor
-    length: Tensor
-    slots: Tensor
-    zero: Tensor
-
-
-@dataclass
-class _StepGraph:
-    """A step function and, on CUDA, its captured graph."""
-
-    fn: Callable[[], None]
-    graph: torch.cuda.CUDAGraph | None = None
-
-    def __call__(self) -> None:
-        if self.graph is not None:
-            self.graph.replay()
-        else:
-            self.fn()
-
 
 class MedusaEngine:
-    def __init__(self, model: Transformer, heads: MedusaHeads | None = None, tree: ChoiceTree | None = None,
-                 tokenizer=None, max_seq_len: int = 2048, cuda_graphs: bool | None = None,
-                 compile: bool = False):
+    def __init__(
+        self,
+        model: Transformer,
+        heads: MedusaHeads | None = None,
+        tree: ChoiceTree | None = None,
+        tokenizer=None,
+        max_seq_len: int = 2048,
+        cuda_graphs: bool | None = None,
+        compile: bool = False,
+    ):
         self.model = model
         self.heads = heads
         self.tokenizer = tokenizer
@@ -78,8 +57,10 @@ class MedusaEngine:
         if heads is not None:
             hc = heads.config
             if hc.hidden_size != self.cfg.hidden_size or hc.vocab_size != self.cfg.vocab_size:
-                raise ForgeError(f"Medusa heads (hidden {hc.hidden_size}, vocab {hc.vocab_size}) do not match the "
-                                 f"base model (hidden {self.cfg.hidden_size}, vocab {self.cfg.vocab_size})")
+                raise ForgeError(
+                    f"Medusa heads (hidden {hc.hidden_size}, vocab {hc.vocab_size}) do not match the "
+                    f"base model (hidden {self.cfg.hidden_size}, vocab {self.cfg.vocab_size})"
+                )
             tree = tree or ChoiceTree.parse("mc_sim_7b_63")
             tree.check_heads(hc.num_heads)
         if tokenizer is not None:
@@ -93,8 +74,8 @@ class MedusaEngine:
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self.run_ahead = self.device.type == "cuda"  # queue the next step before reading one back (iter_steps)
         self.compile = compile
-        self._steps: dict[str, _StepGraph] = {}
-        self._prefill_graphs: dict[int, _PrefillGraph] = {}  # by bucket
+        self._steps: dict[str, StepGraph] = {}
+        self._prefill_graphs: dict[int, PrefillGraph] = {}  # by bucket
         self._ids_host: Tensor | None = None  # pinned staging of a prompt's ids (CUDA graphs)
         self._ids_copied: torch.cuda.Event | None = None
 
@@ -180,10 +161,9 @@ class MedusaEngine:
             self._heads_topk(hidden, self.row0, out=self.head_topk)
 
     def _prefill_bucket(self, T: int) -> int:
-        """The padded prefill length of a T-token prompt: a power of two >= 16, at most the cache."""
-        return min(max(PREFILL_MIN_BUCKET, 1 << (T - 1).bit_length()), self.max_seq_len)
+        return prefill_bucket(T, self.max_seq_len)
 
-    def _prefill_graph(self, bucket: int) -> _PrefillGraph:
+    def _prefill_graph(self, bucket: int) -> PrefillGraph:
         """The captured prefill of ``bucket`` tokens (made on first use)."""
         if bucket in self._prefill_graphs:
             return self._prefill_graphs[bucket]
@@ -198,7 +178,7 @@ class MedusaEngine:
             hidden = self.model(tokens, meta)[0]
             self._finish_prefill(hidden.index_select(0, (length - 1).view(1)), length)
 
-        self._prefill_graphs[bucket] = _PrefillGraph(capture(torch.inference_mode()(fn)), tokens, length, slots, zero)
+        self._prefill_graphs[bucket] = PrefillGraph(capture(torch.inference_mode()(fn)), tokens, length, slots, zero)
         return self._prefill_graphs[bucket]
 
     def warmup(self, max_prompt_tokens: int | None = None) -> None:
@@ -229,8 +209,9 @@ class MedusaEngine:
 
     def _tree_step(self, accept: Callable[[Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]) -> None:
         b = self.buffers
-        tree_tokens, positions, slots = kernels.tree_inputs(self.root, self.head_topk, b.tree_indices, b.positions,
-                                                            self.cur_len, self.node_ids)
+        tree_tokens, positions, slots = kernels.tree_inputs(
+            self.root, self.head_topk, b.tree_indices, b.positions, self.cur_len, self.node_ids
+        )
         # The CUDA attention kernel reads prefix_len + the tree (no mask); the reference path builds
         # its mask from them, once per layer.
         meta = StepMeta(positions, slots, prefix_len=self.cur_len, tree_mask=b.attn_mask, tree_ancestors=b.ancestors)
@@ -238,8 +219,9 @@ class MedusaEngine:
         state = (self.cur_len, self.step_out, self.root, self.last, self.kv_src, self.kv_dst)
         if accept is greedy_accept and kernels.use_triton(hidden):
             # argmax straight from the bf16 logits, as the base step takes it
-            kernels.greedy_commit_triton(self.model.lm_head(hidden), tree_tokens, b.retrieve_indices,
-                                         b.retrieve_valid, *state)
+            kernels.greedy_commit_triton(
+                self.model.lm_head(hidden), tree_tokens, b.retrieve_indices, b.retrieve_valid, *state
+            )
         else:
             logits = self.model.logits(hidden)
             best, accepted = accept(logits, tree_tokens[b.retrieve_indices], b.retrieve_indices, b.retrieve_valid)
@@ -249,9 +231,13 @@ class MedusaEngine:
         # generation starts with a prefill that sets it.
         self._heads_topk(hidden, self.last, out=self.head_topk)
 
-    def _step(self, kind: str, gcfg: GenerationConfig) -> _StepGraph:
+    def _step(self, kind: str, gcfg: GenerationConfig) -> StepGraph:
         """The step function for one decoding mode, captured as a CUDA graph on first use."""
-        key = kind if kind != "typical" else f"typical:{gcfg.temperature}:{gcfg.posterior_threshold}:{gcfg.posterior_alpha}"
+        key = (
+            kind
+            if kind != "typical"
+            else f"typical:{gcfg.temperature}:{gcfg.posterior_threshold}:{gcfg.posterior_alpha}"
+        )
         if key in self._steps:
             return self._steps[key]
         if kind == "base":
@@ -265,7 +251,7 @@ class MedusaEngine:
             fn = lambda: self._tree_step(lambda *a: typical_accept(*a, t, thr, alpha))  # noqa: E731
         if self.compile:
             fn = torch.compile(fn, fullgraph=True, dynamic=False)
-        step = _StepGraph(torch.inference_mode()(fn))
+        step = StepGraph(torch.inference_mode()(fn))
         if self.cuda_graphs:
             step.graph = self._capture(step.fn)
         self._steps[key] = step
@@ -278,27 +264,7 @@ class MedusaEngine:
 
     # ------------------------------------------------------------------ host loop
     def check_request(self, prompt_ids: list[int], gcfg: GenerationConfig) -> None:
-        if not prompt_ids:
-            raise ForgeError("empty prompt: give at least one token of input")
-        if gcfg.max_new_tokens < 1:
-            raise ForgeError(f"max_new_tokens must be >= 1, got {gcfg.max_new_tokens}")
-        if gcfg.stop_strings and self.tokenizer is None:
-            raise ForgeError("stop strings need a tokenizer")
-        # Room for the last tree plus the one step the host loop runs ahead.
-        margin = 2 * (self.tree.num_nodes if (self.tree is not None and gcfg.use_medusa) else 1)
-        max_input = self.max_seq_len - margin - 1
-        if len(prompt_ids) > max_input:
-            raise ForgeError(f"prompt of {len(prompt_ids)} tokens is longer than the engine's max input of {max_input} "
-                             f"tokens (it exceeds the KV cache of {self.max_seq_len} tokens less {margin} for the tree "
-                             "and 1 to generate); shorten the prompt or use a larger --max-seq-len")
-        need = len(prompt_ids) + gcfg.max_new_tokens + margin
-        if need > self.max_seq_len:
-            raise ForgeError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({gcfg.max_new_tokens}) + "
-                             f"tree ({margin}) = {need} exceeds the KV cache of {self.max_seq_len} tokens")
-        if gcfg.use_medusa and self.tree is None:
-            raise ForgeError("Medusa decoding requested but the engine has no Medusa heads (use --no-medusa)")
-        if gcfg.temperature < 0:
-            raise ForgeError(f"temperature must be >= 0, got {gcfg.temperature}")
+        check_request(prompt_ids, gcfg, self.max_seq_len, self.tree, self.tokenizer is not None)
 
     def iter_steps(self, prompt_ids: list[int], gcfg: GenerationConfig) -> Iterator[list[int]]:
         """Yield the new tokens of every step (the first yield is the prefill's token).
@@ -366,23 +332,30 @@ class MedusaEngine:
             if event is not None:
                 event.synchronize()
             out = buf.tolist()
-            new = out[1: 1 + out[0]]
+            new = out[1 : 1 + out[0]]
             produced += len(new)
             yield new
             pending = ahead if ahead is not None else (bufs[k % 2], launch(bufs[k % 2]))
 
-    def generate_ids(self, prompt_ids: list[int], gcfg: GenerationConfig,
-                     on_tokens: Callable[[list[int]], None] | None = None) -> GenerationResult:
+    def generate_ids(
+        self, prompt_ids: list[int], gcfg: GenerationConfig, on_tokens: Callable[[list[int]], None] | None = None
+    ) -> GenerationResult:
         """Decode until EOS, a stop string or max_new_tokens; ``on_tokens`` streams token chunks."""
-        eos = set(() if gcfg.ignore_eos else (gcfg.eos_token_ids if gcfg.eos_token_ids is not None
-                                              else self.cfg.eos_token_ids))
+        eos = set(
+            ()
+            if gcfg.ignore_eos
+            else (gcfg.eos_token_ids if gcfg.eos_token_ids is not None else self.cfg.eos_token_ids)
+        )
         tokens: list[int] = []
         accepted: list[int] = []
         reason, ttft = "length", 0.0
         # Logits to process or to return: the eager loop that reads every step's logits.
         record = Recorded() if gcfg.needs_logits else None
-        steps = (iter_processed_steps(self, prompt_ids, gcfg, record) if record is not None
-                 else self.iter_steps(prompt_ids, gcfg))
+        steps = (
+            iter_processed_steps(self, prompt_ids, gcfg, record)
+            if record is not None
+            else self.iter_steps(prompt_ids, gcfg)
+        )
         self._sync()
         t0 = time.perf_counter()
         for i, new in enumerate(steps):
@@ -414,14 +387,24 @@ class MedusaEngine:
         if reason == "stop":
             text = min((text.split(s)[0] for s in gcfg.stop_strings if s in text), key=len, default=text)
         drafts = self.tree.num_nodes - 1 if gcfg.use_medusa and self.tree is not None else 0  # every step alike
-        result = GenerationResult(len(prompt_ids), tokens, text, len(accepted), accepted, reason, ttft, total,
-                                  drafts_per_step=[drafts] * len(accepted))
+        result = GenerationResult(
+            len(prompt_ids),
+            tokens,
+            text,
+            len(accepted),
+            accepted,
+            reason,
+            ttft,
+            total,
+            drafts_per_step=[drafts] * len(accepted),
+        )
         if record is not None:
             record.attach(result, gcfg)
         return result
 
-    def generate(self, prompt: str, gcfg: GenerationConfig | None = None,
-                 on_tokens: Callable[[list[int]], None] | None = None) -> GenerationResult:
+    def generate(
+        self, prompt: str, gcfg: GenerationConfig | None = None, on_tokens: Callable[[list[int]], None] | None = None
+    ) -> GenerationResult:
         if self.tokenizer is None:
             raise ForgeError("this engine has no tokenizer; call generate_ids with token ids")
         if not prompt:

@@ -34,6 +34,7 @@ from medusa_forge.errors import ForgeError
 from medusa_forge.eval.backends import Backend
 from medusa_forge.eval.cache import ResultCache
 from medusa_forge.prompts import Prompt
+from medusa_forge.stats import percentiles
 
 MODELS = ("base", "medusa")
 
@@ -131,8 +132,10 @@ def run_pairs(
     return {f"t{t}/p{i}": cache.get(f"t{t}/p{i}") for t, i in keys}
 
 
-def _pct(values: list[float], q: float) -> float:
-    return float(np.percentile(values, q)) if values else 0.0
+def _spread(values: list[float]) -> dict[str, float]:
+    """mean, p50, p90 and p99, in ms, of one measure over the requests."""
+    summary = percentiles(values)
+    return {k: summary[k] for k in ("mean", "p50", "p90", "p99")}
 
 
 def summarize(records: list[dict]) -> dict[str, Any]:
@@ -156,18 +159,8 @@ def summarize(records: list[dict]) -> dict[str, Any]:
         "tokens": tokens,
         "seconds": round(seconds, 6),
         "tokens_per_s": round(tokens / seconds, 3) if seconds else 0.0,
-        "ttft_ms": {
-            "mean": round(float(np.mean(ttft)), 3) if ttft else 0.0,
-            "p50": round(_pct(ttft, 50), 3),
-            "p90": round(_pct(ttft, 90), 3),
-            "p99": round(_pct(ttft, 99), 3),
-        },
-        "latency_ms": {
-            "mean": round(float(np.mean(lat)), 3) if lat else 0.0,
-            "p50": round(_pct(lat, 50), 3),
-            "p90": round(_pct(lat, 90), 3),
-            "p99": round(_pct(lat, 99), 3),
-        },
+        "ttft_ms": _spread(ttft),
+        "latency_ms": _spread(lat),
         "tpot_ms": round(float(np.mean(tpot)), 3) if tpot else 0.0,
         "mean_acceptance_length": round(acceptance, 4) if acceptance is not None else None,
         "acceptance_rate": round(sum(accepted) / sum(drafts), 4) if drafts and sum(drafts) else None,

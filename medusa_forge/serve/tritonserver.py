@@ -1,18 +1,4 @@
-"""Find, start, wait for and stop a real ``tritonserver``.
-
-Two installs are supported, tried in this order:
-
-1. ``$MEDUSA_FORGE_TRITONSERVER`` or ``tritonserver`` on PATH: the NGC container
-   (``nvcr.io/nvidia/tritonserver:24.07-trtllm-python-py3`` has ``/opt/tritonserver/bin`` on PATH and its
-   backends, tensorrtllm and python included, in the default ``/opt/tritonserver/backends``).
-2. The ``nvidia-pytriton`` wheel, which bundles a CPU-capable tritonserver (2.5x) with the Python
-   backend and one stub per CPython version. As pytriton itself does (``pytriton/triton.py``,
-   ``_prepare_triton_inference_server``), we assemble a backend directory whose ``python/`` holds the
-   backend library plus the stub of the running interpreter, and put the wheel's
-   ``nvidia_pytriton.libs`` on LD_LIBRARY_PATH. Two additions make the stub run *this* interpreter's
-   environment (torch, medusa_forge): the interpreter's own ``libpython`` directory goes first on
-   LD_LIBRARY_PATH (otherwise the stub binds the system libpython and its bare site-packages), and
-   PYTHONPATH carries this process's ``sys.path``.
+"""Start, wait for and stop a real ``tritonserver`` (found by :mod:`medusa_forge.serve.triton_install`).
 
 Servers are started in their own session so that only we signal them (a terminal's Ctrl-C reaches
 us, and we forward it once), with a parent-death signal so a crashed parent leaves no orphan, and
@@ -23,116 +9,27 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import importlib.metadata
-import importlib.util
 import itertools
 import os
 import shutil
 import signal
 import socket
 import subprocess
-import sys
-import sysconfig
 import tempfile
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from medusa_forge.atomic import atomic_output_dir
 from medusa_forge.errors import ForgeError
+from medusa_forge.serve.triton_install import TritonInstall, find_tritonserver
 
 READY_TIMEOUT_S = 300.0
 _PORT_RETRIES = 3
 _serial = itertools.count()
-
-
-@dataclass(frozen=True)
-class TritonInstall:
-    """A tritonserver binary and what it needs to run."""
-
-    binary: Path
-    backend_dir: Path | None  # None: the binary's built-in default (/opt/tritonserver/backends)
-    env: dict[str, str] = field(default_factory=dict)  # variables to set (prepended to any existing value)
-    source: str = "PATH"  # PATH | env | pytriton
-
-    def environ(self) -> dict[str, str]:
-        env = dict(os.environ)
-        for key, value in self.env.items():
-            env[key] = f"{value}{os.pathsep}{env[key]}" if env.get(key) else value
-        return env
-
-
-def find_tritonserver() -> TritonInstall:
-    """The tritonserver to run: $MEDUSA_FORGE_TRITONSERVER, PATH, then the nvidia-pytriton wheel."""
-    package_root = {"PYTHONPATH": str(Path(__file__).resolve().parents[2])}  # model.py imports medusa_forge
-    explicit = os.environ.get("MEDUSA_FORGE_TRITONSERVER")
-    if explicit:
-        path = Path(explicit)
-        if not (path.is_file() and os.access(path, os.X_OK)):
-            raise ForgeError(f"MEDUSA_FORGE_TRITONSERVER={explicit} is not an executable file")
-        backends = path.resolve().parent.parent / "backends"
-        return TritonInstall(path, backends if backends.is_dir() else None, package_root, source="env")
-    on_path = shutil.which("tritonserver")
-    if on_path:
-        return TritonInstall(Path(on_path), None, package_root, source="PATH")
-    return _pytriton_install()
-
-
-def _pytriton_install() -> TritonInstall:
-    spec = importlib.util.find_spec("pytriton")
-    if spec is None or not spec.submodule_search_locations:
-        raise ForgeError("no tritonserver found: not on PATH and nvidia-pytriton is not installed "
-                         "(pip install nvidia-pytriton, or run inside nvcr.io/nvidia/tritonserver:24.07-trtllm-python-py3)")
-    root = Path(list(spec.submodule_search_locations)[0]) / "tritonserver"
-    binary = root / "bin" / "tritonserver"
-    version = f"{sys.version_info[0]}.{sys.version_info[1]}"
-    stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
-    libs = root.parent.parent / "nvidia_pytriton.libs"
-    for need in (binary, stub, root / "backends" / "python" / "libtriton_python.so"):
-        if not need.is_file():
-            raise ForgeError(f"nvidia-pytriton install is incomplete: {need} is missing (Python {version} supported?)")
-    backend_dir = _pytriton_backend_dir(root, stub, version)
-    lib_path = [str(libs)]
-    if sysconfig.get_config_var("Py_ENABLE_SHARED") and sysconfig.get_config_var("LIBDIR"):
-        lib_path.insert(0, sysconfig.get_config_var("LIBDIR"))
-    env = {"LD_LIBRARY_PATH": os.pathsep.join(lib_path), "PYTHONPATH": os.pathsep.join(_python_path())}
-    return TritonInstall(binary, backend_dir, env, source="pytriton")
-
-
-def _python_path() -> list[str]:
-    """This interpreter's import path, with the directory holding medusa_forge first."""
-    package_root = str(Path(__file__).resolve().parents[2])
-    paths = [package_root] + [p for p in sys.path if p and Path(p).is_dir() and p != package_root]
-    return list(dict.fromkeys(paths))
-
-
-def cache_dir() -> Path:
-    base = os.environ.get("MEDUSA_FORGE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "medusa_forge"
-    return Path(base)
-
-
-def _pytriton_backend_dir(root: Path, stub: Path, version: str) -> Path:
-    """``<cache>/triton_backends/pytriton-<ver>-py<X.Y>/python/`` = backend files + our stub (built once)."""
-    try:
-        wheel = importlib.metadata.version("nvidia-pytriton")
-    except importlib.metadata.PackageNotFoundError:
-        wheel = "unknown"
-    out = cache_dir() / "triton_backends" / f"pytriton-{wheel}-py{version}"
-    if (out / "python" / "triton_python_backend_stub").is_file():
-        return out
-    try:
-        with atomic_output_dir(out, overwrite=True) as tmp:
-            shutil.copytree(root / "backends" / "python", tmp / "python",
-                            ignore=shutil.ignore_patterns("__pycache__"))
-            shutil.copy2(stub, tmp / "python" / "triton_python_backend_stub")
-    except OSError:
-        if not (out / "python" / "triton_python_backend_stub").is_file():  # not a lost race with a peer
-            raise
-    return out
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -172,16 +69,23 @@ class ServerConfig:
 def server_command(install: TritonInstall, cfg: ServerConfig, shm_prefix: str = "mf") -> list[str]:
     """tritonserver's argv; for world_size > 1 the mpirun line of tensorrtllm_backend v0.11.0's
     scripts/launch_triton_server.py (rank 0 loads every model, other ranks only the TensorRT-LLM ones)."""
+
     def rank_args(rank: int) -> list[str]:
         args = [str(install.binary), f"--model-repository={Path(cfg.repo).absolute()}"]
         if install.backend_dir is not None:
             args.append(f"--backend-directory={install.backend_dir}")
         if rank > 0:
             args += ["--model-control-mode=explicit", *(f"--load-model={m}" for m in cfg.trtllm_models)]
-        args += [f"--grpc-port={cfg.grpc_port}", f"--http-port={cfg.http_port}", f"--metrics-port={cfg.metrics_port}",
-                 f"--grpc-address={cfg.host}", f"--http-address={cfg.host}", f"--metrics-address={cfg.host}",
-                 f"--exit-on-error={'true' if cfg.exit_on_error else 'false'}",
-                 f"--exit-timeout-secs={cfg.exit_timeout_s}"]
+        args += [
+            f"--grpc-port={cfg.grpc_port}",
+            f"--http-port={cfg.http_port}",
+            f"--metrics-port={cfg.metrics_port}",
+            f"--grpc-address={cfg.host}",
+            f"--http-address={cfg.host}",
+            f"--metrics-address={cfg.host}",
+            f"--exit-on-error={'true' if cfg.exit_on_error else 'false'}",
+            f"--exit-timeout-secs={cfg.exit_timeout_s}",
+        ]
         if cfg.log_verbose:
             args.append(f"--log-verbose={cfg.log_verbose}")
         # Our configs are complete; auto-completion would start (and import torch in) a throw-away stub.
@@ -216,11 +120,25 @@ class TritonServer:
     (with ``exit_on_error=False`` a model that failed to load leaves the server up but not ready).
     """
 
-    def __init__(self, repo: str | Path, *, grpc_port: int = 0, http_port: int = 0, metrics_port: int = 0,
-                 host: str = "127.0.0.1", world_size: int | None = None, log_path: str | Path | None = None,
-                 console: bool = False, log_verbose: int = 0, exit_on_error: bool = True, exit_timeout_s: int = 30,
-                 models: Sequence[str] | None = None, ready_timeout: float = READY_TIMEOUT_S,
-                 extra_args: Sequence[str] = (), install: TritonInstall | None = None):
+    def __init__(
+        self,
+        repo: str | Path,
+        *,
+        grpc_port: int = 0,
+        http_port: int = 0,
+        metrics_port: int = 0,
+        host: str = "127.0.0.1",
+        world_size: int | None = None,
+        log_path: str | Path | None = None,
+        console: bool = False,
+        log_verbose: int = 0,
+        exit_on_error: bool = True,
+        exit_timeout_s: int = 30,
+        models: Sequence[str] | None = None,
+        ready_timeout: float = READY_TIMEOUT_S,
+        extra_args: Sequence[str] = (),
+        install: TritonInstall | None = None,
+    ):
         from medusa_forge.serve.triton_repo import RepoInfo
 
         repo = Path(repo).absolute()
@@ -229,11 +147,19 @@ class TritonServer:
         info = RepoInfo.load(repo)
         self.info = info
         self.requested_ports = (grpc_port, http_port, metrics_port)
-        self.cfg = ServerConfig(repo, host, grpc_port, http_port, metrics_port,
-                                world_size or (info.world_size if info else 1), log_verbose, exit_on_error,
-                                exit_timeout_s,
-                                tuple(info.trtllm_llm_models()) if info and info.trtllm_llm_models() else ("tensorrt_llm",),
-                                tuple(extra_args))
+        self.cfg = ServerConfig(
+            repo,
+            host,
+            grpc_port,
+            http_port,
+            metrics_port,
+            world_size or (info.world_size if info else 1),
+            log_verbose,
+            exit_on_error,
+            exit_timeout_s,
+            tuple(info.trtllm_llm_models()) if info and info.trtllm_llm_models() else ("tensorrt_llm",),
+            tuple(extra_args),
+        )
         self.install = install or find_tritonserver()
         self.console = console
         self.log_path = Path(log_path) if log_path else None
@@ -266,10 +192,16 @@ class TritonServer:
             self._log = out = open(self.log_path, "ab")
         prefix = f"mf{os.getpid()}x{next(_serial)}"
         # In the repository: TensorRT-LLM repositories hold paths relative to it (relocatable).
-        self.proc = subprocess.Popen(server_command(self.install, self.cfg, prefix), env=self.install.environ(),
-                                     cwd=Path(self.cfg.repo).absolute(),
-                                     stdout=out, stderr=subprocess.STDOUT if out else None, stdin=subprocess.DEVNULL,
-                                     start_new_session=True, preexec_fn=_die_with_parent)
+        self.proc = subprocess.Popen(
+            server_command(self.install, self.cfg, prefix),
+            env=self.install.environ(),
+            cwd=Path(self.cfg.repo).absolute(),
+            stdout=out,
+            stderr=subprocess.STDOUT if out else None,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
         return self
 
     def _pick_ports(self) -> None:
