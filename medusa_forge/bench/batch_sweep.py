@@ -22,13 +22,13 @@ import click
 from medusa_forge.atomic import atomic_write_json, atomic_write_text
 from medusa_forge.bench.meta import machine
 from medusa_forge.bench.serve_sweep import MODES, document, parse_modes, plot, ratios, summary_lines
-from medusa_forge.bench.stats import percentiles
 from medusa_forge.engine.batcher import InflightBatcher
 from medusa_forge.engine.generation import GenerationConfig
 from medusa_forge.engine.options import engine_options
 from medusa_forge.engine.serial import SerialScheduler
 from medusa_forge.errors import ForgeError
 from medusa_forge.prompts import read_prompts
+from medusa_forge.stats import percentiles
 
 
 @dataclass
