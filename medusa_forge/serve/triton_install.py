@@ -77,12 +77,23 @@ def _pytriton_install() -> TritonInstall:
     for need in (binary, stub, root / "backends" / "python" / "libtriton_python.so"):
         if not need.is_file():
             raise ForgeError(f"nvidia-pytriton install is incomplete: {need} is missing (Python {version} supported?)")
+    check_wheel_numpy(importlib.metadata.version("numpy"))
     backend_dir = _pytriton_backend_dir(root, stub, version)
     lib_path = [str(libs)]
     if sysconfig.get_config_var("Py_ENABLE_SHARED") and sysconfig.get_config_var("LIBDIR"):
         lib_path.insert(0, sysconfig.get_config_var("LIBDIR"))
     env = {"LD_LIBRARY_PATH": os.pathsep.join(lib_path), "PYTHONPATH": os.pathsep.join(_python_path())}
     return TritonInstall(binary, backend_dir, env, source="pytriton")
+
+
+def check_wheel_numpy(numpy_version: str) -> None:
+    """The wheel's stubs are built against numpy 1.x (it pins numpy<2): under numpy 2 they misread
+    every BYTES input, so refuse before the first request fails in the stub."""
+    if int(numpy_version.split(".")[0]) >= 2:
+        raise ForgeError(
+            f"the nvidia-pytriton wheel's Python backend needs numpy<2 (found {numpy_version}): "
+            "pip install 'numpy<2', or run inside an NGC tritonserver container"
+        )
 
 
 def _python_path() -> list[str]:
