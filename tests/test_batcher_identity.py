@@ -233,10 +233,10 @@ def test_a_rows_gemm_bits_do_not_depend_on_what_shares_its_chunk(engine, threads
     most = CPU_GEMM_ROWS.most
     try:
         for mod in (layer.attn.wqkv, layer.attn.wo, layer.ffn.w_gate_up, layer.ffn.w_down, engine.model.lm_head):
-            row = torch.randn(1, mod.in_features, generator=g)
+            row = torch.randn(1, mod.in_features, generator=g).to(engine.device)
             alone = linear_rows(mod, row, CPU_GEMM_ROWS)[0]
             for total in (*range(2, most + 1), 3 * most + 1, 3 * most + 5):
-                others = torch.randn(total, mod.in_features, generator=g)
+                others = torch.randn(total, mod.in_features, generator=g).to(engine.device)
                 at = int(torch.randint(total, (1,), generator=g))
                 others[at] = row[0]
                 assert torch.equal(linear_rows(mod, others, CPU_GEMM_ROWS)[at], alone), (mod, total)
