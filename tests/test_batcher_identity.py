@@ -233,10 +233,10 @@ def test_a_rows_gemm_bits_do_not_depend_on_what_shares_its_chunk(engine, threads
     most = CPU_GEMM_ROWS.most
     try:
         for mod in (layer.attn.wqkv, layer.attn.wo, layer.ffn.w_gate_up, layer.ffn.w_down, engine.model.lm_head):
-            row = torch.randn(1, mod.in_features, generator=g)
+            row = torch.randn(1, mod.in_features, generator=g).to(engine.device)
             alone = linear_rows(mod, row, CPU_GEMM_ROWS)[0]
             for total in (*range(2, most + 1), 3 * most + 1, 3 * most + 5):
-                others = torch.randn(total, mod.in_features, generator=g)
+                others = torch.randn(total, mod.in_features, generator=g).to(engine.device)
                 at = int(torch.randint(total, (1,), generator=g))
                 others[at] = row[0]
                 assert torch.equal(linear_rows(mod, others, CPU_GEMM_ROWS)[at], alone), (mod, total)
@@ -280,3 +280,28 @@ def test_each_steps_draft_count_is_the_tree_that_step_verified_and_zero_for_a_pl
     assert serial.drafts_per_step == [engine.tree.num_nodes - 1] * serial.steps
     plain = engine.generate_ids(ids, GenerationConfig(max_new_tokens=6, use_medusa=False, ignore_eos=True))
     assert plain.drafts_per_step == [0] * plain.steps and Reply.from_result(plain).acceptance_rate == 0.0
+
+
+@pytest.mark.parametrize("new_rows, prefix", [(1, 3), (1, 150), (5, 60), (17, 3), (32, 120)])
+def test_a_slots_attention_bits_do_not_depend_on_the_thread_count(engine, new_rows, prefix):
+    """The packed step runs each slot's attention at one thread (llama's _packed): that is exact
+    only because SDPA gives a row the same bits at any thread count."""
+    import torch
+    import torch.nn.functional as F
+
+    cfg = engine.cfg
+    g = torch.Generator().manual_seed(new_rows * 1000 + prefix)
+    group, seen = cfg.num_heads // cfg.num_kv_heads, prefix + new_rows
+    q = torch.randn(1, cfg.num_kv_heads, group * new_rows, cfg.head_dim, generator=g)
+    k, v = (torch.randn(1, cfg.num_kv_heads, seen, cfg.head_dim, generator=g) for _ in range(2))
+    causal = torch.ones(new_rows, new_rows, dtype=torch.bool).tril_()
+    mask = torch.cat([torch.ones(new_rows, prefix, dtype=torch.bool), causal], 1)[None, None].repeat(1, 1, group, 1)
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            outs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(*outs)

@@ -133,3 +133,26 @@ def test_a_tree_that_barely_beats_plain_decoding_on_paper_is_not_taken():
     assert p.choose(1, 0, 0) == 0
     p = policy("auto", FLAT, accept=0.002)  # 1.13x
     assert p.choose(1, 0, 0) == 63
+
+
+@pytest.mark.parametrize(
+    "tree_ran, plain_ran, want",
+    [
+        (1.0, 1.0, 63),  # steps took what the model said: the whole tree still pays on free rows
+        (3.0, 1.0, 0),  # tree steps ran 3x their prediction: plain decoding gives more tokens per second
+        (3.0, 3.0, 63),  # everything ran 3x slower (a busy machine): the comparison is unchanged
+        (1.0, 0.3, 0),  # plain steps ran far under their prediction: the tree no longer pays
+    ],
+)
+def test_auto_falls_back_to_plain_decoding_when_served_tree_steps_run_slower_than_predicted(tree_ran, plain_ran, want):
+    p = policy("auto", FLAT, accept=0.01)
+    for _ in range(50):  # many served steps, each taking its mode's multiple of the prediction
+        p.observe(True, 1.0, tree_ran)
+        p.observe(False, 1.0, plain_ran)
+    assert p.choose(1, 0, 0) == want
+
+
+def test_one_preempted_step_does_not_turn_speculation_off():
+    p = policy("auto", FLAT, accept=0.01)
+    p.observe(True, 1.0, 1000.0)  # the scheduler was descheduled for a second
+    assert p.choose(1, 0, 0) == 63

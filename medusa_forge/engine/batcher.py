@@ -19,6 +19,7 @@ how far that holds. The batcher owns its own KV cache, so the engine's batch-1 p
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter, deque
 from collections.abc import Callable
 
@@ -67,6 +68,7 @@ class InflightBatcher:
         self._closed = False
         self.steps = 0
         self._size = self.policy.ladder.sizes[-1] if self.policy is not None else 0  # the last step's tree
+        self._predicted: float | None = None  # the cost model's time for the step being run
         self.tree_sizes: Counter[int] = Counter()  # steps by the tree size the policy chose (0: plain)
         self._thread = threading.Thread(target=self._loop, name="inflight-batcher", daemon=True)
         self._thread.start()
@@ -134,12 +136,15 @@ class InflightBatcher:
             work = self._plan()
             if work is None:
                 continue
+            t0 = time.perf_counter()
             try:
                 outcome = self.slots.step(work)
             except Exception as e:  # noqa: BLE001 - a failed step fails its requests, not the loop
                 for s in {*work.tree_slots, *work.plain_slots, *(s for s, _, _ in work.prefill)}:
                     self._end(s, error=e)
                 continue
+            if self._predicted is not None:  # the policy learns what its choice really cost
+                self.policy.observe(work.tree is not None, self._predicted, time.perf_counter() - t0)
             self.steps += 1
             self._deliver(work, outcome)
         self._shutdown()
@@ -191,10 +196,14 @@ class InflightBatcher:
         decoding = [s for s in live if not streams[s].prefilling]
         medusa = [s for s in decoding if streams[s].medusa]
         work.plain_slots = [s for s in decoding if not streams[s].medusa]
-        size = 0
+        size, self._predicted = 0, None
         if medusa and self.policy is not None:
             other = len(work.plain_slots) + sum(len(c) for _, c, _ in work.prefill)
             size = self.policy.choose(len(medusa), other, len(work.plain_slots) + len(work.prefill))
+            if self.policy.cost is not None and all(streams[s].fresh_heads for s in medusa):
+                self._predicted = self.policy.predict(
+                    size, len(medusa), other, len(work.plain_slots) + len(work.prefill)
+                )
         if size:
             work.tree = self.policy.ladder.buffers[size]
             work.tree_slots = [s for s in medusa if streams[s].fresh_heads]

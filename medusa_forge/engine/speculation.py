@@ -13,7 +13,8 @@ paths by rank (top-1 chains first, see :func:`ranked_paths`), down to plain deco
   1 + sum(p_i) tokens per slot and step: nodes at one depth are disjoint events (at most one
   token matches the greedy continuation).
 - The policy (``speculation``): ``auto`` picks the k with the most tokens per second for the
-  slots running now (k = 0 included: a tree must promise 10% more than plain decoding, so
+  slots running now, each mode's predicted time scaled by how much slower its served steps
+  really ran (k = 0 included: a tree must promise 10% more than plain decoding, so
   speculation is not chosen where the model says it loses or barely wins);
   ``fixed`` always verifies the engine's whole tree; ``off-above:N`` the whole tree up to N active
   slots, plain decoding above.
@@ -32,6 +33,7 @@ from medusa_forge.tree.choice_tree import ChoiceTree, TreeBuffers, tree_buffers
 
 PRIOR_ACCEPT = 0.5  # prior chance that an untried node at depth 1 is accepted (squared at depth 2, ...)
 PRIOR_WEIGHT = 4.0  # the prior counts as this many observed steps
+OBSERVED_WEIGHT = 0.2  # each timed step's pull on a mode's observed/predicted time ratio
 TREE_MARGIN = 1.1  # a tree must promise 10% more tokens per second than plain decoding: the cost
 # model is measured once, on a machine that may be busy, and an error there must not make speculation a loss
 
@@ -166,6 +168,22 @@ class Policy:
         self.mode, self.limit = parse_speculation(spec)
         self.ladder, self.cost = ladder, cost
         self.acceptance = Acceptance([len(p) for p in ladder.paths])
+        # Served steps' time over the cost model's, for plain (False) and tree (True) steps: a tree
+        # step pays bookkeeping the start-up probe does not time (acceptance, K/V moves, drafts), and
+        # load may change after the probe; scaling each mode by what it really took keeps auto from
+        # choosing a tree that loses against plain decoding.
+        self.slowdown = {False: 1.0, True: 1.0}
+
+    def predict(self, size: int, tree_slots: int, other_rows: int, other_slots: int) -> float:
+        """The cost model's time for a step of tree ``size`` (0: plain), before the observed slowdown."""
+        rows = tree_slots * (size + 1) + other_rows
+        return self.cost.time(rows, tree_slots + other_slots, tree=size > 0)
+
+    def observe(self, tree: bool, predicted: float, seconds: float) -> None:
+        """A served step took ``seconds`` where the cost model predicted ``predicted``."""
+        if predicted > 0 and seconds > 0:
+            ratio = min(max(seconds / predicted, 0.5), 2.0)  # one preempted step cannot swing the choice
+            self.slowdown[tree] += OBSERVED_WEIGHT * (ratio - self.slowdown[tree])
 
     def choose(self, tree_slots: int, other_rows: int, other_slots: int) -> int:
         """The tree size for ``tree_slots`` speculating slots beside ``other_rows`` other rows."""
@@ -178,8 +196,8 @@ class Policy:
         gains = np.concatenate([[0.0], np.cumsum(p[1:])])
         best, best_rate, plain = 0, -1.0, 0.0
         for k in self.ladder.sizes:
-            rows = tree_slots * (k + 1) + other_rows
-            rate = tree_slots * (1.0 + gains[k]) / self.cost.time(rows, tree_slots + other_slots, tree=k > 0)
+            seconds = self.predict(k, tree_slots, other_rows, other_slots) * self.slowdown[k > 0]
+            rate = tree_slots * (1.0 + gains[k]) / seconds
             plain = plain or rate
             if rate > best_rate * 1.0001 and rate >= plain * (TREE_MARGIN if k else 1.0):  # bigger must win outright
                 best, best_rate = k, rate
@@ -189,6 +207,7 @@ class Policy:
         out = {"speculation": self.spec, "tree_sizes": self.ladder.sizes}
         if self.cost is not None:
             out["cost_model"] = self.cost.to_dict()
+            out["observed_slowdown"] = {"plain": round(self.slowdown[False], 3), "tree": round(self.slowdown[True], 3)}
         return out
 
 

@@ -164,18 +164,30 @@ class Attention(nn.Module):
         else:
             q = self._rope_rows(qkv[0], meta, k_all, v_all)
             g = self.n_heads // self.n_kv
-            for seg in meta.segments:
-                # kernels.masked_attention's SDPA call, its GQA mask repeated once per step, not per layer
-                T, seen = seg.stop - seg.start, seg.mask.shape[-1]  # the slot's prefix and new rows
-                qh = q[seg.start : seg.stop].transpose(0, 1).reshape(1, self.n_kv, g * T, self.head_dim)
-                y = F.scaled_dot_product_attention(
-                    qh,
-                    k_all[seg.row : seg.row + 1, :, :seen],
-                    v_all[seg.row : seg.row + 1, :, :seen],
-                    attn_mask=seg.mask,
-                )
-                out[seg.start : seg.stop] = y.reshape(self.n_heads, T, self.head_dim).transpose(0, 1)
+            threads = torch.get_num_threads()
+            # A slot's attention is microseconds of work: one thread runs it faster than a team's
+            # fork/join per call (milliseconds on a busy machine), and SDPA's bits are the same at
+            # any thread count (each thread computes whole rows).
+            torch.set_num_threads(1)
+            try:
+                self._segments_attention(q, meta, k_all, v_all, g, out)
+            finally:
+                torch.set_num_threads(threads)
         return linear_rows(self.wo, out.view(1, R, -1), meta.gemm_rows)
+
+    def _segments_attention(self, q: Tensor, meta: StepMeta, k_all: Tensor, v_all: Tensor, g: int, out: Tensor):
+        """Each packed slot's SDPA over its own cache row, written into ``out`` [R, H, D]."""
+        for seg in meta.segments:
+            # kernels.masked_attention's SDPA call, its GQA mask repeated once per step, not per layer
+            T, seen = seg.stop - seg.start, seg.mask.shape[-1]  # the slot's prefix and new rows
+            qh = q[seg.start : seg.stop].transpose(0, 1).reshape(1, self.n_kv, g * T, self.head_dim)
+            y = F.scaled_dot_product_attention(
+                qh,
+                k_all[seg.row : seg.row + 1, :, :seen],
+                v_all[seg.row : seg.row + 1, :, :seen],
+                attn_mask=seg.mask,
+            )
+            out[seg.start : seg.stop] = y.reshape(self.n_heads, T, self.head_dim).transpose(0, 1)
 
     def _rope_rows(self, qkv: Tensor, meta: StepMeta, k_all: Tensor, v_all: Tensor) -> Tensor:
         """The reference RoPE + cache write for all packed rows at once (elementwise, so each
