@@ -7,7 +7,6 @@ steps) and a combine kernel that sums the splits in one fixed order; see ``_attn
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +14,14 @@ from torch import Tensor
 
 from medusa_forge.kernels import _triton
 from medusa_forge.kernels._triton import HAVE_TRITON, _kernel, _source, use_triton
+from medusa_forge.kernels.attention_config import (  # noqa: F401 - re-exported with the kernels
+    ATTENTION_BY_SHAPE,
+    DEFAULT_ATTENTION,
+    AttentionConfig,
+    ancestor_table,
+    attention_config,
+    causal_ancestors,
+)
 
 if HAVE_TRITON:
     import triton
@@ -24,42 +31,6 @@ if HAVE_TRITON:
 
 
 LOG2E = 1.4426950408889634
-
-
-@dataclass(frozen=True)
-class AttentionConfig:
-    """Tile sizes of :func:`cache_attention`; fixed per process, never chosen from T (invariance).
-
-    split: KV slots per split program (the flash-decoding split, aligned to slot 0); block_m:
-    query rows (token x GQA head) per program; block_n: keys per inner step; max_scratch_bytes
-    bounds the fp32 partials, so a long prefill runs in token chunks (a row never sees the chunking);
-    combine_rows: query rows per program of the combine (a power of two).
-    """
-
-    split: int = 128
-    block_m: int = 16  # >= the GQA group; a tail program holds one token's group, so small is cheap
-    block_n: int = 64
-    num_warps: int = 4
-    max_scratch_bytes: int = 64 << 20
-    combine_rows: int = 1
-    early_v: bool = False  # the split kernel's EARLY_V (V loaded beside K; see its docstring)
-
-
-DEFAULT_ATTENTION = AttentionConfig()
-
-
-# Tile choices by (GQA group, head_dim): a shape property, so every step of one model uses the same
-# (see AttentionConfig). Measured on an H200 (bench/results/2026-12-02-h200-c/): at the Llama-3-8B
-# shape a combine program per token (4 rows) took a 64-node tree step's 32 combines from 259 us to
-# 110 us (the plain step's from 76 to 88); pycoder-26m's combines were faster one row per program
-# (9.4 vs 12.3 us plain). Split and block_m choices were within 5% of these defaults at both shapes
-# (``python -m medusa_forge.bench.kernels_check --sweep``).
-ATTENTION_BY_SHAPE: dict[tuple[int, int], AttentionConfig] = {(4, 128): AttentionConfig(combine_rows=4)}
-
-
-def attention_config(group: int, head_dim: int) -> AttentionConfig:
-    """The tile sizes cache attention uses for a model whose GQA group and head_dim are these."""
-    return ATTENTION_BY_SHAPE.get((group, head_dim), DEFAULT_ATTENTION)
 
 
 def masked_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, mask: Tensor) -> Tensor:
@@ -87,19 +58,52 @@ def cache_mask(prefix_len: Tensor, tree_mask: Tensor | None, T: int, S: int) -> 
     return ((rel < 0)[None, :] | new)[None, None]
 
 
-def cache_attention_ref(q: Tensor, k_cache: Tensor, v_cache: Tensor, prefix_len: Tensor,
-                        tree_mask: Tensor | None = None) -> Tensor:
+def cache_attention_ref(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, prefix_len: Tensor, tree_mask: Tensor | None = None
+) -> Tensor:
     mask = cache_mask(prefix_len, tree_mask, q.shape[0], k_cache.shape[1])
     return masked_attention(q[None], k_cache[None], v_cache[None], mask)[0]
 
 
 if HAVE_TRITON:
+
     @_source(do_not_specialize=["T", "t_begin", "n_rows", "A", "stride_mt", "stride_at"])
-    def _attn_split_kernel(Q, KC, VC, PREFIX, MASK, ANC, PO, PM, PL, T, t_begin, n_rows, S, R_pad, A, qk_scale,
-                           stride_qt, stride_qh, stride_kh, stride_ks, stride_vh, stride_vs, stride_mt,
-                           stride_at, G: tl.constexpr, D: tl.constexpr, NS: tl.constexpr, SPLIT: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr,
-                           MODE: tl.constexpr, DOT_F32: tl.constexpr, EARLY_V: tl.constexpr):
+    def _attn_split_kernel(
+        Q,
+        KC,
+        VC,
+        PREFIX,
+        MASK,
+        ANC,
+        PO,
+        PM,
+        PL,
+        T,
+        t_begin,
+        n_rows,
+        S,
+        R_pad,
+        A,
+        qk_scale,
+        stride_qt,
+        stride_qh,
+        stride_kh,
+        stride_ks,
+        stride_vh,
+        stride_vs,
+        stride_mt,
+        stride_at,
+        G: tl.constexpr,
+        D: tl.constexpr,
+        NS: tl.constexpr,
+        SPLIT: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        HAS_MASK: tl.constexpr,
+        MODE: tl.constexpr,
+        DOT_F32: tl.constexpr,
+        EARLY_V: tl.constexpr,
+    ):
         """One (KV split, row tile) of one KV head (program id 1): online softmax over slots
         [split*SPLIT, ...) below prefix+T, partial (max, sum, unnormalised output) per row to PM/PL/PO.
         Program id 0 is flat: the first NS * tiles programs are (split, row tile) pairs.
@@ -150,8 +154,11 @@ if HAVE_TRITON:
             tok = t_begin + rows // G
             me = t_begin + tq % T  # the tail pass's token
             d = tl.arange(0, D)
-            q = tl.load(Q + tok[:, None] * stride_qt + (kvh * G + rows % G)[:, None] * stride_qh + d[None, :],
-                        mask=row_ok[:, None], other=0.0)
+            q = tl.load(
+                Q + tok[:, None] * stride_qt + (kvh * G + rows % G)[:, None] * stride_qh + d[None, :],
+                mask=row_ok[:, None],
+                other=0.0,
+            )
             m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
             l_i = tl.full([BLOCK_M], 0.0, tl.float32)
             acc = tl.full([BLOCK_M, D], 0.0, tl.float32)
@@ -177,8 +184,9 @@ if HAVE_TRITON:
                 else:
                     key_vis = n_ok
                     phys = n
-                k = tl.load(KC + kvh * stride_kh + phys[:, None] * stride_ks + d[None, :],
-                            mask=key_vis[:, None], other=0.0)
+                k = tl.load(
+                    KC + kvh * stride_kh + phys[:, None] * stride_ks + d[None, :], mask=key_vis[:, None], other=0.0
+                )
                 v_ptrs = VC + kvh * stride_vh + phys[:, None] * stride_vs + d[None, :]
                 if EARLY_V:
                     v_early = tl.load(v_ptrs, mask=key_vis[:, None], other=0.0)
@@ -191,8 +199,14 @@ if HAVE_TRITON:
                 else:
                     new = (rel >= 0) & n_ok
                     if HAS_MASK:
-                        allowed = tl.load(MASK + tok[:, None] * stride_mt + rel[None, :],
-                                          mask=row_ok[:, None] & new[None, :], other=0) != 0
+                        allowed = (
+                            tl.load(
+                                MASK + tok[:, None] * stride_mt + rel[None, :],
+                                mask=row_ok[:, None] & new[None, :],
+                                other=0,
+                            )
+                            != 0
+                        )
                     else:
                         allowed = rel[None, :] <= tok[:, None]
                     vis = (rel < 0)[None, :] | (new[None, :] & allowed)
@@ -218,9 +232,26 @@ if HAVE_TRITON:
             tl.store(PO + base[:, None] * D + d[None, :], acc, mask=row_ok[:, None])
 
     @_source(do_not_specialize=["T", "t_begin", "n_rows"])
-    def _attn_combine_kernel(PO, PM, PL, OUT, PREFIX, T, t_begin, n_rows, S, R_pad, stride_ot, stride_oh,
-                             G: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr, NS: tl.constexpr,
-                             NS_BLOCK: tl.constexpr, SPLIT: tl.constexpr):
+    def _attn_combine_kernel(
+        PO,
+        PM,
+        PL,
+        OUT,
+        PREFIX,
+        T,
+        t_begin,
+        n_rows,
+        S,
+        R_pad,
+        stride_ot,
+        stride_oh,
+        G: tl.constexpr,
+        ROWS: tl.constexpr,
+        D: tl.constexpr,
+        NS: tl.constexpr,
+        NS_BLOCK: tl.constexpr,
+        SPLIT: tl.constexpr,
+    ):
         """ROWS query rows of one KV head: merge each row's active splits in one fixed order.
 
         A [ROWS, splits, D] tile per program: one row per program made a tree step of the
@@ -243,37 +274,23 @@ if HAVE_TRITON:
         o = tl.load(PO + base[:, :, None] * D + d[None, None, :], mask=ok[:, :, None], other=0.0)
         out = tl.reduce(w[:, :, None] * o, 1, _add) / tl.reduce(w * l, 1, _add)[:, None]
         tok = t_begin + r // G
-        tl.store(OUT + (tok * stride_ot + (kvh * G + r % G) * stride_oh)[:, None] + d[None, :],
-                 _round(out, OUT.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(
+            OUT + (tok * stride_ot + (kvh * G + r % G) * stride_oh)[:, None] + d[None, :],
+            _round(out, OUT.dtype.element_ty),
+            mask=row_ok[:, None],
+        )
 
 
-def ancestor_table(tree_mask: Tensor) -> Tensor:
-    """[T, T] int32: row i lists node i's ancestors and itself in increasing node (= depth) order,
-    then -1. Node indices grow with depth along every path (trees are sorted by path length)."""
-    T = tree_mask.shape[0]
-    idx = torch.arange(T, device=tree_mask.device, dtype=torch.int32)
-    order = torch.where(tree_mask, idx, T).sort(dim=1).values
-    return torch.where(order < T, order, -1).to(torch.int32).contiguous()
-
-
-_CAUSAL_ANCESTORS: dict[tuple[int, str], Tensor] = {}
-
-
-def causal_ancestors(T: int, device: torch.device) -> Tensor:
-    """The ancestor table of T causal tokens (row i: 0..i, then -1), made once per (T, device).
-
-    Plain decoding (T=1) passes this where a tree step passes its tree's table, so both launch the
-    same compiled attention kernel. Made on first use, i.e. in a CUDA graph's warm-up, not its capture."""
-    key = (T, str(device))
-    if key not in _CAUSAL_ANCESTORS:
-        idx = torch.arange(T, device=device, dtype=torch.int32)
-        _CAUSAL_ANCESTORS[key] = torch.where(idx[None, :] <= idx[:, None], idx[None, :], -1).to(torch.int32)
-    return _CAUSAL_ANCESTORS[key]
-
-
-def cache_attention_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, prefix_len: Tensor,
-                           tree_mask: Tensor | None = None, config: AttentionConfig | None = None,
-                           tree_ancestors: Tensor | None = None, out: Tensor | None = None) -> Tensor:
+def cache_attention_triton(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    prefix_len: Tensor,
+    tree_mask: Tensor | None = None,
+    config: AttentionConfig | None = None,
+    tree_ancestors: Tensor | None = None,
+    out: Tensor | None = None,
+) -> Tensor:
     """Decode and tree steps (T <= split) run the split kernel's MODE 1 (both passes), so every row
     equals plain sequential decoding bit for bit; longer prefills run MODE 0 in token chunks."""
     T, H, D = q.shape
@@ -308,29 +325,83 @@ def cache_attention_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, prefix_l
         po = torch.empty(n_kv, ns, r_pad, D, dtype=torch.float32, device=q.device)
         pm = torch.empty(n_kv, ns, r_pad, dtype=torch.float32, device=q.device)
         pl = torch.empty_like(pm)
-        args = (q, k_cache, v_cache, prefix_len, mask, anc, po, pm, pl, T, t0, n_rows, S, r_pad,
-                anc.shape[-1] if sequential else 0)
-        strides = (LOG2E / math.sqrt(D), q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
-                   v_cache.stride(0), v_cache.stride(1), mask.stride(0) if mask.dim() == 2 else 0,
-                   anc.stride(0) if sequential else 0)
-        meta = {"G": G, "D": D, "NS": ns, "SPLIT": config.split, "BLOCK_M": config.block_m,
-                "BLOCK_N": config.block_n, "HAS_MASK": tree_mask is not None and not sequential,
-                "DOT_F32": _triton._interpreted and q.dtype != torch.float32, "EARLY_V": config.early_v,
-                "num_warps": config.num_warps}
+        args = (
+            q,
+            k_cache,
+            v_cache,
+            prefix_len,
+            mask,
+            anc,
+            po,
+            pm,
+            pl,
+            T,
+            t0,
+            n_rows,
+            S,
+            r_pad,
+            anc.shape[-1] if sequential else 0,
+        )
+        strides = (
+            LOG2E / math.sqrt(D),
+            q.stride(0),
+            q.stride(1),
+            k_cache.stride(0),
+            k_cache.stride(1),
+            v_cache.stride(0),
+            v_cache.stride(1),
+            mask.stride(0) if mask.dim() == 2 else 0,
+            anc.stride(0) if sequential else 0,
+        )
+        meta = {
+            "G": G,
+            "D": D,
+            "NS": ns,
+            "SPLIT": config.split,
+            "BLOCK_M": config.block_m,
+            "BLOCK_N": config.block_n,
+            "HAS_MASK": tree_mask is not None and not sequential,
+            "DOT_F32": _triton._interpreted and q.dtype != torch.float32,
+            "EARLY_V": config.early_v,
+            "num_warps": config.num_warps,
+        }
         if sequential:  # one launch: the splits below the prefix shared by all tokens + each token's own tail
             split_kernel[(ns * tiles + 2 * T, n_kv)](*args, *strides, MODE=1, **meta)
         else:
             split_kernel[(ns * tiles, n_kv)](*args, *strides, MODE=0, **meta)
         _kernel("_attn_combine_kernel")[(triton.cdiv(n_rows, config.combine_rows), n_kv)](
-            po, pm, pl, out, prefix_len, T, t0, n_rows, S, r_pad, out.stride(0), out.stride(1),
-            G=G, ROWS=config.combine_rows, D=D, NS=ns, NS_BLOCK=ns_block, SPLIT=config.split,
-            num_warps=combine_warps)
+            po,
+            pm,
+            pl,
+            out,
+            prefix_len,
+            T,
+            t0,
+            n_rows,
+            S,
+            r_pad,
+            out.stride(0),
+            out.stride(1),
+            G=G,
+            ROWS=config.combine_rows,
+            D=D,
+            NS=ns,
+            NS_BLOCK=ns_block,
+            SPLIT=config.split,
+            num_warps=combine_warps,
+        )
     return out
 
 
-def cache_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, prefix_len: Tensor,
-                    tree_mask: Tensor | None = None, tree_ancestors: Tensor | None = None,
-                    out: Tensor | None = None) -> Tensor:
+def cache_attention(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    prefix_len: Tensor,
+    tree_mask: Tensor | None = None,
+    tree_ancestors: Tensor | None = None,
+    out: Tensor | None = None,
+) -> Tensor:
     """Attention of T new tokens q [T, H, D] over one sequence's cache [KV, S, D].
 
     Token t sees every slot < prefix_len (a 0-d/1-element device tensor, read inside the kernel)
@@ -341,7 +412,8 @@ def cache_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, prefix_len: Ten
     result when given (e.g. the first rows of a padded GEMM input).
     """
     if use_triton(q) and q.shape[-1] & (q.shape[-1] - 1) == 0:
-        return cache_attention_triton(q, k_cache, v_cache, prefix_len, tree_mask, tree_ancestors=tree_ancestors,
-                                      out=out)
+        return cache_attention_triton(
+            q, k_cache, v_cache, prefix_len, tree_mask, tree_ancestors=tree_ancestors, out=out
+        )
     y = cache_attention_ref(q, k_cache, v_cache, prefix_len, tree_mask)
     return y if out is None else out.copy_(y)
