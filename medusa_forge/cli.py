@@ -72,7 +72,11 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
+_received: list[int] = []  # signals caught, so a wrapped Interrupted is still told apart from a bug
+
+
 def _raise_interrupted(signum, _frame) -> None:
+    _received.append(signum)
     raise Interrupted(signum)
 
 
@@ -119,6 +123,12 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(e.exit_code)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
+    except Exception:
+        if not _received:
+            raise
+        # C code the signal interrupted (torch, Triton's interpreter) may re-raise it as another type
+        click.echo(f"error: {interrupted_message(_received[-1], command)}", err=True)
+        sys.exit(128 + _received[-1])
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
