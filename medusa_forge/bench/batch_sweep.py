@@ -11,7 +11,6 @@ sweep reports them (the same JSON rows, Markdown and PNG).
 
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,15 +19,15 @@ from typing import Any
 import click
 
 from medusa_forge.atomic import atomic_write_json, atomic_write_text
+from medusa_forge.bench.harness import ClientRun, run_clients
 from medusa_forge.bench.meta import machine
-from medusa_forge.bench.serve_sweep import MODES, document, parse_modes, plot, ratios, summary_lines
+from medusa_forge.bench.serve_sweep import MODES, document, parse_modes, plot, ratios, summary_lines, sweep_row
 from medusa_forge.engine.batcher import InflightBatcher
 from medusa_forge.engine.generation import GenerationConfig
 from medusa_forge.engine.options import engine_options
 from medusa_forge.engine.serial import SerialScheduler
 from medusa_forge.errors import ForgeError
 from medusa_forge.prompts import read_prompts
-from medusa_forge.stats import percentiles
 
 
 @dataclass
@@ -46,18 +45,18 @@ def run_batch_sweep(engine, prompts: list[list[int]], cfg: BatchSweepConfig, pro
     """Run every (clients, mode) pair in turn; ``passed``: no error and every answer the reference."""
     if not cfg.clients or min(cfg.clients) < 1:
         raise ForgeError("--clients: every client count must be >= 1")
-    if engine.heads is None:
-        cfg.modes = [m for m in cfg.modes if not m.startswith("medusa")]
+    modes = [m for m in cfg.modes if engine.heads is not None or not m.startswith("medusa")]
     t_start = time.perf_counter()
     reference = [engine.generate_ids(ids, _gcfg(cfg, medusa=False)).tokens for ids in prompts]
-    schedulers = {m: _scheduler(engine, m, cfg) for m in cfg.modes}
+    schedulers = {m: _scheduler(engine, m, cfg) for m in modes}
     rows = []
     try:
         for n in cfg.clients:
-            for mode in cfg.modes:  # interleaved, so a drift of the machine's speed touches every mode alike
+            for mode in modes:  # interleaved, so a drift of the machine's speed touches every mode alike
                 progress(f"{mode}: {n} client(s) x {cfg.requests} request(s), {cfg.max_tokens} tokens each")
-                records, wall = _load(schedulers[mode], prompts, n, cfg, medusa=mode.startswith("medusa"))
-                rows.append(_row(mode, n, cfg, records, wall, reference))
+                run = _load(schedulers[mode], prompts, n, cfg, medusa=mode.startswith("medusa"))
+                slots = 1 if mode.endswith("serial") else cfg.max_batch_size
+                rows.append(sweep_row(mode, n, cfg.requests, run, lambda r: reference[r["prompt"]], slots))
         described = {m: s.describe() for m, s in schedulers.items()}
     finally:
         for s in schedulers.values():
@@ -71,7 +70,8 @@ def run_batch_sweep(engine, prompts: list[list[int]], cfg: BatchSweepConfig, pro
         "passed": all(checks.values()),
         "checks": checks,
         "config": {
-            **{k: v for k, v in vars(cfg).items()},
+            **vars(cfg),
+            "modes": modes,
             "num_prompts": len(prompts),
             "engine_dtype": str(engine.model.lm_head.weight.dtype).removeprefix("torch."),
             "device": str(engine.device),
@@ -95,13 +95,11 @@ def _scheduler(engine, mode: str, cfg: BatchSweepConfig):
     return InflightBatcher(engine, cfg.max_batch_size, speculation=cfg.speculation)
 
 
-def _load(scheduler, prompts: list[list[int]], clients: int, cfg: BatchSweepConfig, medusa: bool):
+def _load(scheduler, prompts: list[list[int]], clients: int, cfg: BatchSweepConfig, medusa: bool) -> ClientRun:
     """``clients`` threads, each sending ``cfg.requests`` requests one after another (prompts in rotation)."""
-    records: list[dict] = []
-    lock = threading.Lock()
     gcfg = _gcfg(cfg, medusa)
 
-    def client(i: int) -> None:
+    def client(i: int, records: list) -> None:
         for r in range(cfg.requests):
             p = (i * cfg.requests + r) % len(prompts)
             first: list[float] = []
@@ -115,40 +113,9 @@ def _load(scheduler, prompts: list[list[int]], clients: int, cfg: BatchSweepConf
                 rec["ttft_ms"] = ((first[0] if first else time.perf_counter()) - t0) * 1e3
             except Exception as e:  # one request's failure is a counted error, not the end of the run
                 rec = {"prompt": p, "error": f"{type(e).__name__}: {e}"}
-            with lock:
-                records.append(rec)
+            records.append(rec)
 
-    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return records, time.perf_counter() - t0
-
-
-def _row(mode: str, clients: int, cfg: BatchSweepConfig, records: list[dict], wall: float, reference) -> dict:
-    ok = [r for r in records if "error" not in r]
-    mismatched = [r for r in ok if r["tokens"] != reference[r["prompt"]]]
-    tokens = sum(len(r["tokens"]) for r in ok)
-    return {
-        "mode": mode,
-        "decoding": mode.split("-")[0],
-        "batching": mode.split("-")[1],
-        "max_batch_size": 1 if mode.endswith("serial") else cfg.max_batch_size,
-        "clients": clients,
-        "requests": clients * cfg.requests,
-        "completed": len(ok),
-        "errors": len(records) - len(ok) + clients * cfg.requests - len(records),
-        "error_samples": sorted({r["error"] for r in records if "error" in r})[:5],
-        "mismatches": len(mismatched),
-        "identical_to_sequential": len(ok) - len(mismatched),
-        "wall_s": round(wall, 3),
-        "requests_per_s": round(len(ok) / wall, 3) if wall else 0.0,
-        "tokens_per_s": round(tokens / wall, 3) if wall else 0.0,
-        "latency_ms": percentiles([r["latency_ms"] for r in ok]),
-        "ttft_ms": percentiles([r["ttft_ms"] for r in ok]),
-    }
+    return run_clients(clients, client, lambda: cfg.timeout_s * cfg.requests, name="batch-client")
 
 
 def markdown(doc: dict[str, Any]) -> str:

@@ -88,10 +88,9 @@ def run_serve_sweep(cfg: ServeBenchConfig, clients: list[int], modes: list[str],
                     cfg.timeout_s,
                     cfg.time_limit_s,
                 )
+                slots = next(m.max_batch_size for m in models if m.name == mode)
                 rows.append(
-                    _row(
-                        mode, n, cfg.requests, run, reference, next(m.max_batch_size for m in models if m.name == mode)
-                    )
+                    sweep_row(mode, n, cfg.requests, run, lambda r: reference[mode, r["prompt"]]["tokens"], slots)
                 )
         live.server.check_alive("during the sweep")
         server = {"binary": str(live.server.install.binary), "source": live.server.install.source}
@@ -129,7 +128,8 @@ def run_serve_sweep(cfg: ServeBenchConfig, clients: list[int], modes: list[str],
     )
 
 
-def _row(mode: str, clients: int, requests: int, run, reference: dict, max_batch_size: int) -> dict[str, Any]:
+def sweep_row(mode: str, clients: int, requests: int, run, want, max_batch_size: int) -> dict[str, Any]:
+    """One (mode, clients) row: the load tally against ``want(record)`` (the expected tokens), plus TTFT."""
     row = {
         "mode": mode,
         "decoding": mode.split("-")[0],
@@ -138,7 +138,7 @@ def _row(mode: str, clients: int, requests: int, run, reference: dict, max_batch
         "clients": clients,
         "requests": clients * requests,
     }
-    row |= tally(run, clients * requests, lambda r: reference[mode, r["prompt"]]["tokens"])
+    row |= tally(run, clients * requests, want)
     row["ttft_ms"] = percentiles([r["ttft_ms"] for r in run.records if "error" not in r])
     return row
 
