@@ -21,7 +21,6 @@ def test_an_error_after_a_caught_sigterm_exits_143_with_the_interrupted_line(mon
         cli.main(["build", "native"])
     assert exc.value.code == 128 + signal.SIGTERM
     assert capsys.readouterr().err.startswith("error: interrupted by SIGTERM")
-    cli._received.clear()
 
 
 def test_the_same_error_without_a_signal_is_a_bug_and_keeps_its_traceback(monkeypatch):
