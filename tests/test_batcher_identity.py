@@ -16,12 +16,14 @@ import time
 import numpy as np
 import pytest
 
+from medusa_forge.engine.batch_step import CPU_GEMM_ROWS
 from medusa_forge.engine.batcher import InflightBatcher
 from medusa_forge.engine.generation import GenerationConfig
 from medusa_forge.engine.load import load_engine
 from medusa_forge.engine.logits_processing import LogitsSettings
 from medusa_forge.engine.tickets import QueueFull, RequestCancelled, RequestTimedOut
 from medusa_forge.errors import ForgeError
+from medusa_forge.model.packed_gemm import packed_rows
 from medusa_forge.serve.replies import Reply
 
 # bench/device_run.sh's serve phase runs the identity tests with 256 requests on the GPU.
@@ -216,32 +218,51 @@ def test_requests_with_logits_processing_get_their_batch_one_tokens_and_log_prob
     assert np.allclose(batched[2].context_logits, alone[2].context_logits, atol=1e-4)
 
 
+GEMM_KERNELS = {
+    # MKL's own choice of kernel by M: chunks of 2..8 rows (every size checked), then longer totals
+    "mkl chunks": (lambda model: CPU_GEMM_ROWS, (*range(2, 9), 3 * 8 + 1, 3 * 8 + 5)),
+    # oneDNN over reordered weights: one kernel from 2 rows up to a chunk of 128, and past it
+    "onednn packed": (lambda model: packed_rows(model), (*range(2, 20), 47, 64, 100, 128, 129, 2 * 128 + 7)),
+}
+
+
+@pytest.mark.parametrize("kernel", sorted(GEMM_KERNELS))
 @pytest.mark.parametrize("threads", [1, 2])
-def test_a_rows_gemm_bits_do_not_depend_on_what_shares_its_chunk(engine, threads):
+def test_a_rows_gemm_bits_do_not_depend_on_what_shares_its_chunk(engine, threads, kernel):
     """What the batch's invariance rests on (docs/batching.md): every linear of the model, run by
     linear_rows in the CPU's row chunks, gives a row the same bits at any position, beside any
     other rows, whatever the total row count (each chunk size from least to most included)."""
     import torch
 
-    from medusa_forge.engine.batch_step import CPU_GEMM_ROWS
     from medusa_forge.model.llama import linear_rows
 
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(threads)
     layer = engine.model.layers[0]
-    most = CPU_GEMM_ROWS.most
+    make, totals = GEMM_KERNELS[kernel]
     try:
+        chunks = make(engine.model)
+        assert chunks is not None, f"{kernel} is not available or not row invariant here"
         for mod in (layer.attn.wqkv, layer.attn.wo, layer.ffn.w_gate_up, layer.ffn.w_down, engine.model.lm_head):
             row = torch.randn(1, mod.in_features, generator=g).to(engine.device)
-            alone = linear_rows(mod, row, CPU_GEMM_ROWS)[0]
-            for total in (*range(2, most + 1), 3 * most + 1, 3 * most + 5):
+            alone = linear_rows(mod, row, chunks)[0]
+            for total in totals:
                 others = torch.randn(total, mod.in_features, generator=g).to(engine.device)
                 at = int(torch.randint(total, (1,), generator=g))
                 others[at] = row[0]
-                assert torch.equal(linear_rows(mod, others, CPU_GEMM_ROWS)[at], alone), (mod, total)
+                assert torch.equal(linear_rows(mod, others, chunks)[at], alone), (mod, total)
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_cpu_batcher_runs_its_gemms_over_onednn_packed_weights(engine):
+    batcher = InflightBatcher(engine, max_batch_size=2, speculation="fixed")
+    try:
+        info = batcher.describe()
+    finally:
+        batcher.close()
+    assert info["gemm"] == "oneDNN packed weights" and info["gemm_rows"] == [2, 128]
 
 
 def test_auto_speculation_measures_this_machine_and_records_its_choices(engine, requests, batch_one):

@@ -23,6 +23,7 @@ from medusa_forge.bench.harness import ClientRun, run_clients
 from medusa_forge.bench.meta import machine
 from medusa_forge.bench.serve_sweep import MODES, document, parse_modes, plot, ratios, summary_lines, sweep_row
 from medusa_forge.engine.batcher import InflightBatcher
+from medusa_forge.engine.fresh_thread import in_fresh_thread
 from medusa_forge.engine.generation import GenerationConfig
 from medusa_forge.engine.options import engine_options
 from medusa_forge.engine.serial import SerialScheduler
@@ -47,20 +48,25 @@ def run_batch_sweep(engine, prompts: list[list[int]], cfg: BatchSweepConfig, pro
         raise ForgeError("--clients: every client count must be >= 1")
     modes = [m for m in cfg.modes if engine.heads is not None or not m.startswith("medusa")]
     t_start = time.perf_counter()
-    reference = [engine.generate_ids(ids, _gcfg(cfg, medusa=False)).tokens for ids in prompts]
-    schedulers = {m: _scheduler(engine, m, cfg) for m in modes}
+    # Set-up and schedulers off this thread, each scheduler alive only for its run: as served, the
+    # loop thread running the steps is the process's only OpenMP team (engine/fresh_thread.py).
+    reference = in_fresh_thread(lambda: [engine.generate_ids(ids, _gcfg(cfg, medusa=False)).tokens for ids in prompts])
+    costs: dict[str, Any] = {}  # each batched mode's cost model, measured by its first scheduler
+    described: dict[str, dict] = {}
     rows = []
-    try:
-        for n in cfg.clients:
-            for mode in modes:  # interleaved, so a drift of the machine's speed touches every mode alike
-                progress(f"{mode}: {n} client(s) x {cfg.requests} request(s), {cfg.max_tokens} tokens each")
-                run = _load(schedulers[mode], prompts, n, cfg, medusa=mode.startswith("medusa"))
-                slots = 1 if mode.endswith("serial") else cfg.max_batch_size
-                rows.append(sweep_row(mode, n, cfg.requests, run, lambda r: reference[r["prompt"]], slots))
-        described = {m: s.describe() for m, s in schedulers.items()}
-    finally:
-        for s in schedulers.values():
-            s.close()
+    for n in cfg.clients:
+        for mode in modes:  # interleaved, so a drift of the machine's speed touches every mode alike
+            progress(f"{mode}: {n} client(s) x {cfg.requests} request(s), {cfg.max_tokens} tokens each")
+            scheduler = in_fresh_thread(lambda mode=mode: _scheduler(engine, mode, cfg, costs.get(mode)))
+            try:
+                run = _load(scheduler, prompts, n, cfg, medusa=mode.startswith("medusa"))
+                described[mode] = scheduler.describe()
+            finally:
+                scheduler.close()
+            if getattr(scheduler, "policy", None) is not None:
+                costs[mode] = scheduler.policy.cost
+            slots = 1 if mode.endswith("serial") else cfg.max_batch_size
+            rows.append(sweep_row(mode, n, cfg.requests, run, lambda r: reference[r["prompt"]], slots))
     checks = {
         "zero_errors": all(r["errors"] == 0 for r in rows),
         "answers_identical_to_sequential": all(r["mismatches"] == 0 for r in rows),
@@ -89,10 +95,10 @@ def _gcfg(cfg: BatchSweepConfig, medusa: bool) -> GenerationConfig:
     return GenerationConfig(max_new_tokens=cfg.max_tokens, use_medusa=medusa, ignore_eos=True)
 
 
-def _scheduler(engine, mode: str, cfg: BatchSweepConfig):
+def _scheduler(engine, mode: str, cfg: BatchSweepConfig, cost=None):
     if mode.endswith("serial"):
         return SerialScheduler(engine)
-    return InflightBatcher(engine, cfg.max_batch_size, speculation=cfg.speculation)
+    return InflightBatcher(engine, cfg.max_batch_size, speculation=cfg.speculation, cost=cost)
 
 
 def _load(scheduler, prompts: list[list[int]], clients: int, cfg: BatchSweepConfig, medusa: bool) -> ClientRun:
@@ -147,8 +153,10 @@ def batch_cmd(model, medusa, tree, device, dtype, max_seq_len, compile_, **opts)
     from medusa_forge.engine.load import load_engine
 
     counts = sorted({int(c) for c in opts["clients"].split(",") if c.strip()})
-    engine = load_engine(
-        model, medusa, tree=tree, device=device, dtype=dtype, max_seq_len=max_seq_len, compile=compile_
+    engine = in_fresh_thread(
+        lambda: load_engine(
+            model, medusa, tree=tree, device=device, dtype=dtype, max_seq_len=max_seq_len, compile=compile_
+        )
     )
     texts = [p.prompt for p in read_prompts(opts["prompts"], limit=opts["num_prompts"])]
     ids = [engine.tokenizer.encode(t)[-opts["max_prompt_tokens"] :] for t in texts]

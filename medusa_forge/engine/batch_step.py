@@ -25,6 +25,7 @@ from medusa_forge import kernels
 from medusa_forge.engine.acceptance import sample_token, typical_accept
 from medusa_forge.engine.batch_logits import RowLogits, node_paths
 from medusa_forge.model.llama import linear_rows
+from medusa_forge.model.packed_gemm import packed_rows
 from medusa_forge.model.step_meta import RowChunks, Segment, StepMeta
 from medusa_forge.tree.choice_tree import TOPK, TreeBuffers
 
@@ -97,7 +98,7 @@ class BatchSlots:
         self.depth = engine.num_draft_heads
         self.head_topk = torch.zeros(self.B, max(self.depth, 1), TOPK, dtype=torch.long, device=self.device)
         cuda = self.device.type == "cuda"
-        self.gemm_rows = gemm_rows or (CUDA_GEMM_ROWS if cuda else CPU_GEMM_ROWS)
+        self.gemm_rows = gemm_rows or (CUDA_GEMM_ROWS if cuda else packed_rows(model) or CPU_GEMM_ROWS)
         self.sampling: list[Sampling] = [Sampling() for _ in range(self.B)]
         self.gqa_group = cfg.num_heads // cfg.num_kv_heads  # query heads per KV head: the mask's repeat
 
@@ -311,7 +312,11 @@ class BatchSlots:
             return
         slots = list(rows)
         idx = torch.tensor([rows[s] for s in slots], dtype=torch.long, device=self.device)
-        logits = self.heads(hidden.index_select(0, idx), self.model.lm_head.weight, num_heads=self.depth)
+        h = self.heads.hidden(hidden.index_select(0, idx), num_heads=self.depth)
+        if self.heads.proj_weight is None:  # shared lm_head: the model's own GEMM path, packed weights included
+            logits = linear_rows(self.model.lm_head, h, self.gemm_rows)
+        else:
+            logits = self.heads.project(h)
         K, N, V = logits.shape
         top = kernels.topk_indices(logits.reshape(K * N, V), TOPK).view(K, N, TOPK).transpose(0, 1)
         self.head_topk[torch.tensor(slots, dtype=torch.long, device=self.device)] = top

@@ -88,6 +88,7 @@ class InflightBatcher:
             "kv_cache": "static slots",
             "prefill_chunk": self.prefill_chunk,
             "gemm_rows": [self.slots.gemm_rows.least, self.slots.gemm_rows.most],
+            "gemm": "oneDNN packed weights" if self.slots.gemm_rows.gemm is not None else "the device's BLAS",
             "speculation": self.speculation,
         }
         if self.policy is not None:

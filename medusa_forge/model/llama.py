@@ -212,7 +212,8 @@ def linear_rows(mod: nn.Module, x: Tensor, chunks: RowChunks | None) -> Tensor:
     tail = m % chunks.most
     if 0 < tail < chunks.least:
         flat = F.pad(flat, (0, 0, 0, chunks.least - tail))
-    y = torch.cat([mod(c) for c in flat.split(chunks.most)]) if flat.shape[0] > chunks.most else mod(flat)
+    run = mod if chunks.gemm is None else lambda c: chunks.gemm(mod, c)
+    y = torch.cat([run(c) for c in flat.split(chunks.most)]) if flat.shape[0] > chunks.most else run(flat)
     return y[:m].reshape(*x.shape[:-1], y.shape[-1])
 
 

@@ -16,10 +16,11 @@ Two layouts of the new tokens:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class RowChunks:
 
     most: int
     least: int
+    gemm: Callable[[nn.Module, Tensor], Tensor] | None = None  # runs one chunk; None: the module itself
 
 
 @dataclass(frozen=True)

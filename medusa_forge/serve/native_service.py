@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
+from medusa_forge.engine.fresh_thread import in_fresh_thread
 from medusa_forge.engine.tickets import RequestCancelled, RequestTimedOut, Scheduler, Ticket
 from medusa_forge.errors import ForgeError
 from medusa_forge.serve.contracts import served_contract
@@ -250,8 +251,6 @@ class NativeService:
     def __init__(self, settings: NativeModelSettings, device_id: int | None = None):
         import torch
 
-        from medusa_forge.build.open import open_engine
-
         if settings.torch_threads:
             torch.set_num_threads(int(settings.torch_threads))
         device = settings.device or None
@@ -260,7 +259,16 @@ class NativeService:
         self.settings = settings
         self.timeout_s = settings.timeout_s
         batch, queue = settings.batch_size, settings.queue_bound  # bad values fail before the engine loads
-        self.engine = open_engine(
+        self.use_medusa = settings.wants_medusa
+        # Loaded, warmed up and probed off this thread: the scheduler's loop keeps the only OpenMP team.
+        self.engine, self.scheduler = in_fresh_thread(lambda: self._start(settings, device, batch, queue))
+        self.watch = _CancelWatch()
+        self.outbox = _Outbox()
+
+    def _start(self, settings: NativeModelSettings, device: str | None, batch: int, queue: int):
+        from medusa_forge.build.open import open_engine
+
+        engine = open_engine(
             settings.engine_dir,
             settings.medusa_dir or None,
             settings.medusa_choices or None,
@@ -270,21 +278,18 @@ class NativeService:
             compile=_true(settings.compile),
             with_heads=settings.wants_medusa,
         )
-        if settings.wants_medusa and self.engine.tree is None:
+        if settings.wants_medusa and engine.tree is None:
             raise ForgeError(f"{settings.engine_dir} has no Medusa heads; serve it with `triton-repo --no-medusa`")
-        self.use_medusa = settings.wants_medusa
         if int(settings.warmup_tokens or 0) > 0:
             from medusa_forge.engine.generation import GenerationConfig
 
-            self.engine.generate(
+            engine.generate(
                 "def",
                 GenerationConfig(
                     max_new_tokens=int(settings.warmup_tokens), use_medusa=self.use_medusa, ignore_eos=True
                 ),
             )
-        self.scheduler = make_scheduler(self.engine, batch, queue, settings.speculation or "auto")
-        self.watch = _CancelWatch()
-        self.outbox = _Outbox()
+        return engine, make_scheduler(engine, batch, queue, settings.speculation or "auto")
 
     @property
     def max_batch_size(self) -> int:
