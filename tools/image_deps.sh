@@ -46,9 +46,14 @@ print("python", sys.version.split()[0], "| medusa_forge from", medusa_forge.__fi
 print(" | ".join(f"{p} {m.version(p)}" for p in ("torch", "transformers", "safetensors", "numpy", "tokenizers")))
 ')
 
-tests=(tests/test_convert_trtllm.py tests/test_convert_trtllm_families.py tests/test_fp8_qwen2.py tests/test_convert_fp8.py)
+# The convert path, then what else runs inside the image: the trtllm-build command and the Triton repository.
+tests=(tests/test_convert_trtllm.py tests/test_convert_trtllm_families.py tests/test_fp8_qwen2.py tests/test_convert_fp8.py
+    tests/test_build_trtllm.py tests/test_serve_trtllm_repo.py tests/test_serve_trtllm_repo_v12.py)
 cd "$repo"
 # The venv's pytest script, not `python -m pytest`: the working directory stays off sys.path, so the tests
 # import the installed package, as the image would.
 export OMP_NUM_THREADS=1
 nice -n 19 "$venv/bin/pytest" -q -p no:cacheprovider "${tests[@]}" "$@"
+echo "next, this checkout's convert under the venv against the main environment's:"
+echo "  MEDUSA_FORGE_IMAGE_PYTHON=$venv/bin/python python -m pytest -q tests/test_image_deps.py"
+
