@@ -45,6 +45,7 @@ COPY medusa_forge ./medusa_forge
 
 # --no-deps: torch, transformers, safetensors, numpy come with TensorRT-LLM in the image and must
 # stay at the versions it was built against; only the small pure-Python extras are added, pinned.
+# `make image-deps-check TRTLLM=...` runs the convert tests with the nearest released versions (docs/convert.md).
 # The last line fails the build when the image's TensorRT-LLM is not the release TRTLLM names.
 RUN pip install --no-cache-dir --no-deps . \
     && pip install --no-cache-dir click==8.1.7 rich==13.7.1 tqdm==4.66.4 filelock==3.15.4 \

@@ -6,7 +6,7 @@
 #   make native-engine MEDUSA=heads/ TREE=auto                # tree searched on this device (CALIB prompts)
 #   make fp8-check MEDUSA=heads/ | make tree-check MEDUSA=heads/   # H100: fp8 vs bf16, auto vs preset trees
 #   make engine MODEL=/models/base MEDUSA=/models/heads DTYPE=fp16|bf16|fp8 TREE=mc_sim_7b_63 TP=1
-#   make engine-dry-run ... | make test | make lint | make docker
+#   make engine-dry-run ... | make test | make lint | make docker | make image-deps-check  # the image's torch etc.
 #
 # `engine` runs convert trtllm -> build trtllm -> triton-repo for TensorRT-LLM $(TRTLLM) (1.2: 1.2.1 in Triton 26.07,
 # or 0.11: 0.11.0 in 24.07; the NGC container of the Dockerfile and a GPU). TREE=auto there takes the tree
@@ -64,7 +64,7 @@ DEMO_PER_TOPIC  ?= 2
 DEMO_NEW_TOKENS ?= 64
 DEMO_ARGS       ?=
 
-.PHONY: help demo engine engine-dry-run native-engine fp8-check tree-check test lint docker check-medusa
+.PHONY: help demo engine engine-dry-run native-engine fp8-check tree-check test lint docker image-deps-check check-medusa
 
 help:
 	@sed -n '1,12p' Makefile
@@ -125,3 +125,7 @@ lint:
 
 docker:
 	docker build --build-arg TRTLLM=$(TRTLLM) --build-arg TRITON_TAG=$(TRITON_TAG) -t $(IMAGE) .
+
+# The convert tests in a venv (outside the repo) with the versions the $(TRTLLM) image gives medusa-forge.
+image-deps-check:
+	bash tools/image_deps.sh $(TRTLLM)

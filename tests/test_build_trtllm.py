@@ -401,7 +401,9 @@ def test_fp8_without_calib_prompts_calibrates_on_the_set_shipped_in_the_package(
     from medusa_forge.prompts import read_prompts
 
     assert CALIB_PROMPTS.is_file() and len(read_prompts(CALIB_PROMPTS)) >= 16
-    assert '"**/*.jsonl"' in (CALIB_PROMPTS.parents[3] / "pyproject.toml").read_text()  # shipped as package data
+    pyproject = CALIB_PROMPTS.parents[3] / "pyproject.toml"
+    if pyproject.is_file():  # a checkout: declared as package data (installed, as by tools/image_deps.sh, it is there)
+        assert '"**/*.jsonl"' in pyproject.read_text()
     result = convert_trtllm(
         ConvertOptions(
             model_dir, heads_dir, tmp_path / "fp8", quantization="fp8", calib_size=2, calib_max_seq_len=16, device="cpu"

@@ -43,7 +43,7 @@ def save_qwen2(model_dir: Path, out: Path, bias_std: float = 0.05) -> Path:
         Qwen2Config(**{k: c[k] for k in keys}, rope_parameters=c["rope_parameters"], use_sliding_window=False)
     )
     missing, unexpected = model.load_state_dict(
-        LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).state_dict(), strict=False
+        LlamaForCausalLM.from_pretrained(model_dir).float().state_dict(), strict=False
     )
     assert not unexpected and all(n.endswith("_proj.bias") for n in missing) and missing
     g = torch.Generator().manual_seed(0)

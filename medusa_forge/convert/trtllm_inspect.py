@@ -24,6 +24,7 @@ from medusa_forge.convert.trtllm_names import (
     QKV,
     SCALE_DTYPE,
     Entry,
+    cat,
     entries,
     expected_tensors,
     rank_qkv_parts,
@@ -165,6 +166,6 @@ def _value_problems(ckpt: CheckpointConfig, files: list) -> list[str]:
 def _replicas_equal(e: Entry, files: list, spec) -> bool:
     parts = [f.get_tensor(e.name) for f in files]
     if e.split == QKV:
-        parts = [torch.cat(rank_qkv_parts(p, spec)[1:]) for p in parts]
+        parts = [cat(rank_qkv_parts(p, spec)[1:]) for p in parts]
     views = [p.view(torch.uint8) if p.dtype == FP8_DTYPE else p for p in parts]  # no equality on float8 on CPU
     return all(torch.equal(views[0], v) for v in views[1:])

@@ -171,7 +171,7 @@ def pad_vocab(e: Entry, t: Tensor) -> Tensor:
     """An lm_head with zero rows appended up to the padded vocabulary (convert_hf_llama's np.pad)."""
     if not e.vocab_rows or t.shape[0] == e.shape[0]:
         return t
-    return torch.cat([t, t.new_zeros(e.shape[0] - t.shape[0], *t.shape[1:])])
+    return cat([t, t.new_zeros(e.shape[0] - t.shape[0], *t.shape[1:])])
 
 
 def unpad_vocab(e: Entry, t: Tensor) -> Tensor:
@@ -187,7 +187,7 @@ def shard(e: Entry, t: Tensor, spec: CheckpointSpec, rank: int) -> Tensor:
         q, k, v = _qkv_parts(t, spec, spec.num_kv_heads * spec.head_size)
         if spec.num_kv_heads < tp:
             k, v = _dup_kv(k, spec), _dup_kv(v, spec)
-        return torch.cat([_split(q, tp, rank, 0), _split(k, tp, rank, 0), _split(v, tp, rank, 0)])
+        return cat([_split(q, tp, rank, 0), _split(k, tp, rank, 0), _split(v, tp, rank, 0)])
     return _split(t, tp, rank, 0 if e.split == COLUMN else 1)
 
 
@@ -203,14 +203,21 @@ def merge(e: Entry, parts: list[Tensor], spec: CheckpointSpec) -> Tensor:
     if e.split == QKV:
         split = [rank_qkv_parts(p, spec) for p in parts]
         keep = range(0, tp, tp // spec.num_kv_heads) if spec.num_kv_heads < tp else range(tp)
-        return torch.cat(
+        return cat(
             [
-                torch.cat([s[0] for s in split]),
-                torch.cat([split[r][1] for r in keep]),
-                torch.cat([split[r][2] for r in keep]),
+                cat([s[0] for s in split]),
+                cat([split[r][1] for r in keep]),
+                cat([split[r][2] for r in keep]),
             ]
         )
-    return torch.cat(parts, dim=0 if e.split == COLUMN else 1)
+    return cat(parts, dim=0 if e.split == COLUMN else 1)
+
+
+def cat(parts: list[Tensor], dim: int = 0) -> Tensor:
+    """torch.cat, float8 through a uint8 view: torch 2.4 (the 24.07 image's) has no CPU cat for float8."""
+    if parts[0].dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        return torch.cat([p.view(torch.uint8) for p in parts], dim).view(parts[0].dtype)
+    return torch.cat(parts, dim)
 
 
 def rank_qkv_parts(part: Tensor, spec: CheckpointSpec) -> tuple[Tensor, Tensor, Tensor]:

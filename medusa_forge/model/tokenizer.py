@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from medusa_forge.errors import ForgeError
@@ -15,7 +16,7 @@ class Tokenizer:
         if not (model_dir / "tokenizer.json").is_file() and not (model_dir / "tokenizer.model").is_file():
             raise ForgeError(f"{model_dir}: no tokenizer.json or tokenizer.model found")
         try:
-            self.hf = AutoTokenizer.from_pretrained(str(model_dir))
+            self.hf = generic_fast(model_dir) or AutoTokenizer.from_pretrained(str(model_dir))
         except Exception as e:  # noqa: BLE001 - surface any tokenizer load failure as one line
             raise ForgeError(f"{model_dir}: tokenizer failed to load ({type(e).__name__}: {e})") from None
         self.source = model_dir
@@ -53,3 +54,49 @@ class Tokenizer:
         if not getattr(self.hf, "chat_template", None):
             raise ForgeError(f"{self.source}: tokenizer has no chat template; give `text` or `prompt`/`completion`")
         return self.hf.apply_chat_template(messages, tokenize=False)
+
+
+# What a transformers 5 tokenizer_config.json may carry that the generic fast class takes.
+_FAST_KWARGS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token",
+                "additional_special_tokens", "model_max_length", "padding_side", "chat_template",
+                "clean_up_tokenization_spaces")  # fmt: skip
+
+
+def generic_fast(model_dir: Path):
+    """transformers 5 saves tokenizers as class ``TokenizersBackend``, which transformers 4 (the 4.42 and 4.57 of
+    the TensorRT-LLM images) cannot resolve. Its tokenizer.json is the whole tokenizer, so there the generic fast
+    class reads it with the config's special tokens. None where AutoTokenizer resolves the class itself."""
+    import transformers
+
+    config_path = model_dir / "tokenizer_config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    wanted = config.get("tokenizer_class")
+    if wanted != "TokenizersBackend" or hasattr(transformers, wanted) or not (model_dir / "tokenizer.json").is_file():
+        return None
+    return fast_from_files(model_dir, config)
+
+
+def fast_from_files(model_dir: Path, config: dict):
+    """The generic fast tokenizer of ``model_dir/tokenizer.json`` with ``config``'s special tokens."""
+    from tokenizers import Tokenizer as RustTokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    kwargs = {k: config[k] for k in _FAST_KWARGS if k in config}
+    text = (model_dir / "tokenizer.json").read_text()
+    try:
+        backend = RustTokenizer.from_str(text)
+    except Exception:  # noqa: BLE001 - tokenizers < 0.20 (the 24.07 image's 0.19) reads merges only as "a b"
+        data = string_merges(json.loads(text))
+        if data is None:
+            raise
+        backend = RustTokenizer.from_str(json.dumps(data))
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **kwargs)
+
+
+def string_merges(data: dict) -> dict | None:
+    """tokenizer.json with its BPE merges as "a b" strings, the only form tokenizers < 0.20 reads; None where
+    there are no pair merges or a part holds a space (that form cannot say it)."""
+    merges = data.get("model", {}).get("merges") or []
+    if not merges or not isinstance(merges[0], list) or any(" " in part for pair in merges for part in pair):
+        return None
+    return {**data, "model": {**data["model"], "merges": [" ".join(pair) for pair in merges]}}
