@@ -12,6 +12,8 @@ import json
 
 from conftest import run_cli
 
+from medusa_forge.bench.serve_sweep import markdown
+
 
 def test_a_sweep_of_two_client_counts_writes_json_markdown_and_a_plot(model_dir, heads_dir, tmp_path, capsys):
     out = tmp_path / "sweep.json"
@@ -53,6 +55,7 @@ def test_a_sweep_of_two_client_counts_writes_json_markdown_and_a_plot(model_dir,
     assert code == 0, err
     doc = json.loads(out.read_text())
     assert doc["kind"] == "serve_sweep" and doc["passed"], doc["checks"]
+    assert doc["config"]["stream"] is True  # a sweep streams unless --unary
     assert doc["checks"] == {"zero_errors": True, "answers_identical_to_sequential": True, "modes_agree": True}
     assert [(r["mode"], r["clients"], r["max_batch_size"]) for r in doc["rows"]] == [
         ("plain-serial", 1, 1),
@@ -67,6 +70,9 @@ def test_a_sweep_of_two_client_counts_writes_json_markdown_and_a_plot(model_dir,
     assert set(doc["ratios"]["vs_one_client"]) == {"plain-serial", "medusa-batched"}
     md = out.with_suffix(".md").read_text()
     assert md.startswith("# Serve sweep: clients x modes (PASSED)") and "| medusa-batched | 2 |" in md
+    assert "gRPC, streaming" in md
+    doc["config"]["stream"] = False  # as `--unary` records it
+    assert "unary requests (TTFT = the whole answer)" in markdown(doc)
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "plain-serial x1" in stdout
 

@@ -230,7 +230,7 @@ def _load(cfg: ServeBenchConfig, url: str, seq: SequentialAnswers, progress) -> 
         cfg.clients,
         cfg.requests,
         cfg.max_tokens,
-        cfg.stream,
+        bool(cfg.stream),
         cfg.keep_stream,
         cfg.timeout_s,
         cfg.time_limit_s,

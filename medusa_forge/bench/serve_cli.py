@@ -62,7 +62,12 @@ from medusa_forge.engine.options import dtype_option, medusa_option, no_medusa_o
 )
 @click.option("--num-prompts", default=8, show_default=True, help="Distinct prompts used (the first N).")
 @click.option("--max-prompt-chars", default=400, show_default=True, help="Keep the last N characters of each prompt.")
-@click.option("--stream", is_flag=True, help="Load requests stream (one response per decoding step).")
+@click.option(
+    "--stream/--unary",
+    default=None,
+    help="Load requests stream (one response per decoding step) or are unary (one response each). "
+    "Default: unary for one --clients count, streaming for a sweep (its TTFT needs the first chunk).",
+)
 @click.option(
     "--keep-stream",
     is_flag=True,

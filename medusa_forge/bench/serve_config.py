@@ -31,7 +31,7 @@ class ServeBenchConfig:
     requests: int = 10  # per client
     max_tokens: int = 16
     prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))
-    stream: bool = False  # load requests stream (one response per step)
+    stream: bool | None = None  # load requests stream (one response per step); None: the mode's default
     keep_stream: bool = False  # load clients keep one gRPC stream open (default: one per request, as `query`)
     overhead_trials: int = 30
     warmup: int = 3

@@ -58,6 +58,7 @@ def run_serve_sweep(cfg: ServeBenchConfig, clients: list[int], modes: list[str],
     if not clients or min(clients) < 1:
         raise ForgeError("--clients: every client count must be >= 1")
     batch = cfg.max_batch_size or DEFAULT_BATCH
+    stream = cfg.stream is not False  # a sweep streams unless told --unary: its TTFT is the first chunk's
     t_start = time.perf_counter()
     threads = cfg.torch_threads or torch.get_num_threads()
     with ExitStack() as stack:
@@ -83,7 +84,7 @@ def run_serve_sweep(cfg: ServeBenchConfig, clients: list[int], modes: list[str],
                     n,
                     cfg.requests,
                     cfg.max_tokens,
-                    True,
+                    stream,
                     False,
                     cfg.timeout_s,
                     cfg.time_limit_s,
@@ -115,7 +116,7 @@ def run_serve_sweep(cfg: ServeBenchConfig, clients: list[int], modes: list[str],
         "engine_dtype": manifest.dtype,
         "torch_threads": threads,
         "tree_nodes": len(manifest.medusa_choices or []),
-        "stream": True,
+        "stream": stream,
     }
     return served_result(
         "serve_sweep",
@@ -178,7 +179,8 @@ def markdown(doc: dict[str, Any]) -> str:
     return document(
         doc,
         "Serve sweep: clients x modes",
-        f"torch threads {c['torch_threads']}; tritonserver on 127.0.0.1, gRPC, streaming",
+        f"torch threads {c['torch_threads']}; tritonserver on 127.0.0.1, gRPC, "
+        + ("streaming" if c.get("stream", True) else "unary requests (TTFT = the whole answer)"),
         f"native {c['engine_dtype']}, Medusa tree of {c['tree_nodes']} nodes; batched modes "
         f"`--max-batch-size {c['max_batch_size']}`, serial `1`; {c['instances']} instance(s) each",
     )

@@ -65,6 +65,7 @@ class Work:
     prefill: list[tuple[int, list[int], bool]] = field(default_factory=list)  # (slot, chunk ids, last chunk)
     tree: TreeBuffers | None = None
     heads: set[int] = field(default_factory=set)  # slots whose heads' top-k is refreshed by this step
+    heads_depth: int = 0  # the first heads refreshed (0: all): a small tree needs only its depth's drafts
 
     @property
     def rows(self) -> int:
@@ -128,7 +129,7 @@ class BatchSlots:
 
     @torch.inference_mode()
     def probe_heads(self, slots: int) -> None:
-        """The heads' top-k over ``slots`` rows: what a tree step adds for its next drafts."""
+        """Every head's top-k over ``slots`` rows: what a tree step of the full depth adds for its next drafts."""
         hidden = torch.zeros(slots, self.model.config.hidden_size, dtype=self.kv.dtype, device=self.device)
         self._refresh_heads(hidden, {s: s for s in range(slots)})
         self.engine._sync()
@@ -168,7 +169,7 @@ class BatchSlots:
                 )
             start += len(chunk)
             self.lengths[s] += len(chunk)
-        self._refresh_heads(hidden, {s: r for s, r in heads_rows.items() if s in work.heads})
+        self._refresh_heads(hidden, {s: r for s, r in heads_rows.items() if s in work.heads}, work.heads_depth)
         return out
 
     def _pack(self, work: Work) -> tuple[Tensor, Tensor, Tensor, Tensor, list[Segment]]:
@@ -306,17 +307,19 @@ class BatchSlots:
             if i < plain:
                 self.lengths[s] += 1
 
-    def _refresh_heads(self, hidden: Tensor, rows: dict[int, int]) -> None:
-        """The heads' top-k at each listed slot's last committed row (its next tree's drafts)."""
+    def _refresh_heads(self, hidden: Tensor, rows: dict[int, int], depth: int = 0) -> None:
+        """The first ``depth`` heads' top-k (0: every head) at each listed slot's last committed row
+        (its next tree's drafts; deeper entries keep older drafts, which a tree of that depth never reads)."""
         if not rows or self.heads is None:
             return
+        depth = depth or self.depth
         slots = list(rows)
         idx = torch.tensor([rows[s] for s in slots], dtype=torch.long, device=self.device)
-        h = self.heads.hidden(hidden.index_select(0, idx), num_heads=self.depth)
+        h = self.heads.hidden(hidden.index_select(0, idx), num_heads=depth)
         if self.heads.proj_weight is None:  # shared lm_head: the model's own GEMM path, packed weights included
             logits = linear_rows(self.model.lm_head, h, self.gemm_rows)
         else:
             logits = self.heads.project(h)
         K, N, V = logits.shape
         top = kernels.topk_indices(logits.reshape(K * N, V), TOPK).view(K, N, TOPK).transpose(0, 1)
-        self.head_topk[torch.tensor(slots, dtype=torch.long, device=self.device)] = top
+        self.head_topk[torch.tensor(slots, dtype=torch.long, device=self.device), :K] = top

@@ -198,21 +198,26 @@ class InflightBatcher:
         medusa = [s for s in decoding if streams[s].medusa]
         work.plain_slots = [s for s in decoding if not streams[s].medusa]
         size, self._predicted = 0, None
+        ladder = self.policy.ladder if self.policy is not None else None
         if medusa and self.policy is not None:
             other = len(work.plain_slots) + sum(len(c) for _, c, _ in work.prefill)
             size = self.policy.choose(len(medusa), other, len(work.plain_slots) + len(work.prefill))
-            if self.policy.cost is not None and all(streams[s].fresh_heads for s in medusa):
+            clean = max(1, ladder.depth(size))  # the drafts the prediction assumes, fresh
+            if self.policy.cost is not None and all(streams[s].fresh_depth >= clean for s in medusa):
                 self._predicted = self.policy.predict(
                     size, len(medusa), other, len(work.plain_slots) + len(work.prefill)
                 )
         if size:
-            work.tree = self.policy.ladder.buffers[size]
-            work.tree_slots = [s for s in medusa if streams[s].fresh_heads]
-            stale = [s for s in medusa if not streams[s].fresh_heads]  # one plain step refreshes their drafts
+            need = ladder.depth(size)
+            work.tree = ladder.buffers[size]
+            work.tree_slots = [s for s in medusa if streams[s].fresh_depth >= need]
+            stale = [s for s in medusa if streams[s].fresh_depth < need]  # one plain step refreshes their drafts
             work.plain_slots += stale
             work.heads.update(medusa)
         else:
             work.plain_slots += medusa
+        if work.heads:  # drafts as deep as the tree they are for (the last one's while this step is plain)
+            work.heads_depth = ladder.depth(size or self._size)
         if medusa:  # the policy's last choice, kept while no request speculates
             self._size = size
             self.tree_sizes[size] += 1
@@ -223,7 +228,8 @@ class InflightBatcher:
         for s, chunk, _ in work.prefill:
             streams[s].prefilled += len(chunk)
         for s in (*work.tree_slots, *work.plain_slots, *(s for s, _, last in work.prefill if last)):
-            streams[s].fresh_heads = s in work.heads  # else its drafts are a step old
+            # the heads whose drafts reflect its last token (the others are a step old or older)
+            streams[s].fresh_depth = (work.heads_depth or self.slots.depth) if s in work.heads else 0
         for s, oc in outcome.items():
             st = streams[s]
             if oc.tree_step:

@@ -39,7 +39,7 @@ class RequestStream:
         # Timed from submission, as a client sees it (a queued request waits for a slot).
         self.started = time.perf_counter() - (time.monotonic() - ticket.submitted)
         self.ttft: float | None = None
-        self.fresh_heads = False  # the slot's heads' top-k reflects its last committed token
+        self.fresh_depth = 0  # the first heads whose top-k reflects the slot's last committed token
         self.logits = RowLogits(engine, self.prompt, gcfg, lambda: self.tokens) if gcfg.needs_logits else None
 
     @property

@@ -14,7 +14,7 @@ paths by rank (top-1 chains first, see :func:`ranked_paths`), down to plain deco
   token matches the greedy continuation).
 - The policy (``speculation``): ``auto`` picks the k with the most tokens per second for the
   slots running now, each mode's predicted time scaled by how much slower its served steps
-  really ran (k = 0 included: a tree must promise 10% more than plain decoding, so
+  really ran (k = 0 included: a tree must promise 25% more than plain decoding, so
   speculation is not chosen where the model says it loses or barely wins);
   ``fixed`` always verifies the engine's whole tree; ``off-above:N`` the whole tree up to N active
   slots, plain decoding above.
@@ -34,8 +34,9 @@ from medusa_forge.tree.choice_tree import ChoiceTree, TreeBuffers, tree_buffers
 PRIOR_ACCEPT = 0.5  # prior chance that an untried node at depth 1 is accepted (squared at depth 2, ...)
 PRIOR_WEIGHT = 4.0  # the prior counts as this many observed steps
 OBSERVED_WEIGHT = 0.2  # each timed step's pull on a mode's observed/predicted time ratio
-TREE_MARGIN = 1.1  # a tree must promise 10% more tokens per second than plain decoding: the cost
-# model is measured once, on a machine that may be busy, and an error there must not make speculation a loss
+TREE_MARGIN = 1.25  # a tree must promise 25% more tokens per second than plain decoding: the probe
+# times prefill-shaped steps once, on a machine that may be busy; a tree step also pays acceptance, K/V
+# moves and drafts (served CPU tree steps ran 1.1-1.3x their prediction), and a loss must not result
 
 
 def ranked_paths(tree: ChoiceTree) -> list[tuple[int, ...]]:
@@ -52,6 +53,10 @@ class Ladder:
     sizes: list[int]
     buffers: dict[int, TreeBuffers]
     path_ranks: dict[int, list[list[int]]]  # size -> that tree's node -> rank positions (1-based) root..node
+
+    def depth(self, size: int) -> int:
+        """The heads a tree of ``size`` draft nodes reads: its longest path (0 for plain decoding)."""
+        return max((len(p) for p in self.paths[:size]), default=0)
 
     @classmethod
     def of(cls, tree: ChoiceTree, device) -> Ladder:
@@ -70,8 +75,9 @@ class Ladder:
 @dataclass
 class CostModel:
     """Step time (s) against packed rows and slots: t = f(rows) + per_slot * slots, f piecewise
-    linear between measured row counts (extrapolated linearly past the last), plus ``heads`` for a
-    tree step (the drafts of the next tree: the heads' GEMMs over the speculating slots' rows)."""
+    linear between measured row counts (extrapolated linearly past the last), plus ``heads`` (every
+    head's GEMMs over the speculating slots' rows, the next tree's drafts) in the share a tree step
+    refreshes: a tree k heads deep refreshes k of them."""
 
     rows: list[int]
     seconds: list[float]
@@ -79,14 +85,16 @@ class CostModel:
     device: str = ""
     heads: float = 0.0
 
-    def time(self, rows: int, slots: int, tree: bool = False) -> float:
+    def time(self, rows: int, slots: int, heads_share: float = 0.0) -> float:
+        """Seconds for a step of ``rows`` rows over ``slots`` slots that refreshes ``heads_share`` of
+        the heads (the depth of the tree it drafts for over the engine's)."""
         r, s = np.asarray(self.rows, dtype=float), np.asarray(self.seconds)
         if rows > r[-1]:
             slope = (s[-1] - s[-2]) / (r[-1] - r[-2]) if len(r) > 1 else s[-1] / r[-1]
             base = s[-1] + slope * (rows - r[-1])
         else:
             base = float(np.interp(rows, r, s))
-        return base + self.per_slot * slots + (self.heads if tree else 0.0)
+        return base + self.per_slot * slots + self.heads * heads_share
 
     def to_dict(self) -> dict:
         return {
@@ -177,7 +185,8 @@ class Policy:
     def predict(self, size: int, tree_slots: int, other_rows: int, other_slots: int) -> float:
         """The cost model's time for a step of tree ``size`` (0: plain), before the observed slowdown."""
         rows = tree_slots * (size + 1) + other_rows
-        return self.cost.time(rows, tree_slots + other_slots, tree=size > 0)
+        share = self.ladder.depth(size) / max(1, self.ladder.depth(self.ladder.sizes[-1]))
+        return self.cost.time(rows, tree_slots + other_slots, share)
 
     def observe(self, tree: bool, predicted: float, seconds: float) -> None:
         """A served step took ``seconds`` where the cost model predicted ``predicted``."""
