@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from medusa_forge.cli_options import out_dir_option, overwrite_option, report_option
 from medusa_forge.engine.options import (
     device_option,
     dtype_option,
@@ -43,7 +44,7 @@ def _int_list(value: str | None, flag: str = "--search-sizes", example: str = "1
 @build.command()
 @model_option("HF checkpoint directory of the base model (TensorRT-LLM's --model_dir).")
 @medusa_option("Medusa heads directory (FasterDecoding layout). Without it: a base-only engine.")
-@click.option("--out", "--output_dir", "out", required=True, type=click.Path(), help="Engine directory to write.")
+@out_dir_option("Engine directory to write.")
 @dtype_option(
     "bfloat16 | float16 | float32 | fp8 (fp8: FP8 GEMMs on H100; elsewhere needs --fp8-emulate).",
     default="bfloat16",
@@ -102,7 +103,7 @@ def _int_list(value: str | None, flag: str = "--search-sizes", example: str = "1
     help="Keep this kind of block GEMM in the compute dtype (repeatable; a quality knob).",
 )
 @click.option("--verify-tokens", default=16, show_default=True, help="Tokens generated to verify the built engine.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing non-empty --out.")
+@overwrite_option()
 def native(
     model,
     medusa,
@@ -182,7 +183,7 @@ def native(
     type=click.Path(),
     help="TensorRT-LLM checkpoint (`medusa-forge convert` output).",
 )
-@click.option("--out", "--output_dir", "out", required=True, type=click.Path(), help="Engine directory to write.")
+@out_dir_option("Engine directory to write.")
 @click.option(
     "--medusa-choices",
     "--medusa_choices",
@@ -222,7 +223,7 @@ def native(
 @click.option(
     "--trtllm-build", "trtllm_build", default="trtllm-build", show_default=True, help="trtllm-build executable."
 )
-@click.option("--overwrite", is_flag=True, help="Replace an existing non-empty --out.")
+@overwrite_option()
 def trtllm(
     checkpoint_dir,
     out,
@@ -275,7 +276,7 @@ def trtllm(
     show_default=True,
     help="Also time plain and Medusa decoding steps of both engines.",
 )
-@click.option("--out", type=click.Path(), default=None, help="Write the JSON report here.")
+@report_option("Write the JSON report here.")
 def compare_fp8_cmd(
     reference, candidate, prompts, limit, max_new_tokens, prompt_tokens, device, fp8_emulate, min_agreement, timing, out
 ):
@@ -334,7 +335,7 @@ def compare_fp8_cmd(
 @click.option("--prompt-tokens", default=512, show_default=True)
 @device_option()
 @click.option("--fp8-emulate", is_flag=True)
-@click.option("--out", type=click.Path(), default=None, help="JSON report (a .md table is written beside it).")
+@report_option("JSON report (a .md table is written beside it).")
 def compare_trees_cmd(engine, trees, prompts, split, limit, max_new_tokens, prompt_tokens, device, fp8_emulate, out):
     """Measured tokens/s of several choice trees on one engine (same weights, same prompts)."""
     from medusa_forge.build.compare import compare_trees, load_prompt_split, save_report, trees_table

@@ -12,6 +12,9 @@ from pathlib import Path
 
 import click
 
+from medusa_forge.cli_options import json_option, out_dir_option, overwrite_option
+from medusa_forge.engine.options import device_option, dtype_option, medusa_option, model_option
+
 
 @click.group(name="convert")
 def convert() -> None:
@@ -19,29 +22,14 @@ def convert() -> None:
 
 
 @convert.command()
-@click.option(
-    "--model",
-    "--model_dir",
-    "model",
-    required=True,
-    type=click.Path(),
-    help="HF Llama/Mistral/Qwen2 checkpoint directory (TensorRT-LLM's --model_dir).",
-)
-@click.option(
-    "--medusa",
-    "--medusa_model_dir",
-    "medusa",
-    required=True,
-    type=click.Path(),
-    help="Medusa heads directory, any layout `medusa-forge heads` reads (--medusa_model_dir).",
-)
-@click.option("--out", "--output_dir", "out", required=True, type=click.Path(), help="Checkpoint directory to write.")
-@click.option(
-    "--dtype",
-    type=click.Choice(["float16", "bfloat16"]),
+@model_option("HF Llama/Mistral/Qwen2 checkpoint directory (TensorRT-LLM's --model_dir).")
+@medusa_option("Medusa heads directory, any layout `medusa-forge heads` reads (--medusa_model_dir).", required=True)
+@out_dir_option("Checkpoint directory to write.")
+@dtype_option(
+    "Checkpoint dtype (of the unquantized tensors for fp8).",
     default="float16",
     show_default=True,
-    help="Checkpoint dtype (of the unquantized tensors for fp8).",
+    type=click.Choice(["float16", "bfloat16"]),
 )
 @click.option(
     "--tp-size",
@@ -118,8 +106,8 @@ def convert() -> None:
     type=int,
     help="Use the first N heads the files hold, whatever the heads' config.json says.",
 )
-@click.option("--device", default=None, help="Where FP8 calibration runs (default: cuda when available).")
-@click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
+@device_option("Where FP8 calibration runs (default: cuda when available).")
+@overwrite_option("Replace a non-empty --out.")
 def trtllm(
     model,
     medusa,
@@ -179,7 +167,7 @@ def trtllm(
 
 @convert.command(name="inspect")
 @click.argument("ckpt_dir", type=click.Path())
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@json_option("Print one JSON object.")
 @click.option("--headers-only", is_flag=True, help="Skip reading scales and replicated tensors.")
 @click.pass_context
 def inspect_cmd(ctx, ckpt_dir, as_json, headers_only):

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import click
 
-from medusa_forge.engine.options import no_medusa_option, opening_options, uses_heads, with_options
+from medusa_forge.cli_options import overwrite_option, progress_option, report_option, with_options
+from medusa_forge.engine.options import no_medusa_option, opening_options, uses_heads
 from medusa_forge.errors import ForgeError
 
 
@@ -78,8 +79,8 @@ def eval_group() -> None:
 @click.option("--timeout", default=300.0, show_default=True, help="Seconds per request.")
 @no_medusa_option("--in-process: decode with the base model only (default: Medusa when the engine has heads).")
 @with_options(in_process_options)
-@click.option("--out", type=click.Path(), default=None, help="Results JSON (default: mmlu-<model>.json).")
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@report_option("Results JSON (default: mmlu-<model>.json).")
+@progress_option()
 def mmlu(
     url,
     model,
@@ -191,8 +192,8 @@ def mmlu(
 )
 @click.option("--timeout", default=300.0, show_default=True, help="Seconds per request.")
 @with_options(in_process_options)
-@click.option("--out", type=click.Path(), default=None, help="Results JSON (default: speed-<medusa>.json).")
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@report_option("Results JSON (default: speed-<medusa>.json).")
+@progress_option()
 def speed(
     url,
     base_model,
@@ -281,7 +282,7 @@ def speed(
     help="Candidate engine dir the results belong to (promote then checks it is the one promoted).",
 )
 @click.option("--out", required=True, type=click.Path(), help="Report directory.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing non-empty --out.")
+@overwrite_option()
 def report(mmlu_path, baseline_mmlu, speed_path, engine, out, overwrite):
     """report.md, report.json and plots (tokens/s per topic, latency CDF, MMLU delta per subject)."""
     from medusa_forge.eval.report import write_report

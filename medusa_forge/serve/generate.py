@@ -7,6 +7,7 @@ import sys
 
 import click
 
+from medusa_forge.cli_options import json_option
 from medusa_forge.engine.options import engine_options, no_medusa_option, uses_heads
 from medusa_forge.errors import ForgeError
 
@@ -27,7 +28,7 @@ from medusa_forge.errors import ForgeError
 @click.option("--top-p", default=1.0, show_default=True)
 @click.option("--stop", "stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--seed", default=None, type=int)
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per prompt.")
+@json_option("One JSON object per prompt.")
 @click.option("--stats", is_flag=True, help="After each text, print tokens, steps, tokens/step and tokens/s (stderr).")
 def generate(
     model,
