@@ -33,6 +33,10 @@ def progress_option():
     return click.option("--progress/--no-progress", default=True, show_default=True)
 
 
+def calib_prompts_option(help: str):
+    return click.option("--calib-prompts", type=click.Path(), default=None, help=help)
+
+
 def with_options(options: list):
     """Apply click options in the order listed (first listed = first in --help)."""
 

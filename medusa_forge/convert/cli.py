@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from medusa_forge.cli_options import json_option, out_dir_option, overwrite_option
+from medusa_forge.cli_options import calib_prompts_option, json_option, out_dir_option, overwrite_option
 from medusa_forge.engine.options import device_option, dtype_option, medusa_option, model_option
 
 
@@ -55,11 +55,8 @@ def convert() -> None:
     default=None,
     help="fp8: also write KV-cache scales (needs --quantization fp8).",
 )
-@click.option(
-    "--calib-prompts",
-    type=click.Path(),
-    default=None,
-    help="JSONL with a 'prompt' field per line: FP8 calibration text (default: the set shipped with medusa-forge).",
+@calib_prompts_option(
+    "JSONL with a 'prompt' field per line: FP8 calibration text (default: the set shipped with medusa-forge)."
 )
 @click.option(
     "--calib-size",
