@@ -34,6 +34,15 @@ def _tokenizer(path: str | None):
     return Tokenizer(path)
 
 
+# the Triton side of mmlu and speed
+url_option = click.option("--url", default=None, help="Triton gRPC endpoint HOST:PORT.")
+timeout_option = click.option("--timeout", default=300.0, show_default=True, help="Seconds per request.")
+
+
+def tokenizer_option(help: str):
+    return click.option("--tokenizer", type=click.Path(), default=None, help=help)
+
+
 in_process_options = [
     click.option(
         "--in-process",
@@ -56,7 +65,7 @@ def eval_group() -> None:
 
 # ---------------------------------------------------------------- mmlu
 @eval_group.command("mmlu")
-@click.option("--url", default=None, help="Triton gRPC endpoint HOST:PORT.")
+@url_option
 @click.option("--model", required=True, help="Triton model name (with --in-process: engine directory).")
 @click.option(
     "--data",
@@ -69,14 +78,11 @@ def eval_group() -> None:
 @click.option("--shots", default=5, show_default=True, help="Dev examples in each prompt (k-shot).")
 @click.option("--limit", default=None, type=int, help="First N questions of each subject.")
 @click.option("--concurrency", default=4, show_default=True, help="Requests in flight.")
-@click.option(
-    "--tokenizer",
-    type=click.Path(),
-    default=None,
-    help="Tokenizer (or native engine) dir: drop shots until the prompt fits --max-prompt-tokens (as the original does).",
+@tokenizer_option(
+    "Tokenizer (or native engine) dir: drop shots until the prompt fits --max-prompt-tokens (as the original does)."
 )
 @click.option("--max-prompt-tokens", default=2048, show_default=True)
-@click.option("--timeout", default=300.0, show_default=True, help="Seconds per request.")
+@timeout_option
 @no_medusa_option("--in-process: decode with the base model only (default: Medusa when the engine has heads).")
 @with_options(in_process_options)
 @report_option("Results JSON (default: mmlu-<model>.json).")
@@ -143,7 +149,7 @@ def mmlu(
 
 # ---------------------------------------------------------------- speed
 @eval_group.command("speed")
-@click.option("--url", default=None, help="Triton gRPC endpoint HOST:PORT.")
+@url_option
 @click.option("--base-model", required=True, help="Triton model name of the base (with --in-process: engine dir).")
 @click.option("--medusa-model", required=True, help="Triton model name of the Medusa engine (or engine dir).")
 @click.option("--prompts", required=True, type=click.Path(), help="JSONL with 'prompt' (and 'topic') per line.")
@@ -184,13 +190,10 @@ def mmlu(
     help="Decode the Medusa model with typical acceptance at this temperature (0 = greedy, exact; "
     ">0 is not exact, outputs will differ from the base).",
 )
-@click.option(
-    "--tokenizer",
-    type=click.Path(),
-    default=None,
-    help="Tokenizer (or native engine) dir to count tokens when the server returns no output_tokens (TensorRT-LLM).",
+@tokenizer_option(
+    "Tokenizer (or native engine) dir to count tokens when the server returns no output_tokens (TensorRT-LLM)."
 )
-@click.option("--timeout", default=300.0, show_default=True, help="Seconds per request.")
+@timeout_option
 @with_options(in_process_options)
 @report_option("Results JSON (default: speed-<medusa>.json).")
 @progress_option()
