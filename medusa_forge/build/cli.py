@@ -223,35 +223,11 @@ def native(
     "--trtllm-build", "trtllm_build", default="trtllm-build", show_default=True, help="trtllm-build executable."
 )
 @overwrite_option()
-def trtllm(
-    checkpoint_dir,
-    out,
-    tree,
-    max_batch_size,
-    max_input_len,
-    max_seq_len,
-    max_num_tokens,
-    gemm_plugin,
-    dry_run,
-    trtllm_build,
-    overwrite,
-):
+def trtllm(checkpoint_dir, out, **options):
     """Build a TensorRT-LLM engine with trtllm-build and write our manifest beside it."""
     from medusa_forge.build.trtllm import TrtllmBuildConfig, build_trtllm
 
-    cfg = TrtllmBuildConfig(
-        checkpoint_dir=Path(checkpoint_dir),
-        out_dir=Path(out),
-        tree=tree,
-        max_batch_size=max_batch_size,
-        max_input_len=max_input_len,
-        max_seq_len=max_seq_len,
-        max_num_tokens=max_num_tokens,
-        gemm_plugin=gemm_plugin,
-        dry_run=dry_run,
-        overwrite=overwrite,
-        trtllm_build=trtllm_build,
-    )
+    cfg = TrtllmBuildConfig(Path(checkpoint_dir), Path(out), **options)
     manifest = build_trtllm(cfg, echo=click.echo)
     if manifest is not None:
         click.echo(

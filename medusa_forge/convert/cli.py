@@ -105,24 +105,7 @@ def convert() -> None:
 )
 @device_option("Where FP8 calibration runs (default: cuda when available).")
 @overwrite_option("Replace a non-empty --out.")
-def trtllm(
-    model,
-    medusa,
-    out,
-    dtype,
-    tp_size,
-    quantization,
-    kv_cache_dtype,
-    calib_prompts,
-    calib_size,
-    calib_max_seq_len,
-    trtllm_version,
-    medusa_choices,
-    max_draft_len,
-    num_heads,
-    device,
-    overwrite,
-):
+def trtllm(model, medusa, out, calib_prompts, **options):
     """Write config.json + rank{i}.safetensors as TensorRT-LLM's Medusa converter (and quantize.py for fp8).
 
     Then: `trtllm-build --checkpoint_dir OUT --speculative_decoding_mode medusa ...` (or `medusa-forge build
@@ -131,24 +114,8 @@ def trtllm(
     from medusa_forge.convert.trtllm_checkpoint import ConvertOptions, convert_trtllm
     from medusa_forge.convert.trtllm_inspect import inspect_checkpoint
 
-    opts = ConvertOptions(
-        Path(model),
-        Path(medusa),
-        Path(out),
-        dtype=dtype,
-        tp_size=tp_size,
-        quantization=quantization,
-        kv_cache_dtype=kv_cache_dtype,
-        calib_prompts=Path(calib_prompts) if calib_prompts else None,
-        calib_size=calib_size,
-        calib_max_seq_len=calib_max_seq_len,
-        max_draft_len=max_draft_len,
-        device=device,
-        overwrite=overwrite,
-        trtllm_version=trtllm_version,
-        medusa_choices=medusa_choices,
-        num_heads=num_heads,
-    )
+    calib = Path(calib_prompts) if calib_prompts else None
+    opts = ConvertOptions(Path(model), Path(medusa), Path(out), calib_prompts=calib, **options)
     result = convert_trtllm(opts, log=lambda msg: click.echo(msg, err=True))
     report = inspect_checkpoint(result.out_dir, check_values=True)
     for line in report.summary_lines():
