@@ -101,22 +101,15 @@ def mmlu(
     timeout,
     no_medusa,
     in_process,
-    medusa,
-    tree,
-    device,
-    dtype,
-    max_seq_len,
-    compile_,
     out,
     progress,
+    **opening,
 ):
     """MMLU k-shot accuracy of one model (greedy one-token answer), per subject and macro/micro."""
     from medusa_forge.eval.runs import run_mmlu
 
     tok = _tokenizer(tokenizer)
-    backend = _backend(
-        url, model, timeout, in_process, medusa, tree, device, dtype, max_seq_len, compile_, use_medusa=not no_medusa
-    )
+    backend = _backend(url, model, timeout, in_process, opening, use_medusa=not no_medusa)
     if tok is None and in_process:
         tok = backend.engine.tokenizer
     out = Path(out or f"mmlu-{_slug(model)}.json")
@@ -214,14 +207,9 @@ def speed(
     tokenizer,
     timeout,
     in_process,
-    medusa,
-    tree,
-    device,
-    dtype,
-    max_seq_len,
-    compile_,
     out,
     progress,
+    **opening,
 ):
     """Per-topic tokens/s, TTFT, latency percentiles, acceptance length and output identity, base vs Medusa."""
     from medusa_forge.eval.runs import run_speed
@@ -233,12 +221,10 @@ def speed(
     items = read_prompts(prompts, limit=limit, per_topic=per_topic)
     tok = _tokenizer(tokenizer)
     if in_process:
-        base, med = _engine_pair(
-            base_model, medusa_model, medusa, tree, device, dtype, max_seq_len, compile_, medusa_temperature
-        )
+        base, med = _engine_pair(base_model, medusa_model, opening, medusa_temperature)
     else:
-        base = _backend(url, base_model, timeout, False)
-        med = _backend(url, medusa_model, timeout, False, temperature=medusa_temperature)
+        base = _backend(url, base_model, timeout, False, {})
+        med = _backend(url, medusa_model, timeout, False, {}, temperature=medusa_temperature)
     cfg = SpeedConfig(
         max_tokens=max_tokens,
         trials=trials,
@@ -361,25 +347,13 @@ def _close(*backends) -> None:
             close()
 
 
-def _backend(
-    url,
-    model,
-    timeout,
-    in_process,
-    medusa=None,
-    tree=None,
-    device=None,
-    dtype=None,
-    max_seq_len=None,
-    compile_=False,
-    use_medusa=True,
-    temperature=0.0,
-):
+def _backend(url, model, timeout, in_process, opening: dict, use_medusa=True, temperature=0.0):
+    """A Triton model over gRPC, or (``in_process``) an engine opened with the engine options ``opening``."""
     if in_process:
-        from medusa_forge.build.open import open_engine
+        from medusa_forge.build.open import open_with_options
         from medusa_forge.eval.backends import EngineBackend
 
-        engine = open_engine(model, medusa, tree, device, dtype, max_seq_len, compile_, with_heads=use_medusa)
+        engine = open_with_options(model, opening, with_heads=use_medusa)
         use = uses_heads(engine, not use_medusa)
         return EngineBackend(engine, use, f"{model}{'' if use else ' (base decoding)'}")
     if not url:
@@ -389,21 +363,21 @@ def _backend(
     return TritonBackend(url, model, timeout, temperature)
 
 
-def _engine_pair(base_model, medusa_model, medusa, tree, device, dtype, max_seq_len, compile_, temperature=0.0):
+def _engine_pair(base_model, medusa_model, opening: dict, temperature=0.0):
     """Base and Medusa backends in process; one engine serves both when they name the same directory."""
     import threading
 
-    from medusa_forge.build.open import open_engine
+    from medusa_forge.build.open import open_with_options
     from medusa_forge.eval.backends import EngineBackend
 
-    med_engine = open_engine(medusa_model, medusa, tree, device, dtype, max_seq_len, compile_)
+    med_engine = open_with_options(medusa_model, opening)
     if med_engine.tree is None:
         raise ForgeError(f"{medusa_model}: no Medusa heads (build the engine with --medusa or pass --medusa DIR)")
     lock = threading.Lock()
     if Path(base_model).resolve() == Path(medusa_model).resolve():
         base_engine = med_engine
     else:
-        base_engine = open_engine(base_model, None, None, device, dtype, max_seq_len, compile_)
+        base_engine = open_with_options(base_model, opening | {"medusa": None, "tree": None})
     return (
         EngineBackend(base_engine, False, base_model, lock),
         EngineBackend(med_engine, True, medusa_model, lock, temperature),

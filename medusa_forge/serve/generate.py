@@ -32,12 +32,6 @@ from medusa_forge.errors import ForgeError
 @click.option("--stats", is_flag=True, help="After each text, print tokens, steps, tokens/step and tokens/s (stderr).")
 def generate(
     model,
-    medusa,
-    tree,
-    device,
-    dtype,
-    max_seq_len,
-    compile_,
     no_medusa,
     prompt,
     prompt_file,
@@ -49,10 +43,11 @@ def generate(
     seed,
     as_json,
     stats=False,
+    **opening,
 ):
     """Generate text with the native engine: Medusa when it has heads (an engine dir's own, or --medusa),
     unless --no-medusa."""
-    from medusa_forge.build.open import open_engine
+    from medusa_forge.build.open import open_with_options
     from medusa_forge.engine.generation import GenerationConfig
     from medusa_forge.prompts import read_prompts
 
@@ -61,7 +56,7 @@ def generate(
     if prompt is not None and not prompt:
         raise ForgeError("empty prompt: give at least one token of input")
     texts = [prompt] if prompt is not None else [p.prompt for p in read_prompts(prompt_file)]
-    engine = open_engine(model, medusa, tree, device, dtype, max_seq_len, compile_, with_heads=not no_medusa)
+    engine = open_with_options(model, opening, with_heads=not no_medusa)
     gcfg = GenerationConfig(
         max_new_tokens=max_new_tokens,
         use_medusa=uses_heads(engine, no_medusa),
