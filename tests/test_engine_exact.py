@@ -1,7 +1,9 @@
 """The native engine reproduces transformers' greedy decoding token for token (CPU, fp32).
 
 Spec (issue 3, must-show 1 and 2): on >= 30 held-out prompts x 64 new tokens, greedy Medusa output
-equals HF greedy output, and so does our plain decoding; prefill logits agree with HF's.
+equals HF greedy output, and so does our plain decoding; prefill logits agree with HF's. The heads
+are the trained ones the package ships, so Medusa steps commit several tokens (random heads rarely
+get past one): the equality covers accepted drafts, in fewer steps.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from medusa_forge.demo import shipped_heads
 from medusa_forge.engine.generation import GenerationConfig
 from medusa_forge.engine.load import load_engine
 from medusa_forge.tree import ChoiceTree
@@ -25,8 +28,8 @@ def hf_model(model_dir):
 
 
 @pytest.fixture(scope="module")
-def engine(model_dir, heads_dir):
-    return load_engine(model_dir, heads_dir, tree="small", device="cpu", max_seq_len=256)
+def engine(model_dir):
+    return load_engine(model_dir, shipped_heads(), tree="small", device="cpu", max_seq_len=256)
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +81,8 @@ def test_plain_decoding_equals_hf_greedy(engine, prompt_ids, hf_greedy):
         assert engine.generate_ids(ids, cfg).tokens == ref
 
 
-def test_medusa_with_reference_tree_equals_hf(model_dir, heads_dir, prompt_ids, hf_greedy):
-    engine = load_engine(model_dir, heads_dir, tree="mc_sim_7b_63", device="cpu", max_seq_len=320)
+def test_medusa_with_reference_tree_equals_hf(model_dir, prompt_ids, hf_greedy):
+    engine = load_engine(model_dir, shipped_heads(), tree="mc_sim_7b_63", device="cpu", max_seq_len=320)
     cfg = GenerationConfig(max_new_tokens=NEW_TOKENS, ignore_eos=True)
     for ids, ref in zip(prompt_ids[:4], hf_greedy[:4]):
         assert engine.generate_ids(ids, cfg).tokens == ref

@@ -2,7 +2,9 @@
 request options (issue 21, must-show 2), and equal log probs.
 
 30 held-out prompts (one in five of the file, from the third; test_engine_exact takes the first of
-each five), each decoded with one of the settings below, plain and with the `small` tree.
+each five), each decoded with one of the settings below, plain and with the `small` tree. The heads
+are the trained ones the package ships: they draft tokens the tree accepts, so Medusa commits several
+tokens a step (random heads rarely get past one) and does so in fewer steps.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from medusa_forge.demo import shipped_heads
 from medusa_forge.engine.generation import GenerationConfig
 from medusa_forge.engine.load import load_engine
 from medusa_forge.engine.logits_processing import LogitsSettings
@@ -20,8 +23,8 @@ LOG_PROB_ATOL = 1e-4  # float32 CPU: tree rows and plain rows differ by a few ul
 
 
 @pytest.fixture(scope="module")
-def engine(model_dir, heads_dir, one_thread):
-    return load_engine(model_dir, heads_dir, tree="small", device="cpu", max_seq_len=256)
+def engine(model_dir, one_thread):
+    return load_engine(model_dir, shipped_heads(), tree="small", device="cpu", max_seq_len=256)
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +61,15 @@ def run(engine, ids, s, medusa: bool, **extra):
     )
 
 
+def greedy_would_write(engine, ids: list[int], tokens: list[int]) -> bool:
+    """Whether unprocessed greedy decoding of ``ids`` gives ``tokens``: each is the argmax of the context
+    logits of the prompt and the tokens before it (one prefill rather than a decoding step per token)."""
+    logits = engine.generate_ids(
+        ids + tokens[:-1], GenerationConfig(max_new_tokens=1, use_medusa=False, return_context_logits=True)
+    ).context_logits
+    return logits[len(ids) - 1 :].argmax(axis=-1).tolist() == tokens
+
+
 def test_greedy_medusa_equals_greedy_plain_under_every_setting(engine, prompt_ids, settings):
     names = list(settings)
     changed = 0
@@ -66,7 +78,7 @@ def test_greedy_medusa_equals_greedy_plain_under_every_setting(engine, prompt_id
         plain, medusa = run(engine, ids, s, False), run(engine, ids, s, True)
         assert medusa.tokens == plain.tokens, (k, names[k % len(names)])
         assert medusa.steps < len(medusa.tokens)  # the tree did accept drafts
-        changed += plain.tokens != run(engine, ids, None, False).tokens
+        changed += not greedy_would_write(engine, ids, plain.tokens)
     assert changed >= 15  # the settings bite: half the outputs or more differ from unprocessed greedy decoding
 
 

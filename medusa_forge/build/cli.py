@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from medusa_forge.cli_options import calib_prompts_option, out_dir_option, overwrite_option, report_option
 from medusa_forge.engine.options import (
     device_option,
     dtype_option,
@@ -40,10 +41,20 @@ def _int_list(value: str | None, flag: str = "--search-sizes", example: str = "1
     return sizes
 
 
+def split_option(name: str, help: str):
+    """Which lines of a prompts file (load_prompt_split): the even/odd halves keep calibration and
+    measurement apart."""
+    return click.option(name, type=click.Choice(["all", "even", "odd"]), default="all", show_default=True, help=help)
+
+
+def fp8_emulate_option(help: str | None = None):
+    return click.option("--fp8-emulate", is_flag=True, help=help)
+
+
 @build.command()
 @model_option("HF checkpoint directory of the base model (TensorRT-LLM's --model_dir).")
 @medusa_option("Medusa heads directory (FasterDecoding layout). Without it: a base-only engine.")
-@click.option("--out", "--output_dir", "out", required=True, type=click.Path(), help="Engine directory to write.")
+@out_dir_option("Engine directory to write.")
 @dtype_option(
     "bfloat16 | float16 | float32 | fp8 (fp8: FP8 GEMMs on H100; elsewhere needs --fp8-emulate).",
     default="bfloat16",
@@ -53,19 +64,8 @@ def _int_list(value: str | None, flag: str = "--search-sizes", example: str = "1
     "Choice tree: preset (mc_sim_7b_63, small, chain-N, topk-N), JSON file or list, or `auto` "
     "(searched on --calib-prompts for this device). Default: mc_sim_7b_63."
 )
-@click.option(
-    "--calib-prompts",
-    type=click.Path(),
-    default=None,
-    help="JSONL prompts for the auto tree, FP8 static scales and acceptance stats in the manifest.",
-)
-@click.option(
-    "--calib-split",
-    type=click.Choice(["all", "even", "odd"]),
-    default="all",
-    show_default=True,
-    help="Use only even/odd lines of --calib-prompts (keep the other half for benchmarks).",
-)
+@calib_prompts_option("JSONL prompts for the auto tree, FP8 static scales and acceptance stats in the manifest.")
+@split_option("--calib-split", "Use only even/odd lines of --calib-prompts (keep the other half for benchmarks).")
 @click.option("--calib-limit", default=32, show_default=True, help="Calibration prompts used.")
 @click.option(
     "--calib-prompt-tokens", default=256, show_default=True, help="Calibration prompts keep their last N tokens."
@@ -87,7 +87,7 @@ def _int_list(value: str | None, flag: str = "--search-sizes", example: str = "1
 @click.option("--timing-tokens", default=64, show_default=True, help="Tokens decoded per timing prompt.")
 @max_seq_len_option("KV cache length recorded in the manifest (default 2048, capped by the model).")
 @device_option("Device the build computes and verifies on (default: cuda if present).")
-@click.option("--fp8-emulate", is_flag=True, help="Allow fp8 without FP8 tensor cores by emulating it (slow; checks).")
+@fp8_emulate_option("Allow fp8 without FP8 tensor cores by emulating it (slow; checks).")
 @click.option(
     "--fp8-activation",
     type=click.Choice(["dynamic", "static"]),
@@ -102,7 +102,7 @@ def _int_list(value: str | None, flag: str = "--search-sizes", example: str = "1
     help="Keep this kind of block GEMM in the compute dtype (repeatable; a quality knob).",
 )
 @click.option("--verify-tokens", default=16, show_default=True, help="Tokens generated to verify the built engine.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing non-empty --out.")
+@overwrite_option()
 def native(
     model,
     medusa,
@@ -182,7 +182,7 @@ def native(
     type=click.Path(),
     help="TensorRT-LLM checkpoint (`medusa-forge convert` output).",
 )
-@click.option("--out", "--output_dir", "out", required=True, type=click.Path(), help="Engine directory to write.")
+@out_dir_option("Engine directory to write.")
 @click.option(
     "--medusa-choices",
     "--medusa_choices",
@@ -222,36 +222,12 @@ def native(
 @click.option(
     "--trtllm-build", "trtllm_build", default="trtllm-build", show_default=True, help="trtllm-build executable."
 )
-@click.option("--overwrite", is_flag=True, help="Replace an existing non-empty --out.")
-def trtllm(
-    checkpoint_dir,
-    out,
-    tree,
-    max_batch_size,
-    max_input_len,
-    max_seq_len,
-    max_num_tokens,
-    gemm_plugin,
-    dry_run,
-    trtllm_build,
-    overwrite,
-):
+@overwrite_option()
+def trtllm(checkpoint_dir, out, **options):
     """Build a TensorRT-LLM engine with trtllm-build and write our manifest beside it."""
     from medusa_forge.build.trtllm import TrtllmBuildConfig, build_trtllm
 
-    cfg = TrtllmBuildConfig(
-        checkpoint_dir=Path(checkpoint_dir),
-        out_dir=Path(out),
-        tree=tree,
-        max_batch_size=max_batch_size,
-        max_input_len=max_input_len,
-        max_seq_len=max_seq_len,
-        max_num_tokens=max_num_tokens,
-        gemm_plugin=gemm_plugin,
-        dry_run=dry_run,
-        overwrite=overwrite,
-        trtllm_build=trtllm_build,
-    )
+    cfg = TrtllmBuildConfig(Path(checkpoint_dir), Path(out), **options)
     manifest = build_trtllm(cfg, echo=click.echo)
     if manifest is not None:
         click.echo(
@@ -267,7 +243,7 @@ def trtllm(
 @click.option("--max-new-tokens", default=64, show_default=True)
 @click.option("--prompt-tokens", default=256, show_default=True, help="Prompts keep their last N tokens.")
 @device_option()
-@click.option("--fp8-emulate", is_flag=True, help="Emulate FP8 where there are no FP8 tensor cores.")
+@fp8_emulate_option("Emulate FP8 where there are no FP8 tensor cores.")
 @click.option("--min-agreement", default=0.98, show_default=True, help="Fail (exit 2) below this greedy agreement.")
 @click.option(
     "--timing/--no-timing",
@@ -275,7 +251,7 @@ def trtllm(
     show_default=True,
     help="Also time plain and Medusa decoding steps of both engines.",
 )
-@click.option("--out", type=click.Path(), default=None, help="Write the JSON report here.")
+@report_option("Write the JSON report here.")
 def compare_fp8_cmd(
     reference, candidate, prompts, limit, max_new_tokens, prompt_tokens, device, fp8_emulate, min_agreement, timing, out
 ):
@@ -322,19 +298,13 @@ def compare_fp8_cmd(
     help="Comma-separated trees; `engine` is the engine's own tree.",
 )
 @click.option("--prompts", required=True, type=click.Path(), help="Held-out prompts JSONL.")
-@click.option(
-    "--split",
-    type=click.Choice(["all", "even", "odd"]),
-    default="all",
-    show_default=True,
-    help="Use only even/odd lines (the half not used for calibration).",
-)
+@split_option("--split", "Use only even/odd lines (the half not used for calibration).")
 @click.option("--limit", default=None, type=int, help="Prompts used (default: all of the split).")
 @click.option("--max-new-tokens", default=128, show_default=True)
 @click.option("--prompt-tokens", default=512, show_default=True)
 @device_option()
-@click.option("--fp8-emulate", is_flag=True)
-@click.option("--out", type=click.Path(), default=None, help="JSON report (a .md table is written beside it).")
+@fp8_emulate_option()
+@report_option("JSON report (a .md table is written beside it).")
 def compare_trees_cmd(engine, trees, prompts, split, limit, max_new_tokens, prompt_tokens, device, fp8_emulate, out):
     """Measured tokens/s of several choice trees on one engine (same weights, same prompts)."""
     from medusa_forge.build.compare import compare_trees, load_prompt_split, save_report, trees_table

@@ -49,3 +49,12 @@ def open_engine(
             medusa_dir, ckpt.model.config.hidden_size, ckpt.model.config.vocab_size, dtype=dt, device=dev
         )
     return start_engine(ckpt.model, heads, tree, path, max_seq_len, cuda_graphs, compile)
+
+
+def open_with_options(path: str | Path, options: dict, with_heads: bool = True) -> MedusaEngine:
+    """``open_engine`` with the engine options as a command receives them (``engine.options.opening_options``:
+    medusa, tree, device, dtype, max_seq_len, compile_)."""
+    o = options
+    return open_engine(
+        path, o["medusa"], o["tree"], o["device"], o["dtype"], o["max_seq_len"], o["compile_"], with_heads=with_heads
+    )

@@ -12,6 +12,9 @@ from pathlib import Path
 
 import click
 
+from medusa_forge.cli_options import calib_prompts_option, json_option, out_dir_option, overwrite_option
+from medusa_forge.engine.options import device_option, dtype_option, medusa_option, model_option
+
 
 @click.group(name="convert")
 def convert() -> None:
@@ -19,29 +22,14 @@ def convert() -> None:
 
 
 @convert.command()
-@click.option(
-    "--model",
-    "--model_dir",
-    "model",
-    required=True,
-    type=click.Path(),
-    help="HF Llama/Mistral/Qwen2 checkpoint directory (TensorRT-LLM's --model_dir).",
-)
-@click.option(
-    "--medusa",
-    "--medusa_model_dir",
-    "medusa",
-    required=True,
-    type=click.Path(),
-    help="Medusa heads directory, any layout `medusa-forge heads` reads (--medusa_model_dir).",
-)
-@click.option("--out", "--output_dir", "out", required=True, type=click.Path(), help="Checkpoint directory to write.")
-@click.option(
-    "--dtype",
-    type=click.Choice(["float16", "bfloat16"]),
+@model_option("HF Llama/Mistral/Qwen2 checkpoint directory (TensorRT-LLM's --model_dir).")
+@medusa_option("Medusa heads directory, any layout `medusa-forge heads` reads (--medusa_model_dir).", required=True)
+@out_dir_option("Checkpoint directory to write.")
+@dtype_option(
+    "Checkpoint dtype (of the unquantized tensors for fp8).",
     default="float16",
     show_default=True,
-    help="Checkpoint dtype (of the unquantized tensors for fp8).",
+    type=click.Choice(["float16", "bfloat16"]),
 )
 @click.option(
     "--tp-size",
@@ -67,11 +55,8 @@ def convert() -> None:
     default=None,
     help="fp8: also write KV-cache scales (needs --quantization fp8).",
 )
-@click.option(
-    "--calib-prompts",
-    type=click.Path(),
-    default=None,
-    help="JSONL with a 'prompt' field per line: FP8 calibration text (default: the set shipped with medusa-forge).",
+@calib_prompts_option(
+    "JSONL with a 'prompt' field per line: FP8 calibration text (default: the set shipped with medusa-forge)."
 )
 @click.option(
     "--calib-size",
@@ -118,26 +103,9 @@ def convert() -> None:
     type=int,
     help="Use the first N heads the files hold, whatever the heads' config.json says.",
 )
-@click.option("--device", default=None, help="Where FP8 calibration runs (default: cuda when available).")
-@click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
-def trtllm(
-    model,
-    medusa,
-    out,
-    dtype,
-    tp_size,
-    quantization,
-    kv_cache_dtype,
-    calib_prompts,
-    calib_size,
-    calib_max_seq_len,
-    trtllm_version,
-    medusa_choices,
-    max_draft_len,
-    num_heads,
-    device,
-    overwrite,
-):
+@device_option("Where FP8 calibration runs (default: cuda when available).")
+@overwrite_option("Replace a non-empty --out.")
+def trtllm(model, medusa, out, calib_prompts, **options):
     """Write config.json + rank{i}.safetensors as TensorRT-LLM's Medusa converter (and quantize.py for fp8).
 
     Then: `trtllm-build --checkpoint_dir OUT --speculative_decoding_mode medusa ...` (or `medusa-forge build
@@ -146,24 +114,8 @@ def trtllm(
     from medusa_forge.convert.trtllm_checkpoint import ConvertOptions, convert_trtllm
     from medusa_forge.convert.trtllm_inspect import inspect_checkpoint
 
-    opts = ConvertOptions(
-        Path(model),
-        Path(medusa),
-        Path(out),
-        dtype=dtype,
-        tp_size=tp_size,
-        quantization=quantization,
-        kv_cache_dtype=kv_cache_dtype,
-        calib_prompts=Path(calib_prompts) if calib_prompts else None,
-        calib_size=calib_size,
-        calib_max_seq_len=calib_max_seq_len,
-        max_draft_len=max_draft_len,
-        device=device,
-        overwrite=overwrite,
-        trtllm_version=trtllm_version,
-        medusa_choices=medusa_choices,
-        num_heads=num_heads,
-    )
+    calib = Path(calib_prompts) if calib_prompts else None
+    opts = ConvertOptions(Path(model), Path(medusa), Path(out), calib_prompts=calib, **options)
     result = convert_trtllm(opts, log=lambda msg: click.echo(msg, err=True))
     report = inspect_checkpoint(result.out_dir, check_values=True)
     for line in report.summary_lines():
@@ -179,7 +131,7 @@ def trtllm(
 
 @convert.command(name="inspect")
 @click.argument("ckpt_dir", type=click.Path())
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@json_option("Print one JSON object.")
 @click.option("--headers-only", is_flag=True, help="Skip reading scales and replicated tensors.")
 @click.pass_context
 def inspect_cmd(ctx, ckpt_dir, as_json, headers_only):

@@ -33,7 +33,7 @@ TensorRT-LLM's default. Pipeline parallelism is not offered (upstream writes eve
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -59,23 +59,21 @@ DEFAULT_TREE = "mc_sim_7b_63"  # the serving tree when none is named: 63 nodes, 
 
 
 @dataclass(frozen=True)
-class CheckpointSpec:
-    """Everything that fixes a checkpoint's tensor names, shapes and dtypes."""
+class CheckpointSpec(ModelConfig):
+    """The model's config plus everything else that fixes a checkpoint's tensor names, shapes and dtypes."""
 
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_size: int
+    _: KW_ONLY
     num_medusa_heads: int
     num_medusa_layers: int
     tp_size: int = 1
-    dtype: str = "float16"
+    dtype: str = "float16"  # the checkpoint's weights, which need not be the HF config's torch_dtype
     quant_algo: str | None = None  # None | "FP8"
     kv_cache_quant_algo: str | None = None  # None | "FP8"
-    qkv_bias: bool = False  # Qwen2: attention.qkv.bias
+
+    @property
+    def head_size(self) -> int:
+        """TensorRT-LLM's name for head_dim."""
+        return self.head_dim
 
     @property
     def vocab_padded(self) -> int:
@@ -131,21 +129,18 @@ def spec_for(
     fp8_kv_cache: bool = False,
 ) -> CheckpointSpec:
     return CheckpointSpec(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_layers=cfg.num_layers,
-        num_heads=cfg.num_heads,
-        num_kv_heads=cfg.num_kv_heads,
-        head_size=cfg.head_dim,
+        **_model_fields(cfg),
         num_medusa_heads=num_medusa_heads,
         num_medusa_layers=num_medusa_layers,
         tp_size=tp_size,
         dtype=dtype,
         quant_algo=QUANT_FP8 if fp8 else None,
         kv_cache_quant_algo=QUANT_FP8 if fp8_kv_cache else None,
-        qkv_bias=cfg.qkv_bias,
     )
+
+
+def _model_fields(cfg: ModelConfig) -> dict[str, Any]:
+    return {f.name: getattr(cfg, f.name) for f in fields(ModelConfig)}
 
 
 MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
@@ -234,31 +229,8 @@ class CheckpointConfig:
         return self.directory / f"rank{rank}.safetensors"
 
     def model_config(self, eos_token_ids: tuple[int, ...] = (), bos_token_id: int | None = None) -> ModelConfig:
-        """The native decoder's config for these weights (RoPE and norm fields as TensorRT-LLM names them)."""
-        d, s = self.raw, self.spec
-        scaling = d.get("rotary_scaling")
-        if scaling and scaling.get("type") == "llama3":
-            rope = {"rope_type": "llama3", **{k: scaling[k] for k in LLAMA3_KEYS}}
-        else:
-            rope = {"rope_type": "linear", "factor": float(scaling["factor"])} if scaling else None
-        return ModelConfig(
-            vocab_size=s.vocab_size,
-            hidden_size=s.hidden_size,
-            intermediate_size=s.intermediate_size,
-            num_layers=s.num_layers,
-            num_heads=s.num_heads,
-            num_kv_heads=s.num_kv_heads,
-            head_dim=s.head_size,
-            rms_norm_eps=float(d.get("norm_epsilon", 1e-5)),
-            rope_theta=float(d.get("rotary_base", 10000.0)),
-            rope_scaling=rope,
-            max_position_embeddings=int(d.get("max_position_embeddings") or 2048),
-            bos_token_id=bos_token_id,
-            eos_token_ids=eos_token_ids,
-            torch_dtype=s.dtype,
-            qkv_bias=s.qkv_bias,
-            architecture="Qwen2ForCausalLM" if s.qkv_bias else "LlamaForCausalLM",
-        )
+        """The native decoder's config for these weights, with the tokenizer's special ids."""
+        return ModelConfig(**_model_fields(self.spec) | {"eos_token_ids": eos_token_ids, "bos_token_id": bos_token_id})
 
 
 def _int(d: dict, key: str, where: Path, default: int | None = None) -> int:
@@ -266,6 +238,13 @@ def _int(d: dict, key: str, where: Path, default: int | None = None) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < 0:
         raise ForgeError(f"{where}: field {key!r} must be a non-negative integer, got {v!r}")
     return v
+
+
+def _rope_scaling(scaling: dict | None) -> dict | None:
+    """TensorRT-LLM's rotary_scaling as HF's rope_scaling (the fields our RoPE reads)."""
+    if scaling and scaling.get("type") == "llama3":
+        return {"rope_type": "llama3", **{k: scaling[k] for k in LLAMA3_KEYS}}
+    return {"rope_type": "linear", "factor": float(scaling["factor"])} if scaling else None
 
 
 def read_config(ckpt_dir: str | Path) -> CheckpointConfig:
@@ -300,6 +279,7 @@ def read_config(ckpt_dir: str | Path) -> CheckpointConfig:
     if heads == 0:
         raise ForgeError(f"{path}: num_attention_heads must be >= 1")
     quant = d.get("quantization") or {}
+    qkv_bias = "qwen" in str(d.get("model_type", ""))
     spec = CheckpointSpec(
         vocab_size=_int(d, "vocab_size", path),
         hidden_size=hidden,
@@ -307,14 +287,22 @@ def read_config(ckpt_dir: str | Path) -> CheckpointConfig:
         num_layers=_int(d, "num_hidden_layers", path),
         num_heads=heads,
         num_kv_heads=_int(d, "num_key_value_heads", path, heads) or heads,
-        head_size=_int(d, "head_size", path, hidden // heads),
+        head_dim=_int(d, "head_size", path, hidden // heads),
+        rms_norm_eps=float(d.get("norm_epsilon", 1e-5)),
+        rope_theta=float(d.get("rotary_base", 10000.0)),
+        rope_scaling=_rope_scaling(scaling),
+        max_position_embeddings=int(d.get("max_position_embeddings") or 2048),
+        bos_token_id=None,  # the tokenizer's, not the checkpoint's: CheckpointConfig.model_config
+        eos_token_ids=(),
+        architecture="Qwen2ForCausalLM" if qkv_bias else "LlamaForCausalLM",
+        torch_dtype=str(d.get("dtype")),
+        qkv_bias=qkv_bias,
         num_medusa_heads=_int(d, "num_medusa_heads", path),
         num_medusa_layers=_int(d, "num_medusa_layers", path),
         tp_size=tp,
         dtype=str(d.get("dtype")),
         quant_algo=quant.get("quant_algo"),
         kv_cache_quant_algo=quant.get("kv_cache_quant_algo"),
-        qkv_bias="qwen" in str(d.get("model_type", "")),
     )
     if spec.num_medusa_heads < 1:
         raise ForgeError(f"{path}: num_medusa_heads must be >= 1")

@@ -45,23 +45,7 @@ import click
     "none on a CPU, where a 26M model's Medusa step costs more than it saves).",
 )
 @click.option("--show-text", is_flag=True, help="Print the streamed query's text (quiet by default).")
-def demo(
-    model,
-    prompts,
-    out,
-    heads,
-    tree,
-    device,
-    dtype,
-    mmlu,
-    shots,
-    mmlu_limit,
-    per_topic,
-    max_tokens,
-    trials,
-    min_speedup,
-    show_text,
-):
+def demo(model, prompts, out, heads, mmlu, **options):
     """Heads -> base and Medusa engines -> one tritonserver -> streamed gRPC query -> eval mmlu / speed /
     report -> promote (the candidate passes, a degraded one is rejected) -> a summary table.
 
@@ -75,18 +59,9 @@ def demo(
         prompts=Path(prompts),
         out=Path(out),
         heads=Path(heads) if heads else None,
-        tree=tree,
-        device=device,
-        dtype=dtype,
         mmlu=Path(mmlu) if mmlu else None,
-        shots=shots,
-        mmlu_limit=mmlu_limit,
-        per_topic=per_topic,
-        max_tokens=max_tokens,
-        trials=trials,
-        min_speedup=min_speedup,
-        show_text=show_text,
         echo=lambda msg: click.echo(msg, err=True),
+        **options,
     )
     summary = run_demo(cfg)
     render(summary)

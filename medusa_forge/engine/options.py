@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import click
 
+from medusa_forge.cli_options import with_options
+
 MODEL_HELP = "Native engine dir (from `build`) or HF checkpoint dir (TensorRT-LLM's --model_dir)."
 MEDUSA_HELP = "Medusa heads directory (FasterDecoding layout; an engine dir brings its own)."
 TREE_HELP = "Choice tree: preset name, JSON file, or JSON list (default: the engine's, else mc_sim_7b_63)."
@@ -21,12 +23,14 @@ COMPILE_HELP = "torch.compile the decoding steps (CUDA) before graph capture."
 NO_MEDUSA_HELP = "Plain decoding with the base model of the same engine (default: Medusa when it has heads)."
 
 
-def model_option(help: str = MODEL_HELP, required: bool = True, names: tuple[str, ...] = ()):
-    return click.option("--model", "--model_dir", *names, "model", required=required, type=click.Path(), help=help)
+def model_option(help: str = MODEL_HELP, required: bool = True, aliases: tuple[str, ...] = ("--model_dir",)):
+    return click.option("--model", *aliases, "model", required=required, type=click.Path(), help=help)
 
 
-def medusa_option(help: str = MEDUSA_HELP):
-    return click.option("--medusa", "--medusa_model_dir", "medusa", type=click.Path(), default=None, help=help)
+def medusa_option(help: str = MEDUSA_HELP, required: bool = False):
+    return click.option(
+        "--medusa", "--medusa_model_dir", "medusa", required=required, type=click.Path(), default=None, help=help
+    )
 
 
 def tree_option(help: str = TREE_HELP):
@@ -37,12 +41,15 @@ def device_option(help: str = DEVICE_HELP):
     return click.option("--device", default=None, help=help)
 
 
-def dtype_option(help: str = DTYPE_HELP, default: str | None = None, show_default: bool = False):
-    return click.option("--dtype", default=default, show_default=show_default, help=help)
+def dtype_option(help: str = DTYPE_HELP, default: str | None = None, show_default: bool = False, type=None):
+    return click.option("--dtype", default=default, show_default=show_default, type=type, help=help)
 
 
-def max_seq_len_option(help: str = MAX_SEQ_LEN_HELP):
-    return click.option("--max-seq-len", "--max_seq_len", "max_seq_len", default=None, type=int, help=help)
+def max_seq_len_option(help: str | None = MAX_SEQ_LEN_HELP, alias: str = "--max_seq_len", default: int | None = None):
+    """``alias``: TensorRT-LLM's name, or FasterDecoding's --model_max_length for training."""
+    return click.option(
+        "--max-seq-len", alias, "max_seq_len", default=default, show_default=default is not None, type=int, help=help
+    )
 
 
 def compile_option(help: str = COMPILE_HELP):
@@ -65,20 +72,9 @@ def opening_options(note: str = "") -> list:
     ]
 
 
-def with_options(options: list):
-    """Apply click options in the order listed (first listed = first in --help)."""
-
-    def deco(fn):
-        for opt in reversed(options):
-            fn = opt(fn)
-        return fn
-
-    return deco
-
-
 def engine_options(fn):
     """--model/--medusa/--medusa-choices/--device/--dtype/--max-seq-len/--compile, as open_engine takes them."""
-    return with_options([model_option(names=("--engine",)), *opening_options()])(fn)
+    return with_options([model_option(aliases=("--model_dir", "--engine")), *opening_options()])(fn)
 
 
 def uses_heads(engine, no_medusa: bool) -> bool:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import click
 
-from medusa_forge.engine.options import no_medusa_option, opening_options, uses_heads, with_options
+from medusa_forge.cli_options import overwrite_option, progress_option, report_option, with_options
+from medusa_forge.engine.options import no_medusa_option, opening_options, uses_heads
 from medusa_forge.errors import ForgeError
 
 
@@ -33,6 +34,15 @@ def _tokenizer(path: str | None):
     return Tokenizer(path)
 
 
+# the Triton side of mmlu and speed
+url_option = click.option("--url", default=None, help="Triton gRPC endpoint HOST:PORT.")
+timeout_option = click.option("--timeout", default=300.0, show_default=True, help="Seconds per request.")
+
+
+def tokenizer_option(help: str):
+    return click.option("--tokenizer", type=click.Path(), default=None, help=help)
+
+
 in_process_options = [
     click.option(
         "--in-process",
@@ -55,7 +65,7 @@ def eval_group() -> None:
 
 # ---------------------------------------------------------------- mmlu
 @eval_group.command("mmlu")
-@click.option("--url", default=None, help="Triton gRPC endpoint HOST:PORT.")
+@url_option
 @click.option("--model", required=True, help="Triton model name (with --in-process: engine directory).")
 @click.option(
     "--data",
@@ -68,18 +78,15 @@ def eval_group() -> None:
 @click.option("--shots", default=5, show_default=True, help="Dev examples in each prompt (k-shot).")
 @click.option("--limit", default=None, type=int, help="First N questions of each subject.")
 @click.option("--concurrency", default=4, show_default=True, help="Requests in flight.")
-@click.option(
-    "--tokenizer",
-    type=click.Path(),
-    default=None,
-    help="Tokenizer (or native engine) dir: drop shots until the prompt fits --max-prompt-tokens (as the original does).",
+@tokenizer_option(
+    "Tokenizer (or native engine) dir: drop shots until the prompt fits --max-prompt-tokens (as the original does)."
 )
 @click.option("--max-prompt-tokens", default=2048, show_default=True)
-@click.option("--timeout", default=300.0, show_default=True, help="Seconds per request.")
+@timeout_option
 @no_medusa_option("--in-process: decode with the base model only (default: Medusa when the engine has heads).")
 @with_options(in_process_options)
-@click.option("--out", type=click.Path(), default=None, help="Results JSON (default: mmlu-<model>.json).")
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@report_option("Results JSON (default: mmlu-<model>.json).")
+@progress_option()
 def mmlu(
     url,
     model,
@@ -94,22 +101,15 @@ def mmlu(
     timeout,
     no_medusa,
     in_process,
-    medusa,
-    tree,
-    device,
-    dtype,
-    max_seq_len,
-    compile_,
     out,
     progress,
+    **opening,
 ):
     """MMLU k-shot accuracy of one model (greedy one-token answer), per subject and macro/micro."""
     from medusa_forge.eval.runs import run_mmlu
 
     tok = _tokenizer(tokenizer)
-    backend = _backend(
-        url, model, timeout, in_process, medusa, tree, device, dtype, max_seq_len, compile_, use_medusa=not no_medusa
-    )
+    backend = _backend(url, model, timeout, in_process, opening, use_medusa=not no_medusa)
     if tok is None and in_process:
         tok = backend.engine.tokenizer
     out = Path(out or f"mmlu-{_slug(model)}.json")
@@ -142,7 +142,7 @@ def mmlu(
 
 # ---------------------------------------------------------------- speed
 @eval_group.command("speed")
-@click.option("--url", default=None, help="Triton gRPC endpoint HOST:PORT.")
+@url_option
 @click.option("--base-model", required=True, help="Triton model name of the base (with --in-process: engine dir).")
 @click.option("--medusa-model", required=True, help="Triton model name of the Medusa engine (or engine dir).")
 @click.option("--prompts", required=True, type=click.Path(), help="JSONL with 'prompt' (and 'topic') per line.")
@@ -183,16 +183,13 @@ def mmlu(
     help="Decode the Medusa model with typical acceptance at this temperature (0 = greedy, exact; "
     ">0 is not exact, outputs will differ from the base).",
 )
-@click.option(
-    "--tokenizer",
-    type=click.Path(),
-    default=None,
-    help="Tokenizer (or native engine) dir to count tokens when the server returns no output_tokens (TensorRT-LLM).",
+@tokenizer_option(
+    "Tokenizer (or native engine) dir to count tokens when the server returns no output_tokens (TensorRT-LLM)."
 )
-@click.option("--timeout", default=300.0, show_default=True, help="Seconds per request.")
+@timeout_option
 @with_options(in_process_options)
-@click.option("--out", type=click.Path(), default=None, help="Results JSON (default: speed-<medusa>.json).")
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@report_option("Results JSON (default: speed-<medusa>.json).")
+@progress_option()
 def speed(
     url,
     base_model,
@@ -210,14 +207,9 @@ def speed(
     tokenizer,
     timeout,
     in_process,
-    medusa,
-    tree,
-    device,
-    dtype,
-    max_seq_len,
-    compile_,
     out,
     progress,
+    **opening,
 ):
     """Per-topic tokens/s, TTFT, latency percentiles, acceptance length and output identity, base vs Medusa."""
     from medusa_forge.eval.runs import run_speed
@@ -229,12 +221,10 @@ def speed(
     items = read_prompts(prompts, limit=limit, per_topic=per_topic)
     tok = _tokenizer(tokenizer)
     if in_process:
-        base, med = _engine_pair(
-            base_model, medusa_model, medusa, tree, device, dtype, max_seq_len, compile_, medusa_temperature
-        )
+        base, med = _engine_pair(base_model, medusa_model, opening, medusa_temperature)
     else:
-        base = _backend(url, base_model, timeout, False)
-        med = _backend(url, medusa_model, timeout, False, temperature=medusa_temperature)
+        base = _backend(url, base_model, timeout, False, {})
+        med = _backend(url, medusa_model, timeout, False, {}, temperature=medusa_temperature)
     cfg = SpeedConfig(
         max_tokens=max_tokens,
         trials=trials,
@@ -281,7 +271,7 @@ def speed(
     help="Candidate engine dir the results belong to (promote then checks it is the one promoted).",
 )
 @click.option("--out", required=True, type=click.Path(), help="Report directory.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing non-empty --out.")
+@overwrite_option()
 def report(mmlu_path, baseline_mmlu, speed_path, engine, out, overwrite):
     """report.md, report.json and plots (tokens/s per topic, latency CDF, MMLU delta per subject)."""
     from medusa_forge.eval.report import write_report
@@ -357,25 +347,13 @@ def _close(*backends) -> None:
             close()
 
 
-def _backend(
-    url,
-    model,
-    timeout,
-    in_process,
-    medusa=None,
-    tree=None,
-    device=None,
-    dtype=None,
-    max_seq_len=None,
-    compile_=False,
-    use_medusa=True,
-    temperature=0.0,
-):
+def _backend(url, model, timeout, in_process, opening: dict, use_medusa=True, temperature=0.0):
+    """A Triton model over gRPC, or (``in_process``) an engine opened with the engine options ``opening``."""
     if in_process:
-        from medusa_forge.build.open import open_engine
+        from medusa_forge.build.open import open_with_options
         from medusa_forge.eval.backends import EngineBackend
 
-        engine = open_engine(model, medusa, tree, device, dtype, max_seq_len, compile_, with_heads=use_medusa)
+        engine = open_with_options(model, opening, with_heads=use_medusa)
         use = uses_heads(engine, not use_medusa)
         return EngineBackend(engine, use, f"{model}{'' if use else ' (base decoding)'}")
     if not url:
@@ -385,21 +363,21 @@ def _backend(
     return TritonBackend(url, model, timeout, temperature)
 
 
-def _engine_pair(base_model, medusa_model, medusa, tree, device, dtype, max_seq_len, compile_, temperature=0.0):
+def _engine_pair(base_model, medusa_model, opening: dict, temperature=0.0):
     """Base and Medusa backends in process; one engine serves both when they name the same directory."""
     import threading
 
-    from medusa_forge.build.open import open_engine
+    from medusa_forge.build.open import open_with_options
     from medusa_forge.eval.backends import EngineBackend
 
-    med_engine = open_engine(medusa_model, medusa, tree, device, dtype, max_seq_len, compile_)
+    med_engine = open_with_options(medusa_model, opening)
     if med_engine.tree is None:
         raise ForgeError(f"{medusa_model}: no Medusa heads (build the engine with --medusa or pass --medusa DIR)")
     lock = threading.Lock()
     if Path(base_model).resolve() == Path(medusa_model).resolve():
         base_engine = med_engine
     else:
-        base_engine = open_engine(base_model, None, None, device, dtype, max_seq_len, compile_)
+        base_engine = open_with_options(base_model, opening | {"medusa": None, "tree": None})
     return (
         EngineBackend(base_engine, False, base_model, lock),
         EngineBackend(med_engine, True, medusa_model, lock, temperature),

@@ -6,6 +6,8 @@ import json
 
 import click
 
+from medusa_forge.cli_options import json_option, out_dir_option, overwrite_option
+
 TARGET_NAMES = ("fasterdecoding", "tgi", "vllm", "trtllm-medusa-dir", "axolotl")  # = layouts.TARGETS, without torch
 
 
@@ -19,17 +21,14 @@ def heads() -> None:
     """
 
 
+def base_model_option(help: str):
+    return click.option("--base-model", "--model_dir", "base_model", type=click.Path(), default=None, help=help)
+
+
 @heads.command("inspect")
 @click.argument("directory", type=click.Path())
-@click.option(
-    "--base-model",
-    "--model_dir",
-    "base_model",
-    type=click.Path(),
-    default=None,
-    help="Base model dir: check sizes (and vLLM's stored lm_head) against it.",
-)
-@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+@base_model_option("Base model dir: check sizes (and vLLM's stored lm_head) against it.")
+@json_option("Print the report as one JSON object.")
 @click.pass_context
 def inspect_cmd(ctx: click.Context, directory: str, base_model: str | None, as_json: bool) -> None:
     """Print a heads directory's layout, sizes, version and problems (exit 1 when there are any)."""
@@ -92,20 +91,13 @@ def _lines(rep) -> list[tuple[str, str]]:
     type=click.Choice(TARGET_NAMES),
     help="Layout to write, exactly as that tool loads it.",
 )
-@click.option(
-    "--out", "--output_dir", "out", required=True, type=click.Path(), help="Output directory (written atomically)."
+@out_dir_option("Output directory (written atomically).")
+@base_model_option(
+    "Base model dir: needed to give shared-lm_head heads per-head projections (trtllm-medusa-dir, "
+    "axolotl, tgi with >1 layer), for vLLM's lm_head copy, and for axolotl's full model."
 )
-@click.option(
-    "--base-model",
-    "--model_dir",
-    "base_model",
-    type=click.Path(),
-    default=None,
-    help="Base model dir: needed to give shared-lm_head heads per-head projections (trtllm-medusa-dir, "
-    "axolotl, tgi with >1 layer), for vLLM's lm_head copy, and for axolotl's full model.",
-)
-@click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+@overwrite_option("Replace a non-empty --out.")
+@json_option("Print the result as one JSON object.")
 def export_cmd(src: str, target: str, out: str, base_model: str | None, overwrite: bool, as_json: bool) -> None:
     """Write heads in another tool's layout (config fields included); tensors are copied bit for bit."""
     from dataclasses import asdict

@@ -14,13 +14,14 @@ from pathlib import Path
 
 import click
 
+from medusa_forge.cli_options import json_option, out_dir_option, overwrite_option
 from medusa_forge.engine.options import engine_options, no_medusa_option
 from medusa_forge.errors import ForgeError
 
 
 @click.command(name="triton-repo")
 @engine_options
-@click.option("--out", "--model_repo", "out", required=True, type=click.Path(), help="Model repository to write.")
+@out_dir_option("Model repository to write.", alias="--model_repo")
 @click.option("--name", default="ensemble", show_default=True, help="Model name clients call.")
 @click.option(
     "--max-batch-size",
@@ -127,7 +128,7 @@ from medusa_forge.errors import ForgeError
     show_default=True,
     help="TensorRT-LLM: dynamic batcher queue delay.",
 )
-@click.option("--overwrite", is_flag=True, help="Replace an existing non-empty --out.")
+@overwrite_option()
 def triton_repo(
     model,
     medusa,
@@ -266,7 +267,7 @@ def serve(repo, grpc_port, http_port, metrics_port, host, world_size, ready_time
 @click.option("--top-k", type=int, default=None)
 @click.option("--top-p", type=float, default=None)
 @click.option("--stop", "stop", multiple=True, help="Stop string (repeatable); sent as stop_words.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object with text, timings and statistics.")
+@json_option("Print one JSON object with text, timings and statistics.")
 def query(url, model, prompt, max_tokens, stream, timeout, temperature, top_k, top_p, stop, as_json):
     """Send one prompt over gRPC and print the completion (as it streams with --stream)."""
     from dataclasses import asdict

@@ -7,6 +7,7 @@ import sys
 
 import click
 
+from medusa_forge.cli_options import json_option
 from medusa_forge.engine.options import engine_options, no_medusa_option, uses_heads
 from medusa_forge.errors import ForgeError
 
@@ -27,16 +28,10 @@ from medusa_forge.errors import ForgeError
 @click.option("--top-p", default=1.0, show_default=True)
 @click.option("--stop", "stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--seed", default=None, type=int)
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per prompt.")
+@json_option("One JSON object per prompt.")
 @click.option("--stats", is_flag=True, help="After each text, print tokens, steps, tokens/step and tokens/s (stderr).")
 def generate(
     model,
-    medusa,
-    tree,
-    device,
-    dtype,
-    max_seq_len,
-    compile_,
     no_medusa,
     prompt,
     prompt_file,
@@ -48,10 +43,11 @@ def generate(
     seed,
     as_json,
     stats=False,
+    **opening,
 ):
     """Generate text with the native engine: Medusa when it has heads (an engine dir's own, or --medusa),
     unless --no-medusa."""
-    from medusa_forge.build.open import open_engine
+    from medusa_forge.build.open import open_with_options
     from medusa_forge.engine.generation import GenerationConfig
     from medusa_forge.prompts import read_prompts
 
@@ -60,7 +56,7 @@ def generate(
     if prompt is not None and not prompt:
         raise ForgeError("empty prompt: give at least one token of input")
     texts = [prompt] if prompt is not None else [p.prompt for p in read_prompts(prompt_file)]
-    engine = open_engine(model, medusa, tree, device, dtype, max_seq_len, compile_, with_heads=not no_medusa)
+    engine = open_with_options(model, opening, with_heads=not no_medusa)
     gcfg = GenerationConfig(
         max_new_tokens=max_new_tokens,
         use_medusa=uses_heads(engine, no_medusa),

@@ -8,28 +8,16 @@ from __future__ import annotations
 
 import click
 
+from medusa_forge.cli_options import out_dir_option, overwrite_option, progress_option
+from medusa_forge.engine.options import device_option, max_seq_len_option, model_option
 from medusa_forge.train.config import SCHEDULES, TrainConfig
 
 CONTEXT = {"max_content_width": 110}
 
 
 @click.command(context_settings=CONTEXT)
-@click.option(
-    "--model",
-    "--model_name_or_path",
-    "model",
-    required=True,
-    type=click.Path(),
-    help="Base HF checkpoint directory (frozen).",
-)
-@click.option(
-    "--out",
-    "--output_dir",
-    "out",
-    required=True,
-    type=click.Path(),
-    help="Heads directory to write (FasterDecoding layout + train_report.*).",
-)
+@model_option("Base HF checkpoint directory (frozen).", aliases=("--model_name_or_path",))
+@out_dir_option("Heads directory to write (FasterDecoding layout + train_report.*).")
 @click.option(
     "--data", type=click.Path(), default=None, help="JSONL with text, prompt/completion, or messages (chat template)."
 )
@@ -74,7 +62,7 @@ CONTEXT = {"max_content_width": 110}
 @click.option("--warmup-ratio", default=0.03, show_default=True)
 @click.option("--weight-decay", default=0.0, show_default=True)
 @click.option("--max-grad-norm", default=1.0, show_default=True)
-@click.option("--max-seq-len", "--model_max_length", "max_seq_len", default=256, show_default=True)
+@max_seq_len_option(None, alias="--model_max_length", default=256)
 @click.option("--batch-size", default=8, show_default=True, help="Sequences per step.")
 @click.option("--heads-coefficient", default=0.2, show_default=True)
 @click.option("--decay-coefficient", default=0.8, show_default=True)
@@ -94,14 +82,14 @@ CONTEXT = {"max_content_width": 110}
     help="Also decode N eval prompts with the native engine and report mean acceptance length.",
 )
 @click.option("--eval-tree", "--medusa-choices", "eval_tree", default="mc_sim_7b_63", show_default=True)
-@click.option("--device", default=None, help="cuda or cpu (default: cuda when available).")
+@device_option()
 @click.option("--bf16/--no-bf16", default=None, help="Base model in bf16 + autocast (default: on for CUDA).")
 @click.option("--save-every", default=0, show_default=True, help="Checkpoint every N steps (0: every epoch).")
 @click.option("--log-every", default=10, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue the run checkpointed in <out>.ckpt.")
-@click.option("--overwrite", is_flag=True, help="Replace --out and any old checkpoint.")
+@overwrite_option("Replace --out and any old checkpoint.")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@progress_option()
 def train_heads(**kw) -> None:
     """Train Medusa-1 heads on a frozen base, with optional self-distillation and a head-quality report."""
     from medusa_forge.train.pipeline import train_heads as run
