@@ -9,7 +9,7 @@ paths by rank (top-1 chains first, see :func:`ranked_paths`), down to plain deco
 - The cost model (:class:`CostModel`) is measured on this device when the batcher starts: the
   time of a packed step against its row count and slot count, interpolated between measured points.
 - The gain is each tree node's chance of being accepted, counted from the steps served (a prior
-  that halves with every depth until a node has been tried). A tree of k nodes yields
+  of 0.5 for a top-1 draft, halved per level and per rank below top-1, until a node has been tried). A tree of k nodes yields
   1 + sum(p_i) tokens per slot and step: nodes at one depth are disjoint events (at most one
   token matches the greedy continuation).
 - The policy (``speculation``): ``auto`` picks the k with the most tokens per second for the
@@ -31,7 +31,8 @@ import numpy as np
 from medusa_forge.errors import ForgeError
 from medusa_forge.tree.choice_tree import ChoiceTree, TreeBuffers, tree_buffers
 
-PRIOR_ACCEPT = 0.5  # prior chance that an untried node at depth 1 is accepted (squared at depth 2, ...)
+PRIOR_ACCEPT = 0.5  # prior chance that an untried head's top-1 is accepted; each lower rank and each
+# level deeper halves it, so the priors of one depth's nodes (disjoint events) sum to less than 1
 PRIOR_WEIGHT = 4.0  # the prior counts as this many observed steps
 OBSERVED_WEIGHT = 0.2  # each timed step's pull on a mode's observed/predicted time ratio
 TREE_MARGIN = 1.25  # a tree must promise 25% more tokens per second than plain decoding: the probe
@@ -150,13 +151,13 @@ class CostModel:
 class Acceptance:
     """Per ranked node: steps whose tree held it, and steps that accepted it."""
 
-    depth_of: list[int]
+    prior_exponent: list[int]  # per ranked node: its depth plus the sum of its top-k ranks
     tried: np.ndarray = field(init=False)
     hits: np.ndarray = field(init=False)
 
     def __post_init__(self):
-        self.tried = np.zeros(len(self.depth_of) + 1)
-        self.hits = np.zeros(len(self.depth_of) + 1)
+        self.tried = np.zeros(len(self.prior_exponent) + 1)
+        self.hits = np.zeros(len(self.prior_exponent) + 1)
 
     def record(self, size: int, accepted_ranks: list[int]) -> None:
         """One slot's tree step: a tree of ``size`` ranked nodes, these ranks on the accepted path."""
@@ -164,7 +165,7 @@ class Acceptance:
         self.hits[accepted_ranks] += 1
 
     def probs(self) -> np.ndarray:
-        prior = PRIOR_ACCEPT ** np.asarray([0, *self.depth_of], dtype=float)
+        prior = PRIOR_ACCEPT ** np.asarray([0, *self.prior_exponent], dtype=float)
         return (self.hits + PRIOR_WEIGHT * prior) / (self.tried + PRIOR_WEIGHT)
 
 
@@ -175,7 +176,7 @@ class Policy:
         self.spec = spec
         self.mode, self.limit = parse_speculation(spec)
         self.ladder, self.cost = ladder, cost
-        self.acceptance = Acceptance([len(p) for p in ladder.paths])
+        self.acceptance = Acceptance([len(p) + sum(p) for p in ladder.paths])
         # Served steps' time over the cost model's, for plain (False) and tree (True) steps: a tree
         # step pays bookkeeping the start-up probe does not time (acceptance, K/V moves, drafts), and
         # load may change after the probe; scaling each mode by what it really took keeps auto from

@@ -131,6 +131,8 @@ class TritonPythonModel:
         service, self.service = getattr(self, "service", None), None
         if service is not None:  # None when initialize failed
             service.close()  # what is queued or running gets "request cancelled"
+            # What the policy chose over the model's life: steps by tree size, the observed slowdowns.
+            _log_info(f"medusa-forge scheduler at unload: {json.dumps(service.scheduler.describe(), sort_keys=True)}")
 
 
 _FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
