@@ -30,27 +30,14 @@ def bench() -> None:
 @click.option("--max-new-tokens", default=128, show_default=True)
 @click.option("--max-prompt-tokens", default=512, show_default=True)
 @click.option("--out", default=None, type=click.Path(), help="Write JSON here (and a .md beside it).")
-def bench_engine_cmd(
-    model,
-    medusa,
-    tree,
-    device,
-    dtype,
-    max_seq_len,
-    compile_,
-    prompts,
-    per_topic,
-    max_new_tokens,
-    max_prompt_tokens,
-    out,
-):
+def bench_engine_cmd(model, prompts, per_topic, max_new_tokens, max_prompt_tokens, out, **opening):
     """Per-topic tokens/s of plain vs Medusa greedy decoding on one engine, with output identity."""
     from medusa_forge.bench.engine_bench import bench_engine, topic_table
-    from medusa_forge.build.open import open_engine
+    from medusa_forge.build.open import open_with_options
     from medusa_forge.errors import ForgeError
     from medusa_forge.prompts import read_prompts
 
-    engine = open_engine(model, medusa, tree, device, dtype, max_seq_len, compile_)
+    engine = open_with_options(model, opening)
     if engine.tree is None:
         raise ForgeError("bench engine compares base vs Medusa: give --medusa heads (or an engine built with them)")
     result = bench_engine(engine, read_prompts(prompts, per_topic=per_topic), max_new_tokens, max_prompt_tokens)
