@@ -172,6 +172,35 @@ def test_query_exits_2_with_one_line_when_the_server_is_killed_mid_stream(doomed
     assert "Traceback" not in err
 
 
+def _group_members(pgid: int) -> list[int]:
+    """Live processes of a process group (zombies excluded), from /proc."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(stat[2]) == pgid and stat[0] != "Z":
+                members.append(int(entry))
+    return members
+
+
+def test_a_server_killed_mid_stream_leaves_no_orphaned_stub_once_stopped(doomed_server):
+    pgid = doomed_server.proc.pid
+    assert [p for p in _group_members(pgid) if p != pgid], "the stub runs in the server's process group"
+    with TritonLLMClient(doomed_server.grpc_url, "base", timeout_s=BOUND_S) as client:
+        _streaming_until_killed(doomed_server, client)
+    doomed_server.proc.wait(timeout=10)
+    time.sleep(1.0)
+    assert _group_members(pgid)  # a stub killed mid-stream outlives its server...
+    doomed_server.stop()
+    deadline = time.monotonic() + 5
+    while _group_members(pgid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _group_members(pgid) == []  # ...until stop() ends them
+
+
 def test_query_where_nothing_listens_is_one_line_and_exit_2():
     url = f"127.0.0.1:{free_port()}"  # free a moment ago: nothing listens there
     t0 = time.perf_counter()

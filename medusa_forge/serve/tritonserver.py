@@ -276,6 +276,7 @@ class TritonServer:
             except subprocess.TimeoutExpired:
                 self.signal(signal.SIGKILL)
                 self.proc.wait()
+        self._kill_leftovers()
         if self._log is not None:
             self._log.close()
             self._log = None
@@ -286,6 +287,12 @@ class TritonServer:
         self.signal(signal.SIGKILL)
         if self.proc is not None:
             self.proc.wait()
+
+    def _kill_leftovers(self) -> None:
+        """SIGKILL what is left of the server's process group (its own session): the Python-backend
+        stubs of a server that was killed outlive it, orphaned, unless someone ends them."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
 
     def __enter__(self) -> TritonServer:
         for attempt in range(_PORT_RETRIES if self.auto_ports else 1):
