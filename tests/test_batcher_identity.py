@@ -263,6 +263,17 @@ def test_the_cpu_batcher_runs_its_gemms_over_onednn_packed_weights(engine):
     finally:
         batcher.close()
     assert info["gemm"] == "oneDNN packed weights" and info["gemm_rows"] == [2, 128]
+    assert info["batch_invariant"] is True
+
+
+def test_a_cpu_bf16_batcher_says_it_is_not_batch_invariant(model_dir):
+    bf16 = load_engine(model_dir, None, dtype="bfloat16", device="cpu", max_seq_len=160)
+    batcher = InflightBatcher(bf16, max_batch_size=2)
+    try:
+        info = batcher.describe()
+    finally:
+        batcher.close()
+    assert info["batch_invariant"] is False and info["gemm"] == "the device's BLAS"
 
 
 def test_auto_speculation_measures_this_machine_and_records_its_choices(engine, requests, batch_one):

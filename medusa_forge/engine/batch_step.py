@@ -100,6 +100,9 @@ class BatchSlots:
         self.head_topk = torch.zeros(self.B, max(self.depth, 1), TOPK, dtype=torch.long, device=self.device)
         cuda = self.device.type == "cuda"
         self.gemm_rows = gemm_rows or (CUDA_GEMM_ROWS if cuda else packed_rows(model) or CPU_GEMM_ROWS)
+        # What docs/batching.md guarantees: bitwise rows on CUDA, fp32 on CPU. A CPU bf16 batch
+        # differs from batch-1 in rounding that flips tokens (seen: 30 of 349 soak answers).
+        self.batch_invariant = cuda or p.dtype == torch.float32
         self.sampling: list[Sampling] = [Sampling() for _ in range(self.B)]
         self.gqa_group = cfg.num_heads // cfg.num_kv_heads  # query heads per KV head: the mask's repeat
 

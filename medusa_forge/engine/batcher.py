@@ -89,6 +89,7 @@ class InflightBatcher:
             "prefill_chunk": self.prefill_chunk,
             "gemm_rows": [self.slots.gemm_rows.least, self.slots.gemm_rows.most],
             "gemm": "oneDNN packed weights" if self.slots.gemm_rows.gemm is not None else "the device's BLAS",
+            "batch_invariant": self.slots.batch_invariant,
             "speculation": self.speculation,
         }
         if self.policy is not None:
