@@ -54,10 +54,10 @@ class Ladder:
     sizes: list[int]
     buffers: dict[int, TreeBuffers]
     path_ranks: dict[int, list[list[int]]]  # size -> that tree's node -> rank positions (1-based) root..node
+    depths: dict[int, int]  # size -> the heads that tree reads: its longest path (0 for plain decoding)
 
     def depth(self, size: int) -> int:
-        """The heads a tree of ``size`` draft nodes reads: its longest path (0 for plain decoding)."""
-        return max((len(p) for p in self.paths[:size]), default=0)
+        return self.depths[size]
 
     @classmethod
     def of(cls, tree: ChoiceTree, device) -> Ladder:
@@ -70,7 +70,8 @@ class Ladder:
             buffers[k] = tree_buffers(sub, device=device)
             rank = {p: i + 1 for i, p in enumerate(paths[:k])}
             path_ranks[k] = [[]] + [[rank[p[:d]] for d in range(1, len(p) + 1)] for p in sub.paths]
-        return cls(paths, sizes, buffers, path_ranks)
+        depths = {k: max((len(p) for p in paths[:k]), default=0) for k in sizes}
+        return cls(paths, sizes, buffers, path_ranks, depths)
 
 
 @dataclass

@@ -88,15 +88,15 @@ class TritonPythonModel:
         device_id = args.get("model_instance_device_id")
         self.service = NativeService(settings, device_id=int(device_id) if device_id not in (None, "") else None)
         self.contract = served_contract(settings.contract)
-        if not self.service.scheduler.describe().get("batch_invariant", True):
+        scheduler = self.service.scheduler.describe()
+        if not scheduler.get("batch_invariant", True):
             _log_warning(
                 "medusa-forge: a CPU engine in a dtype other than float32 is not batch invariant: batched "
                 "answers can differ from one-at-a-time ones; build it with --dtype float32 (docs/batching.md)"
             )
         # The speculation policy and the cost model it measured decide every step's tree: say which.
         _log_info(
-            f"medusa-forge scheduler of {args.get('model_name', 'this model')}: "
-            f"{json.dumps(self.service.scheduler.describe(), sort_keys=True)}"
+            f"medusa-forge scheduler of {args.get('model_name', 'this model')}: {json.dumps(scheduler, sort_keys=True)}"
         )
 
     def _rows(self, request):
