@@ -1,16 +1,15 @@
 """Writers killed at random points leave the old output or a complete new one, never a mix.
 
-`convert trtllm`, `build native` and `promote` run as real subprocesses of the installed
-`medusa-forge` and are SIGKILLed after delays spread over their measured runtime (stratified: one
-delay in each of N equal slices of 0..1.1x the runtime, so some kills land during start-up, some
-mid-write, some after the output was published). After every kill the output must be byte-for-byte
-what it was, or a complete output of the new run that the project's own readers accept; temporary
-siblings may be left by a kill, must be named as such, and are gone after the next complete run.
+`convert trtllm`, `build native` and `promote` run as real subprocesses of the installed `medusa-forge`
+and are SIGKILLed: once during start-up (before the writer made its temporary output; every such kill takes
+the same path), then once in each of N-1 equal slices of the rest of 0..1.1x the measured runtime, so kills
+land mid-write, after the output was published, after the end. After every kill the output must be
+byte-for-byte what it was, or a complete output of the new run that the project's own readers accept;
+temporary siblings may be left by a kill, must be named as such, and are gone after the next complete run.
 SIGTERM and SIGINT instead make the writer clean up, exit 128+N and say how to carry on.
 
-Trials per command: 12 convert, 8 build, 20 promote by default (the file then takes about 100 s on two
-CPU cores; builds take longest); MEDUSA_FORGE_FAULT_TRIALS=N runs N of each (20: the full run, ~3 min).
-The delays come from a seeded RNG, so a failure can be replayed.
+Trials per command: 6 convert, 5 build, 8 promote by default; MEDUSA_FORGE_FAULT_TRIALS=N runs N of each
+(20: the full run). The delays come from a seeded RNG, so a failure can be replayed.
 """
 
 from __future__ import annotations
@@ -22,6 +21,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,7 +32,7 @@ from medusa_forge.cli import main
 from medusa_forge.manifest import EngineManifest
 
 _ALL = os.environ.get("MEDUSA_FORGE_FAULT_TRIALS")
-TRIALS = {cmd: int(_ALL) if _ALL else n for cmd, n in (("convert", 12), ("build", 8), ("promote", 20))}
+TRIALS = {cmd: int(_ALL) if _ALL else n for cmd, n in (("convert", 6), ("build", 5), ("promote", 8))}
 SEED = 20261201
 MF = [sys.executable, "-m", "medusa_forge.cli"]
 
@@ -64,11 +64,19 @@ def visible(parent: Path) -> list[str]:
     return sorted(p.name for p in parent.iterdir() if not p.name.startswith("."))
 
 
-def run_ok(argv: list[str]) -> float:
-    t0 = time.perf_counter()
-    proc = subprocess.run([*MF, *map(str, argv)], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return time.perf_counter() - t0
+def run_ok(argv: list[str], writing=lambda: False) -> tuple[float, float]:
+    """Run the command to the end: its runtime, and when ``writing()`` first held (0 if never seen)."""
+    with tempfile.TemporaryFile("w+") as err:
+        t0, began = time.perf_counter(), None
+        proc = subprocess.Popen([*MF, *map(str, argv)], stdout=subprocess.DEVNULL, stderr=err, text=True)
+        while proc.poll() is None:
+            if began is None and writing():
+                began = time.perf_counter() - t0
+            time.sleep(0.005)
+        runtime = time.perf_counter() - t0
+        err.seek(0)
+        assert proc.returncode == 0, err.read()[-2000:]
+    return runtime, began or 0.0
 
 
 def kill_after(argv: list[str], delay: float, sig: int = signal.SIGKILL, log: Path | None = None) -> int:
@@ -82,10 +90,10 @@ def kill_after(argv: list[str], delay: float, sig: int = signal.SIGKILL, log: Pa
         return proc.wait(timeout=120)
 
 
-def delays(runtime: float, n: int, rng: random.Random) -> list[float]:
-    """One delay per slice of [0, 1.1 * runtime], in random order."""
-    span = 1.1 * runtime
-    out = [(i + rng.random()) * span / n for i in range(n)]
+def delays(runtime: float, began: float, n: int, rng: random.Random) -> list[float]:
+    """One delay before the writer began writing, one per slice of [began, 1.1 * runtime], in random order."""
+    span = 1.1 * runtime - began
+    out = [rng.random() * began] + [began + (i + rng.random()) * span / (n - 1) for i in range(n - 1)]
     rng.shuffle(out)
     return out
 
@@ -161,10 +169,10 @@ TREES = ("[[0]]", "[[0], [1]]")  # alternated, so a replaced engine is told apar
 
 
 @pytest.fixture(scope="module")
-def built(model_dir, heads1, work) -> tuple[Path, float]:
-    """An engine built by the CLI, and how long that took."""
+def built(model_dir, heads1, work) -> tuple[Path, float, float]:
+    """An engine built by the CLI, how long that took and when it began writing."""
     out = work / "engine"
-    return out, run_ok(build_argv(model_dir, heads1, out, TREES[0]))
+    return out, *run_ok(build_argv(model_dir, heads1, out, TREES[0]), lambda: temps(work, "engine"))
 
 
 # ------------------------------------------------------------------------------------------ convert
@@ -185,9 +193,9 @@ def inspect_ok(ckpt: Path, capsys) -> int:
 
 def test_killed_convert_leaves_the_old_checkpoint_or_a_complete_new_one(model_dir, heads1, work, capsys):
     out = work / "ckpt"
-    runtime = run_ok(convert_argv(model_dir, heads1, out, 1))
+    runtime, began = run_ok(convert_argv(model_dir, heads1, out, 1), lambda: temps(work, "ckpt"))
     tp, seen = 1, Outcomes("convert trtllm", TRIALS["convert"])
-    for delay in delays(runtime, TRIALS["convert"], random.Random(SEED)):
+    for delay in delays(runtime, began, TRIALS["convert"], random.Random(SEED)):
         before, want = state(out), 3 - tp  # tp 1 <-> 2: a new checkpoint has other files than the old one
         old_temps = set(temps(work, "ckpt"))
         code = kill_after(convert_argv(model_dir, heads1, out, want), delay)
@@ -218,12 +226,12 @@ def engine_ok(engine: Path) -> list[list[int]]:
 
 
 def test_killed_build_leaves_the_old_engine_or_a_complete_new_one(model_dir, heads1, built, work, capsys):
-    engine, runtime = built
+    engine, runtime, began = built
     out = work / "build_out"
     shutil.copytree(engine, out)
     trees = [json.loads(t) for t in TREES]
     current, seen = 0, Outcomes("build native", TRIALS["build"])
-    for delay in delays(runtime, TRIALS["build"], random.Random(SEED + 1)):
+    for delay in delays(runtime, began, TRIALS["build"], random.Random(SEED + 1)):
         before, want = state(out), 1 - current
         old_temps = set(temps(work, "build_out"))
         code = kill_after(build_argv(model_dir, heads1, out, TREES[want]), delay)
@@ -334,9 +342,10 @@ def registry_temps(registry: Path) -> list[str]:
 
 def test_killed_promote_leaves_the_old_or_the_new_engine_current(promotion, work, capsys):
     registry = work / "registry"
-    runtime = run_ok(promote_argv(promotion, registry))
+    writing = lambda: (registry / "versions").is_dir() and registry_temps(registry)  # noqa: E731
+    runtime, began = run_ok(promote_argv(promotion, registry), writing)
     current, seen = registry_ok(registry, promotion["candidate"]), Outcomes("promote", TRIALS["promote"])
-    for delay in delays(runtime, TRIALS["promote"], random.Random(SEED + 2)):
+    for delay in delays(runtime, began, TRIALS["promote"], random.Random(SEED + 2)):
         before = {"current": os.readlink(registry / "current"), "old": state(registry / "versions" / current)}
         old_temps = set(registry_temps(registry))
         code = kill_after(promote_argv(promotion, registry), delay)

@@ -1,7 +1,8 @@
 """`medusa-forge bench serve`: 32 concurrent gRPC clients x 10 requests against a real tritonserver.
 
-The command builds pycoder-26m + the random heads fixture into a native engine (float32, tree
-`small`), writes a Triton repository for it, starts its own tritonserver on 127.0.0.1 and loads the
+The command builds pycoder-26m + the demo's trained heads into a native engine (float32, tree `small`;
+trained heads get drafts accepted, so each answer takes fewer steps than with random heads), writes a
+Triton repository for it, starts its own tritonserver on 127.0.0.1 and loads the
 same engine in process as the baseline. What must hold: zero errors, every answer under load equal
 to the sequential answer for its prompt (and that equal to the in-process answer), and a result
 file with the latency percentiles and the gRPC overhead figures. The overhead goal (p50 <= 2 ms) is
@@ -15,6 +16,8 @@ import json
 import pytest
 from conftest import run_cli
 
+from medusa_forge.demo import shipped_heads
+
 CLIENTS, REQUESTS, TOKENS = 32, 10, 4
 
 
@@ -23,7 +26,7 @@ def workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("serve_load") / "work"
 
 
-def test_32_clients_get_the_sequential_answers_with_zero_errors(model_dir, heads_dir, workdir, tmp_path, capsys):
+def test_32_clients_get_the_sequential_answers_with_zero_errors(model_dir, workdir, tmp_path, capsys):
     out = tmp_path / "serve_load.json"
     code, stdout, err = run_cli(
         [
@@ -32,7 +35,7 @@ def test_32_clients_get_the_sequential_answers_with_zero_errors(model_dir, heads
             "--engine",
             model_dir,
             "--medusa",
-            heads_dir,
+            shipped_heads(),
             "--medusa-choices",
             "small",
             "--dtype",
@@ -101,14 +104,16 @@ def test_32_clients_get_the_sequential_answers_with_zero_errors(model_dir, heads
     assert (workdir / "engine" / "medusa_forge.json").is_file()  # --workdir keeps the built engine
 
 
-def test_requests_past_the_time_limit_are_errors_and_the_run_fails(model_dir, heads_dir, workdir, tmp_path, capsys):
+def test_requests_past_the_time_limit_are_errors_and_the_run_fails(model_dir, workdir, tmp_path, capsys):
     """A load phase that cannot finish is reported as failed (exit 1), with the reason, not as a pass."""
     engine = workdir / "engine"
     if not engine.is_dir():  # run alone: build what the first test's command builds
         from medusa_forge.build.native import NativeBuildConfig, build_native
 
         build_native(
-            NativeBuildConfig(model_dir, engine, dtype="float32", medusa_dir=heads_dir, tree="small", verify_tokens=4)
+            NativeBuildConfig(
+                model_dir, engine, dtype="float32", medusa_dir=shipped_heads(), tree="small", verify_tokens=4
+            )
         )
     out = tmp_path / "serve_load.json"
     code, _, err = run_cli(

@@ -1,4 +1,4 @@
-"""The soak (medusa_forge/bench/soak.py, rss.py), short: 16 streaming clients for 15 s against the session's
+"""The soak (medusa_forge/bench/soak.py, rss.py), short: 16 streaming clients for 8 s against the session's
 tritonserver (native engine, `medusa` and `base`), 1 in 5 walking away mid-stream.
 
 The full run (64 clients, 120 s, its own server) is in bench/results/*-cpu-soak/.
@@ -36,9 +36,9 @@ def test_short_soak_has_no_errors_sequential_answers_and_bounded_memory(native_t
         "--clients",
         "16",
         "--duration",
-        "15",
+        "8",
         "--warmup",
-        "5",
+        "3",
         "--rss-bound-mb",
         "64",
         "--out",
