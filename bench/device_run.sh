@@ -131,23 +131,39 @@ if [ "$PHASE" = probe ]; then
   exit 0
 fi
 
-# the Medusa-1 heads while the machine that trained them is warm, else the demo's (they travel in `carry`)
-for h in "$HEADS" "$DEMO_HEADS"; do
+# the Medusa-1 heads while the machine that trained them is warm, else the demo's (they travel in
+# `carry`), else the shared-lm_head heads the package ships (a fresh machine has no runs/)
+SHIPPED_HEADS=medusa_forge/data/heads/pycoder-26m
+for h in "$HEADS" "$DEMO_HEADS" "$SHIPPED_HEADS"; do
   [ -f "$h/medusa_lm_head.safetensors" ] && { HEADS=$h; break; }
 done
 [ -f "$HEADS/medusa_lm_head.safetensors" ] || { echo "no heads in $HEADS: run the train phase first"; exit 2; }
-echo "heads: $HEADS" | tee "$RESULTS/heads.txt"
+# heads that carry their own tree (the shipped 4 heads) are judged on it; mc_sim_7b_63 needs 5 heads
+SERVE_TREE=mc_sim_7b_63
+[ -f "$HEADS/tree.json" ] && SERVE_TREE=$HEADS/tree.json
+echo "heads: $HEADS tree: $SERVE_TREE" | tee "$RESULTS/heads.txt"
 if [ "$PHASE" = serve ]; then
   # Issue 24: aggregate tok/s, p50/p99 latency and TTFT per client count, plain and Medusa, batched
   # against serial, one run
   CLIENTS=1,4,16,32,64 SWEEP_TOKENS=128
   [ -n "${SMOKE:-}" ] && CLIENTS=1,2 SWEEP_TOKENS=8
-  # tritonserver's Python stubs run isolated from PYTHONPATH: a .pth puts this tree (and any carried
-  # wheels' target) on the device interpreter's path
-  [ -z "${SMOKE:-}" ] && tr ':' '\n' <<< "$PYTHONPATH" > "$(python3 -c 'import site; print(site.getsitepackages()[0])')/medusa_forge_dev.pth"
-  step serve_sweep 540 $MF bench serve --engine "$MODEL" --medusa "$HEADS" --medusa-choices mc_sim_7b_63 \
+  # tritonserver's Python stubs run isolated from PYTHONPATH: a .pth puts this tree and any carried
+  # wheels' target (PYTHONPATH=/tmp/site) ahead of the image's site-packages on the device
+  # interpreter's path. The pytriton 0.7 stub needs numpy<2 (the image has 2.x: a numpy 2 stub
+  # misreads BYTES tensors), so carry numpy==1.26.4 for cp312 into that target too.
+  [ -z "${SMOKE:-}" ] && python3 - <<'PY'
+import os, site
+paths = [p for p in os.environ["PYTHONPATH"].split(":") if p]
+with open(os.path.join(site.getsitepackages()[0], "medusa_forge_dev.pth"), "w") as f:
+    f.write(f"import sys; sys.path[:0] = {paths!r}\n")
+PY
+  [ -z "${SMOKE:-}" ] && python3 -c 'import numpy; print("numpy", numpy.__version__, numpy.__file__)' \
+    | tee "$RESULTS/numpy.txt"
+  step serve_sweep 540 $MF bench serve --engine "$MODEL" --medusa "$HEADS" --medusa-choices "$SERVE_TREE" \
     --dtype $([ $DEVICE = cuda ] && echo bf16 || echo fp32) --clients $CLIENTS --max-batch-size 64 \
-    --max-tokens $SWEEP_TOKENS --requests ${SWEEP_REQUESTS:-2} --prompts "$PROMPTS" --out "$RESULTS/serve_sweep.json"
+    --max-tokens $SWEEP_TOKENS --requests ${SWEEP_REQUESTS:-2} --prompts "$PROMPTS" --workdir "$RUNS/serve-work" \
+    --out "$RESULTS/serve_sweep.json"
+  tail -n 200 "$RUNS/serve-work/tritonserver.log" > "$RESULTS/tritonserver_tail.log" 2>/dev/null
   exit 0
 fi
 E=$RUNS/engines
