@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import make_heads
+from conftest import ctrl_c_for_children, make_heads
 
 from medusa_forge.cli import main
 from medusa_forge.manifest import EngineManifest
@@ -381,7 +381,7 @@ def test_interrupted_build_exits_nonzero_keeps_the_old_engine_and_says_how_to_re
     shutil.copytree(built[0], out)
     before = state(out)
     log = work / f"{sig.name}.log"
-    with open(log, "w") as err:
+    with open(log, "w") as err, ctrl_c_for_children():
         proc = subprocess.Popen(
             [*MF, *map(str, build_argv(model_dir, heads1, out, TREES[1]))], stdout=subprocess.DEVNULL, stderr=err
         )
