@@ -335,6 +335,7 @@ def registry_temps(registry: Path) -> list[str]:
     return sorted(
         str(p.relative_to(registry))
         for d in (registry, registry / "versions")
+        if d.is_dir()  # before the first promote wrote them
         for p in d.iterdir()
         if ".tmp-" in p.name
     )
@@ -342,8 +343,7 @@ def registry_temps(registry: Path) -> list[str]:
 
 def test_killed_promote_leaves_the_old_or_the_new_engine_current(promotion, work, capsys):
     registry = work / "registry"
-    writing = lambda: (registry / "versions").is_dir() and registry_temps(registry)  # noqa: E731
-    runtime, began = run_ok(promote_argv(promotion, registry), writing)
+    runtime, began = run_ok(promote_argv(promotion, registry), lambda: registry_temps(registry))
     current, seen = registry_ok(registry, promotion["candidate"]), Outcomes("promote", TRIALS["promote"])
     for delay in delays(runtime, began, TRIALS["promote"], random.Random(SEED + 2)):
         before = {"current": os.readlink(registry / "current"), "old": state(registry / "versions" / current)}
