@@ -115,7 +115,7 @@ demo:
 		--max-tokens $(DEMO_NEW_TOKENS) $(DEMO_ARGS)
 
 test:
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -n auto --dist loadfile
 
 lint:
 	$(PYTHON) -m ruff check medusa_forge tests
