@@ -68,6 +68,15 @@ step() {  # step NAME SECONDS CMD...: run one bounded step, log it, never stop t
   return 0
 }
 
+if [ "$PHASE" = unpack ]; then
+  # the serve phase's server wheels, carried apart from the model (.whlnp, then .device: the two
+  # exceed one call's 64 MiB); numpy 1.26 goes apart for the Python backend stub alone
+  python3 -c "import tarfile; tarfile.open('.whlnp/site.tar.xz').extractall('/tmp')"
+  mkdir -p /tmp/stub-numpy && mv /tmp/site/numpy /tmp/site/numpy-*.dist-info /tmp/site/numpy.libs /tmp/stub-numpy/
+  ls /tmp/site /tmp/stub-numpy
+  exit 0
+fi
+
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c 'import torch, triton, transformers; print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__)'
 # the device's copy of the tree may carry a stale .git: pass MEDUSA_FORGE_COMMIT=<sha>, else "-dirty" shows it
@@ -147,18 +156,33 @@ if [ "$PHASE" = serve ]; then
   # against serial, one run
   CLIENTS=1,4,16,32,64 SWEEP_TOKENS=128
   [ -n "${SMOKE:-}" ] && CLIENTS=1,2 SWEEP_TOKENS=8
-  # tritonserver's Python stubs run isolated from PYTHONPATH: a .pth puts this tree and any carried
-  # wheels' target (PYTHONPATH=/tmp/site) ahead of the image's site-packages on the device
-  # interpreter's path. The pytriton 0.7 stub needs numpy<2 (the image has 2.x: a numpy 2 stub
-  # misreads BYTES tensors), so carry numpy==1.26.4 for cp312 into that target too.
+  # tritonserver's Python stubs run isolated from PYTHONPATH: a .pth puts this tree and the carried
+  # wheels (PYTHONPATH=/tmp/site) ahead of the image's site-packages. The pytriton 0.7 stub needs
+  # numpy<2 (under the image's 2.x it misreads BYTES tensors) while the image's transformers needs
+  # its numpy 2 in the server's own process: numpy 1.26 sits apart in $STUB_NUMPY (`unpack` moves it
+  # there), first on the stub's path alone, where the image's numpy-2-built scipy/sklearn are
+  # hidden (transformers imports them when present; under numpy 1 they fail to import). The guard
+  # in serve/triton_install.py reads numpy's metadata in the server's process, so a copy of the
+  # stub's numpy metadata tells it what the stub will load.
+  STUB_NUMPY=${STUB_NUMPY:-/tmp/stub-numpy}
+  if [ -z "${SMOKE:-}" ] && [ -d "$STUB_NUMPY" ]; then
+    mkdir -p "$RUNS/stub-numpy-meta" && cp -r "$STUB_NUMPY"/numpy-*.dist-info "$RUNS/stub-numpy-meta/"
+    export PYTHONPATH=$PWD/$RUNS/stub-numpy-meta:$PYTHONPATH STUB_NUMPY
+  fi
   [ -z "${SMOKE:-}" ] && python3 - <<'PY'
 import os, site
 paths = [p for p in os.environ["PYTHONPATH"].split(":") if p]
+stub = [os.environ["STUB_NUMPY"]] if os.environ.get("STUB_NUMPY") else []
+line = f"import os, sys; sys.path[:0] = {paths!r}"
+if stub:
+    line += (f"; _s = 'backend_stub' in os.path.realpath('/proc/self/exe'); sys.path[:0] = {stub!r} * _s"
+             "; _s and sys.modules.update(scipy=None, sklearn=None)")
 with open(os.path.join(site.getsitepackages()[0], "medusa_forge_dev.pth"), "w") as f:
-    f.write(f"import sys; sys.path[:0] = {paths!r}\n")
+    f.write(line + "\n")
 PY
   [ -z "${SMOKE:-}" ] && python3 -c 'import numpy; print("numpy", numpy.__version__, numpy.__file__)' \
     | tee "$RESULTS/numpy.txt"
+  rm -rf "$RUNS/serve-work"
   step serve_sweep 540 $MF bench serve --engine "$MODEL" --medusa "$HEADS" --medusa-choices "$SERVE_TREE" \
     --dtype $([ $DEVICE = cuda ] && echo bf16 || echo fp32) --clients $CLIENTS --max-batch-size 64 \
     --max-tokens $SWEEP_TOKENS --requests ${SWEEP_REQUESTS:-2} --prompts "$PROMPTS" --workdir "$RUNS/serve-work" \
