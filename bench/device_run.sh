@@ -6,6 +6,7 @@
 #   bash bench/device_run.sh checks   # auto tree vs presets, fp8 vs bf16, eval speed + MMLU
 #   bash bench/device_run.sh serve    # batched serving: bench serve sweep (plain/Medusa x serial/batched);
 #                                     # needs tritonserver: carry the nvidia-pytriton wheel (bench/README.md)
+#   bash bench/device_run.sh unpack   # before serve, carrying .whlnp: the server wheels into /tmp/site
 #   bash bench/device_run.sh probe    # bit identity (tokens + KV), GPU tests, batch invariance of 256
 #                                     # requests, kernel profiles (no heads needed;
 #                                     # FULL_PROBE=1 adds fp8 + GEMM rows, SWEEP=1 attention tiles)
