@@ -24,6 +24,7 @@ from medusa_forge.engine.logits_processing import LogitsSettings
 from medusa_forge.engine.tickets import QueueFull, RequestCancelled, RequestTimedOut
 from medusa_forge.errors import ForgeError
 from medusa_forge.model.packed_gemm import packed_rows
+from medusa_forge.serve.native_service import scheduler_warnings
 from medusa_forge.serve.replies import Reply
 
 # bench/device_run.sh's serve phase runs the identity tests with 256 requests on the GPU.
@@ -274,6 +275,22 @@ def test_a_cpu_bf16_batcher_says_it_is_not_batch_invariant(model_dir):
     finally:
         batcher.close()
     assert info["batch_invariant"] is False and info["gemm"] == "the device's BLAS"
+    assert [w for w in scheduler_warnings(info) if "--dtype float32" in w] != []
+
+
+@pytest.mark.parametrize(
+    "scheduler,advice",
+    [
+        ({"max_batch_size": 1, "speculation": "serial"}, []),
+        ({"max_batch_size": 8, "device": "cpu", "batch_invariant": True}, []),
+        ({"max_batch_size": 8, "device": "cpu", "batch_invariant": False}, ["--dtype float32"]),
+        ({"max_batch_size": 8, "device": "cuda:0", "batch_invariant": True}, ["--max-batch-size 1"]),
+        ({"max_batch_size": 8, "device": "cuda", "batch_invariant": True}, ["--max-batch-size 1"]),
+    ],
+)
+def test_a_served_model_warns_of_a_batcher_that_differs_or_is_slower_than_serial(scheduler, advice):
+    warnings = scheduler_warnings(scheduler)
+    assert len(warnings) == len(advice) and all(a in w for a, w in zip(advice, warnings))
 
 
 def test_auto_speculation_measures_this_machine_and_records_its_choices(engine, requests, batch_one):

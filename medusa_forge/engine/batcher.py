@@ -85,6 +85,7 @@ class InflightBatcher:
         out = {
             "max_batch_size": self.max_batch_size,
             "max_queue": self.max_queue,
+            "device": str(self.engine.device),
             "kv_cache": "static slots",
             "prefill_chunk": self.prefill_chunk,
             "gemm_rows": [self.slots.gemm_rows.least, self.slots.gemm_rows.most],

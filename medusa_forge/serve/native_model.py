@@ -34,7 +34,13 @@ import triton_python_backend_utils as pb_utils
 from medusa_forge.engine.tickets import QueueFull
 from medusa_forge.errors import ForgeError
 from medusa_forge.serve.contracts import ServedContract, served_contract
-from medusa_forge.serve.native_service import NativeModelSettings, NativeService, Pending, RequestCancelled
+from medusa_forge.serve.native_service import (
+    NativeModelSettings,
+    NativeService,
+    Pending,
+    RequestCancelled,
+    scheduler_warnings,
+)
 from medusa_forge.serve.replies import stack_rows
 
 
@@ -89,11 +95,8 @@ class TritonPythonModel:
         self.service = NativeService(settings, device_id=int(device_id) if device_id not in (None, "") else None)
         self.contract = served_contract(settings.contract)
         scheduler = self.service.scheduler.describe()
-        if not scheduler.get("batch_invariant", True):
-            _log_warning(
-                "medusa-forge: a CPU engine in a dtype other than float32 is not batch invariant: batched "
-                "answers can differ from one-at-a-time ones; build it with --dtype float32 (docs/batching.md)"
-            )
+        for warning in scheduler_warnings(scheduler):
+            _log_warning(warning)
         # The speculation policy and the cost model it measured decide every step's tree: say which.
         _log_info(
             f"medusa-forge scheduler of {args.get('model_name', 'this model')}: {json.dumps(scheduler, sort_keys=True)}"
