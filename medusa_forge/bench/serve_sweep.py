@@ -255,7 +255,8 @@ def plot(doc: dict[str, Any], path: Path, title: str = "bench serve sweep") -> N
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"{title} ({doc['machine']['cpu']})", fontsize=9)
+    machine = doc["machine"]
+    fig.suptitle(f"{title} ({machine.get('cuda') or machine['cpu']})", fontsize=9)  # where the engines ran
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
