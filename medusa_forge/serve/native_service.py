@@ -147,9 +147,10 @@ def scheduler_warnings(scheduler: dict) -> list[str]:
         # measured on an H100: an eager batched step cost 5.5 ms for 1-64 rows, a graph-replayed
         # serial token 0.2 ms (bench/results/2026-12-05-h100-serve)
         warnings.append(
-            "medusa-forge: on CUDA the in-flight batcher's step runs eagerly and is launch-bound; the "
-            "one-at-a-time engine replays a CUDA graph and serves more tokens/s at every load measured: "
-            "serve GPU engines with --max-batch-size 1 (docs/batching.md)"
+            "medusa-forge: on CUDA the in-flight batcher's step runs eagerly (no CUDA graph); for a small "
+            "model the one-at-a-time engine, which replays one, served more tokens/s at every load "
+            "measured: compare with `medusa-forge bench serve` and consider --max-batch-size 1 "
+            "(docs/batching.md)"
         )
     return warnings
 
