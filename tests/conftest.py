@@ -36,12 +36,9 @@ def pytest_xdist_auto_num_workers(config) -> int | None:
     each worker loads its own model copies and servers. psutil's count would ignore both limits."""
     if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
         return None  # xdist's own hook reads it
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    with contextlib.suppress(OSError, ValueError):
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
-        if quota != "max":
-            cpus = min(cpus, -(-int(quota) // int(period)))
-    return max(1, min(cpus, 8))
+    from medusa_forge.bench.meta import usable_cpus
+
+    return min(usable_cpus(), 8)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -10,6 +10,19 @@ from pathlib import Path
 from typing import Any
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity set, cut to a cgroup v2 CPU quota if one is set
+    (a container's limit, which os.cpu_count() and the affinity set both ignore)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cpus = min(cpus, -(-int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return max(1, cpus)
+
+
 def source_commit() -> str:
     """The commit the running code is: MEDUSA_FORGE_COMMIT when set (a copied tree whose .git is
     missing or stale, as on the GPU machine), else ``git describe --always --dirty``, so a tree
@@ -57,14 +70,10 @@ def machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count() or 1
     return {
         "cpu": cpu,
         "cpu_count": os.cpu_count(),
-        "usable_cores": usable,
+        "usable_cores": usable_cpus(),
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "platform": platform.platform(),
